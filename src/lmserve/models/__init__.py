@@ -1,0 +1,1 @@
+"""Model families on shared layers, and the loaders that fill them from checkpoints."""
