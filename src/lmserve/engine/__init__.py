@@ -1,0 +1,1 @@
+"""The model-agnostic serving engine: scheduling, paged KV cache, sampling, detokenization."""

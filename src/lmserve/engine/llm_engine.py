@@ -1,0 +1,246 @@
+"""The engine core: one `step()` = schedule -> run the model -> sample -> detokenize -> emit.
+
+Synchronous and single-threaded on purpose: `LLM` drives it directly, `AsyncEngine` drives it
+from a background thread. Every step returns per-request deltas (new text and tokens of each
+choice), so a streamed and a collected response are the same stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.device import choose_device, choose_dtype
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.sampler import Sampler, stream_key
+from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.sequence import Request, Sequence, SeqStatus
+from lmserve.engine.tokenizer import load_tokenizer
+from lmserve.errors import ContextLengthExceeded, InvalidParameter
+from lmserve.models.loader import load_model, read_config, resolve_checkpoint
+from lmserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from lmserve.sampling_params import SamplingParams
+
+log = logging.getLogger("lmserve.engine")
+
+
+@dataclass
+class EngineConfig:
+    """Engine options (the `**engine_options` of `LLM`)."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # explicit cache size; else from kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, 85% of free memory on GPU
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's own context
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+
+
+class LLMEngine:
+    def __init__(self, model: str, dtype: str = "auto", **engine_options):
+        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        self.engine_config = cfg = EngineConfig(**engine_options)
+        self.device = choose_device(cfg.device)
+        self.dtype = choose_dtype(dtype, self.device)
+        self.checkpoint = resolve_checkpoint(model)
+        self.model_config = read_config(self.checkpoint)
+        started = time.perf_counter()
+        self.model = load_model(self.checkpoint, self.model_config, self.dtype, self.device)
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
+
+        num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+        self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        # A sequence also can never outgrow the whole cache.
+        self.max_seq_len = min(self.max_model_len, self.block_manager.capacity_tokens)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+
+    def _auto_num_blocks(self) -> int:
+        cfg = self.engine_config
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        budget = cfg.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:
+                budget = 1 << 30
+        return max(budget // per_block, 1)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameter("prompt", "this model has no tokenizer; pass token ids")
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    prompt_text: str | None = None) -> Request:
+        """Queue a request. `prompt` is text (tokenized here) or token ids."""
+        if request_id in self.requests:
+            raise InvalidParameter("request_id", f"request id {request_id!r} is already running")
+        if isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.encode(prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise InvalidParameter("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.max_seq_len:
+            limit = ("the model's context" if self.max_seq_len == self.max_model_len else "the KV cache")
+            raise ContextLengthExceeded(
+                "messages", f"the prompt has {len(prompt_ids)} tokens, but {limit} holds {self.max_seq_len} "
+                "tokens including at least one generated token")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        request = Request(request_id, prompt_ids, params, time.monotonic(), seed, prompt=prompt_text)
+        first = self._new_sequence(request, 0, list(prompt_ids))
+        self.requests[request_id] = request
+        self.scheduler.add(first)
+        return request
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        seq = Sequence(
+            seq_id=next(self._seq_ids), request=request, index=index, token_ids=token_ids,
+            sampling_key=stream_key(request.seed, index),
+            detok=IncrementalDetokenizer(self.tokenizer, request.params.stop))
+        request.seqs.append(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks. False if it was not running."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        sample_seqs: list[Sequence] = []
+        logit_ids: list[int] = []
+        forks: list[tuple[Sequence, list[Sequence]]] = []
+        for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
+            if seq.num_computed_tokens + n < seq.num_tokens:
+                continue  # a chunk in the middle of a prefill: nothing to sample yet
+            request = seq.request
+            if seq.index == 0 and len(request.seqs) < request.params.n:
+                # The other choices fork from this prefill and sample from the same logits row.
+                children = [self._new_sequence(request, i, list(seq.token_ids))
+                            for i in range(1, request.params.n)]
+                forks.append((seq, children))
+                sample_seqs += [seq, *children]
+                logit_ids += [seq.seq_id] * request.params.n
+            else:
+                sample_seqs.append(seq)
+                logit_ids.append(seq.seq_id)
+
+        logits = self.runner.execute(batch, logit_ids)
+
+        for seq in batch.decodes:
+            seq.num_computed_tokens += 1
+            self.block_manager.cache_full_blocks(seq)
+        for seq, n in batch.prefills:
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        for parent, children in forks:
+            for child in children:
+                child.num_computed_tokens = parent.num_computed_tokens
+                self.block_manager.fork(parent, child)
+                self.scheduler.add_running(child)
+
+        sampled = self.sampler(logits, sample_seqs)
+        touched: dict[str, Request] = {}
+        for seq, token, logprob in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
+            self._append_token(seq, token, logprob)
+            touched[seq.request.request_id] = seq.request
+        return [self._make_output(r) for r in touched.values()]
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        params = seq.params
+        seq.token_ids.append(token)
+        seq.pending_token_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        reason = stop_string = None
+        # End-of-sequence and stop tokens end generation without adding their text.
+        if token in self.eos_token_ids and not params.ignore_eos:
+            reason = "eos"
+        elif token in params.stop_token_ids:
+            reason = "stop"
+        else:
+            stop_string = seq.detok.add_token(token)
+            reason = "stop" if stop_string is not None else None
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len):
+            reason = "length"
+        # Finishing decodes what still waited for a character to complete (unless a stop
+        # string cut the text); that text may itself complete a stop string.
+        if reason is not None and stop_string is None and seq.detok.flush() is not None:
+            reason = "stop"
+        if reason is not None:
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = reason
+            self.scheduler.remove(seq)
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            if seq.emitted_finish:
+                continue
+            finished = seq.finished
+            text = seq.detok.take_delta(finished)
+            if not (text or seq.pending_token_ids or finished):
+                continue
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=seq.pending_token_ids,
+                finish_reason=seq.finish_reason if finished else None,
+                logprobs=seq.pending_logprobs if seq.params.logprobs else None))
+            seq.pending_token_ids, seq.pending_logprobs = [], []
+            seq.emitted_finish = finished
+        done = request.finished
+        if done:
+            self.requests.pop(request.request_id, None)
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, done,
+                             request.num_cached_tokens, request.prompt)
+
+    # ---- introspection (metrics, tests) ---------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks

@@ -1,0 +1,128 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+Every step has a token budget. Running sequences go first (a decode is one token, an unfinished
+chunked prefill takes what the budget leaves), then waiting sequences are admitted while blocks,
+budget and the running-sequence cap allow. Decodes and prefill chunks of different requests
+share one flattened batch. When the cache runs out of blocks, the most recently admitted
+sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed later (mostly from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """Decodes first, then prefill chunks: (sequence, number of new tokens) in batch order."""
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked choice that shares its parent's computed blocks joins the running set."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+
+        # 1. Running sequences, oldest first; preempt the youngest when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.can_append(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break  # seq preempted itself: nothing younger is left to run
+            self._take(seq, n, batch)
+            scheduled.add(seq.seq_id)
+            budget -= n
+            i += 1
+
+        # 2. Admit waiting sequences, unless this step had to preempt (no room to grow).
+        while (self.waiting and budget > 0 and not batch.preempted
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.bm.allocate_cached_prefix(seq)
+                if seq.index == 0:
+                    seq.request.num_cached_tokens = seq.num_computed_tokens
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.bm.can_append(seq, n):
+                self.bm.free(seq)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            self._take(seq, n, batch)
+            budget -= n
+        return batch
+
+    def _take(self, seq: Sequence, n: int, batch: ScheduledBatch) -> None:
+        batch.block_copies += self.bm.append_slots(seq, n)
+        if n == 1:  # one new token attends to the cache: the batched decode path serves it
+            batch.decodes.append(seq)
+        else:
+            batch.prefills.append((seq, n))
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Recompute preemption: drop the KV, requeue at the front with prompt + output so far."""
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        self.num_preemptions += 1
+        # A sequence already scheduled this step must not stay in the batch.
+        if seq in batch.decodes:
+            batch.decodes.remove(seq)
+        batch.prefills = [(s, n) for s, n in batch.prefills if s is not seq]

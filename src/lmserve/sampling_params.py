@@ -1,0 +1,58 @@
+"""Per-request generation settings. Defaults are neutral (greedy-safe); the API layer applies
+the platform's own defaults (temperature 0.7, top_p 0.7, ...) before building these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmserve.errors import InvalidParameter
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or -1: disabled
+    top_p: float = 1.0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._check("max_tokens", self.max_tokens >= 1, "must be at least 1")
+        self._check("temperature", 0.0 <= self.temperature, "must be non-negative")
+        self._check("top_k", self.top_k >= 0, "must be -1, 0 or positive")
+        self._check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")
+        self._check("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]")
+        self._check("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]")
+        self._check("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]")
+        self._check("repetition_penalty", self.repetition_penalty > 0.0, "must be positive")
+        self._check("n", self.n >= 1, "must be at least 1")
+        self._check("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]")
+
+    @staticmethod
+    def _check(name: str, ok: bool, rule: str) -> None:
+        if not ok:
+            raise InvalidParameter(name, f"{name} {rule}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
