@@ -11,6 +11,7 @@ import itertools
 import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,25 @@ class EngineConfig:
     device: str = "auto"
 
 
+# Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
+# test engines) share its weights and tokenizer: both are read-only once loaded. Each engine
+# keeps its own KV cache and scheduler. Entries go away with the last engine using them.
+_SHARED_WEIGHTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SHARED_TOKENIZERS: dict[tuple, object] = {}
+
+
+def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device):
+    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device))
+    model = _SHARED_WEIGHTS.get(key)
+    if model is None:
+        model = load_model(ckpt, config, dtype, device)
+        _SHARED_WEIGHTS[key] = model
+    tok_key = key[:2]
+    if tok_key not in _SHARED_TOKENIZERS:
+        _SHARED_TOKENIZERS[tok_key] = load_tokenizer(ckpt)
+    return model, _SHARED_TOKENIZERS[tok_key]
+
+
 class LLMEngine:
     def __init__(self, model: str, dtype: str = "auto", **engine_options):
         unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
@@ -56,8 +76,7 @@ class LLMEngine:
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = read_config(self.checkpoint)
         started = time.perf_counter()
-        self.model = load_model(self.checkpoint, self.model_config, self.dtype, self.device)
-        self.tokenizer = load_tokenizer(self.checkpoint)
+        self.model, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
 
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()

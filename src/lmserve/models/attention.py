@@ -49,7 +49,8 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[B, max_blocks] block ids -> [B, kvh, max_blocks * block_size, d] keys or values."""
     b, nblk = block_tables.shape
     _, bs, kvh, d = cache.shape
-    return cache[block_tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
+    # index_select on the flattened ids is a plain row copy; advanced indexing costs more per call.
+    return cache.index_select(0, block_tables.view(-1)).view(b, nblk * bs, kvh, d).transpose(1, 2)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -57,11 +58,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-    out = torch.empty_like(q)
-    hq, d = q.shape[1:]
+    t, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     nd = meta.num_decode
+    out = q.new_empty(q.shape) if nd < t else None
     if nd:
         # One query per sequence: fold the query heads sharing a KV head into the "query length"
         # axis, so GQA needs no key/value expansion and one SDPA call covers the whole batch.
@@ -69,6 +70,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kd = _gather(kv_cache[0], meta.decode_block_tables)
         vd = _gather(kv_cache[1], meta.decode_block_tables)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        if nd == t:  # decode only: no scatter into a separate output
+            return od.reshape(nd, hq, d)
         out[:nd] = od.reshape(nd, hq, d)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmserve.models.config import ModelConfig
+from lmserve.models.layers import pack_linears
 from lmserve.models.llama import LlamaForCausalLM
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -104,6 +105,7 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
             model.load_weights(tensors)
         except ValueError as e:
             raise CheckpointError(f"{ckpt.path}: {e}") from None
+    pack_linears(model)
     # The rope tables were built in the compute dtype; the buffers must not be recast.
     return model.eval()
 

@@ -1,0 +1,154 @@
+"""Sampling parameters on the real model, and the sampler's arithmetic on hand-made logits."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import chat_ids
+from lmserve import SamplingParams
+from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.sampler import Sampler
+from lmserve.engine.sequence import Request, Sequence
+
+STORY = "Write a short poem about the moon."
+
+
+def _text(llm, params, prompt=STORY):
+    return llm.generate([chat_ids(llm, prompt)], params)[0].outputs[0]
+
+
+def test_same_seed_same_text_different_seed_different_text(smollm):
+    a = _text(smollm, SamplingParams(max_tokens=32, temperature=1.0, seed=11))
+    b = _text(smollm, SamplingParams(max_tokens=32, temperature=1.0, seed=11))
+    c = _text(smollm, SamplingParams(max_tokens=32, temperature=1.0, seed=12))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_seeded_request_is_independent_of_its_batch(smollm):
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=5)
+    alone = _text(smollm, params).token_ids
+    others = [chat_ids(smollm, q) for q in ("Count to five.", "Say hello in French.", "What is 2+2?")]
+    batched = smollm.generate(others[:2] + [chat_ids(smollm, STORY)] + others[2:],
+                              [SamplingParams(max_tokens=24, temperature=1.0)] * 2 + [params]
+                              + [SamplingParams(max_tokens=24, temperature=1.0)])
+    assert batched[2].outputs[0].token_ids == alone
+
+
+def test_top_k_one_equals_greedy(smollm):
+    greedy = _text(smollm, SamplingParams(max_tokens=32, temperature=0.0))
+    top1 = _text(smollm, SamplingParams(max_tokens=32, temperature=1.3, top_k=1, seed=3))
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_max_tokens_gives_length(smollm):
+    out = _text(smollm, SamplingParams(max_tokens=5, temperature=0.0))
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_eos_gives_eos(smollm):
+    out = _text(smollm, SamplingParams(max_tokens=200, temperature=0.0), "Say just the word yes.")
+    assert out.finish_reason == "eos"
+    assert out.token_ids[-1] in smollm.engine.eos_token_ids
+    assert "<|im_end|>" not in out.text
+
+
+def test_stop_string_split_across_tokens_is_cut_and_never_leaked(smollm):
+    engine = smollm.engine
+    ids = chat_ids(smollm, STORY)
+    full = _text(smollm, SamplingParams(max_tokens=40, temperature=0.0))
+    tok = smollm.tokenizer
+    # Pick a stop string that starts inside one token and ends inside the next.
+    pieces = [tok.decode(full.token_ids[:i + 1]) for i in range(len(full.token_ids))]
+    boundary = next(len(pieces[i]) for i in range(3, len(pieces))
+                    if len(pieces[i]) - len(pieces[i - 1]) >= 3 and len(pieces[i + 1]) - len(pieces[i]) >= 3)
+    stop = full.text[boundary - 2:boundary + 2]
+    cut = full.text.index(stop)
+
+    engine.add_request("stop", ids, SamplingParams(max_tokens=40, temperature=0.0, stop=[stop]))
+    deltas = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas += [o for o in out.outputs]
+    text = "".join(d.text for d in deltas)
+    assert text == full.text[:cut]
+    assert deltas[-1].finish_reason == "stop"
+    for i in range(len(deltas)):  # no prefix of the stream ever ran past the final text
+        assert full.text[:cut].startswith("".join(d.text for d in deltas[:i + 1]))
+
+
+def test_stop_token_id_gives_stop(smollm):
+    full = _text(smollm, SamplingParams(max_tokens=20, temperature=0.0))
+    out = _text(smollm, SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[full.token_ids[5]]))
+    assert out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[:6]
+
+
+def test_logprobs(smollm):
+    out = _text(smollm, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5))
+    assert len(out.logprobs) == 6
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token
+        assert len(lp.top) == 5
+        assert lp.top[0][0] == token and abs(lp.top[0][1] - lp.logprob) < 1e-6
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+        assert lp.logprob <= 0
+
+
+def test_utf8_never_split_in_deltas(smollm):
+    tok = smollm.tokenizer
+    text = "Grüße aus Köln! 你好，世界 🌍🚀 naïve café"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok)
+    deltas = []
+    for t in ids:
+        detok.add_token(t)
+        deltas.append(detok.take_delta(False))
+    detok.flush()
+    deltas.append(detok.take_delta(True))
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+def _seqs(outputs: list[list[int]], params: SamplingParams, prompt=(1, 2, 3)) -> list[Sequence]:
+    seqs = []
+    for i, out in enumerate(outputs):
+        req = Request(f"r{i}", list(prompt), params, 0.0, seed=i)
+        seqs.append(Sequence(i, req, 0, list(prompt) + out, sampling_key=i, detok=IncrementalDetokenizer(None)))
+    return seqs
+
+
+def test_frequency_and_presence_penalties_lower_repeated_tokens():
+    logits = torch.zeros(1, 8)
+    logits[0, 4] = 3.0  # token 4 wins unless penalized
+    # token 4 generated three times: frequency 0.5*3 + presence 1.0 = 2.5 off -> still 0.5 ahead
+    seq = _seqs([[4, 4, 4]], SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=1.0))
+    assert Sampler()(logits, seq).token_ids == [4]
+    seq = _seqs([[4, 4, 4, 4]], SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=1.0))
+    assert Sampler()(logits, seq).token_ids != [4]  # 3 - 2.0 - 1.0 = 0: no longer strictly ahead
+
+
+def test_repetition_penalty_applies_to_prompt_and_output():
+    logits = torch.tensor([[0.0, 2.0, 1.5, -1.0, 0.5]])
+    # token 1 is in the prompt: 2.0 / 2 = 1.0 < 1.5, so token 2 wins
+    seq = _seqs([[]], SamplingParams(temperature=0.0, repetition_penalty=2.0), prompt=(1,))
+    assert Sampler()(logits, seq).token_ids == [2]
+    seq = _seqs([[]], SamplingParams(temperature=0.0), prompt=(1,))
+    assert Sampler()(logits, seq).token_ids == [1]
+
+
+def test_top_p_and_min_p_restrict_candidates():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for seed in range(40):
+        seq = _seqs([[]], SamplingParams(temperature=1.0, top_p=0.6, seed=seed))
+        seq[0].sampling_key = seed
+        assert Sampler()(logits, seq).token_ids[0] in (0, 1)  # 0.5 < 0.6, so token 1 is kept
+        seq[0].sampling_key = seed + 1000
+        seq[0].request.params = SamplingParams(temperature=1.0, min_p=0.5)
+        assert Sampler()(logits, seq).token_ids[0] in (0, 1)  # 0.15 < 0.5 * 0.5
+    drawn = set()
+    for seed in range(200):
+        seq = _seqs([[]], SamplingParams(temperature=1.0))
+        seq[0].sampling_key = seed
+        drawn.add(Sampler()(logits, seq).token_ids[0])
+    assert drawn == {0, 1, 2, 3}

@@ -1,0 +1,126 @@
+"""Continuous batching, prefix caching, preemption and chunked prefill on the real SmolLM2:
+every schedule must give the same greedy tokens as running each request alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import chat_ids
+from lmserve import SamplingParams
+from lmserve.errors import ContextLengthExceeded
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Why is the sky blue?",
+    "Give me a tip for learning to cook.",
+    "What does a compiler do?",
+    "Suggest a name for a pet turtle.",
+    "How many legs does a spider have?",
+    "Write one sentence about autumn.",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def alone(smollm):
+    """Each question run by itself: the reference every schedule must reproduce."""
+    return {q: smollm.generate([chat_ids(smollm, q)], GREEDY)[0].outputs[0].token_ids for q in QUESTIONS}
+
+
+def test_batch_of_eight_equals_each_alone(smollm, alone):
+    outs = smollm.generate([chat_ids(smollm, q) for q in QUESTIONS], GREEDY)
+    for q, out in zip(QUESTIONS, outs):
+        assert out.outputs[0].token_ids == alone[q], q
+
+
+def test_requests_joining_mid_decode_equal_each_alone(smollm, alone):
+    engine = smollm.engine
+    tokens: dict[str, list[int]] = {}
+    for i, q in enumerate(QUESTIONS[:4]):
+        engine.add_request(q, chat_ids(smollm, q), GREEDY)
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 5:  # the first four are decoding now
+            for q in QUESTIONS[4:]:
+                engine.add_request(q, chat_ids(smollm, q), GREEDY)
+        for out in engine.step():
+            for o in out.outputs:
+                tokens.setdefault(out.request_id, []).extend(o.token_ids)
+        steps += 1
+    assert {q: tokens[q] for q in QUESTIONS} == alone
+
+
+SYSTEM = ("You are a meticulous assistant for a public library. You answer questions about opening hours, "
+          "membership, borrowing rules and events. Always answer politely and in at most two sentences. "
+          "If a question is not about the library, say that you can only help with library matters.")
+
+
+def test_shared_system_prompt_hits_prefix_cache(smollm):
+    engine = smollm.engine
+    bm = engine.block_manager
+    first = chat_ids(smollm, "When does the library open on Saturdays?", SYSTEM)
+    second = chat_ids(smollm, "How many books can I borrow at once?", SYSTEM)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared >= 3 * bm.block_size, "the system prompt must span several blocks"
+
+    smollm.generate([first], GREEDY)
+    hits_before = bm.prefix_hits
+    out = smollm.generate([second], GREEDY)[0]
+    expected_hit = (shared // bm.block_size) * bm.block_size
+    assert out.num_cached_tokens == expected_hit
+    assert bm.prefix_hits - hits_before == expected_hit
+
+    bm.reset_prefix_cache()
+    cold = smollm.generate([second], GREEDY)[0]
+    assert cold.num_cached_tokens == 0
+    assert cold.outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_preemption_under_cache_pressure_gives_same_outputs(make_llm, alone):
+    # 12 blocks of 16 tokens hold ~3 of these requests (prompt ~37 + 24 new tokens each).
+    small = make_llm(num_kv_blocks=12, block_size=16)
+    outs = small.generate([chat_ids(small, q) for q in QUESTIONS], GREEDY)
+    assert small.engine.scheduler.num_preemptions > 0
+    for q, out in zip(QUESTIONS, outs):
+        assert out.outputs[0].token_ids == alone[q], q
+
+
+def test_chunked_prefill_gives_same_outputs(make_llm, alone):
+    chunked = make_llm(max_num_batched_tokens=16, enable_prefix_caching=False)
+    outs = chunked.generate([chat_ids(chunked, q) for q in QUESTIONS[:3]], GREEDY)
+    for q, out in zip(QUESTIONS, outs):
+        assert out.outputs[0].token_ids == alone[q], q
+
+
+def test_prompt_longer_than_context_is_rejected(make_llm):
+    llm = make_llm(max_model_len=64)
+    with pytest.raises(ContextLengthExceeded, match="64"):
+        llm.generate([list(range(10, 80))], GREEDY)
+
+
+def test_generation_stops_with_length_at_context_end(make_llm):
+    llm = make_llm(max_model_len=48)
+    ids = chat_ids(llm, "Tell me a long story about dragons.")
+    out = llm.generate([ids], SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length"
+    assert len(ids) + len(out.outputs[0].token_ids) == 48
+
+
+def test_n_choices_share_prompt_blocks(smollm):
+    engine = smollm.engine
+    ids = chat_ids(smollm, "Invent a name for a new color.")
+    engine.add_request("n3", ids, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7))
+    engine.step()  # prefill + fork
+    seqs = engine.requests["n3"].seqs
+    assert len(seqs) == 3
+    full_blocks = len(ids) // engine.block_manager.block_size
+    for s in seqs[1:]:
+        assert s.block_table[:full_blocks] == seqs[0].block_table[:full_blocks]
+    outputs: dict[int, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            for o in out.outputs:
+                outputs.setdefault(o.index, []).extend(o.token_ids)
+    assert len(outputs) == 3
+    assert len({tuple(v) for v in outputs.values()}) > 1, "choices with different streams should differ"
