@@ -1,10 +1,11 @@
-# One entry point for a newcomer: `make chat` (talk to the bundled model) and `make test`.
+# One entry point for a newcomer: `make serve` (the API on the bundled model) and `make test`.
+# `make serve ARGS="--config lmserve.yaml"` passes flags through.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup chat test bench clean
+.PHONY: setup serve chat test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/lmserve serve $(ARGS)
 
 chat: $(STAMP)
 	$(BIN)/lmserve chat

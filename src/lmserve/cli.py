@@ -1,4 +1,4 @@
-"""`lmserve` command line: `lmserve chat` talks to a model in the terminal through the offline engine."""
+"""`lmserve` command line: `serve` runs the API server, `chat` talks to a model in the terminal."""
 
 from __future__ import annotations
 
@@ -31,6 +31,19 @@ def _chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": out.text})
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from lmserve.config import ConfigError, load_config
+    from lmserve.models.loader import CheckpointError
+    from lmserve.server.serve import serve
+
+    try:
+        config = load_config(args.config, args.model, args.host, args.port)
+        return serve(config)
+    except (ConfigError, CheckpointError) as e:
+        print(f"lmserve serve: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmserve", description="Self-hosted LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--top-p", type=float, default=0.7)
     chat.add_argument("--frequency-penalty", type=float, default=0.5)
     chat.set_defaults(func=_chat)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible chat API")
+    serve.add_argument("--config", help="deployment config file (YAML or TOML)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
+    serve.add_argument("--model", action="append", metavar="PATH_OR_ID",
+                       help="deploy this model (repeatable); with no config and no --model, the bundled SmolLM2")
+    serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)
 

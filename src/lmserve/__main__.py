@@ -1,0 +1,5 @@
+import sys
+
+from lmserve.cli import main
+
+sys.exit(main())

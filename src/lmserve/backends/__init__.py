@@ -1,0 +1,1 @@
+"""Where a deployed model id is served: in this process (LocalBackend) or upstream (later)."""

@@ -1,0 +1,173 @@
+"""The FastAPI app: routes, auth, trace ids, body cap, error mapping, request log.
+
+Knows nothing about tensors: it validates, picks the backend for the model id, and frames what
+the backend streams (shared/ARCHITECTURE.md, server layer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmserve.backends.local import LocalBackend
+from lmserve.config import DeploymentConfig
+from lmserve.errors import InvalidParameter
+from lmserve.server.chat import collect_completion, completion_chunks, prepare, sse, stream_error_event
+from lmserve.server.errors import APIError, bad_request, unknown_model
+from lmserve.server.metrics import Metrics
+from lmserve.server.schemas import parse_chat_request
+
+log = logging.getLogger("lmserve.server")
+access_log = logging.getLogger("lmserve.access")
+
+
+def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> FastAPI:
+    app = FastAPI(title="lmserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TraceMiddleware)
+    metrics = Metrics(backends)
+    keys = [k.encode() for k in config.server.api_keys]
+    started = int(time.time())
+
+    def check_key(request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        # Compare against every key so timing does not tell which prefix matched.
+        if not any([secrets.compare_digest(token.strip().encode(), k) for k in keys]):
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, f"{message}: {request.method} {request.url.path}", code=None).response()
+
+    @app.get("/health")
+    async def health():
+        dead = [m for m, b in backends.items() if not b.alive]
+        if dead:
+            return JSONResponse({"status": "unhealthy", "dead_models": dead}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request, type: str | None = None, sub_type: str | None = None):
+        check_key(request)
+        # Every model deployed here is a text chat model.
+        match = (type in (None, "", "text")) and (sub_type in (None, "", "chat"))
+        data = [{"id": m, "object": "model", "created": started, "owned_by": b.deployment.owned_by}
+                for m, b in backends.items()] if match else []
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrival = time.perf_counter()
+        check_key(request)
+        payload = await _read_json(request, config.server.max_body_bytes)
+        req = parse_chat_request(payload)
+        backend = backends.get(req.model)
+        if backend is None:
+            raise unknown_model(req.model)
+        request.state.model = req.model
+        request_id = f"chatcmpl-{request.state.trace_id}"
+        chat = prepare(req, backend, config.defaults, config.server.max_n, request_id)
+        if req.stream:
+            return StreamingResponse(_stream(chat, request, arrival), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        try:
+            body = await collect_completion(chat, metrics, arrival)
+        except InvalidParameter as e:
+            metrics.requests.labels(req.model, "400").inc()
+            raise bad_request(str(e), e.param) from None
+        except Exception:
+            metrics.requests.labels(req.model, "500").inc()
+            raise
+        metrics.requests.labels(req.model, "200").inc()
+        request.state.tokens = body["usage"]["total_tokens"]
+        return body
+
+    async def _stream(chat, request: Request, arrival: float):
+        status = "200"
+        try:
+            async for chunk in completion_chunks(chat, metrics, arrival):
+                yield sse(chunk)
+        except Exception as e:  # after the 200: one error event, then [DONE]
+            status = "400" if isinstance(e, InvalidParameter) else "500"
+            if status == "500":
+                log.exception("stream failed [%s]", chat.request_id)
+            yield stream_error_event(bad_request(str(e), e.param) if isinstance(e, InvalidParameter) else e)
+        finally:
+            metrics.requests.labels(chat.model, status).inc()
+            request.state.tokens = len(chat.prompt_ids) + chat.completion_tokens
+        yield sse("[DONE]")
+
+    return app
+
+
+class TraceMiddleware:
+    """Trace id headers on every response, a 500 in the API's shape for anything unhandled, and
+    one access-log line per request. Pure ASGI, so streamed responses and client disconnects
+    pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        trace_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["trace_id"] = trace_id
+        start = time.perf_counter()
+        status = {"code": None}
+
+        async def send_with_trace(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["x-siliconcloud-trace-id"] = trace_id
+                headers["x-request-id"] = trace_id
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_trace)
+        except Exception:  # never a stack trace in the body; the log has it
+            log.exception("unhandled error on %s %s [%s]", scope["method"], scope["path"], trace_id)
+            if status["code"] is None:
+                await APIError(500, "internal server error", code="internal_error").response()(
+                    scope, receive, send_with_trace)
+        finally:
+            # One line per request: id, route, model, status, tokens, latency (never the prompt).
+            access_log.info("%s %s %s model=%s status=%s tokens=%s latency_ms=%.1f", trace_id, scope["method"],
+                            scope["path"], state.get("model"), status["code"], state.get("tokens"),
+                            (time.perf_counter() - start) * 1000)
+
+
+async def _read_json(request: Request, cap: int):
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > cap:
+            raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None

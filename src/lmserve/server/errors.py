@@ -1,0 +1,48 @@
+"""API errors in the double shape both OpenAI-style and platform-style clients read:
+
+    {"error": {"message", "type", "param", "code"}, "code": <platform number>, "message", "data": null}
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+# Platform numeric codes. 20012 is the hosted platform's "Model does not exist"; the others are
+# ours, one per status, so a client can branch on the number alone.
+PLATFORM_CODES = {400: 20015, 401: 20001, 403: 20003, 404: 20004, 405: 20005, 413: 20013, 429: 20029,
+                  500: 50000, 503: 50003, 504: 50004}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+               429: "rate_limit_error", 500: "internal_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 platform_code: int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.platform_code = platform_code or PLATFORM_CODES.get(status, status * 100)
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {
+            "error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "api_error"),
+                      "param": self.param, "code": self.code},
+            "code": self.platform_code,
+            "message": self.message,
+            "data": None,
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param, code)
+
+
+def unknown_model(model: str) -> APIError:
+    return APIError(400, f"Model does not exist: {model!r}", "model", "model_not_found", 20012)
