@@ -6,6 +6,7 @@ the backend streams (shared/ARCHITECTURE.md, server layer).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -79,18 +80,26 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
         arrival = time.perf_counter()
         check_key(request)
         payload = await _read_json(request, config.server.max_body_bytes)
-        req = parse_chat_request(payload)
-        backend = backends.get(req.model)
-        if backend is None:
-            raise unknown_model(req.model)
-        request.state.model = req.model
-        request_id = f"chatcmpl-{request.state.trace_id}"
-        chat = prepare(req, backend, config.defaults, config.server.max_n, request_id)
+        # Rejections count by status too, under the model id when it names a deployed model.
+        named = payload.get("model") if isinstance(payload, dict) else None
+        counted_model = named if isinstance(named, str) and named in backends else None
+        try:
+            req = parse_chat_request(payload)
+            backend = backends.get(req.model)
+            if backend is None:
+                raise unknown_model(req.model)
+            request.state.model = req.model
+            request_id = f"chatcmpl-{request.state.trace_id}"
+            chat = prepare(req, backend, config.defaults, config.server.max_n, request_id)
+        except APIError as e:
+            if counted_model:
+                metrics.requests.labels(counted_model, str(e.status)).inc()
+            raise
         if req.stream:
             return StreamingResponse(_stream(chat, request, arrival), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         try:
-            body = await collect_completion(chat, metrics, arrival)
+            body = await _unless_disconnected(request, collect_completion(chat, metrics, arrival))
         except InvalidParameter as e:
             metrics.requests.labels(req.model, "400").inc()
             raise bad_request(str(e), e.param) from None
@@ -117,6 +126,23 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
         yield sse("[DONE]")
 
     return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """Run `work`, cancelling it if the client goes away first: its KV blocks are then freed
+    instead of finishing a completion nobody will read."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client closed the request", code="client_closed_request")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 class TraceMiddleware:
