@@ -21,6 +21,7 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.device = device
+        self.dtype = dtype
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(config.num_layers)]
@@ -63,7 +64,11 @@ class ModelRunner:
             slot_parts.append(tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs)
             meta.decode_block_tables = tables
             span = torch.arange(tables.shape[1] * bs, device=dev)
-            meta.decode_mask = (span.unsqueeze(0) <= pos.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+            # Additive (0 / -inf, compute dtype), built once here: SDPA would otherwise convert a
+            # boolean mask to exactly this in every layer.
+            beyond = span.unsqueeze(0) > pos.unsqueeze(1)
+            meta.decode_mask = torch.zeros(beyond.shape, dtype=self.dtype, device=dev).masked_fill_(
+                beyond, float("-inf")).view(len(decodes), 1, 1, -1)
         row = len(decodes)
         for seq, n in batch.prefills:
             start = seq.num_computed_tokens

@@ -22,12 +22,21 @@ _MASK32 = 0xFFFFFFFF
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finalizer (lowbias32) on int64 tensors holding values < 2**32.
     int64 products wrap, and only the low 32 bits are kept, so the result is exact."""
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+    return _mix32_(x & _MASK32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    # In place: the noise is [B, V] int64, and every fresh tensor of that size costs an mmap and
+    # page faults, more than the arithmetic itself.
+    x &= _MASK32
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x &= _MASK32
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x &= _MASK32
+    x ^= x >> 16
+    return x
 
 
 def mix32_int(x: int) -> int:
@@ -41,10 +50,29 @@ def stream_key(seed: int, choice_index: int) -> int:
 
 def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """keys, steps: [B]; token_ids: [B, K] or [K] -> float32 in (0, 1), one per (row, token)."""
-    row = mix32(keys ^ mix32(steps * 0x9E3779B9))
-    x = mix32(row.unsqueeze(1) ^ mix32(token_ids + 0x85EBCA6B))
-    x = mix32(x + row.unsqueeze(1))
-    return ((x.double() + 0.5) / 4294967296.0).float()
+    row = mix32(keys ^ mix32(steps * 0x9E3779B9)).unsqueeze(1)
+    x = _mix32_(row ^ mix32(token_ids + 0x85EBCA6B))
+    x += row
+    u = _mix32_(x).double()
+    u += 0.5
+    u /= 4294967296.0
+    return u.float()
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for [B, V], same indices (first maximum; NaN counts as the maximum).
+
+    torch's CPU argmax over a row is a scalar loop (about 2 ms for 32 x 49152 floats), while amax
+    is vectorized: take each chunk's maximum, the first best chunk, then the first maximum inside
+    it, about 10x faster at batch 32.
+    """
+    b, v = x.shape
+    c = next((c for c in (256, 128, 512, 64) if v % c == 0 and v // c >= 2), None)
+    if c is None or x.device.type != "cpu":
+        return x.argmax(dim=-1)
+    chunks = x.reshape(b, v // c, c)
+    best = chunks.amax(dim=-1).argmax(dim=-1)
+    return best * c + chunks[torch.arange(b, device=x.device), best].argmax(dim=-1)
 
 
 @dataclass
@@ -68,12 +96,16 @@ class Sampler:
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs, vocab)
 
-        tokens = torch.empty(b, dtype=torch.int64, device=device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if rand:
+        # A batch of one kind (the usual case) skips copying its rows out of the [B, V] logits.
+        if not rand:
+            tokens = argmax_rows(logits)
+        elif not greedy:
+            tokens = self._sample_random(logits, seqs)
+        else:
+            tokens = torch.empty(b, dtype=torch.int64, device=device)
+            tokens[greedy] = argmax_rows(logits[greedy])
             tokens[rand] = self._sample_random(logits[rand], [seqs[i] for i in rand])
 
         token_list = tokens.tolist()
@@ -133,8 +165,8 @@ class Sampler:
         truncate = any(top_ks) or any(p.top_p < 1.0 or p.min_p > 0.0 for p in params)
         if not truncate:
             probs = torch.softmax(logits, dim=-1)
-            noise = uniform_noise(keys, steps, torch.arange(vocab, device=device))
-            return (probs / -torch.log(noise)).argmax(dim=-1)
+            exp_noise = uniform_noise(keys, steps, torch.arange(vocab, device=device)).log_().neg_()
+            return argmax_rows(probs.div_(exp_noise))
 
         # Work on the candidates only: the top max(k) when every row has a top_k, else all, sorted.
         k_max = max(top_ks) if all(top_ks) else vocab
@@ -154,6 +186,6 @@ class Sampler:
         drop |= probs < min_p * probs[:, :1]
         vals = vals.masked_fill(drop, float("-inf"))
         probs = torch.softmax(vals, dim=-1)
-        noise = uniform_noise(keys, steps, ids)
-        choice = (probs / -torch.log(noise)).argmax(dim=-1, keepdim=True)
+        exp_noise = uniform_noise(keys, steps, ids).log_().neg_()
+        choice = argmax_rows(probs.div_(exp_noise)).unsqueeze(1)
         return ids.gather(1, choice).squeeze(1)

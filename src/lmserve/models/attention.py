@@ -33,7 +33,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] additive: 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 

@@ -52,14 +52,22 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-_linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
+try:
+    _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
+except (AttributeError, RuntimeError):  # a torch build without oneDNN: nothing is ever packed
+    _linear_pointwise = None
 
 
 def can_pack(weight: torch.Tensor) -> bool:
     """Packing pays only for bf16 on CPU: for fp32, F.linear already runs MKL without a per-call
     reorder, and a different kernel would change rounding against transformers' reference."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not (_linear_pointwise is not None and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private op: absent in some builds
+        return False
 
 
 def pack_linears(model: nn.Module) -> int:
