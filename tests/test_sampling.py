@@ -152,3 +152,19 @@ def test_top_p_and_min_p_restrict_candidates():
         seq[0].sampling_key = seed
         drawn.add(Sampler()(logits, seq).token_ids[0])
     assert drawn == {0, 1, 2, 3}
+
+
+def test_masked_tokens_never_win_the_race():
+    # Over a full vocabulary, a draw of E ~ Exp(1) close to 0 happens every few hundred rows; a
+    # masked token (p = 0) must lose even then (0 / E was once NaN, which won the argmax).
+    vocab, rows = 49152, 256
+    allowed = torch.tensor([7, 40000])
+    logits = torch.full((rows, vocab), float("-inf"))
+    logits[:, allowed] = 0.0
+    sampler = Sampler()
+    for step in range(8):
+        seqs = _seqs([[5] * step] * rows, SamplingParams(temperature=1.0))
+        for i, s in enumerate(seqs):
+            s.sampling_key = 1000 * step + i
+        tokens = sampler(logits.clone(), seqs).token_ids
+        assert set(tokens) <= {7, 40000}

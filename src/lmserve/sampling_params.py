@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmserve.engine.structured import StructuredOutput
 from lmserve.errors import InvalidParameter
 
 
@@ -25,6 +26,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Constrain the output to JSON (an object, or one that validates against a schema).
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -31,9 +31,8 @@ class LocalBackend:
     def alive(self) -> bool:
         return self.async_engine.alive
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        kwargs = {"tools": tools} if tools else {}
-        text = render_chat(self.engine.tokenizer, messages, **kwargs)
+    def render_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        text = render_chat(self.engine.tokenizer, messages, **template_kwargs)
         # The template writes its own special tokens (BOS where the model wants one).
         return self.engine.encode(text, add_special_tokens=False)
 

@@ -21,6 +21,10 @@ from lmserve.sampling_params import SamplingParams
 log = logging.getLogger("lmserve.engine")
 
 
+class EngineStepError(RuntimeError):
+    """One engine step failed; the requests that were in it fail with this."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop crashed; every request in flight fails with this."""
 
@@ -117,7 +121,16 @@ class AsyncEngine:
                         command = self._commands.get_nowait()
                 except queue.Empty:
                     pass
-                for output in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:
+                    # A failed step fails the requests in flight, not the server: they get the
+                    # error, their blocks are freed, and the loop goes on with new requests.
+                    log.exception("engine step failed; failing the requests in flight")
+                    for request_id in self.engine.abort_all():
+                        self._deliver(request_id, EngineStepError(f"generation failed: {e}"))
+                    continue
+                for output in outputs:
                     self._deliver(output.request_id, output)
         except BaseException as e:  # report to every waiting client instead of hanging them
             log.exception("engine loop crashed")

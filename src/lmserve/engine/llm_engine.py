@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, Sequence, SeqStatus
+from lmserve.engine.structured import GrammarBackend, grammar_available
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
 from lmserve.models.loader import load_model, read_config, resolve_checkpoint
@@ -93,6 +95,23 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self._grammar: GrammarBackend | None = None
+        self._grammar_lock = threading.Lock()
+
+    def grammar_backend(self) -> GrammarBackend:
+        """The structured-output backend, built on first use (thread-safe: the API validates
+        schemas on its own threads)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if not grammar_available():
+                    raise InvalidParameter("response_format", "structured output needs the `xgrammar` package, "
+                                           "which this installation lacks (make setup installs it)")
+                if self.tokenizer is None:
+                    raise InvalidParameter("response_format", "structured output needs the model's tokenizer")
+                self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
+                                               sorted(self.eos_token_ids))
+                self.sampler.grammar = self._grammar
+            return self._grammar
 
     def _auto_num_blocks(self) -> int:
         cfg = self.engine_config
@@ -132,6 +151,8 @@ class LLMEngine:
             raise ContextLengthExceeded(
                 "messages", f"the prompt has {len(prompt_ids)} tokens, but {limit} holds {self.max_seq_len} "
                 "tokens including at least one generated token")
+        if params.structured_output is not None:
+            self.grammar_backend().compile(params.structured_output)  # a bad schema fails here
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(request_id, prompt_ids, params, time.monotonic(), seed, prompt=prompt_text)
         first = self._new_sequence(request, 0, list(prompt_ids))
@@ -144,6 +165,8 @@ class LLMEngine:
             seq_id=next(self._seq_ids), request=request, index=index, token_ids=token_ids,
             sampling_key=stream_key(request.seed, index),
             detok=IncrementalDetokenizer(self.tokenizer, request.params.stop))
+        if request.params.structured_output is not None:
+            seq.grammar = self.grammar_backend().matcher(request.params.structured_output)
         request.seqs.append(seq)
         return seq
 
@@ -158,6 +181,13 @@ class LLMEngine:
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "abort"
         return True
+
+    def abort_all(self) -> list[str]:
+        """Drop every request (after a failed step), leaving the engine clean to go on."""
+        ids = list(self.requests)
+        for request_id in ids:
+            self.abort_request(request_id)
+        return ids
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -209,6 +239,8 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         params = seq.params
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            log.error("grammar rejected sampled token %d of %s", token, seq.request.request_id)
         seq.token_ids.append(token)
         seq.pending_token_ids.append(token)
         if logprob is not None:

@@ -4,7 +4,8 @@ Randomness is counter-based: the draw for a token is a hash of (the choice's str
 output position, the token id), turned into an exponential race (argmax p / E with E ~ Exp(1),
 which samples exactly from p). So a seeded request gets the same tokens whatever else is in the
 batch, after preemption and recompute too, and the whole batch is sampled with tensor ops,
-without a Python loop over rows or a generator object per request.
+without a Python loop over rows or a generator object per request. Tokens a mask removed
+(probability 0) can never win.
 """
 
 from __future__ import annotations
@@ -48,15 +49,19 @@ def stream_key(seed: int, choice_index: int) -> int:
     return mix32_int(mix32_int(seed & _MASK32) ^ mix32_int((seed >> 32) + 0x632BE5AB) ^ mix32_int(choice_index + 0x3C6EF372))
 
 
-def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """keys, steps: [B]; token_ids: [B, K] or [K] -> float32 in (0, 1), one per (row, token)."""
+def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """keys, steps: [B]; token_ids: [B, K] or [K] -> Exp(1) draws, float32, one per (row, token).
+
+    The log is taken in float64: a uniform near 1 rounded to float32 first would become exactly
+    1.0, its exponential 0, and p / 0 a NaN (for a masked token, p = 0) or inf that wins the race
+    (about one token in 2**24, i.e. every few hundred steps over a 49k vocabulary)."""
     row = mix32(keys ^ mix32(steps * 0x9E3779B9)).unsqueeze(1)
     x = _mix32_(row ^ mix32(token_ids + 0x85EBCA6B))
     x += row
     u = _mix32_(x).double()
     u += 0.5
-    u /= 4294967296.0
-    return u.float()
+    u /= 4294967296.0  # in (0, 1): never 0 or 1 in float64
+    return u.log_().neg_().float()  # >= 1.2e-10, so p / E is never NaN
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +87,9 @@ class SamplerOutput:
 
 
 class Sampler:
+    grammar = None  # the engine's GrammarBackend, once a request asked for structured output
+
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V], row i belongs to seqs[i] (a sequence may appear more than once when
         its n choices are sampled from one prefill)."""
@@ -95,6 +103,9 @@ class Sampler:
 
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs, vocab)
+        grammar_rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if grammar_rows:
+            self.grammar.apply(logits, [seqs[i].grammar for i in grammar_rows], grammar_rows)
 
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
@@ -165,7 +176,7 @@ class Sampler:
         truncate = any(top_ks) or any(p.top_p < 1.0 or p.min_p > 0.0 for p in params)
         if not truncate:
             probs = torch.softmax(logits, dim=-1)
-            exp_noise = uniform_noise(keys, steps, torch.arange(vocab, device=device)).log_().neg_()
+            exp_noise = exponential_noise(keys, steps, torch.arange(vocab, device=device))
             return argmax_rows(probs.div_(exp_noise))
 
         # Work on the candidates only: the top max(k) when every row has a top_k, else all, sorted.
@@ -186,6 +197,6 @@ class Sampler:
         drop |= probs < min_p * probs[:, :1]
         vals = vals.masked_fill(drop, float("-inf"))
         probs = torch.softmax(vals, dim=-1)
-        exp_noise = uniform_noise(keys, steps, ids).log_().neg_()
+        exp_noise = exponential_noise(keys, steps, ids)
         choice = argmax_rows(probs.div_(exp_noise)).unsqueeze(1)
         return ids.gather(1, choice).squeeze(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.outputs import TokenLogprob
@@ -37,6 +38,7 @@ class Sequence:
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     emitted_finish: bool = False
+    grammar: Any = None  # the structured-output matcher of this choice, if any
 
     @property
     def params(self) -> SamplingParams:

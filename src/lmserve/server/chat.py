@@ -20,6 +20,8 @@ from lmserve.sampling_params import SamplingParams
 from lmserve.server.errors import APIError, bad_request
 from lmserve.server.metrics import Metrics
 from lmserve.server.schemas import ChatCompletionRequest
+from lmserve.server.tools import (ToolPlan, may_be_call, output_constraint, parse_tool_call, plan_tools,
+                                  template_messages)
 
 
 @dataclass
@@ -32,17 +34,20 @@ class PreparedChat:
     prompt_ids: list[int]
     params: SamplingParams
     include_usage: bool
+    tool_plan: ToolPlan | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
 
 
 def prepare(req: ChatCompletionRequest, backend: LocalBackend, defaults: dict[str, Any], max_n: int,
             request_id: str) -> PreparedChat:
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported by this deployment yet",
-                          "response_format", "unsupported_value")
-    if req.tools and req.tool_choice != "none":
-        raise bad_request("tool calls are not supported by this deployment yet", "tools", "unsupported_value")
+    tool_plan = plan_tools(req)
+    structured = output_constraint(req, tool_plan)
+    if structured is not None:
+        try:
+            backend.engine.grammar_backend().compile(structured)
+        except InvalidParameter as e:
+            raise bad_request(str(e), "tools" if tool_plan and tool_plan.forced else e.param) from None
 
     def pick(name: str):
         value = getattr(req, name)
@@ -53,8 +58,10 @@ def prepare(req: ChatCompletionRequest, backend: LocalBackend, defaults: dict[st
         raise bad_request(f"n must be at most {max_n}", "n")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    messages, template_kwargs = template_messages([m.for_template() for m in req.messages], tool_plan,
+                                                  backend.engine.tokenizer.chat_template)
     try:
-        prompt_ids = backend.render_chat([m.for_template() for m in req.messages])
+        prompt_ids = backend.render_chat(messages, **template_kwargs)
     except Exception as e:  # a template that rejects this conversation (e.g. role order)
         raise bad_request(f"the messages cannot be rendered by the model's chat template: {e}", "messages") from None
 
@@ -76,11 +83,11 @@ def prepare(req: ChatCompletionRequest, backend: LocalBackend, defaults: dict[st
             max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
             min_p=pick("min_p"), frequency_penalty=pick("frequency_penalty"),
             presence_penalty=pick("presence_penalty"), n=n, seed=req.seed, stop=stop,
-            logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
+            logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, structured_output=structured)
     except InvalidParameter as e:
         raise bad_request(str(e), e.param) from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return PreparedChat(request_id, req.model, backend, prompt_ids, params, include_usage)
+    return PreparedChat(request_id, req.model, backend, prompt_ids, params, include_usage, tool_plan)
 
 
 async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float) -> AsyncIterator[dict]:
@@ -92,6 +99,9 @@ async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float
         yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None, "logprobs": None}], "usage": None}
     last = None
+    plan = chat.tool_plan
+    held = [""] * chat.params.n  # text held back while it may still be a tool call
+    streaming = [plan is None] * chat.params.n
     try:
         async for out in chat.backend.generate(chat.request_id, chat.prompt_ids, chat.params):
             now = time.perf_counter()
@@ -105,9 +115,25 @@ async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float
                 finish = o.finish_reason
                 if finish == "eos" and report_eos_as_stop:
                     finish = "stop"
-                if not o.text and finish is None and not (o.logprobs and chat.params.logprobs):
+                delta: dict[str, Any] = {}
+                text = o.text
+                if not streaming[o.index]:
+                    held[o.index] += text
+                    text = ""
+                    if finish is not None:
+                        call = parse_tool_call(held[o.index], plan) if finish != "length" else None
+                        if call is not None:
+                            delta["tool_calls"] = [call]
+                            finish = "tool_calls"
+                        else:
+                            text = held[o.index]
+                    elif not plan.forced and not may_be_call(held[o.index]):
+                        streaming[o.index] = True  # plain text after all: release it
+                        text = held[o.index]
+                if text:
+                    delta["content"] = text
+                if not delta and finish is None and not (o.logprobs and chat.params.logprobs):
                     continue
-                delta = {"content": o.text} if o.text else {}
                 logprobs = ({"content": [_logprob_entry(chat.backend, lp) for lp in o.logprobs]}
                             if chat.params.logprobs and o.logprobs else None)
                 yield {**base, "choices": [{"index": o.index, "delta": delta, "finish_reason": finish,
@@ -130,19 +156,27 @@ async def collect_completion(chat: PreparedChat, metrics: Metrics, arrival: floa
     """The non-streamed response: the same chunks, folded."""
     n = chat.params.n
     texts = [""] * n
+    calls: list[list] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     logprobs: list[list | None] = [None] * n
     async for chunk in completion_chunks(chat, metrics, arrival):
         for c in chunk["choices"]:
             i = c["index"]
             texts[i] += c["delta"].get("content", "")
+            calls[i] += [{k: v for k, v in call.items() if k != "index"} for call in c["delta"].get("tool_calls", [])]
             finish[i] = c["finish_reason"] or finish[i]
             if c.get("logprobs"):
                 logprobs[i] = (logprobs[i] or []) + c["logprobs"]["content"]
-    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish[i],
+    choices = [{"index": i, "message": _message(texts[i], calls[i]), "finish_reason": finish[i],
                 "logprobs": {"content": logprobs[i] or []} if chat.params.logprobs else None} for i in range(n)]
     return {"id": chat.request_id, "object": "chat.completion", "created": chat.created, "model": chat.model,
             "choices": choices, "usage": usage(chat)}
+
+
+def _message(text: str, calls: list[dict]) -> dict:
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}
+    return {"role": "assistant", "content": text}
 
 
 def _logprob_entry(backend: LocalBackend, lp: TokenLogprob) -> dict:

@@ -1,0 +1,100 @@
+"""Tool calls and response formats: what to constrain, how to prompt, how to read the output.
+
+A call is the JSON object {"name": <function>, "arguments": {...}}. With tool_choice "required"
+or a named function the output is constrained by grammar to exactly such an object, so it always
+parses; with "auto" the model decides, and output that is such an object becomes a tool call.
+Templates that know tools get them through `tools=`; for the others the functions are described
+in a system message.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.engine.structured import StructuredOutput
+from lmserve.server.errors import bad_request
+from lmserve.server.schemas import ChatCompletionRequest
+
+
+@dataclass
+class ToolPlan:
+    tools: list[dict[str, Any]]  # as the chat template takes them
+    names: set[str]
+    forced: bool  # the output must be a call (grammar-constrained); else the model decides
+
+
+def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
+    if not req.tools or req.tool_choice == "none":
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    names = {t.function.name for t in req.tools}
+    choice = req.tool_choice or "auto"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise bad_request("tool_choice must be none, auto, required or "
+                              "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}", "tool_choice")
+        return ToolPlan([t for t in tools if t["function"]["name"] == name], {name}, forced=True)
+    return ToolPlan(tools, names, forced=choice == "required")
+
+
+def output_constraint(req: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredOutput | None:
+    if plan is not None and plan.forced:
+        return StructuredOutput.json_schema(_calls_schema(plan.tools))
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput("json_object")
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise bad_request("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                          "response_format")
+    return StructuredOutput.json_schema(fmt.json_schema.schema_)
+
+
+def _calls_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    options = [{"type": "object",
+                "properties": {"name": {"const": t["function"]["name"]},
+                               "arguments": t["function"].get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def template_messages(messages: list[dict], plan: ToolPlan | None, template: str) -> tuple[list[dict], dict]:
+    """Messages and extra template arguments: `tools=` where the template renders tools, else a
+    system message that describes them."""
+    if plan is None:
+        return messages, {}
+    if "tools" in (template or ""):
+        return messages, {"tools": plan.tools}
+    described = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in plan.tools)
+    instruction = ("You can call these functions:\n" + described + "\nTo call one, reply with only a JSON object "
+                   "{\"name\": <function name>, \"arguments\": <arguments object>}.")
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": messages[0]["content"] + "\n\n" + instruction}
+        return [first, *messages[1:]], {}
+    return [{"role": "system", "content": instruction}, *messages], {}
+
+
+def parse_tool_call(text: str, plan: ToolPlan) -> dict[str, Any] | None:
+    """An OpenAI tool_calls entry if `text` is one call to a known function, else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or value.get("name") not in plan.names:
+        return None
+    args = value.get("arguments", value.get("parameters", {}))  # Llama 3.1 says "parameters"
+    if not isinstance(args, dict):
+        return None
+    return {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def may_be_call(text: str) -> bool:
+    """While text could still turn out to be a call it is held back, not streamed."""
+    stripped = text.lstrip()
+    return not stripped or stripped.startswith("{")
