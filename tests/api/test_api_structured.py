@@ -16,7 +16,7 @@ WEATHER_Q = [{"role": "user", "content": "What's the weather in Paris right now?
 
 
 def _unsupported(checks, r, params) -> bool:
-    """The features are implemented: every such request must succeed."""
+    """The features are implemented: every such request must succeed (returns False to go on)."""
     assert r.status_code == 200, r.text
     return False
 
@@ -118,24 +118,27 @@ def test_tools_auto(api, checks, tool_choice):
         _check_tool_calls(choice, {"get_weather"})
 
 
-def test_tools_required(api, checks):
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_tools_forced(api, checks, tool_choice):
     r = api.chat({"model": MODEL, "messages": WEATHER_Q, "max_tokens": 48, "temperature": 0,
-                  "tools": [WEATHER_TOOL], "tool_choice": "required"})
-    if _unsupported(checks, r, ("tools", "tool_choice")):
-        return
+                  "tools": [WEATHER_TOOL], "tool_choice": tool_choice})
+    _unsupported(checks, r, ("tools", "tool_choice"))
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["message"]["content"] is None
     _check_tool_calls(choice, {"get_weather"})
 
 
-def test_tools_named_function(api, checks):
-    r = api.chat({"model": MODEL, "messages": WEATHER_Q, "max_tokens": 48, "temperature": 0,
-                  "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
-    if _unsupported(checks, r, ("tools", "tool_choice")):
-        return
-    choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls", choice
-    _check_tool_calls(choice, {"get_weather"})
+def test_tools_forced_streamed(api):
+    sse = api.stream({"model": MODEL, "messages": WEATHER_Q, "max_tokens": 48, "temperature": 0,
+                      "tools": [WEATHER_TOOL], "tool_choice": "required"})
+    deltas = [c for chunk in sse.chunks for c in chunk["choices"]]
+    calls = [call for d in deltas for call in d["delta"].get("tool_calls", [])]
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(calls[0]["function"]["arguments"]), dict)
+    assert sse.finish_reason() == "tool_calls"
+    assert sse.content() == "", "a forced call is not streamed as text"
 
 
 def test_tools_none(api, checks):
