@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmserve.backends.local import LocalBackend
 from lmserve.config import DeploymentConfig
+from lmserve.engine.async_engine import EngineDeadError, EngineStepError
 from lmserve.errors import InvalidParameter
 from lmserve.server.chat import collect_completion, completion_chunks, prepare, sse, stream_error_event
 from lmserve.server.errors import APIError, bad_request, unknown_model
@@ -100,12 +101,10 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         try:
             body = await _unless_disconnected(request, collect_completion(chat, metrics, arrival))
-        except InvalidParameter as e:
-            metrics.requests.labels(req.model, "400").inc()
-            raise bad_request(str(e), e.param) from None
-        except Exception:
-            metrics.requests.labels(req.model, "500").inc()
-            raise
+        except Exception as e:
+            err = as_api_error(e)
+            metrics.requests.labels(req.model, str(err.status)).inc()
+            raise err from None
         metrics.requests.labels(req.model, "200").inc()
         request.state.tokens = body["usage"]["total_tokens"]
         return body
@@ -116,16 +115,31 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
             async for chunk in completion_chunks(chat, metrics, arrival):
                 yield sse(chunk)
         except Exception as e:  # after the 200: one error event, then [DONE]
-            status = "400" if isinstance(e, InvalidParameter) else "500"
-            if status == "500":
-                log.exception("stream failed [%s]", chat.request_id)
-            yield stream_error_event(bad_request(str(e), e.param) if isinstance(e, InvalidParameter) else e)
+            err = as_api_error(e)
+            status = str(err.status)
+            yield stream_error_event(err)
         finally:
             metrics.requests.labels(chat.model, status).inc()
             request.state.tokens = len(chat.prompt_ids) + chat.completion_tokens
         yield sse("[DONE]")
 
     return app
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """What a failure during generation means for the client (the log keeps the details)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidParameter):
+        return bad_request(str(exc), exc.param)
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "the model's engine is not running", code="engine_unavailable",
+                        headers={"Retry-After": "5"})
+    if isinstance(exc, EngineStepError):
+        log.error("generation failed: %s", exc)
+        return APIError(500, "generation failed; the request was dropped", code="internal_error")
+    log.error("unexpected error during generation", exc_info=exc)
+    return APIError(500, "internal server error", code="internal_error")
 
 
 async def _unless_disconnected(request: Request, work):

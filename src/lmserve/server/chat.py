@@ -192,6 +192,5 @@ def sse(data: dict | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def stream_error_event(exc: BaseException) -> bytes:
-    err = exc if isinstance(exc, APIError) else APIError(500, "internal error while generating", code="internal_error")
+def stream_error_event(err: APIError) -> bytes:
     return sse(err.body())
