@@ -39,6 +39,7 @@ class ModelDeployment:
     engine: dict[str, Any] = field(default_factory=dict)
     report_eos_as_stop: bool = False  # for clients that only know OpenAI's finish reasons
     owned_by: str = "lmserve"
+    max_pending_requests: int = 1024  # requests in flight beyond this get 503 (queue full)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class DeploymentConfig:
 
 
 _SERVER_KEYS = {"host", "port", "api_keys", "max_body_bytes", "max_n"}
-_MODEL_KEYS = {"id", "path", "dtype", "engine", "report_eos_as_stop", "owned_by"}
+_MODEL_KEYS = {"id", "path", "dtype", "engine", "report_eos_as_stop", "owned_by", "max_pending_requests"}
 
 
 def load_config(path: str | None, cli_models: list[str] | None = None, host: str | None = None,
@@ -144,6 +145,9 @@ def _model(m: Any, where: str, i: int) -> ModelDeployment:
     if bad:
         raise ConfigError(f"{where}: models[{i}].engine has unknown key(s) {', '.join(sorted(bad))} "
                           f"(allowed: {', '.join(EngineConfig.__dataclass_fields__)})")
+    pending = m.get("max_pending_requests", 1024)
+    if not isinstance(pending, int) or isinstance(pending, bool) or pending < 1:
+        raise ConfigError(f"{where}: models[{i}].max_pending_requests must be a positive integer")
     return ModelDeployment(id=m["id"], path=m.get("path", m["id"]), dtype=m.get("dtype", "auto"), engine=engine,
                            report_eos_as_stop=bool(m.get("report_eos_as_stop", False)),
-                           owned_by=m.get("owned_by", "lmserve"))
+                           owned_by=m.get("owned_by", "lmserve"), max_pending_requests=pending)

@@ -21,6 +21,8 @@ import pytest
 API_KEY = "sk-test-key"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRO_MODEL = "Pro/HuggingFaceTB/SmolLM2-135M-Instruct"
+LIMITED_MODEL = "test/SmolLM2-one-at-a-time"  # max_pending_requests: 1, for the 503 test
+ALL_MODELS = [MODEL, PRO_MODEL, LIMITED_MODEL]
 PRO_MAX_MODEL_LEN = 256
 MAX_BODY_BYTES = 4 * 1024 * 1024
 STARTUP_TIMEOUT_S = 180.0
@@ -45,6 +47,11 @@ models:
     dtype: float32
     report_eos_as_stop: true
     engine: {{num_kv_blocks: 256, max_model_len: {PRO_MAX_MODEL_LEN}}}
+  - id: {LIMITED_MODEL}
+    path: HuggingFaceTB/SmolLM2-135M-Instruct
+    dtype: float32
+    max_pending_requests: 1
+    engine: {{num_kv_blocks: 64}}
 """
 
 

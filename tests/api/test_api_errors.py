@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -89,6 +90,36 @@ def test_wrong_method_is_an_error_body(api, checks):
     r = api.http.get("/v1/chat/completions", headers=api.headers())
     assert r.status_code in (404, 405), r.text
     checks.error_body(r, r.status_code)
+
+
+# --- 413 --------------------------------------------------------------------------------------
+
+
+# --- 503 --------------------------------------------------------------------------------------
+
+
+def test_queue_full_is_503_with_retry_after(api, checks):
+    # This deployment admits one request at a time; a second one while the first streams is 503.
+    limited = "test/SmolLM2-one-at-a-time"
+    story = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
+    long = {"model": limited, "messages": story, "max_tokens": 300, "temperature": 0, "stream": True}
+    with api.http.stream("POST", "/v1/chat/completions", json=long, headers=api.headers()) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()
+        while '"content":"' not in next(lines):
+            pass  # wait until the first request is generating (a story runs for many steps)
+        r = api.chat({"model": limited, "messages": FRANCE, "max_tokens": 2})
+        body = checks.error_body(r, 503, "overloaded_error")
+        assert int(r.headers["retry-after"]) >= 1
+        assert "overloaded" in body["error"]["message"]
+    # Once the first client leaves, the deployment takes requests again.
+    deadline = time.monotonic() + 5
+    while True:
+        r = api.chat({"model": limited, "messages": FRANCE, "max_tokens": 2})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
 
 
 # --- 413 --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRO_MODEL = "Pro/HuggingFaceTB/SmolLM2-135M-Instruct"
+ALL_MODELS = [MODEL, PRO_MODEL, "test/SmolLM2-one-at-a-time"]  # as deployed by conftest.CONFIG_YAML
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 REQUIRED_METRICS = [
@@ -33,7 +34,7 @@ def test_models_list(api, checks):
     body = r.json()
     assert body["object"] == "list"
     ids = [m["id"] for m in body["data"]]
-    assert sorted(ids) == sorted([MODEL, PRO_MODEL])
+    assert sorted(ids) == sorted(ALL_MODELS)
     for m in body["data"]:
         assert m["object"] == "model"
         assert isinstance(m["created"], int) and not isinstance(m["created"], bool)
@@ -41,9 +42,9 @@ def test_models_list(api, checks):
 
 
 @pytest.mark.parametrize("query,expected", [
-    ({"type": "text"}, {MODEL, PRO_MODEL}),
-    ({"sub_type": "chat"}, {MODEL, PRO_MODEL}),
-    ({"type": "text", "sub_type": "chat"}, {MODEL, PRO_MODEL}),
+    ({"type": "text"}, set(ALL_MODELS)),
+    ({"sub_type": "chat"}, set(ALL_MODELS)),
+    ({"type": "text", "sub_type": "chat"}, set(ALL_MODELS)),
     ({"type": "image"}, set()),
     ({"type": "audio"}, set()),
     ({"sub_type": "embedding"}, set()),
@@ -61,7 +62,7 @@ def test_models_filters(api, query, expected):
 
 def test_models_sdk(client):
     ids = sorted(m.id for m in client.models.list())
-    assert ids == sorted([MODEL, PRO_MODEL])
+    assert ids == sorted(ALL_MODELS)
 
 
 def test_models_sdk_async(make_async_client):
@@ -71,7 +72,7 @@ def test_models_sdk_async(make_async_client):
         async with make_async_client() as ac:
             return [m.id async for m in ac.models.list()]
 
-    assert sorted(asyncio.run(main())) == sorted([MODEL, PRO_MODEL])
+    assert sorted(asyncio.run(main())) == sorted(ALL_MODELS)
 
 
 # --- /health ----------------------------------------------------------------------------------

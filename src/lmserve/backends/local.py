@@ -17,6 +17,11 @@ class LocalBackend:
         self.deployment = deployment
         self.engine = LLMEngine(deployment.path, deployment.dtype, **deployment.engine)
         self.async_engine = AsyncEngine(self.engine)
+        self.in_flight = 0  # requests between admission and their last chunk (event-loop owned)
+
+    @property
+    def overloaded(self) -> bool:
+        return self.in_flight >= self.deployment.max_pending_requests
 
     @property
     def model_id(self) -> str:

@@ -91,6 +91,9 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
                 raise unknown_model(req.model)
             request.state.model = req.model
             request_id = f"chatcmpl-{request.state.trace_id}"
+            if backend.overloaded:
+                raise APIError(503, f"model {req.model!r} is overloaded ({backend.in_flight} requests in flight); "
+                               "retry later", code="overloaded", headers={"Retry-After": "1"})
             chat = prepare(req, backend, config.defaults, config.server.max_n, request_id)
         except APIError as e:
             if counted_model:

@@ -98,6 +98,7 @@ async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float
     for i in range(chat.params.n):
         yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None, "logprobs": None}], "usage": None}
+    chat.backend.in_flight += 1
     last = None
     plan = chat.tool_plan
     held = [""] * chat.params.n  # text held back while it may still be a tool call
@@ -139,6 +140,7 @@ async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float
                 yield {**base, "choices": [{"index": o.index, "delta": delta, "finish_reason": finish,
                                             "logprobs": logprobs}], "usage": None}
     finally:
+        chat.backend.in_flight -= 1
         chat.backend.abort(chat.request_id)  # no-op when finished; frees the blocks when the client left
     metrics.e2e.labels(chat.model).observe(time.perf_counter() - arrival)
     metrics.prompt_tokens.labels(chat.model).inc(len(chat.prompt_ids))
