@@ -7,7 +7,7 @@ import pytest
 
 from conftest import chat_ids
 from lmserve import SamplingParams
-from lmserve.errors import ContextLengthExceeded
+from lmserve.errors import ContextLengthExceeded, InvalidParameter
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -124,3 +124,18 @@ def test_n_choices_share_prompt_blocks(smollm):
                 outputs.setdefault(o.index, []).extend(o.token_ids)
     assert len(outputs) == 3
     assert len({tuple(v) for v in outputs.values()}) > 1, "choices with different streams should differ"
+
+
+def test_running_set_respects_max_num_seqs_with_forks(make_llm):
+    llm = make_llm(max_num_seqs=4)
+    engine = llm.engine
+    engine.add_request("n3", chat_ids(llm, QUESTIONS[0]), SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=1))
+    for i, q in enumerate(QUESTIONS[1:3]):
+        engine.add_request(f"q{i}", chat_ids(llm, q), SamplingParams(max_tokens=6, temperature=0.0))
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        peak = max(peak, len(engine.scheduler.running))
+    assert peak == 4  # the n=3 request and one other; the third waited
+    with pytest.raises(InvalidParameter, match="max_num_seqs"):
+        engine.add_request("n5", [1, 2, 3], SamplingParams(n=5))

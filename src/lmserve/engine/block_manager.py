@@ -79,9 +79,12 @@ class BlockManager:
             hits += 1
         cached = hits * self.block_size
         seq.num_computed_tokens = cached
-        self.prefix_queries += len(tokens)
-        self.prefix_hits += cached
         return cached
+
+    def record_prefix_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Count one admitted sequence's lookup (a retried admission counts once)."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_cached
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for `num_new_tokens` more tokens. Returns (src, dst) block copies to do

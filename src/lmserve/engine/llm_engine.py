@@ -151,6 +151,9 @@ class LLMEngine:
             raise ContextLengthExceeded(
                 "messages", f"the prompt has {len(prompt_ids)} tokens, but {limit} holds {self.max_seq_len} "
                 "tokens including at least one generated token")
+        if params.n > self.engine_config.max_num_seqs:
+            raise InvalidParameter("n", f"n ({params.n}) exceeds this engine's max_num_seqs "
+                                   f"({self.engine_config.max_num_seqs})")
         if params.structured_output is not None:
             self.grammar_backend().compile(params.structured_output)  # a bad schema fails here
         seed = params.seed if params.seed is not None else random.getrandbits(63)

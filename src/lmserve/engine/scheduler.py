@@ -87,24 +87,35 @@ class Scheduler:
             i += 1
 
         # 2. Admit waiting sequences, unless this step had to preempt (no room to grow).
-        while (self.waiting and budget > 0 and not batch.preempted
-               and len(self.running) < self.max_num_seqs):
+        seats = sum(self._seats(s) for s in self.running)
+        while self.waiting and budget > 0 and not batch.preempted:
             seq = self.waiting[0]
+            if seats + self._seats(seq) > self.max_num_seqs:
+                break
             if not seq.block_table:
                 self.bm.allocate_cached_prefix(seq)
-                if seq.index == 0:
-                    seq.request.num_cached_tokens = seq.num_computed_tokens
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.can_append(seq, n):
                 self.bm.free(seq)
                 seq.num_computed_tokens = 0
                 break
+            self.bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
+            if seq.index == 0:
+                seq.request.num_cached_tokens = seq.num_computed_tokens
             self.waiting.popleft()
+            seats += self._seats(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._take(seq, n, batch)
             budget -= n
         return batch
+
+    @staticmethod
+    def _seats(seq: Sequence) -> int:
+        """Running slots a sequence takes: the first choice of an n > 1 request brings its
+        n - 1 siblings along when it forks."""
+        request = seq.request
+        return request.params.n if seq.index == 0 and len(request.seqs) < request.params.n else 1
 
     def _take(self, seq: Sequence, n: int, batch: ScheduledBatch) -> None:
         batch.block_copies += self.bm.append_slots(seq, n)
