@@ -100,9 +100,7 @@ async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float
                                     "finish_reason": None, "logprobs": None}], "usage": None}
     chat.backend.in_flight += 1
     last = None
-    plan = chat.tool_plan
-    held = [""] * chat.params.n  # text held back while it may still be a tool call
-    streaming = [plan is None] * chat.params.n
+    choices = [_ChoiceText(chat.tool_plan) for _ in range(chat.params.n)]
     try:
         async for out in chat.backend.generate(chat.request_id, chat.prompt_ids, chat.params):
             now = time.perf_counter()
@@ -116,21 +114,11 @@ async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float
                 finish = o.finish_reason
                 if finish == "eos" and report_eos_as_stop:
                     finish = "stop"
+                text, call = choices[o.index].feed(o.text, finish)
                 delta: dict[str, Any] = {}
-                text = o.text
-                if not streaming[o.index]:
-                    held[o.index] += text
-                    text = ""
-                    if finish is not None:
-                        call = parse_tool_call(held[o.index], plan) if finish != "length" else None
-                        if call is not None:
-                            delta["tool_calls"] = [call]
-                            finish = "tool_calls"
-                        else:
-                            text = held[o.index]
-                    elif not plan.forced and not may_be_call(held[o.index]):
-                        streaming[o.index] = True  # plain text after all: release it
-                        text = held[o.index]
+                if call is not None:
+                    delta["tool_calls"] = [call]
+                    finish = "tool_calls"
                 if text:
                     delta["content"] = text
                 if not delta and finish is None and not (o.logprobs and chat.params.logprobs):
@@ -147,6 +135,29 @@ async def completion_chunks(chat: PreparedChat, metrics: Metrics, arrival: float
     metrics.generation_tokens.labels(chat.model).inc(chat.completion_tokens)
     if chat.include_usage:
         yield {**base, "choices": [], "usage": usage(chat)}
+
+
+class _ChoiceText:
+    """One choice's text on its way out. With tools in play, text is held back while it may
+    still be a tool call: a forced call until the end, an `auto` reply until it is clearly prose."""
+
+    def __init__(self, plan: ToolPlan | None):
+        self.plan = plan
+        self.held = ""
+        self.streaming = plan is None
+
+    def feed(self, text: str, finish: str | None) -> tuple[str, dict | None]:
+        """Returns (text to emit now, the tool call once the choice has ended as one)."""
+        if self.streaming:
+            return text, None
+        self.held += text
+        if finish is not None:
+            call = parse_tool_call(self.held, self.plan) if finish != "length" else None
+            return ("", call) if call is not None else (self.held, None)
+        if not self.plan.forced and not may_be_call(self.held):
+            self.streaming = True  # plain text after all: release what was held
+            return self.held, None
+        return "", None
 
 
 def usage(chat: PreparedChat) -> dict[str, int]:
