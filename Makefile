@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TVM_FFI := 0.1.15.post2
 
-.PHONY: setup serve chat test bench clean
+.PHONY: setup serve chat lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,10 @@ serve: $(STAMP)
 chat: $(STAMP)
 	$(BIN)/lmserve chat
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -6,11 +6,11 @@ import asyncio
 import time
 
 import pytest
-
 from conftest import chat_ids, track, untrack
+
 from lmserve import LLM, AsyncEngine, SamplingParams
-from lmserve.models.loader import DEFAULT_MODEL_ID
 from lmserve.errors import ContextLengthExceeded
+from lmserve.models.loader import DEFAULT_MODEL_ID
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def test_concurrent_streams(smollm, async_engine):
 
     async def one(i, q):
         text = ""
-        async for out in async_engine.generate(f"c{i}", chat_ids(smollm, q), SamplingParams(max_tokens=16, temperature=0.0)):
+        params = SamplingParams(max_tokens=16, temperature=0.0)
+        async for out in async_engine.generate(f"c{i}", chat_ids(smollm, q), params):
             text += "".join(o.text for o in out.outputs)
         return text
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import chat_ids
+
 from lmserve import SamplingParams
 from lmserve.engine.llm_engine import LLMEngine
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import chat_ids
+
 from lmserve import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.sampler import Sampler

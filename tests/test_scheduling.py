@@ -4,8 +4,8 @@ every schedule must give the same greedy tokens as running each request alone.""
 from __future__ import annotations
 
 import pytest
-
 from conftest import chat_ids
+
 from lmserve import SamplingParams
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
 
@@ -37,7 +37,7 @@ def test_batch_of_eight_equals_each_alone(smollm, alone):
 def test_requests_joining_mid_decode_equal_each_alone(smollm, alone):
     engine = smollm.engine
     tokens: dict[str, list[int]] = {}
-    for i, q in enumerate(QUESTIONS[:4]):
+    for q in QUESTIONS[:4]:
         engine.add_request(q, chat_ids(smollm, q), GREEDY)
     steps = 0
     while engine.has_unfinished():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import chat_ids
+
 from lmserve import SamplingParams
 from lmserve.engine.structured import StructuredOutput
 from lmserve.errors import InvalidParameter
@@ -35,7 +35,8 @@ def test_json_schema_holds_under_sampling(smollm):
 
 
 def test_json_object_with_n_choices(smollm):
-    params = SamplingParams(n=2, max_tokens=60, temperature=0.8, seed=3, structured_output=StructuredOutput("json_object"))
+    params = SamplingParams(n=2, max_tokens=60, temperature=0.8, seed=3,
+                            structured_output=StructuredOutput("json_object"))
     out = smollm.generate([chat_ids(smollm, PERSON)], params)[0]
     for o in out.outputs:
         assert o.text.startswith("{")

@@ -200,7 +200,7 @@ class Api:
         assert r.headers["content-type"].startswith("text/event-stream"), r.headers["content-type"]
         return SSE(r, raw)
 
-    def metrics(self) -> "Metrics":
+    def metrics(self) -> Metrics:
         r = self.http.get("/metrics")
         assert r.status_code == 200, f"{r.status_code}: {r.text}"
         return Metrics(r.text)

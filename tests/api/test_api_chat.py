@@ -7,8 +7,6 @@ import asyncio
 import math
 import time
 
-import pytest
-
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRO_MODEL = "Pro/HuggingFaceTB/SmolLM2-135M-Instruct"
 PRO_MAX_MODEL_LEN = 256
@@ -154,7 +152,8 @@ def test_stop_string_on_pro_deployment_is_stop(api):
 def test_context_runs_out_without_max_tokens_is_length(api, count_prompt_tokens):
     """No max_tokens sent, the 256-token context runs out first: finish_reason length, not a 400."""
     filler = "Numbers are fun and counting is a good exercise for the mind. "
-    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Count from 1 to 1000, one number per line."}]
+    messages = [{"role": "system", "content": ""},
+                {"role": "user", "content": "Count from 1 to 1000, one number per line."}]
     reps = 0
     while True:  # a prompt that leaves ~16-40 tokens of context, so the test stays quick
         messages[0]["content"] = "You are a counting assistant. " + filler * reps

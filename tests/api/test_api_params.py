@@ -64,7 +64,7 @@ def _param_matches(param: str | None, field: str) -> bool:
     """The field itself, or a path inside it (messages[0].role / messages.0.role)."""
     if param == field:
         return True
-    return param is not None and field == "messages" and (param.startswith("messages.") or param.startswith("messages["))
+    return param is not None and field == "messages" and param.startswith(("messages.", "messages["))
 
 
 @pytest.mark.parametrize("field,value", BAD, ids=[f"{f}={v!r}"[:40] for f, v in BAD])

@@ -41,7 +41,7 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_model(cls, model: str, dtype: str = "auto", **engine_options) -> "AsyncEngine":
+    def from_model(cls, model: str, dtype: str = "auto", **engine_options) -> AsyncEngine:
         return cls(LLMEngine(model, dtype, **engine_options))
 
     @property

@@ -23,7 +23,7 @@ from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
-from lmserve.engine.sequence import Request, Sequence, SeqStatus
+from lmserve.engine.sequence import Request, SeqStatus, Sequence
 from lmserve.engine.structured import GrammarBackend, grammar_available
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter

@@ -46,7 +46,8 @@ def mix32_int(x: int) -> int:
 
 
 def stream_key(seed: int, choice_index: int) -> int:
-    return mix32_int(mix32_int(seed & _MASK32) ^ mix32_int((seed >> 32) + 0x632BE5AB) ^ mix32_int(choice_index + 0x3C6EF372))
+    seed_part = mix32_int(seed & _MASK32) ^ mix32_int((seed >> 32) + 0x632BE5AB)
+    return mix32_int(seed_part ^ mix32_int(choice_index + 0x3C6EF372))
 
 
 def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

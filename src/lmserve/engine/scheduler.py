@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.sequence import Sequence, SeqStatus
+from lmserve.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

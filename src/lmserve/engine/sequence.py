@@ -24,7 +24,7 @@ class SeqStatus(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
-    request: "Request"
+    request: Request
     index: int  # choice index within the request
     token_ids: list[int]  # prompt followed by generated tokens
     sampling_key: int  # 32-bit stream key for this choice's random draws

@@ -26,7 +26,7 @@ class StructuredOutput:
     schema: str | None = None  # JSON text of the schema, for "json_schema"
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any] | str) -> "StructuredOutput":
+    def json_schema(cls, schema: dict[str, Any] | str) -> StructuredOutput:
         return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
 
 

@@ -31,7 +31,7 @@ class ModelConfig:
     bos_token_id: int | None = None
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
+    def from_hf_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
         archs = cfg.get("architectures") or [cfg.get("model_type", "")]
         heads = cfg["num_attention_heads"]
         rope_scaling = cfg.get("rope_scaling")

@@ -20,8 +20,14 @@ from lmserve.sampling_params import SamplingParams
 from lmserve.server.errors import APIError, bad_request
 from lmserve.server.metrics import Metrics
 from lmserve.server.schemas import ChatCompletionRequest
-from lmserve.server.tools import (ToolPlan, may_be_call, output_constraint, parse_tool_call, plan_tools,
-                                  template_messages)
+from lmserve.server.tools import (
+    ToolPlan,
+    may_be_call,
+    output_constraint,
+    parse_tool_call,
+    plan_tools,
+    template_messages,
+)
 
 
 @dataclass

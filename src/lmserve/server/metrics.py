@@ -21,7 +21,8 @@ class Metrics:
                                          registry=self.registry)
         self.ttft = Histogram("lmserve_time_to_first_token_seconds", "Time from request arrival to the first token.",
                               ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("lmserve_inter_token_latency_seconds", "Time between two streamed engine steps of a request.",
+        self.itl = Histogram("lmserve_inter_token_latency_seconds",
+                             "Time between two streamed engine steps of a request.",
                              ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("lmserve_request_latency_seconds", "Time from request arrival to its last token.",
                              ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -37,9 +38,11 @@ class _EngineCollector:
 
     def collect(self):
         running = GaugeMetricFamily("lmserve_num_requests_running", "Sequences in the running batch.", labels=["model"])
-        waiting = GaugeMetricFamily("lmserve_num_requests_waiting", "Sequences waiting for admission.", labels=["model"])
+        waiting = GaugeMetricFamily("lmserve_num_requests_waiting", "Sequences waiting for admission.",
+                                    labels=["model"])
         kv = GaugeMetricFamily("lmserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.", labels=["model"])
-        hit = GaugeMetricFamily("lmserve_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up.",
+        hit = GaugeMetricFamily("lmserve_prefix_cache_hit_rate",
+                                "Prompt tokens served from the prefix cache / prompt tokens looked up.",
                                 labels=["model"])
         for model_id, backend in self.backends.items():
             s = backend.stats()
