@@ -59,8 +59,9 @@ class DeploymentConfig:
     models: list[ModelDeployment]
 
 
-_SERVER_KEYS = {"host", "port", "api_keys", "max_body_bytes", "max_n"}
-_MODEL_KEYS = {"id", "path", "dtype", "engine", "report_eos_as_stop", "owned_by", "max_pending_requests"}
+# The keys a config may set are the dataclass fields (generated_key is the server's own note).
+_SERVER_KEYS = set(ServerSettings.__dataclass_fields__) - {"generated_key"}
+_MODEL_KEYS = set(ModelDeployment.__dataclass_fields__)
 
 
 def load_config(path: str | None, cli_models: list[str] | None = None, host: str | None = None,

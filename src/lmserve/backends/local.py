@@ -24,10 +24,6 @@ class LocalBackend:
         return self.in_flight >= self.deployment.max_pending_requests
 
     @property
-    def model_id(self) -> str:
-        return self.deployment.id
-
-    @property
     def context_len(self) -> int:
         """Prompt plus completion may not exceed this (the model's context, capped by the cache)."""
         return self.engine.max_seq_len

@@ -22,12 +22,6 @@ class IncrementalDetokenizer:
         self.text = ""  # decoded text so far (stop string cut off once matched)
         self.emitted = 0  # characters of `text` already handed out
 
-    def reset(self) -> None:
-        self.token_ids.clear()
-        self.prefix_offset = self.read_offset = 0
-        self.text = ""
-        self.emitted = 0
-
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -208,7 +208,7 @@ class LLMEngine:
             if seq.num_computed_tokens + n < seq.num_tokens:
                 continue  # a chunk in the middle of a prefill: nothing to sample yet
             request = seq.request
-            if seq.index == 0 and len(request.seqs) < request.params.n:
+            if seq.forks_pending:
                 # The other choices fork from this prefill and sample from the same logits row.
                 children = [self._new_sequence(request, i, list(seq.token_ids))
                             for i in range(1, request.params.n)]

@@ -30,10 +30,6 @@ class ScheduledBatch:
     def empty(self) -> bool:
         return not self.decodes and not self.prefills
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
-
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -112,10 +108,8 @@ class Scheduler:
 
     @staticmethod
     def _seats(seq: Sequence) -> int:
-        """Running slots a sequence takes: the first choice of an n > 1 request brings its
-        n - 1 siblings along when it forks."""
-        request = seq.request
-        return request.params.n if seq.index == 0 and len(request.seqs) < request.params.n else 1
+        """Running slots a sequence takes, counting the siblings it will fork."""
+        return seq.params.n if seq.forks_pending else 1
 
     def _take(self, seq: Sequence, n: int, batch: ScheduledBatch) -> None:
         batch.block_copies += self.bm.append_slots(seq, n)
@@ -133,7 +127,5 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         self.num_preemptions += 1
-        # A sequence already scheduled this step must not stay in the batch.
-        if seq in batch.decodes:
-            batch.decodes.remove(seq)
-        batch.prefills = [(s, n) for s, n in batch.prefills if s is not seq]
+        # The victim is never in the batch yet: running sequences are taken oldest first and
+        # the victim is the youngest, at worst the one being scheduled right now.

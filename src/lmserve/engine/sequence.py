@@ -64,6 +64,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    @property
+    def forks_pending(self) -> bool:
+        """The first choice of an n > 1 request, before the other n - 1 fork from its prefill."""
+        return self.index == 0 and len(self.request.seqs) < self.params.n
+
 
 @dataclass(eq=False)
 class Request:
