@@ -10,12 +10,19 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def load_tokenizer(ckpt: Checkpoint):
-    """transformers' AutoTokenizer (a GGUF's embedded tokenizer included). A checkpoint directory
-    without tokenizer files gives None: such a model takes token ids only."""
+    """transformers' tokenizer for the checkpoint (a GGUF's embedded tokenizer included). A
+    checkpoint directory without tokenizer files gives None: such a model takes token ids only."""
+    source, kwargs = ckpt.tokenizer_source
+    if ckpt.format == "gguf":
+        # The fast-tokenizer class builds straight from the GGUF's vocabulary (~0.2 s). AutoTokenizer
+        # would first build the whole model config from the same file with gguf's reader only to
+        # pick that class: 3 s more at every start (docs/startup.md).
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(source, **kwargs)
     from transformers import AutoTokenizer
 
-    source, kwargs = ckpt.tokenizer_source
-    if ckpt.format == "hf" and not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
+    if not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
         return None
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
