@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from lmserve.engine.async_engine import EngineDeadError, EngineStepError
-from lmserve.errors import ContextLengthExceeded
+from lmserve.errors import BackendError, ContextLengthExceeded
 from lmserve.server.app import as_api_error
 
 
 def test_failures_map_to_statuses():
     err = as_api_error(ContextLengthExceeded("messages", "too long"))
     assert (err.status, err.param, err.body()["error"]["type"]) == (400, "messages", "invalid_request_error")
-    dead = as_api_error(EngineDeadError("loop crashed"))
+    assert err.code == "context_length_exceeded"
+    dead = as_api_error(BackendError(503, "the model's engine is not running", "engine_unavailable", retry_after=5))
     assert dead.status == 503 and dead.headers["Retry-After"] == "5"
-    step = as_api_error(EngineStepError("CUDA error: device-side assert at 0x7f"))
-    assert step.status == 500 and "0x7f" not in step.message
+    slow = as_api_error(BackendError(429, "upstream rate limit", "rate_limit_exceeded", retry_after=0.2))
+    assert slow.headers["Retry-After"] == "1"  # whole seconds, never 0
     other = as_api_error(KeyError("secret internals"))
     body = other.body()
     assert other.status == 500 and "secret" not in str(body) and body["data"] is None and body["code"] == 50000

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from lmserve.server.errors import APIError
-from lmserve.server.schemas import parse_chat_request
-from lmserve.server.tools import may_be_call, output_constraint, parse_tool_call, plan_tools, template_messages
+from lmserve.chat.schemas import parse_chat_request
+from lmserve.chat.tools import may_be_call, output_constraint, parse_tool_call, plan_tools, template_messages
+from lmserve.errors import InvalidParameter
+from lmserve.server.app import as_api_error
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -45,9 +46,10 @@ def test_forced_choice_builds_a_call_schema():
 
 
 def test_unknown_named_function_is_400():
-    with pytest.raises(APIError) as e:
+    with pytest.raises(InvalidParameter) as e:
         plan_tools(_req(tool_choice={"type": "function", "function": {"name": "nope"}}))
-    assert e.value.status == 400 and e.value.param == "tool_choice"
+    err = as_api_error(e.value)
+    assert err.status == 400 and err.param == "tool_choice"
 
 
 def test_templates_without_tools_get_a_system_message():

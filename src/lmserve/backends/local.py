@@ -1,23 +1,50 @@
-"""A model served by the in-process engine: chat rendering, context limits, streaming deltas."""
+"""A model served by the in-process engine: chat template, context limits, sampling params, and
+the engine's per-step deltas turned into chat.completion.chunk dicts."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
+from lmserve.backends.base import ChatJob, Health
+from lmserve.chat.schemas import ChatCompletionRequest
+from lmserve.chat.tools import ToolPlan, may_be_call, output_constraint, parse_tool_call, plan_tools, template_messages
 from lmserve.config import ModelDeployment
-from lmserve.engine.async_engine import AsyncEngine
+from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.tokenizer import render_chat
-from lmserve.outputs import RequestOutput
+from lmserve.errors import BackendError, ContextLengthExceeded, InvalidParameter
+from lmserve.outputs import TokenLogprob
 from lmserve.sampling_params import SamplingParams
+
+log = logging.getLogger("lmserve.backends.local")
+
+
+@dataclass
+class _LocalState:
+    prompt_ids: list[int]
+    params: SamplingParams
+    tool_plan: ToolPlan | None
 
 
 class LocalBackend:
-    def __init__(self, deployment: ModelDeployment):
+    def __init__(self, deployment: ModelDeployment, defaults: dict[str, Any], max_n: int):
+        self.model_id = deployment.id
         self.deployment = deployment
+        self.defaults = defaults
+        self.max_n = max_n
         self.engine = LLMEngine(deployment.path, deployment.dtype, **deployment.engine)
         self.async_engine = AsyncEngine(self.engine)
         self.in_flight = 0  # requests between admission and their last chunk (event-loop owned)
+
+    def model_card(self, created: int) -> dict:
+        return {"id": self.model_id, "object": "model", "created": created, "owned_by": self.deployment.owned_by}
+
+    def health(self) -> Health:
+        alive = self.async_engine.alive
+        return Health(alive, "" if alive else "engine loop stopped")
 
     @property
     def overloaded(self) -> bool:
@@ -28,23 +55,103 @@ class LocalBackend:
         """Prompt plus completion may not exceed this (the model's context, capped by the cache)."""
         return self.engine.max_seq_len
 
-    @property
-    def alive(self) -> bool:
-        return self.async_engine.alive
+    async def prepare(self, req: ChatCompletionRequest, request_id: str) -> ChatJob:
+        tool_plan = plan_tools(req)
+        structured = output_constraint(req, tool_plan)
+        if structured is not None:
+            try:
+                self.engine.grammar_backend().compile(structured)
+            except InvalidParameter as e:
+                raise InvalidParameter("tools" if tool_plan and tool_plan.forced else e.param, str(e)) from None
 
-    def render_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
-        text = render_chat(self.engine.tokenizer, messages, **template_kwargs)
+        def pick(name: str):
+            value = getattr(req, name)
+            return self.defaults[name] if value is None else value
+
+        n = pick("n")
+        if n > self.max_n:
+            raise InvalidParameter("n", f"n must be at most {self.max_n}")
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidParameter("top_logprobs", "top_logprobs requires logprobs to be true")
+        messages, template_kwargs = template_messages([m.for_template() for m in req.messages], tool_plan,
+                                                      self.engine.tokenizer.chat_template)
+        try:
+            text = render_chat(self.engine.tokenizer, messages, **template_kwargs)
+        except Exception as e:  # a template that rejects this conversation (e.g. role order)
+            raise InvalidParameter("messages",
+                                   f"the messages cannot be rendered by the model's chat template: {e}") from None
         # The template writes its own special tokens (BOS where the model wants one).
-        return self.engine.encode(text, add_special_tokens=False)
+        prompt_ids = self.engine.encode(text, add_special_tokens=False)
 
-    def token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id])
+        context = self.context_len
+        room = context - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthExceeded("messages", f"the prompt has {len(prompt_ids)} tokens, the model's context "
+                                                    f"is {context} tokens")
+        max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+        if max_tokens is not None and max_tokens > room:
+            raise ContextLengthExceeded("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
+                                                      f"exceeds the model's context of {context} tokens")
+        if max_tokens is None:
+            # Not asked for: the platform default, cut to what the context leaves (then `length`).
+            max_tokens = min(self.defaults["max_tokens"], room)
+        stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
+            min_p=pick("min_p"), frequency_penalty=pick("frequency_penalty"),
+            presence_penalty=pick("presence_penalty"), n=n, seed=req.seed, stop=stop,
+            logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, structured_output=structured)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return ChatJob(request_id, req.model, n, n * max_tokens, len(prompt_ids), include_usage,
+                       logprobs=bool(req.logprobs), state=_LocalState(prompt_ids, params, tool_plan))
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        return self.async_engine.generate(request_id, prompt_ids, params)
+    async def stream(self, job: ChatJob) -> AsyncIterator[dict]:
+        state: _LocalState = job.state
+        base = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+        for i in range(job.n):
+            yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None, "logprobs": None}], "usage": None}
+        report_eos_as_stop = self.deployment.report_eos_as_stop
+        choices = [_ChoiceText(state.tool_plan) for _ in range(job.n)]
+        self.in_flight += 1
+        try:
+            async for out in self.async_engine.generate(job.request_id, state.prompt_ids, state.params):
+                for o in out.outputs:
+                    job.completion_tokens += len(o.token_ids)
+                    finish = o.finish_reason
+                    if finish == "eos" and report_eos_as_stop:
+                        finish = "stop"
+                    text, call = choices[o.index].feed(o.text, finish)
+                    delta: dict[str, Any] = {}
+                    if call is not None:
+                        delta["tool_calls"] = [call]
+                        finish = "tool_calls"
+                    if text:
+                        delta["content"] = text
+                    if not delta and finish is None and not (o.logprobs and job.logprobs):
+                        continue
+                    logprobs = ({"content": [self._logprob_entry(lp) for lp in o.logprobs]}
+                                if job.logprobs and o.logprobs else None)
+                    yield {**base, "choices": [{"index": o.index, "delta": delta, "finish_reason": finish,
+                                                "logprobs": logprobs}], "usage": None}
+        except EngineDeadError:
+            raise BackendError(503, "the model's engine is not running", "engine_unavailable", retry_after=5) from None
+        except EngineStepError as e:
+            log.error("generation failed: %s", e)
+            raise BackendError(500, "generation failed; the request was dropped", "internal_error") from None
+        finally:
+            self.in_flight -= 1
+            self.abort(job.request_id)  # no-op when finished; frees the blocks when the client left
 
     def abort(self, request_id: str) -> None:
         self.async_engine.abort(request_id)
+
+    def _logprob_entry(self, lp: TokenLogprob) -> dict:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.engine.tokenizer.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 
     def stats(self) -> dict[str, float]:
         """A snapshot for /metrics (read from the engine thread's state without locking: gauges)."""
@@ -58,5 +165,31 @@ class LocalBackend:
             "prefix_cache_hits": bm.prefix_hits,
         }
 
+    async def close(self) -> None:
+        self.shutdown()
+
     def shutdown(self) -> None:
         self.async_engine.shutdown()
+
+
+class _ChoiceText:
+    """One choice's text on its way out. With tools in play, text is held back while it may
+    still be a tool call: a forced call until the end, an `auto` reply until it is clearly prose."""
+
+    def __init__(self, plan: ToolPlan | None):
+        self.plan = plan
+        self.held = ""
+        self.streaming = plan is None
+
+    def feed(self, text: str, finish: str | None) -> tuple[str, dict | None]:
+        """Returns (text to emit now, the tool call once the choice has ended as one)."""
+        if self.streaming:
+            return text, None
+        self.held += text
+        if finish is not None:
+            call = parse_tool_call(self.held, self.plan) if finish != "length" else None
+            return ("", call) if call is not None else (self.held, None)
+        if not self.plan.forced and not may_be_call(self.held):
+            self.streaming = True  # plain text after all: release what was held
+            return self.held, None
+        return "", None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -18,20 +19,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmserve.backends.local import LocalBackend
+from lmserve.backends.base import Backend, ChatJob
+from lmserve.chat.schemas import parse_chat_request
 from lmserve.config import DeploymentConfig
-from lmserve.engine.async_engine import EngineDeadError, EngineStepError
-from lmserve.errors import InvalidParameter
-from lmserve.server.chat import collect_completion, completion_chunks, prepare, sse, stream_error_event
+from lmserve.errors import BackendError, InvalidParameter
+from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
 from lmserve.server.errors import APIError, bad_request, unknown_model
 from lmserve.server.metrics import Metrics
-from lmserve.server.schemas import parse_chat_request
 
 log = logging.getLogger("lmserve.server")
 access_log = logging.getLogger("lmserve.access")
 
 
-def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> FastAPI:
+def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAPI:
     app = FastAPI(title="lmserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TraceMiddleware)
     metrics = Metrics(backends)
@@ -58,7 +58,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
 
     @app.get("/health")
     async def health():
-        dead = [m for m, b in backends.items() if not b.alive]
+        dead = [m for m, b in backends.items() if not b.health().alive]
         if dead:
             return JSONResponse({"status": "unhealthy", "dead_models": dead}, status_code=503)
         return {"status": "ok"}
@@ -72,8 +72,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
         check_key(request)
         # Every model deployed here is a text chat model.
         match = (type in (None, "", "text")) and (sub_type in (None, "", "chat"))
-        data = [{"id": m, "object": "model", "created": started, "owned_by": b.deployment.owned_by}
-                for m, b in backends.items()] if match else []
+        data = [b.model_card(started) for b in backends.values()] if match else []
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
@@ -92,39 +91,54 @@ def create_app(config: DeploymentConfig, backends: dict[str, LocalBackend]) -> F
             request.state.model = req.model
             request_id = f"chatcmpl-{request.state.trace_id}"
             if backend.overloaded:
-                raise APIError(503, f"model {req.model!r} is overloaded ({backend.in_flight} requests in flight); "
-                               "retry later", code="overloaded", headers={"Retry-After": "1"})
-            chat = prepare(req, backend, config.defaults, config.server.max_n, request_id)
-        except APIError as e:
+                raise APIError(503, f"model {req.model!r} is overloaded; retry later", code="overloaded",
+                               headers={"Retry-After": "1"})
+            job = await backend.prepare(req, request_id)
+        except (APIError, InvalidParameter) as e:
+            err = as_api_error(e)
             if counted_model:
-                metrics.requests.labels(counted_model, str(e.status)).inc()
-            raise
+                metrics.requests.labels(counted_model, str(err.status)).inc()
+            raise err from None
+        timing = Timing(arrival)
         if req.stream:
-            return StreamingResponse(_stream(chat, request, arrival), media_type="text/event-stream",
+            return StreamingResponse(_stream(backend, job, request, timing), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        status = 200
         try:
-            body = await _unless_disconnected(request, collect_completion(chat, metrics, arrival))
+            body = await _unless_disconnected(request, collect_completion(backend, job, metrics, timing))
         except Exception as e:
             err = as_api_error(e)
-            metrics.requests.labels(req.model, str(err.status)).inc()
+            status = err.status
             raise err from None
-        metrics.requests.labels(req.model, "200").inc()
-        request.state.tokens = body["usage"]["total_tokens"]
+        except BaseException:  # cancelled (server shutting down)
+            status = 499
+            raise
+        finally:
+            finished(job, request, status)
         return body
 
-    async def _stream(chat, request: Request, arrival: float):
-        status = "200"
+    async def _stream(backend: Backend, job: ChatJob, request: Request, timing: Timing):
+        status = 200
         try:
-            async for chunk in completion_chunks(chat, metrics, arrival):
+            async for chunk in completion_chunks(backend, job, metrics, timing):
                 yield sse(chunk)
         except Exception as e:  # after the 200: one error event, then [DONE]
             err = as_api_error(e)
-            status = str(err.status)
+            status = err.status
             yield stream_error_event(err)
+        except BaseException:  # the client went away mid-stream (the generator is closed/cancelled)
+            status = 499
+            raise
         finally:
-            metrics.requests.labels(chat.model, status).inc()
-            request.state.tokens = len(chat.prompt_ids) + chat.completion_tokens
+            finished(job, request, status)
         yield sse("[DONE]")
+
+    def finished(job: ChatJob, request: Request, status: int) -> None:
+        """Every admitted request ends here exactly once, however it ends."""
+        metrics.requests.labels(job.model, str(status)).inc()
+        metrics.prompt_tokens.labels(job.model).inc(job.prompt_tokens)
+        metrics.generation_tokens.labels(job.model).inc(job.completion_tokens)
+        request.state.tokens = job.prompt_tokens + job.completion_tokens
 
     return app
 
@@ -134,13 +148,10 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidParameter):
-        return bad_request(str(exc), exc.param)
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, "the model's engine is not running", code="engine_unavailable",
-                        headers={"Retry-After": "5"})
-    if isinstance(exc, EngineStepError):
-        log.error("generation failed: %s", exc)
-        return APIError(500, "generation failed; the request was dropped", code="internal_error")
+        return bad_request(str(exc), exc.param, exc.code)
+    if isinstance(exc, BackendError):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
+        return APIError(exc.status, exc.message, code=exc.code, headers=headers)
     log.error("unexpected error during generation", exc_info=exc)
     return APIError(500, "internal server error", code="internal_error")
 

@@ -46,6 +46,8 @@ class _EngineCollector:
                                 labels=["model"])
         for model_id, backend in self.backends.items():
             s = backend.stats()
+            if not s:  # an upstream backend has no engine gauges
+                continue
             running.add_metric([model_id], s["running"])
             waiting.add_metric([model_id], s["waiting"])
             kv.add_metric([model_id], s["kv_cache_usage"])

@@ -18,7 +18,7 @@ def serve(config: DeploymentConfig) -> int:
     backends: dict[str, LocalBackend] = {}
     for deployment in config.models:
         print(f"loading {deployment.id} from {deployment.path} ...", file=sys.stderr, flush=True)
-        backends[deployment.id] = LocalBackend(deployment)
+        backends[deployment.id] = LocalBackend(deployment, config.defaults, config.server.max_n)
     app = create_app(config, backends)
 
     server = config.server

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lmserve.server.errors import bad_request
+from lmserve.errors import InvalidParameter
 
 
 class _Body(BaseModel):
@@ -140,9 +140,9 @@ class ChatCompletionRequest(_Body):
 
 
 def parse_chat_request(payload: Any) -> ChatCompletionRequest:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    """Validate a decoded JSON body; the first problem is an InvalidParameter naming its field (a 400)."""
     if not isinstance(payload, dict):
-        raise bad_request("the request body must be a JSON object", None)
+        raise InvalidParameter(None, "the request body must be a JSON object")
     try:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as e:
@@ -152,5 +152,5 @@ def parse_chat_request(payload: Any) -> ChatCompletionRequest:
         where = ".".join(loc)
         msg = err["msg"]
         if err["type"] == "missing":
-            raise bad_request(f"missing required field {where!r}", param, "missing_required_parameter") from None
-        raise bad_request(f"invalid value for {where!r}: {msg}", param) from None
+            raise InvalidParameter(param, f"missing required field {where!r}", "missing_required_parameter") from None
+        raise InvalidParameter(param, f"invalid value for {where!r}: {msg}") from None

@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from lmserve.chat.schemas import ChatCompletionRequest
 from lmserve.engine.structured import StructuredOutput
-from lmserve.server.errors import bad_request
-from lmserve.server.schemas import ChatCompletionRequest
+from lmserve.errors import InvalidParameter
 
 
 @dataclass
@@ -35,8 +35,8 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
         if name not in names:
-            raise bad_request("tool_choice must be none, auto, required or "
-                              "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}", "tool_choice")
+            raise InvalidParameter("tool_choice", "tool_choice must be none, auto, required or "
+                                   "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}")
         return ToolPlan([t for t in tools if t["function"]["name"] == name], {name}, forced=True)
     return ToolPlan(tools, names, forced=choice == "required")
 
@@ -50,8 +50,8 @@ def output_constraint(req: ChatCompletionRequest, plan: ToolPlan | None) -> Stru
     if fmt.type == "json_object":
         return StructuredOutput("json_object")
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise bad_request("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
-                          "response_format")
+        raise InvalidParameter("response_format", "response_format json_schema needs "
+                                                  "{\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
     return StructuredOutput.json_schema(fmt.json_schema.schema_)
 
 

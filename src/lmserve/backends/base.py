@@ -1,0 +1,83 @@
+"""The `Backend` protocol: everything the HTTP layer may ask of whatever serves a model id.
+
+The server validates the body, asks the backend to `prepare` it (template, token count, context
+checks: a bad request fails here, before any 200), then frames the chunks `stream` yields. It
+never sees an engine, a tokenizer or an upstream URL; the local engine and an upstream vendor
+are two implementations of these few methods.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from lmserve.chat.schemas import ChatCompletionRequest
+
+
+@dataclass
+class ChatJob:
+    """One prepared chat request. The backend fills `prompt_tokens` at prepare (exact for the local
+    engine, an estimate for an upstream until its usage arrives) and counts `completion_tokens`
+    while streaming; the platform reserves `prompt_tokens + max_completion_tokens` against token
+    limits at admission and settles with the final counts."""
+
+    request_id: str
+    model: str
+    n: int
+    max_completion_tokens: int  # over all n choices
+    prompt_tokens: int
+    include_usage: bool
+    logprobs: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    completion_tokens: int = 0
+    state: Any = None  # the backend's own (prompt ids and sampling params, or the upstream body)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        p, c = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@dataclass
+class Health:
+    alive: bool
+    detail: str = ""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    model_id: str
+
+    def model_card(self, created: int) -> dict:
+        """The /v1/models entry."""
+        ...
+
+    def health(self) -> Health:
+        ...
+
+    @property
+    def overloaded(self) -> bool:
+        """True when one more request should get 503 (its queue is full)."""
+        ...
+
+    async def prepare(self, req: ChatCompletionRequest, request_id: str) -> ChatJob:
+        """Validate against the model (raises InvalidParameter for a 400) and count prompt tokens."""
+        ...
+
+    def stream(self, job: ChatJob) -> AsyncIterator[dict]:
+        """chat.completion.chunk dicts: a role chunk per choice, deltas, each choice's finish
+        chunk; no usage chunk (the server adds it from the job). Failures raise BackendError or
+        InvalidParameter. Stopping the iteration aborts the request."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics (running, waiting, kv_cache_usage, prefix cache counters); may be empty."""
+        ...
+
+    async def close(self) -> None:
+        ...
