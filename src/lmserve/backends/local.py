@@ -37,7 +37,6 @@ class LocalBackend:
         self.max_n = max_n
         self.engine = LLMEngine(deployment.path, deployment.dtype, **deployment.engine)
         self.async_engine = AsyncEngine(self.engine)
-        self.in_flight = 0  # requests between admission and their last chunk (event-loop owned)
 
     def model_card(self, created: int) -> dict:
         return {"id": self.model_id, "object": "model", "created": created, "owned_by": self.deployment.owned_by}
@@ -48,7 +47,7 @@ class LocalBackend:
 
     @property
     def overloaded(self) -> bool:
-        return self.in_flight >= self.deployment.max_pending_requests
+        return False  # max_pending_requests is enforced by the server's admission, atomically
 
     @property
     def context_len(self) -> int:
@@ -113,7 +112,6 @@ class LocalBackend:
                                         "finish_reason": None, "logprobs": None}], "usage": None}
         report_eos_as_stop = self.deployment.report_eos_as_stop
         choices = [_ChoiceText(state.tool_plan) for _ in range(job.n)]
-        self.in_flight += 1
         try:
             async for out in self.async_engine.generate(job.request_id, state.prompt_ids, state.params):
                 for o in out.outputs:
@@ -140,7 +138,6 @@ class LocalBackend:
             log.error("generation failed: %s", e)
             raise BackendError(500, "generation failed; the request was dropped", "internal_error") from None
         finally:
-            self.in_flight -= 1
             self.abort(job.request_id)  # no-op when finished; frees the blocks when the client left
 
     def abort(self, request_id: str) -> None:

@@ -23,6 +23,7 @@ from lmserve.backends.base import Backend, ChatJob
 from lmserve.chat.schemas import parse_chat_request
 from lmserve.config import DeploymentConfig
 from lmserve.errors import BackendError, InvalidParameter
+from lmserve.server.admission import Admission
 from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
 from lmserve.server.errors import APIError, bad_request, unknown_model
 from lmserve.server.metrics import Metrics
@@ -35,6 +36,8 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
     app = FastAPI(title="lmserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TraceMiddleware)
     metrics = Metrics(backends)
+    admission = Admission({m.id: m.max_pending_requests for m in config.models})
+    app.state.admission = admission
     keys = [k.encode() for k in config.server.api_keys]
     started = int(time.time())
 
@@ -90,19 +93,30 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
                 raise unknown_model(req.model)
             request.state.model = req.model
             request_id = f"chatcmpl-{request.state.trace_id}"
-            if backend.overloaded:
+            if backend.overloaded or not admission.try_enter(req.model):
                 raise APIError(503, f"model {req.model!r} is overloaded; retry later", code="overloaded",
                                headers={"Retry-After": "1"})
-            job = await backend.prepare(req, request_id)
         except (APIError, InvalidParameter) as e:
             err = as_api_error(e)
             if counted_model:
                 metrics.requests.labels(counted_model, str(err.status)).inc()
             raise err from None
+        # Admitted: from here every way out releases the slot exactly once.
+        release = _once(lambda: admission.leave(req.model))
+        try:
+            job = await backend.prepare(req, request_id)
+        except BaseException as e:
+            release()
+            if isinstance(e, APIError | InvalidParameter):
+                err = as_api_error(e)
+                metrics.requests.labels(req.model, str(err.status)).inc()
+                raise err from None
+            raise
         timing = Timing(arrival)
         if req.stream:
-            return StreamingResponse(_stream(backend, job, request, timing), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return AdmittedStreamingResponse(_stream(backend, job, request, timing), release,
+                                             media_type="text/event-stream",
+                                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         status = 200
         try:
             body = await _unless_disconnected(request, collect_completion(backend, job, metrics, timing))
@@ -114,6 +128,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
             status = 499
             raise
         finally:
+            release()
             finished(job, request, status)
         return body
 
@@ -139,6 +154,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
         metrics.prompt_tokens.labels(job.model).inc(job.prompt_tokens)
         metrics.generation_tokens.labels(job.model).inc(job.completion_tokens)
         request.state.tokens = job.prompt_tokens + job.completion_tokens
+        request.state.final_status = status  # a stream's 200 went out first; the log wants how it ended
 
     return app
 
@@ -171,6 +187,37 @@ async def _unless_disconnected(request: Request, work):
     finally:
         if not task.done():
             task.cancel()
+
+
+def _once(fn):
+    done = False
+
+    def call():
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+
+    return call
+
+
+class AdmittedStreamingResponse(StreamingResponse):
+    """A streamed response that holds an admission slot: released when the response is over,
+    however it ends (finished, failed, client gone, cancelled). The body generator is closed right
+    then too, so its cleanup (engine abort, metrics) never waits for the garbage collector."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self._release()
 
 
 class TraceMiddleware:
@@ -208,11 +255,16 @@ class TraceMiddleware:
         finally:
             # One line per request: id, route, model, status, tokens, latency (never the prompt).
             access_log.info("%s %s %s model=%s status=%s tokens=%s latency_ms=%.1f", trace_id, scope["method"],
-                            scope["path"], state.get("model"), status["code"], state.get("tokens"),
+                            scope["path"], state.get("model"), state.get("final_status", status["code"]),
+                            state.get("tokens"),
                             (time.perf_counter() - start) * 1000)
 
 
-async def _read_json(request: Request, cap: int):
+# Bodies above this are decoded on a worker thread: parsing megabytes would stall the event loop.
+_INLINE_JSON_BYTES = 64 * 1024
+
+
+async def _read_json(request: Request, cap: int) -> dict:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > cap:
         raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
@@ -221,7 +273,38 @@ async def _read_json(request: Request, cap: int):
         body += piece
         if len(body) > cap:
             raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
+    if len(body) <= _INLINE_JSON_BYTES:
+        return _decode_json(bytes(body))
+    return await asyncio.to_thread(_decode_json, bytes(body))
+
+
+def _decode_json(body: bytes) -> dict:
     try:
-        return json.loads(body)
+        payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    _reject_lone_surrogates(payload)
+    return payload
+
+
+def _reject_lone_surrogates(payload: dict) -> None:
+    """JSON may escape half a UTF-16 pair ("\\ud800"), which no tokenizer or UTF-8 encoder takes:
+    refuse it up front, wherever in the body it is, instead of failing deep in the pipeline."""
+    stack: list = [payload]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request("the request body contains invalid Unicode text (a lone UTF-16 surrogate)",
+                                  None, "invalid_json") from None
