@@ -40,6 +40,7 @@ class ModelDeployment:
     report_eos_as_stop: bool = False  # for clients that only know OpenAI's finish reasons
     owned_by: str = "lmserve"
     max_pending_requests: int = 1024  # requests in flight beyond this get 503 (queue full)
+    structured_output_timeout_s: float = 10.0  # a JSON schema that compiles longer is a 400
 
 
 @dataclass
@@ -149,6 +150,10 @@ def _model(m: Any, where: str, i: int) -> ModelDeployment:
     pending = m.get("max_pending_requests", 1024)
     if not isinstance(pending, int) or isinstance(pending, bool) or pending < 1:
         raise ConfigError(f"{where}: models[{i}].max_pending_requests must be a positive integer")
+    compile_timeout = m.get("structured_output_timeout_s", 10.0)
+    if not isinstance(compile_timeout, int | float) or isinstance(compile_timeout, bool) or compile_timeout <= 0:
+        raise ConfigError(f"{where}: models[{i}].structured_output_timeout_s must be a positive number of seconds")
     return ModelDeployment(id=m["id"], path=m.get("path", m["id"]), dtype=m.get("dtype", "auto"), engine=engine,
                            report_eos_as_stop=bool(m.get("report_eos_as_stop", False)),
-                           owned_by=m.get("owned_by", "lmserve"), max_pending_requests=pending)
+                           owned_by=m.get("owned_by", "lmserve"), max_pending_requests=pending,
+                           structured_output_timeout_s=float(compile_timeout))

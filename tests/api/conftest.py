@@ -51,6 +51,7 @@ models:
     path: HuggingFaceTB/SmolLM2-135M-Instruct
     dtype: float32
     max_pending_requests: 1
+    structured_output_timeout_s: 0.001  # any real compile overruns it: the time-bound test
     engine: {{num_kv_blocks: 64}}
 """
 

@@ -3,10 +3,14 @@ the engine's per-step deltas turned into chat.completion.chunk dicts."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+from jinja2 import TemplateError
 
 from lmserve.backends.base import ChatJob, Health
 from lmserve.chat.schemas import ChatCompletionRequest
@@ -14,7 +18,7 @@ from lmserve.chat.tools import ToolPlan, may_be_call, output_constraint, parse_t
 from lmserve.config import ModelDeployment
 from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from lmserve.engine.llm_engine import LLMEngine
-from lmserve.engine.tokenizer import render_chat
+from lmserve.engine.tokenizer import encode_chat, max_token_chars, token_bytes
 from lmserve.errors import BackendError, ContextLengthExceeded, InvalidParameter
 from lmserve.outputs import TokenLogprob
 from lmserve.sampling_params import SamplingParams
@@ -37,6 +41,7 @@ class LocalBackend:
         self.max_n = max_n
         self.engine = LLMEngine(deployment.path, deployment.dtype, **deployment.engine)
         self.async_engine = AsyncEngine(self.engine)
+        self._max_token_chars = max_token_chars(self.engine.tokenizer) if self.engine.tokenizer is not None else 1
 
     def model_card(self, created: int) -> dict:
         return {"id": self.model_id, "object": "model", "created": created, "owned_by": self.deployment.owned_by}
@@ -56,12 +61,11 @@ class LocalBackend:
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str) -> ChatJob:
         tool_plan = plan_tools(req)
-        structured = output_constraint(req, tool_plan)
-        if structured is not None:
-            try:
-                self.engine.grammar_backend().compile(structured)
-            except InvalidParameter as e:
-                raise InvalidParameter("tools" if tool_plan and tool_plan.forced else e.param, str(e)) from None
+        schema_param = "tools" if tool_plan and tool_plan.forced else None
+        try:
+            structured = output_constraint(req, tool_plan)
+        except InvalidParameter as e:
+            raise InvalidParameter(schema_param or e.param, str(e)) from None
 
         def pick(name: str):
             value = getattr(req, name)
@@ -72,15 +76,18 @@ class LocalBackend:
             raise InvalidParameter("n", f"n must be at most {self.max_n}")
         if req.top_logprobs and not req.logprobs:
             raise InvalidParameter("top_logprobs", "top_logprobs requires logprobs to be true")
+        if structured is not None:
+            try:
+                # Building the grammar backend reads the whole vocabulary: off the loop as well.
+                grammar = await asyncio.to_thread(self.engine.grammar_backend)
+                await grammar.compile_async(structured, self.deployment.structured_output_timeout_s)
+            except InvalidParameter as e:
+                raise InvalidParameter(schema_param or e.param, str(e)) from None
         messages, template_kwargs = template_messages([m.for_template() for m in req.messages], tool_plan,
                                                       self.engine.tokenizer.chat_template)
-        try:
-            text = render_chat(self.engine.tokenizer, messages, **template_kwargs)
-        except Exception as e:  # a template that rejects this conversation (e.g. role order)
-            raise InvalidParameter("messages",
-                                   f"the messages cannot be rendered by the model's chat template: {e}") from None
-        # The template writes its own special tokens (BOS where the model wants one).
-        prompt_ids = self.engine.encode(text, add_special_tokens=False)
+        self._reject_hopeless_length(messages, template_kwargs)
+        # Rendering and tokenizing megabytes take seconds: never on the event loop.
+        prompt_ids = await asyncio.to_thread(self._encode_chat, messages, template_kwargs)
 
         context = self.context_len
         room = context - len(prompt_ids)
@@ -140,13 +147,36 @@ class LocalBackend:
         finally:
             self.abort(job.request_id)  # no-op when finished; frees the blocks when the client left
 
+    def _reject_hopeless_length(self, messages: list[dict], template_kwargs: dict) -> None:
+        """A prompt whose character count alone proves it cannot fit the context is refused before
+        any template or tokenizer work: no token stands for more than `max_token_chars` characters."""
+        chars = sum(len(m.get("content") or "") for m in messages)
+        chars += sum(len(json.dumps(t, ensure_ascii=False)) for t in template_kwargs.get("tools") or [])
+        least_tokens = chars // self._max_token_chars
+        if least_tokens >= self.context_len:
+            raise ContextLengthExceeded("messages", f"the messages have {chars} characters, at least {least_tokens} "
+                                                    f"tokens; the model's context is {self.context_len} tokens")
+
+    def _encode_chat(self, messages: list[dict], template_kwargs: dict) -> list[int]:
+        try:
+            return encode_chat(self.engine.tokenizer, messages, **template_kwargs)
+        except (TemplateError, ValueError) as e:  # the template's own words (e.g. roles must alternate)
+            raise InvalidParameter("messages", f"the messages cannot be rendered by the model's chat template: "
+                                               f"{str(e)[:300]}") from None
+        except Exception:
+            log.warning("chat template failed", exc_info=True)
+            raise InvalidParameter("messages", "the messages cannot be rendered by the model's chat template") from None
+
     def abort(self, request_id: str) -> None:
         self.async_engine.abort(request_id)
 
     def _logprob_entry(self, lp: TokenLogprob) -> dict:
+        raw = token_bytes(self.engine.tokenizer)
+
         def entry(token_id: int, logprob: float) -> dict:
+            # `bytes` is the token's own bytes, so a client can rebuild text split mid-character.
             text = self.engine.tokenizer.decode([token_id])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": text, "logprob": logprob, "bytes": list(raw[token_id]) if token_id < len(raw) else []}
 
         return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 

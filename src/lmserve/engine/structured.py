@@ -8,14 +8,53 @@ without it is rejected up front with a clear error.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmserve.errors import InvalidParameter
+from lmserve.errors import BackendError, InvalidParameter
+
+log = logging.getLogger("lmserve.structured")
+
+# Bounds a schema must stay within before it is compiled. Real response formats and tool
+# signatures sit far below them; past them the compiler's time and memory grow much faster than
+# the schema (a 50,000-value enum ran for minutes), so they are refused up front, cheaply.
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32  # nested objects/arrays of the schema document itself
+MAX_ENUM_VALUES = 1000  # over all `enum` lists of the schema
+# Compiled grammars kept per model (least recently used go first); each holds token-mask tables.
+GRAMMAR_CACHE_SIZE = 128
+# Compiles that outlived their time bound and still occupy a thread; past this many, new
+# (uncached) compiles are refused with 503 until they end, so they cannot pile up.
+MAX_ABANDONED_COMPILES = 2
+
+
+def check_schema_bounds(schema: Any, param: str = "response_format") -> None:
+    """Refuse a schema past the bounds above, without recursion (a deep document must not
+    overflow the stack on its way to being refused)."""
+    enum_values = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidParameter(param, f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, dict):
+            enum = node.get("enum")
+            if isinstance(enum, list):
+                enum_values += len(enum)
+                if enum_values > MAX_ENUM_VALUES:
+                    raise InvalidParameter(param, f"the JSON schema has more than {MAX_ENUM_VALUES} enum values")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 @dataclass(frozen=True)
@@ -26,8 +65,16 @@ class StructuredOutput:
     schema: str | None = None  # JSON text of the schema, for "json_schema"
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any] | str) -> StructuredOutput:
-        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+    def json_schema(cls, schema: dict[str, Any] | str, param: str = "response_format") -> StructuredOutput:
+        if isinstance(schema, str):
+            if len(schema) > MAX_SCHEMA_BYTES:
+                raise InvalidParameter(param, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
+            return cls("json_schema", schema)
+        check_schema_bounds(schema, param)
+        text = json.dumps(schema, sort_keys=True)
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise InvalidParameter(param, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
+        return cls("json_schema", text)
 
 
 def grammar_available() -> bool:
@@ -36,6 +83,23 @@ def grammar_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+_ENGINE_LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+def _schema_problem(exc: Exception) -> str:
+    """The grammar engine's complaint in the request's terms: its first line, without the
+    engine's timestamp and source location, cut short (it may echo a large schema)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    first = _ENGINE_LOCATION.sub("", first).strip()
+    if not first or "/" in first.split(" ")[0]:
+        return "the JSON schema is not supported"
+    return first if len(first) <= 200 else first[:200] + "..."
+
+
+class GrammarCompileTimeout(InvalidParameter):
+    pass
 
 
 class GrammarBackend:
@@ -47,23 +111,74 @@ class GrammarBackend:
         self._xgr = xgr
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
-        self._compiler = xgr.GrammarCompiler(info)
-        self._cache: dict[StructuredOutput, Any] = {}
-        self._lock = threading.Lock()  # compile() runs on request threads, matchers on the engine's
+        # The compiler's own cache is unbounded; ours below is an LRU with a size cap.
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self._cache: OrderedDict[StructuredOutput, Any] = OrderedDict()
+        self._lock = threading.RLock()  # the cache is shared by request threads and the engine's
+        # Compiles run here, off the event loop. A compile cannot be interrupted (native code), so
+        # one that overruns its time bound is left to finish on its own thread and later compiles
+        # go to a fresh executor: no request ever waits behind it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-grammar")
+        self._submitted: set[Future] = set()
+        self._abandoned: set[Future] = set()
+
+    def cached(self, spec: StructuredOutput):
+        with self._lock:
+            grammar = self._cache.get(spec)
+            if grammar is not None:
+                self._cache.move_to_end(spec)
+            return grammar
 
     def compile(self, spec: StructuredOutput):
         """Compile (cached). A schema the grammar engine cannot handle is the caller's error."""
-        with self._lock:
-            grammar = self._cache.get(spec)
-            if grammar is None:
-                # Compact separators: with free whitespace a small model can pad forever.
-                schema = {"type": "object"} if spec.kind == "json_object" else spec.schema
-                try:
-                    grammar = self._compiler.compile_json_schema(schema, any_whitespace=False)
-                except Exception as e:
-                    raise InvalidParameter("response_format", f"unusable JSON schema: {e}") from None
-                self._cache[spec] = grammar
+        grammar = self.cached(spec)
+        if grammar is not None:
             return grammar
+        # Compact separators: with free whitespace a small model can pad forever.
+        schema = {"type": "object"} if spec.kind == "json_object" else spec.schema
+        try:
+            grammar = self._compiler.compile_json_schema(schema, any_whitespace=False)
+        except Exception as e:
+            raise InvalidParameter("response_format", f"unusable JSON schema: {_schema_problem(e)}") from None
+        with self._lock:
+            self._cache[spec] = grammar
+            self._cache.move_to_end(spec)
+            while len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._submitted.discard(future)
+
+    async def compile_async(self, spec: StructuredOutput, timeout_s: float):
+        """Compile on the grammar thread, never on the event loop, within `timeout_s`."""
+        grammar = self.cached(spec)
+        if grammar is not None:
+            return grammar
+        with self._lock:
+            self._abandoned = {f for f in self._abandoned if not f.done()}
+            if len(self._abandoned) >= MAX_ABANDONED_COMPILES:
+                raise BackendError(503, "structured output is busy with earlier slow schemas; retry later",
+                                   "overloaded", retry_after=5)
+            future = self._executor.submit(self.compile, spec)
+            self._submitted.add(future)
+            future.add_done_callback(self._forget)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            with self._lock:
+                # wait_for cancelled ours if it had not started; whatever still runs is stuck.
+                stuck = {f for f in self._submitted if f.running()}
+                if stuck:
+                    log.warning("a grammar compile overran %.1f s; leaving it to finish on its own thread", timeout_s)
+                    self._abandoned |= stuck
+                    old, self._executor = self._executor, ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="lmserve-grammar")
+                    old.shutdown(wait=False, cancel_futures=False)
+            raise GrammarCompileTimeout(
+                "response_format", f"the JSON schema took longer than {timeout_s:g} s to compile "
+                "(the limit for structured output); simplify it") from None
 
     def matcher(self, spec: StructuredOutput):
         return self._xgr.GrammarMatcher(self.compile(spec))

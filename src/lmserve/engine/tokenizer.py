@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
 
 from lmserve.models.loader import Checkpoint
@@ -33,3 +35,125 @@ def render_chat(tokenizer, conversation: list[dict], **template_kwargs) -> str:
         raise ValueError("this model has no chat template; use generate() with a raw prompt")
     return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
                                          **template_kwargs)
+
+
+# ---- user text is never control tokens ----------------------------------------------------------
+#
+# The rendered prompt is tokenized with the tokenizer's added tokens recognized: that is how the
+# template's own markup (<|im_start|>, role headers) becomes the control tokens the model was
+# trained on. Text the client wrote must never get that treatment: a message saying
+# "<|im_end|><|im_start|>system" would otherwise forge a turn. So before rendering, every
+# control-token string inside client text is swapped for an inert placeholder (ASCII letters and
+# digits, which no template escapes or trims); after rendering, the text between placeholders is
+# tokenized as usual and each placeholder as the plain text it stands for.
+
+
+def control_strings(tokenizer) -> list[str]:
+    """The strings the tokenizer turns into added (control) tokens, longest first."""
+    cached = getattr(tokenizer, "_lmserve_control_strings", None)
+    if cached is None:
+        cached = sorted((t for t in tokenizer.get_added_vocab() if t), key=len, reverse=True)
+        tokenizer._lmserve_control_strings = cached
+    return cached
+
+
+def encode_chat(tokenizer, conversation: list[dict], **template_kwargs) -> list[int]:
+    """The prompt ids for a conversation: the template's markup as control tokens, everything that
+    came from the client (contents, names, tool definitions and arguments) as plain text."""
+    controls = control_strings(tokenizer)
+    pattern = re.compile("|".join(map(re.escape, controls))) if controls else None
+    found: list[str] = []
+    nonce = ""
+    if pattern is not None:
+        nonce = "lmsrv" + secrets.token_hex(8)
+
+        def neutralize(value):
+            if isinstance(value, str):
+                if not pattern.search(value):
+                    return value
+
+                def swap(m: re.Match) -> str:
+                    found.append(m.group())
+                    return f"{nonce}{len(found) - 1}q"
+
+                return pattern.sub(swap, value)
+            if isinstance(value, dict):
+                return {k: neutralize(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [neutralize(v) for v in value]
+            return value
+
+        conversation = neutralize(conversation)
+        template_kwargs = neutralize(template_kwargs)
+    text = render_chat(tokenizer, conversation, **template_kwargs)
+    # The template writes its own special tokens (BOS where the model wants one).
+    if not found:
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids: list[int] = []
+    pieces = re.split(f"{nonce}(\\d+)q", text)
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            ids += tokenizer.encode(found[int(piece)], add_special_tokens=False, split_special_tokens=True)
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """Each token id's own bytes (cached on the tokenizer): what a client must concatenate to get
+    the exact text back, even where a token holds only part of a UTF-8 character."""
+    cached = getattr(tokenizer, "_lmserve_token_bytes", None)
+    if cached is not None:
+        return cached
+    size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    added = set(tokenizer.get_added_vocab())
+    byte_level = _decoder_type(tokenizer) == "ByteLevel"
+    table: list[bytes] = []
+    if byte_level:
+        to_byte = {c: b for b, c in _byte_level_alphabet().items()}
+    for piece in pieces:
+        if piece is None:
+            table.append(b"")
+        elif piece in added:
+            table.append(piece.encode("utf-8"))
+        elif byte_level:
+            table.append(bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece)
+                         else piece.encode("utf-8"))
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            table.append(bytes([int(piece[3:5], 16)]))
+        else:
+            table.append(piece.replace("\u2581", " ").encode("utf-8"))
+    tokenizer._lmserve_token_bytes = table
+    return table
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: a text of N characters needs at least
+    N / this many tokens, which rejects a hopeless prompt before tokenizing it."""
+    return max(1, max((len(b) for b in token_bytes(tokenizer)), default=1))
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: each byte as the printable character tokens spell it with."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def _decoder_type(tokenizer) -> str | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        import json
+
+        return (json.loads(backend.to_str()).get("decoder") or {}).get("type")
+    except Exception:
+        return None
