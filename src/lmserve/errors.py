@@ -30,3 +30,13 @@ class BackendError(RuntimeError):
         self.message = message
         self.code = code
         self.retry_after = retry_after
+
+
+class Refused(BackendError):
+    """The platform refused the request: 401 (key), 403 (model not allowed, balance), 429 (rate
+    limit; `limit` names which)."""
+
+    def __init__(self, status: int, message: str, code: str, retry_after: float | None = None,
+                 limit: str | None = None):
+        super().__init__(status, message, code, retry_after)
+        self.limit = limit

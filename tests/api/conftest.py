@@ -84,7 +84,7 @@ def server(tmp_path_factory) -> Server:
     cfg.write_text(CONFIG_YAML)
     log_path = work / "server.log"
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", LMSERVE_DATA_DIR=str(work))
     cmd = [sys.executable, "-m", "lmserve", "serve", "--config", str(cfg), "--host", "127.0.0.1",
            "--port", str(port)]
     with open(log_path, "wb") as log:

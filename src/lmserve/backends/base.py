@@ -1,7 +1,8 @@
 """The `Backend` protocol: everything the HTTP layer may ask of whatever serves a model id.
 
 The server validates the body, asks the backend to `prepare` it (template, token count, context
-checks: a bad request fails here, before any 200), then frames the chunks `stream` yields. It
+checks: a bad request fails here, before any 200), admits it (limits), `open`s it (an upstream's
+status arrives: still an HTTP error if it fails), then frames the chunks `stream` yields. It
 never sees an engine, a tokenizer or an upstream URL; the local engine and an upstream vendor
 are two implementations of these few methods.
 """
@@ -64,6 +65,11 @@ class Backend(Protocol):
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str) -> ChatJob:
         """Validate against the model (raises InvalidParameter for a 400) and count prompt tokens."""
+        ...
+
+    async def open(self, job: ChatJob) -> None:
+        """Start the admitted request where failing is still an HTTP error for the client (an
+        upstream's status arrives here); raises BackendError. A no-op for the local engine."""
         ...
 
     def stream(self, job: ChatJob) -> AsyncIterator[dict]:

@@ -111,6 +111,9 @@ class LocalBackend:
         return ChatJob(request_id, req.model, n, n * max_tokens, len(prompt_ids), include_usage,
                        logprobs=bool(req.logprobs), state=_LocalState(prompt_ids, params, tool_plan))
 
+    async def open(self, job: ChatJob) -> None:
+        pass  # the engine starts the request when the stream is first read
+
     async def stream(self, job: ChatJob) -> AsyncIterator[dict]:
         state: _LocalState = job.state
         base = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}

@@ -10,7 +10,8 @@ import importlib
 import sys
 
 # Order is the order in `lmserve --help`.
-COMMAND_MODULES = ["lmserve.cli.serve", "lmserve.cli.chat"]
+COMMAND_MODULES = ["lmserve.cli.serve", "lmserve.cli.chat", "lmserve.cli.keys", "lmserve.cli.accounts",
+                   "lmserve.cli.usage"]
 
 
 def build_parser() -> argparse.ArgumentParser:

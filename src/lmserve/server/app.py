@@ -7,10 +7,10 @@ the backend streams (shared/ARCHITECTURE.md, server layer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
-import secrets
 import time
 import uuid
 
@@ -22,7 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmserve.backends.base import Backend, ChatJob
 from lmserve.chat.schemas import parse_chat_request
 from lmserve.config import DeploymentConfig
-from lmserve.errors import BackendError, InvalidParameter
+from lmserve.errors import BackendError, InvalidParameter, Refused
+from lmserve.platform.keys import Principal
+from lmserve.platform.service import Platform, Ticket
+from lmserve.server.admin import admin_router
 from lmserve.server.admission import Admission
 from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
 from lmserve.server.errors import APIError, bad_request, unknown_model
@@ -32,23 +35,29 @@ log = logging.getLogger("lmserve.server")
 access_log = logging.getLogger("lmserve.access")
 
 
-def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAPI:
-    app = FastAPI(title="lmserve", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform: Platform) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # Shutdown: in-flight requests have ended; their ledger rows are written before exit.
+        await platform.close()
+        for backend in backends.values():
+            await backend.close()
+
+    app = FastAPI(title="lmserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(TraceMiddleware)
     metrics = Metrics(backends)
     admission = Admission({m.id: m.max_pending_requests for m in config.models})
     app.state.admission = admission
-    keys = [k.encode() for k in config.server.api_keys]
     started = int(time.time())
 
-    def check_key(request: Request) -> None:
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        # Compare against every key so timing does not tell which prefix matched.
-        if not any([secrets.compare_digest(token.strip().encode(), k) for k in keys]):
-            raise APIError(401, "invalid API key", code="invalid_api_key")
+    async def principal_of(request: Request) -> Principal:
+        try:
+            principal = await platform.authenticate(request.headers.get("authorization"))
+        except Refused as e:
+            raise as_api_error(e) from None
+        request.state.account = principal.account_name
+        return principal
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -72,16 +81,21 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
 
     @app.get("/v1/models")
     async def list_models(request: Request, type: str | None = None, sub_type: str | None = None):
-        check_key(request)
+        principal = await principal_of(request)
         # Every model deployed here is a text chat model.
         match = (type in (None, "", "text")) and (sub_type in (None, "", "chat"))
-        data = [b.model_card(started) for b in backends.values()] if match else []
+        data = [b.model_card(started) for m, b in backends.items() if principal.may_use(m)] if match else []
         return {"object": "list", "data": data}
+
+    @app.get("/v1/user/info")
+    async def user_info(request: Request):
+        principal = await principal_of(request)
+        return {"code": 20000, "message": "OK", "status": True, "data": await platform.user_info(principal)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         arrival = time.perf_counter()
-        check_key(request)
+        principal = await principal_of(request)
         payload = await _read_json(request, config.server.max_body_bytes)
         # Rejections count by status too, under the model id when it names a deployed model.
         named = payload.get("model") if isinstance(payload, dict) else None
@@ -92,11 +106,12 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
             if backend is None:
                 raise unknown_model(req.model)
             request.state.model = req.model
+            platform.authorize(principal, req.model)
             request_id = f"chatcmpl-{request.state.trace_id}"
             if backend.overloaded or not admission.try_enter(req.model):
                 raise APIError(503, f"model {req.model!r} is overloaded; retry later", code="overloaded",
                                headers={"Retry-After": "1"})
-        except (APIError, InvalidParameter) as e:
+        except (APIError, InvalidParameter, BackendError) as e:
             err = as_api_error(e)
             if counted_model:
                 metrics.requests.labels(counted_model, str(err.status)).inc()
@@ -105,16 +120,28 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
         release = _once(lambda: admission.leave(req.model))
         try:
             job = await backend.prepare(req, request_id)
+            ticket = await platform.admit(principal, req.model, job.prompt_tokens, job.max_completion_tokens)
         except BaseException as e:
             release()
-            if isinstance(e, APIError | InvalidParameter):
+            if isinstance(e, APIError | InvalidParameter | BackendError):
                 err = as_api_error(e)
                 metrics.requests.labels(req.model, str(err.status)).inc()
+                if isinstance(e, Refused) and e.limit:
+                    metrics.rate_limited.labels(req.model, e.limit).inc()
                 raise err from None
             raise
         timing = Timing(arrival)
+        try:
+            await backend.open(job)
+        except BaseException as e:
+            release()
+            err = as_api_error(e) if isinstance(e, Exception) else None
+            finished(job, ticket, request, timing, err.status if err else 499)
+            if err is None:
+                raise
+            raise err from None
         if req.stream:
-            return AdmittedStreamingResponse(_stream(backend, job, request, timing), release,
+            return AdmittedStreamingResponse(_stream(backend, job, ticket, request, timing), release,
                                              media_type="text/event-stream",
                                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         status = 200
@@ -129,10 +156,10 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
             raise
         finally:
             release()
-            finished(job, request, status)
+            finished(job, ticket, request, timing, status)
         return body
 
-    async def _stream(backend: Backend, job: ChatJob, request: Request, timing: Timing):
+    async def _stream(backend: Backend, job: ChatJob, ticket: Ticket, request: Request, timing: Timing):
         status = 200
         try:
             async for chunk in completion_chunks(backend, job, metrics, timing):
@@ -145,17 +172,21 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend]) -> FastAP
             status = 499
             raise
         finally:
-            finished(job, request, status)
+            finished(job, ticket, request, timing, status)
         yield sse("[DONE]")
 
-    def finished(job: ChatJob, request: Request, status: int) -> None:
-        """Every admitted request ends here exactly once, however it ends."""
+    def finished(job: ChatJob, ticket: Ticket, request: Request, timing: Timing, status: int) -> None:
+        """Every admitted request ends here exactly once, however it ends: metrics, the rate-limit
+        settlement and the usage row (tokens so far for a client that left)."""
         metrics.requests.labels(job.model, str(status)).inc()
         metrics.prompt_tokens.labels(job.model).inc(job.prompt_tokens)
         metrics.generation_tokens.labels(job.model).inc(job.completion_tokens)
         request.state.tokens = job.prompt_tokens + job.completion_tokens
         request.state.final_status = status  # a stream's 200 went out first; the log wants how it ended
+        platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status, timing.ttft_ms,
+                        request.state.trace_id)
 
+    app.include_router(admin_router(platform))
     return app
 
 

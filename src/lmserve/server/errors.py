@@ -10,10 +10,11 @@ from fastapi.responses import JSONResponse
 # Platform numeric codes. 20012 is the hosted platform's "Model does not exist"; the others are
 # ours, one per status, so a client can branch on the number alone.
 PLATFORM_CODES = {400: 20015, 401: 20001, 403: 20003, 404: 20004, 405: 20005, 413: 20013, 429: 20029,
-                  500: 50000, 503: 50003, 504: 50004}
+                  500: 50000, 502: 50002, 503: 50003, 504: 50004}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-               429: "rate_limit_error", 500: "internal_error", 503: "overloaded_error", 504: "timeout_error"}
+               429: "rate_limit_error", 500: "internal_error", 502: "upstream_error", 503: "overloaded_error",
+               504: "timeout_error"}
 
 
 class APIError(Exception):

@@ -15,6 +15,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("lmserve_requests", "Chat completion requests by final HTTP status.",
                                 ["model", "status"], registry=self.registry)
+        self.rate_limited = Counter("lmserve_rate_limited", "Requests refused by a rate limit (429), by limit.",
+                                    ["model", "limit"], registry=self.registry)
         self.prompt_tokens = Counter("lmserve_prompt_tokens", "Prompt tokens processed.", ["model"],
                                      registry=self.registry)
         self.generation_tokens = Counter("lmserve_generation_tokens", "Tokens generated.", ["model"],

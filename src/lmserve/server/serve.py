@@ -11,15 +11,26 @@ from lmserve.config import DeploymentConfig
 def serve(config: DeploymentConfig) -> int:
     import uvicorn
 
+    from lmserve.backends.base import Backend
     from lmserve.backends.local import LocalBackend
+    from lmserve.backends.upstream import UpstreamBackend
+    from lmserve.platform.service import Platform
     from lmserve.server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backends: dict[str, LocalBackend] = {}
+    # The database first: a wrong URL fails in a second, not after the models have loaded.
+    platform = Platform(config.platform, {d.id: d for d in config.models}, config.server.api_keys)
+    print(f"platform database: {_redacted(config.platform.db_url)}", file=sys.stderr, flush=True)
+    platform.start()
+    backends: dict[str, Backend] = {}
     for deployment in config.models:
+        if deployment.upstream:
+            print(f"{deployment.id}: upstream {', '.join(deployment.upstream['base_urls'])}", file=sys.stderr)
+            backends[deployment.id] = UpstreamBackend(deployment, config.defaults, config.server.max_n)
+            continue
         print(f"loading {deployment.id} from {deployment.path} ...", file=sys.stderr, flush=True)
         backends[deployment.id] = LocalBackend(deployment, config.defaults, config.server.max_n)
-    app = create_app(config, backends)
+    app = create_app(config, backends, platform)
 
     server = config.server
     base = f"http://{server.host}:{server.port}/v1"
@@ -35,5 +46,12 @@ def serve(config: DeploymentConfig) -> int:
         uvicorn.run(app, host=server.host, port=server.port, log_level="warning", access_log=False)
     finally:
         for backend in backends.values():
-            backend.shutdown()
+            if isinstance(backend, LocalBackend):
+                backend.shutdown()  # the engine threads, also when uvicorn never started
     return 0
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

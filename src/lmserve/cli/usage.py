@@ -1,0 +1,40 @@
+"""`lmserve usage`: requests, tokens and cost per account and model, from the usage ledger."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lmserve.cli._platform import add_database_flags, run_command
+
+
+def register(sub) -> None:
+    usage = sub.add_parser("usage", help="usage per account and model (the ledger)")
+    usage.add_argument("--account")
+    usage.add_argument("--model")
+    usage.add_argument("--since", help="a duration back from now (24h, 7d) or a date (2026-11-01)")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    add_database_flags(usage)
+    usage.set_defaults(func=_usage)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from lmserve.platform import keys, usage
+
+    def work(db):
+        since = keys.parse_time(args.since, future=False) if args.since else None
+        rows = usage.summary(db, args.account, args.model, since)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("account", "model", "requests", "errors", "prompt tokens", "completion tokens", "cost")
+        for r in rows:
+            table.add_row(r["account"], r["model"], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
+                          str(r["completion_tokens"]), r["cost"])
+        Console().print(table)
+        return 0
+
+    return run_command("usage", args, work)

@@ -1,0 +1,147 @@
+"""`Platform`: what the HTTP layer asks of the platform for each request.
+
+    principal = await platform.authenticate(token)        # 401
+    platform.authorize(principal, model)                   # 403: model not allowed, balance exhausted
+    ticket = await platform.admit(principal, model, job)   # 429: rate limits (tokens reserved)
+    ... the backend streams ...
+    platform.finish(ticket, job, status, ...)              # settle tokens, write the ledger row
+
+Database calls run in worker threads (never on the event loop). `finish` never blocks: it starts
+the settlement and the ledger write as a task, and `drain()` (server shutdown) waits for every
+one of them, so a request that ended, however it ended, has its row before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+
+from lmserve.config import ModelDeployment, PlatformSettings
+from lmserve.errors import Refused
+from lmserve.platform import keys, usage
+from lmserve.platform.catalog import Price, price_for
+from lmserve.platform.db import Database
+from lmserve.platform.limits import Limit, MemoryLimiter, RedisLimiter, effective_limits, limits_for
+
+log = logging.getLogger("lmserve.platform")
+
+
+@dataclass
+class Ticket:
+    principal: keys.Principal
+    model: str
+    limits: list[Limit]
+    reserved_tokens: int
+    price: Price
+    admitted: float  # perf_counter
+
+
+class Platform:
+    def __init__(self, settings: PlatformSettings, deployments: dict[str, ModelDeployment], api_keys: list[str]):
+        self.settings = settings
+        self.deployments = deployments
+        self.db = Database(settings.db_url)
+        self.limiter = RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter()
+        self._api_keys = api_keys
+        self._bootstrap: list[tuple[bytes, keys.Principal]] = []
+        self._pending: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        """Create or upgrade the schema and import the config's keys (blocking; before serving)."""
+        self.db.migrate()
+        self._bootstrap = []
+        for admin, key_list in ((False, self._api_keys), (True, self.settings.admin_keys)):
+            for key, key_id in keys.import_bootstrap_keys(self.db, key_list, admin=admin).items():
+                self._bootstrap.append((key.encode(), keys.bootstrap_principal(self.db, key_id)))
+
+    # ---- per request -------------------------------------------------------------------------
+
+    async def authenticate(self, authorization: str | None) -> keys.Principal:
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Refused(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        found = None
+        for key, principal in self._bootstrap:  # every one compared: timing does not tell which matched
+            if hmac.compare_digest(token.encode(), key):
+                found = principal
+        if found is not None:
+            return found
+        try:
+            return await asyncio.to_thread(keys.authenticate, self.db, token)
+        except keys.AuthFailed as e:
+            raise Refused(401, e.message, "invalid_api_key") from None
+
+    async def authenticate_admin(self, authorization: str | None) -> keys.Principal:
+        principal = await self.authenticate(authorization)
+        if not principal.is_admin:
+            raise Refused(403, "this endpoint needs an admin key", "admin_only")
+        return principal
+
+    def authorize(self, principal: keys.Principal, model: str) -> None:
+        if not principal.may_use(model):
+            raise Refused(403, f"this API key may not use model {model!r}", "model_not_allowed")
+        if principal.unlimited:
+            return
+        price = price_for(self.deployments[model], principal.tier)
+        if not price.free and principal.total_balance_nanos <= 0:
+            raise Refused(403, "the account's balance is exhausted; top it up to use paid models",
+                          "insufficient_balance")
+
+    async def admit(self, principal: keys.Principal, model: str, prompt_tokens: int,
+                    max_completion_tokens: int) -> Ticket:
+        deployment = self.deployments[model]
+        limits: list[Limit] = []
+        reserved = prompt_tokens + max_completion_tokens
+        if not principal.unlimited:
+            tier = principal.tier
+            values = effective_limits(self.settings.tiers.get(tier, {}), deployment.tier_limits.get(tier),
+                                      principal.key_limits)
+            limits = limits_for("key", principal.key_id, model, values)
+            limits += limits_for("account", principal.account_id, model, principal.account_limits)
+            denied = await self.limiter.acquire(limits, reserved)
+            if denied is not None:
+                retry = denied.retry_after_s
+                raise Refused(429, denied.message, "rate_limit_exceeded", retry_after=retry,
+                              limit=denied.limit.name.upper())
+        return Ticket(principal, model, limits, reserved, price_for(deployment, principal.tier), time.perf_counter())
+
+    def finish(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, status: int,
+               ttft_ms: float | None, trace_id: str) -> None:
+        p = ticket.principal
+        entry = usage.UsageEntry(
+            key_id=p.key_id, account_id=p.account_id, model=ticket.model, tier=p.tier, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, cost_nanos=ticket.price.cost_nanos(prompt_tokens, completion_tokens),
+            status=status, latency_ms=(time.perf_counter() - ticket.admitted) * 1000, ttft_ms=ttft_ms,
+            trace_id=trace_id, charge=not p.unlimited)
+        unused = ticket.reserved_tokens - (prompt_tokens + completion_tokens)
+        task = asyncio.get_running_loop().create_task(self._settle_and_record(ticket, unused, entry))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle_and_record(self, ticket: Ticket, unused: int, entry: usage.UsageEntry) -> None:
+        try:
+            if unused and ticket.limits:
+                await self.limiter.settle(ticket.limits, unused)
+        except Exception:
+            log.exception("settling rate-limit tokens failed (trace %s)", entry.trace_id)
+        try:
+            await asyncio.to_thread(usage.record, self.db, entry)
+        except Exception:
+            log.exception("writing the usage row failed (trace %s)", entry.trace_id)
+
+    async def user_info(self, principal: keys.Principal) -> dict:
+        return await asyncio.to_thread(usage.user_info, self.db, principal.account_id)
+
+    async def drain(self) -> None:
+        """Wait for every ledger write started so far (server shutdown)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self.limiter.close()
+        self.db.close()

@@ -1,0 +1,78 @@
+"""The usage ledger and balances: one row per request, and the account's balance decremented
+in the same transaction by one UPDATE that reads and writes the row under the database's own
+lock (no read-modify-write in Python, so no lost update under concurrency on either database).
+Granted credit (`balance`) is spent first, then paid credit (`chargeBalance`); a request that
+was admitted may take the total below zero, and the next one is then refused (403)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import case, func, literal, select, update
+
+from lmserve.platform.db import Account, Database, UsageRecord, from_nanos, now
+
+
+@dataclass
+class UsageEntry:
+    key_id: int
+    account_id: int
+    model: str
+    tier: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nanos: int
+    status: int
+    latency_ms: float
+    ttft_ms: float | None
+    trace_id: str
+    charge: bool = True  # False for the unlimited bootstrap account: recorded, never billed
+    created_at: float | None = None
+
+
+def record(db: Database, e: UsageEntry) -> None:
+    with db.session() as s:
+        if e.charge and e.cost_nanos:
+            cost = literal(e.cost_nanos)
+            # Both SET expressions see the row as it was: take from the granted balance what it
+            # has (not below 0), the rest from the paid balance.
+            take = case((Account.balance_nanos >= cost, cost), (Account.balance_nanos > 0, Account.balance_nanos),
+                        else_=literal(0))
+            s.execute(update(Account).where(Account.id == e.account_id)
+                      .values(balance_nanos=Account.balance_nanos - take,
+                              charge_balance_nanos=Account.charge_balance_nanos - (cost - take)))
+        s.add(UsageRecord(created_at=e.created_at or now(), key_id=e.key_id, account_id=e.account_id, model=e.model,
+                          tier=e.tier, prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
+                          cost_nanos=e.cost_nanos, status=e.status, latency_ms=e.latency_ms, ttft_ms=e.ttft_ms,
+                          trace_id=e.trace_id))
+
+
+def summary(db: Database, account: str | None = None, model: str | None = None,
+            since: float | None = None) -> list[dict]:
+    """Per account and model: requests, tokens, cost (a currency string)."""
+    with db.session() as s:
+        q = (select(Account.name, UsageRecord.model, func.count(UsageRecord.id),
+                    func.sum(UsageRecord.prompt_tokens), func.sum(UsageRecord.completion_tokens),
+                    func.sum(UsageRecord.cost_nanos),
+                    func.sum(case((UsageRecord.status >= 400, 1), else_=0)))
+             .join(Account, Account.id == UsageRecord.account_id)
+             .group_by(Account.name, UsageRecord.model).order_by(Account.name, UsageRecord.model))
+        if account:
+            q = q.where(Account.name == account)
+        if model:
+            q = q.where(UsageRecord.model == model)
+        if since is not None:
+            q = q.where(UsageRecord.created_at >= since)
+        return [{"account": a, "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
+                 "completion_tokens": int(c or 0), "cost": from_nanos(int(cost or 0)), "errors": int(err or 0)}
+                for a, m, n, p, c, cost, err in s.execute(q).all()]
+
+
+def user_info(db: Database, account_id: int) -> dict:
+    """GET /v1/user/info's `data`, in the platform's shape (amounts as decimal strings)."""
+    with db.session() as s:
+        a = s.get(Account, account_id)
+        return {"id": str(a.id), "name": a.name, "image": "", "email": "", "isAdmin": False,
+                "balance": from_nanos(a.balance_nanos), "status": "normal" if a.status == "active" else a.status,
+                "introduction": "", "role": "", "chargeBalance": from_nanos(a.charge_balance_nanos),
+                "totalBalance": from_nanos(a.balance_nanos + a.charge_balance_nanos), "tier": a.tier}

@@ -1,0 +1,129 @@
+"""The admin API (/admin/..., admin keys only): keys, accounts, top-ups and usage, the same
+operations as `lmserve keys|accounts|usage` on the command line."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmserve.errors import Refused
+from lmserve.platform import keys, usage
+from lmserve.platform.db import to_nanos
+from lmserve.platform.service import Platform
+from lmserve.server.errors import APIError, bad_request
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateKey(_Body):
+    account: str = Field(min_length=1, max_length=200)
+    tier: str | None = Field(default=None, min_length=1, max_length=50)
+    name: str = Field(default="", max_length=200)
+    rpm: int | None = Field(default=None, ge=1)
+    rpd: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    tpd: int | None = Field(default=None, ge=1)
+    models: list[str] | None = None
+    balance: str | None = None  # granted credit added to the account, a decimal string
+    expires: str | None = None  # "30d" or an ISO date
+    admin: bool = False
+
+
+class TopUp(_Body):
+    amount: str
+    granted: bool = False  # add to the granted balance instead of the paid one
+
+
+def _parse(model: type[BaseModel], payload) -> BaseModel:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or None
+        raise bad_request(f"invalid value for {where!r}: {err['msg']}", where) from None
+
+
+def _not_found(e: keys.NotFound) -> APIError:
+    return APIError(404, str(e), code="not_found")
+
+
+def admin_router(platform: Platform) -> APIRouter:
+    router = APIRouter(prefix="/admin")
+    db = platform.db
+
+    async def admin(request: Request) -> None:
+        try:
+            await platform.authenticate_admin(request.headers.get("authorization"))
+        except Refused as e:
+            raise APIError(e.status, e.message, code=e.code) from None
+
+    async def body(request: Request):
+        try:
+            return await request.json()
+        except ValueError:
+            raise bad_request("the request body is not valid JSON", None, "invalid_json") from None
+
+    @router.post("/keys")
+    async def create_key(request: Request):
+        await admin(request)
+        req = _parse(CreateKey, await body(request))
+        try:
+            expires_at = keys.parse_time(req.expires, future=True) if req.expires else None
+            if req.balance is not None and to_nanos(req.balance) < 0:
+                raise ValueError("balance must not be negative")
+        except ValueError as e:
+            raise bad_request(str(e), "expires" if "duration" in str(e) else "balance") from None
+        limits = {n: getattr(req, n) for n in ("rpm", "rpd", "tpm", "tpd")}
+        key, row = await asyncio.to_thread(keys.create_key, db, req.account, tier=req.tier, limits=limits,
+                                           models=req.models, balance=req.balance, expires_at=expires_at,
+                                           name=req.name, is_admin=req.admin)
+        listed = await asyncio.to_thread(keys.list_keys, db, req.account)
+        return {"key": key, **next(k for k in listed if k["id"] == row.id)}
+
+    @router.get("/keys")
+    async def list_keys(request: Request, account: str | None = None, include_revoked: bool = False):
+        await admin(request)
+        return {"data": await asyncio.to_thread(keys.list_keys, db, account, include_revoked)}
+
+    @router.post("/keys/{key}/revoke")
+    async def revoke_key(request: Request, key: str):
+        await admin(request)
+        try:
+            return await asyncio.to_thread(keys.revoke_key, db, key)
+        except keys.NotFound as e:
+            raise _not_found(e) from None
+
+    @router.get("/accounts")
+    async def list_accounts(request: Request):
+        await admin(request)
+        return {"data": await asyncio.to_thread(keys.list_accounts, db)}
+
+    @router.post("/accounts/{name}/topup")
+    async def topup(request: Request, name: str):
+        await admin(request)
+        req = _parse(TopUp, await body(request))
+        try:
+            if to_nanos(req.amount) <= 0:
+                raise ValueError
+        except ValueError:
+            raise bad_request("amount must be a positive decimal number, e.g. \"10.50\"", "amount") from None
+        try:
+            return await asyncio.to_thread(keys.topup, db, name, req.amount, req.granted)
+        except keys.NotFound as e:
+            raise _not_found(e) from None
+
+    @router.get("/usage")
+    async def usage_summary(request: Request, account: str | None = None, model: str | None = None,
+                            since: str | None = None):
+        await admin(request)
+        try:
+            since_ts = keys.parse_time(since, future=False) if since else None
+        except ValueError as e:
+            raise bad_request(str(e), "since") from None
+        return {"data": await asyncio.to_thread(usage.summary, db, account, model, since_ts)}
+
+    return router
