@@ -77,14 +77,14 @@ class Server:
             return "<no output captured>"
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    work = tmp_path_factory.mktemp("lmserve-api")
+def launch_server(work: Path, config_text: str, **env_extra: str) -> Server:
+    """Start `lmserve serve` on a free port with this config (its data dir in `work`) and wait
+    until /health answers 200; fails the test with the server's output if it does not."""
     cfg = work / "config.yaml"
-    cfg.write_text(CONFIG_YAML)
+    cfg.write_text(config_text)
     log_path = work / "server.log"
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", LMSERVE_DATA_DIR=str(work))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", LMSERVE_DATA_DIR=str(work), **env_extra)
     cmd = [sys.executable, "-m", "lmserve", "serve", "--config", str(cfg), "--host", "127.0.0.1",
            "--port", str(port)]
     with open(log_path, "wb") as log:
@@ -97,21 +97,32 @@ def server(tmp_path_factory) -> Server:
                 pytest.fail(f"lmserve serve exited with {proc.returncode} before it was healthy:\n{srv.output()}")
             try:
                 if httpx.get(f"{srv.url}/health", timeout=2.0).status_code == 200:
-                    break
+                    return srv
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"lmserve serve not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{srv.output()}")
             time.sleep(0.25)
-        yield srv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    except BaseException:
+        stop_server(srv)
+        raise
+
+
+def stop_server(srv: Server) -> None:
+    if srv.proc.poll() is None:
+        srv.proc.terminate()
+        try:
+            srv.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    srv = launch_server(tmp_path_factory.mktemp("lmserve-api"), CONFIG_YAML)
+    yield srv
+    stop_server(srv)
 
 
 @pytest.fixture(scope="session")
@@ -330,3 +341,15 @@ def checks():
     return C
 
 
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """launch_server/stop_server for suites that need a server of their own config (as a fixture:
+    test modules do not import conftest)."""
+
+    class S:
+        launch = staticmethod(launch_server)
+        stop = staticmethod(stop_server)
+
+    return S

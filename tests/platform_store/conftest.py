@@ -1,0 +1,23 @@
+"""Fixtures for the platform's direct tests: a fresh database on each engine (SQLite file and
+PostgreSQL, every test runs on both), and the real Redis."""
+
+from __future__ import annotations
+
+import pytest
+from platform_services import fresh_postgres_url, fresh_redis_url
+
+from lmserve.platform.db import Database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path) -> Database:
+    url = f"sqlite:///{tmp_path / 'lmserve.db'}" if request.param == "sqlite" else fresh_postgres_url()
+    database = Database(url)
+    database.migrate()
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return fresh_redis_url()

@@ -1,0 +1,123 @@
+"""Accounts, keys, the ledger and balances against real databases (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from lmserve.platform import keys, usage
+from lmserve.platform.db import Account, ApiKey, UsageRecord, from_nanos, to_nanos
+
+
+def test_migrations_build_the_schema_and_rerun_as_no_ops(db):
+    db.migrate()  # a second start on an existing database changes nothing
+    tables = set(inspect(db.engine).get_table_names())
+    assert {"accounts", "api_keys", "usage", "alembic_version"} <= tables
+    if db.dialect == "sqlite":
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_key_lifecycle(db):
+    key, row = keys.create_key(db, "alice", tier="pro", limits={"rpm": 5}, models=["Pro/*"], balance="2.5")
+    assert key.startswith("sk-") and len(key) > 40
+    with db.session() as s:
+        stored = s.get(ApiKey, row.id)
+        # Only a prefix and a salted hash are kept, never the key.
+        assert key not in (stored.prefix, stored.key_hash, stored.salt) and len(stored.prefix) < len(key) / 3
+        assert stored.key_hash == keys.hash_key(key, stored.salt)
+    p = keys.authenticate(db, key)
+    assert (p.account_name, p.tier, p.key_limits["rpm"], p.total_balance_nanos) == ("alice", "pro", 5, to_nanos("2.5"))
+    assert p.may_use("Pro/Qwen/X") and not p.may_use("Qwen/X")
+    with pytest.raises(keys.AuthFailed, match="invalid"):
+        keys.authenticate(db, key[:-1] + ("A" if key[-1] != "A" else "B"))  # same prefix, wrong key
+    keys.revoke_key(db, row.id)
+    with pytest.raises(keys.AuthFailed, match="revoked"):
+        keys.authenticate(db, key)
+    assert [k["status"] for k in keys.list_keys(db, "alice", include_revoked=True)] == ["revoked"]
+    assert keys.list_keys(db, "alice") == []
+
+
+def test_expired_key_and_revoke_by_prefix(db):
+    key, row = keys.create_key(db, "bob", expires_at=keys.parse_time("2020-01-01", future=True))
+    with pytest.raises(keys.AuthFailed, match="expired"):
+        keys.authenticate(db, key)
+    view = keys.revoke_key(db, key[:keys.KEY_PREFIX_LEN] + "...")
+    assert view["id"] == row.id and view["status"] == "revoked"
+    with pytest.raises(keys.NotFound):
+        keys.revoke_key(db, "sk-nothing")
+
+
+def test_bootstrap_keys_are_imported_once(db):
+    first = keys.import_bootstrap_keys(db, ["sk-local-1", "sk-local-2"])
+    again = keys.import_bootstrap_keys(db, ["sk-local-1", "sk-local-2"])
+    assert first == again and len(set(first.values())) == 2
+    p = keys.bootstrap_principal(db, first["sk-local-1"])
+    assert p.unlimited and p.account_name == keys.BOOTSTRAP_ACCOUNT
+    with pytest.raises(keys.AuthFailed):  # matched in memory by the server, never by prefix lookup
+        keys.authenticate(db, "sk-local-1")
+
+
+def test_topup_splits_granted_and_paid(db):
+    keys.create_key(db, "carol", balance="1")
+    keys.topup(db, "carol", "2.25")
+    view = keys.topup(db, "carol", "0.5", granted=True)
+    assert (view["balance"], view["charge_balance"], view["total_balance"]) == ("1.5", "2.25", "3.75")
+    with pytest.raises(keys.NotFound):
+        keys.topup(db, "nobody", "1")
+
+
+def _entry(account_id: int, key_id: int, cost: int, i: int) -> usage.UsageEntry:
+    return usage.UsageEntry(key_id=key_id, account_id=account_id, model="m", tier="free", prompt_tokens=10 + i % 7,
+                            completion_tokens=i % 13, cost_nanos=cost, status=200, latency_ms=1.0, ttft_ms=0.5,
+                            trace_id=f"t{i}")
+
+
+def test_200_concurrent_requests_leave_exact_ledger_and_balance(db):
+    """200 requests finishing at once, each its own transaction in its own thread: every row is
+    there and the balance dropped by exactly their sum (granted credit first, then paid)."""
+    _, row = keys.create_key(db, "dave", balance="0.001")  # granted: runs out part-way
+    keys.topup(db, "dave", "5")
+    costs = [1_000 + 7_919 * i for i in range(200)]  # distinct, nanos
+    start = threading.Barrier(20)
+
+    def finish(i: int) -> None:
+        if i < 20:
+            start.wait()  # the first 20 collide on purpose
+        usage.record(db, _entry(row.account_id, row.id, costs[i], i))
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        list(pool.map(finish, range(200)))
+    with db.session() as s:
+        account = s.get(Account, row.account_id)
+        n, total = s.execute(select(func.count(UsageRecord.id), func.sum(UsageRecord.cost_nanos))
+                             .where(UsageRecord.account_id == row.account_id)).one()
+    assert n == 200 and int(total) == sum(costs)
+    assert account.balance_nanos == 0  # granted credit is spent first and never below zero
+    assert account.charge_balance_nanos == to_nanos("5") + to_nanos("0.001") - sum(costs)
+    summary = usage.summary(db, account="dave")
+    assert summary == [{"account": "dave", "model": "m", "requests": 200,
+                        "prompt_tokens": sum(10 + i % 7 for i in range(200)),
+                        "completion_tokens": sum(i % 13 for i in range(200)), "cost": from_nanos(sum(costs)),
+                        "errors": 0}]
+
+
+def test_unlimited_accounts_are_recorded_not_charged(db):
+    ids = keys.import_bootstrap_keys(db, ["sk-boot"])
+    p = keys.bootstrap_principal(db, ids["sk-boot"])
+    e = _entry(p.account_id, p.key_id, 5_000, 1)
+    e.charge = False
+    usage.record(db, e)
+    info = usage.user_info(db, p.account_id)
+    assert info["totalBalance"] == "0" and usage.summary(db)[0]["cost"] == "0.000005"
+
+
+def test_amounts():
+    assert to_nanos("10.5") == 10_500_000_000 and from_nanos(100 * 10**9) == "100"
+    assert from_nanos(-2_000) == "-0.000002" and from_nanos(0) == "0"
+    for bad in ("ten", "NaN", "Infinity"):
+        with pytest.raises(ValueError):
+            to_nanos(bad)
