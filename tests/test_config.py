@@ -39,6 +39,13 @@ def test_env_keys_and_toml(tmp_path, monkeypatch):
     ("defaults: {temp: 1}\n", "unknown defaults key"),
     ("colour: blue\n", "unknown section"),
     ("server: [1, 2\n", "not valid YAML"),
+    ("platform: {db: x}\n", "unknown platform key"),
+    ("platform: {redis_url: 'http://x'}\n", r"redis_url must be a redis:// URL"),
+    ("platform: {tiers: {free: {rpm: 0}}}\n", r"tiers.free.rpm must be a positive integer"),
+    ("platform: {tiers: {free: {rps: 3}}}\n", r"tiers.free must be a mapping with keys among"),
+    ("models:\n  - {id: a, price: {input: -1}}\n", r"price.input must be a non-negative number"),
+    ("models:\n  - {id: a, upstream: {base_urls: ftp://x}}\n", r"base_urls must be one or more http"),
+    ("models:\n  - {id: a, upstream: {base_urls: 'http://x', timeout: 3}}\n", r"upstream must be a mapping with"),
     ("- just a list\n", "top level must be a mapping"),
 ])
 def test_bad_config_is_named(tmp_path, text, match):
@@ -46,6 +53,23 @@ def test_bad_config_is_named(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(str(f))
+
+
+def test_platform_section(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMSERVE_ADMIN_KEYS", "sk-adm-env")
+    monkeypatch.setenv("LMSERVE_DATA_DIR", str(tmp_path / "data"))
+    f = tmp_path / "p.yaml"
+    f.write_text("platform:\n  admin_keys: [sk-adm]\n  tiers: {free: {rpm: 5}, gold: {tpm: 9}}\n"
+                 "models:\n  - id: Vendor-A/x\n    upstream: {base_urls: ['http://h/v1/'], api_key_env: K}\n"
+                 "    price: {input: 1, output: 2.5}\n    tier_limits: {free: {rpd: 3}}\n")
+    cfg = load_config(str(f))
+    assert cfg.platform.admin_keys == ["sk-adm", "sk-adm-env"]
+    assert cfg.platform.db_url == f"sqlite:///{tmp_path / 'data' / 'lmserve.db'}"
+    assert cfg.platform.tiers["free"]["rpm"] == 5 and cfg.platform.tiers["free"]["tpm"] == 50_000
+    assert cfg.platform.tiers["gold"] == {"rpm": None, "rpd": None, "tpm": 9, "tpd": None}
+    m = cfg.models[0]
+    assert m.upstream["base_urls"] == ["http://h/v1"] and m.price == {"input": 1.0, "output": 2.5}
+    assert m.tier_limits == {"free": {"rpd": 3}}
 
 
 def test_missing_config_file(tmp_path):
