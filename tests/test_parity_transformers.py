@@ -68,8 +68,8 @@ def test_tiny_llama_logits_match_transformers(tmp_path, tie, rope_scaling, shard
     captured = []
     execute = engine.runner.execute
 
-    def recording_execute(batch, logit_ids):
-        logits = execute(batch, logit_ids)
+    def recording_execute(batch):
+        logits = execute(batch)
         captured.append(logits.clone())
         return logits
 

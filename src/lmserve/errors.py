@@ -40,3 +40,8 @@ class Refused(BackendError):
                  limit: str | None = None):
         super().__init__(status, message, code, retry_after)
         self.limit = limit
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed or of an unsupported architecture; the message
+    names the file."""

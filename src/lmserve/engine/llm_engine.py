@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.device import choose_device, choose_dtype
+from lmserve.engine.batch import build_model_input
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.model_runner import ModelRunner
@@ -86,8 +87,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler()
-        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
+        self.max_model_len = min(cfg.max_model_len or self.model_config.context_length,
+                                 self.model_config.context_length)
         # A sequence also can never outgrow the whole cache.
         self.max_seq_len = min(self.max_model_len, self.block_manager.capacity_tokens)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -115,7 +116,7 @@ class LLMEngine:
 
     def _auto_num_blocks(self) -> int:
         cfg = self.engine_config
-        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
         budget = cfg.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
@@ -219,7 +220,7 @@ class LLMEngine:
                 sample_seqs.append(seq)
                 logit_ids.append(seq.seq_id)
 
-        logits = self.runner.execute(batch, logit_ids)
+        logits = self.runner.execute(build_model_input(batch, logit_ids))
 
         for seq in batch.decodes:
             seq.num_computed_tokens += 1

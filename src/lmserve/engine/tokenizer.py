@@ -13,9 +13,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def load_tokenizer(ckpt: Checkpoint):
     """transformers' tokenizer for the checkpoint (a GGUF's embedded tokenizer included). A
-    checkpoint directory without tokenizer files gives None: such a model takes token ids only."""
+    checkpoint directory or GGUF file without a tokenizer gives None: such a model takes token
+    ids only."""
     source, kwargs = ckpt.tokenizer_source
     if ckpt.format == "gguf":
+        if ckpt.gguf.field("tokenizer.ggml.tokens") is None:
+            return None
         # The fast-tokenizer class builds straight from the GGUF's vocabulary (~0.2 s). AutoTokenizer
         # would first build the whole model config from the same file with gguf's reader only to
         # pick that class: 3 s more at every start (docs/startup.md).

@@ -1,0 +1,8 @@
+"""Attention over the paged KV cache: per-layer KV specs, the attention layer families use, and
+backends chosen by device (the CPU SDPA backend is the reference every faster one must match)."""
+
+from lmserve.attention.layer import Attention
+from lmserve.attention.selector import get_attention_backend
+from lmserve.attention.spec import KVCacheSpec
+
+__all__ = ["Attention", "KVCacheSpec", "get_attention_backend"]

@@ -1,0 +1,178 @@
+"""The reference attention backend: gather each sequence's pages, then PyTorch's
+scaled_dot_product_attention (or, for softcapped layers, the same math written out, since SDPA
+has no softcap). Correct on every device; faster backends are checked against it.
+
+A step's tokens arrive flattened: decode tokens (one per sequence) first, then prefill chunks.
+The metadata is built once per step and shared by every layer, so per-layer work is pure tensor
+ops with no Python loop over the decode batch. Masks are built per sliding-window size on first
+use in a step (Gemma-2's layers alternate two) and reused by every later layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lmserve.engine.batch import ModelInput
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's prefill chunk inside the flattened batch."""
+
+    start: int  # first row in the flattened token batch
+    length: int  # tokens in this chunk
+    context_len: int  # tokens before the chunk that are already in the cache
+    positions: torch.Tensor  # [length]
+    block_table: torch.Tensor  # [blocks]
+
+
+@dataclass
+class CpuAttentionMetadata:
+    backend: CpuSdpaBackend
+    slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    dtype: torch.dtype
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
+    decode_positions: torch.Tensor | None = None  # [B]
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """Additive [B, 1, 1, max_blocks * block_size] mask (0 / -inf in the compute dtype, which
+        SDPA would otherwise convert a boolean mask to in every layer)."""
+        key = ("decode", window)
+        if key not in self._masks:
+            tables, pos = self.decode_block_tables, self.decode_positions
+            span = torch.arange(tables.shape[1] * self.backend.block_size, device=tables.device).unsqueeze(0)
+            hidden = span > pos.unsqueeze(1)
+            if window is not None:
+                hidden |= span <= (pos - window).unsqueeze(1)
+            self._masks[key] = torch.zeros(hidden.shape, dtype=self.dtype, device=tables.device).masked_fill_(
+                hidden, float("-inf")).view(len(pos), 1, 1, -1)
+        return self._masks[key]
+
+    def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
+        """Boolean [length, context + length] (True = attend), or None for a plain causal chunk."""
+        chunk = self.prefills[index]
+        if chunk.context_len == 0 and window is None:
+            return None
+        key = (index, window)
+        if key not in self._masks:
+            keys = torch.arange(chunk.context_len + chunk.length, device=chunk.positions.device).unsqueeze(0)
+            q = chunk.positions.unsqueeze(1)
+            visible = keys <= q
+            if window is not None:
+                visible &= keys > q - window
+            self._masks[key] = visible
+        return self._masks[key]
+
+
+class CpuSdpaBackend:
+    block_size: int = 16
+
+    def build_metadata(self, batch: ModelInput, positions: torch.Tensor, block_size: int,
+                       dtype: torch.dtype) -> CpuAttentionMetadata:
+        self.block_size = bs = block_size
+        dev = positions.device
+        nd = batch.num_decodes
+        meta = CpuAttentionMetadata(backend=self, slot_mapping=torch.empty(0), dtype=dtype, num_decode=nd)
+        slot_parts: list[torch.Tensor] = []
+        if nd:
+            tables = _padded_tables(batch.block_tables[:nd], dev)
+            pos = positions[:nd]
+            slot_parts.append(tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs)
+            meta.decode_block_tables, meta.decode_positions = tables, pos
+        row = nd
+        for i in range(nd, len(batch.query_lens)):
+            n, start = batch.query_lens[i], batch.context_lens[i]
+            pos = positions[row:row + n]
+            table = torch.tensor(batch.block_tables[i], dtype=torch.int64, device=dev)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            meta.prefills.append(PrefillChunk(start=row, length=n, context_len=start, positions=pos, block_table=table))
+            row += n
+        meta.slot_mapping = torch.cat(slot_parts)
+        return meta
+
+    def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: CpuAttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        group = hq // hkv
+        nd = meta.num_decode
+        window, scale, softcap = layer.sliding_window, layer.scale, layer.softcap
+        out = q.new_empty(q.shape) if nd < t else None
+        if nd:
+            # One query per sequence: fold the query heads sharing a KV head into the "query
+            # length" axis, so GQA needs no key/value expansion and one call covers the batch.
+            qd = q[:nd].view(nd, hkv, group, d)
+            kd = _gather(kv_cache[0], meta.decode_block_tables)
+            vd = _gather(kv_cache[1], meta.decode_block_tables)
+            mask = meta.decode_mask(window)
+            if softcap is None:
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
+            else:
+                od = _softcapped_attention(qd, kd, vd, mask, scale, softcap)
+            if nd == t:  # decode only: no scatter into a separate output
+                return od.reshape(nd, hq, d)
+            out[:nd] = od.reshape(nd, hq, d)
+        for index, chunk in enumerate(meta.prefills):
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            mask = meta.prefill_mask(index, window)
+            if chunk.context_len == 0:
+                kp, vp = k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
+            else:
+                total = chunk.context_len + chunk.length
+                kp = _gather(kv_cache[0], chunk.block_table.unsqueeze(0))[:, :, :total]
+                vp = _gather(kv_cache[1], chunk.block_table.unsqueeze(0))[:, :, :total]
+            if softcap is None:
+                qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                                    scale=scale, enable_gqa=True)
+                out[rows] = op.squeeze(0).transpose(0, 1)
+            else:
+                # Same GQA folding as decode: [1, Hkv, group * L, D] against [1, Hkv, S, D].
+                length = chunk.length
+                qp = q[rows].view(length, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * length, d)
+                if mask is None:
+                    mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril_()
+                additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+                op = _softcapped_attention(qp, kp, vp, additive.repeat(group, 1), scale, softcap)
+                out[rows] = op.view(hkv, group, length, d).permute(2, 0, 1, 3).reshape(length, hq, d)
+        return out
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """transformers' eager order: scores * scale, cap * tanh(scores / cap), + mask, softmax in
+    fp32 cast back, times values."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                   slot_mapping: torch.Tensor) -> None:
+    k_cache, v_cache = kv_cache
+    kvh, d = k_cache.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, kvh, max_blocks * block_size, d] keys or values."""
+    b, nblk = block_tables.shape
+    _, bs, kvh, d = cache.shape
+    # index_select on the flattened ids is a plain row copy; advanced indexing costs more per call.
+    return cache.index_select(0, block_tables.view(-1)).view(b, nblk * bs, kvh, d).transpose(1, 2)
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=device)

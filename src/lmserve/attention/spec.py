@@ -1,0 +1,38 @@
+"""What one layer keeps in the KV cache per token, so the runner can allocate and size it.
+
+A spec belongs to a layer: Gemma-2 alternates sliding-window and global layers, and MLA (a later
+family) caches one compressed latent per token instead of per-head keys and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Per-head keys and values; `sliding_window` W bounds what a query attends to (itself and
+    the W - 1 tokens before it), None for full attention."""
+
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """The shape of each of the layer's two cache tensors (keys, values)."""
+        return (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.cache_shape(num_blocks, block_size)
+        return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+def kv_bytes_per_block(specs: list[KVCacheSpec], block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block (block_size tokens) takes across every layer."""
+    return block_size * sum(spec.bytes_per_token(dtype) for spec in specs)

@@ -1,0 +1,50 @@
+"""The step's work for the model runner as plain data.
+
+The scheduler works with live `Sequence` objects (tokenizer state, grammar matcher, request);
+the runner gets only lists of ints, so a model worker in another process (tensor parallelism)
+can receive a step, and the runner never sees anything request-shaped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmserve.engine.scheduler import ScheduledBatch
+
+
+@dataclass
+class ModelInput:
+    """Sequences in batch order, decodes (one new token each) first, then prefill chunks."""
+
+    token_ids: list[int]  # the new tokens of every sequence, flattened in batch order
+    query_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens already in the cache before this step, per sequence
+    block_tables: list[list[int]]  # per sequence
+    num_decodes: int  # the first num_decodes sequences decode (query_len 1)
+    logit_rows: list[int]  # flattened rows whose next-token logits are wanted, in sampling order
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the step
+
+    @property
+    def positions(self) -> list[int]:
+        return [p for c, q in zip(self.context_lens, self.query_lens) for p in range(c, c + q)]
+
+
+def build_model_input(batch: ScheduledBatch, logit_seq_ids: list[int]) -> ModelInput:
+    """Flatten a scheduled batch. `logit_seq_ids` lists the sequences to sample, in order (an id
+    may repeat: the n choices of one prompt sample from one row)."""
+    token_ids: list[int] = []
+    query_lens: list[int] = []
+    context_lens: list[int] = []
+    block_tables: list[list[int]] = []
+    last_row: dict[int, int] = {}
+    for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
+        start = seq.num_computed_tokens
+        token_ids += seq.token_ids[start:start + n]
+        query_lens.append(n)
+        context_lens.append(start)
+        block_tables.append(list(seq.block_table))
+        last_row[seq.seq_id] = len(token_ids) - 1
+    return ModelInput(token_ids, query_lens, context_lens, block_tables, len(batch.decodes),
+                      [last_row[i] for i in logit_seq_ids], list(batch.block_copies))

@@ -1,0 +1,26 @@
+"""The gated MLP every catalog family uses: down(act(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmserve.layers.activation import get_activation
+from lmserve.layers.linear import Linear
+
+
+class GatedMLP(nn.Module):
+    """gate and up share one matmul (gate first, as packed checkpoints store it too)."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str = "silu", bias: bool = False,
+                 down_bias: bool | None = None):
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
+        self.act = get_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
+        return self.down_proj(self.act(gate) * up)

@@ -1,0 +1,35 @@
+"""RMSNorm in the two numerics the catalog uses.
+
+Both follow transformers bit for bit, since the families are proven against it token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Llama-style: normalize in fp32, cast back to the activation dtype, then scale by `w`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+        self.shape = (dim,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.rms_norm on the fp32 upcast computes transformers' five ops in one.
+        return self.weight * torch.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma-style: the stored weight is zero-centred; scale by (1 + w) in fp32, then cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = torch.rms_norm(x.float(), self.shape, None, self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)

@@ -1,0 +1,148 @@
+"""GGUF checkpoints (llama.cpp's format): metadata -> config, tensors -> Hugging Face names.
+
+Each supported GGUF architecture names the family it loads into and its tensor rules. llama.cpp's
+converter permutes the q/k rows of the `llama` architecture only (for its interleaved rope);
+other architectures (qwen2) keep Hugging Face's half-split order, so undoing the permutation is
+a per-architecture rule, never a global one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmserve.errors import CheckpointError
+from lmserve.models.config import DecoderConfig
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    architecture: str  # the Hugging Face architecture (family) it loads into
+    permuted_qk: bool  # llama.cpp interleaved the q/k rows at conversion
+    qkv_bias: bool = False
+
+
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LlamaForCausalLM", permuted_qk=True),
+    "qwen2": GGUFArch("Qwen2ForCausalLM", permuted_qk=False, qkv_bias=True),
+}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class GGUFFile:
+    """One parsed GGUF file: the header is read once and shared by config and tensor reading."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        stat = path.stat()
+        self.reader = _cached_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        self.arch_name = self.field("general.architecture")
+        self.arch = GGUF_ARCHS.get(self.arch_name)
+        if self.arch is None:
+            raise CheckpointError(f"{path}: unsupported GGUF architecture {self.arch_name!r} "
+                            f"(supported: {', '.join(sorted(GGUF_ARCHS))})")
+
+    def field(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def arch_field(self, name: str, default: Any = None) -> Any:
+        value = self.field(f"{self.arch_name}.{name}", default)
+        if value is None:
+            raise CheckpointError(f"{self.path}: GGUF metadata lacks {self.arch_name}.{name}")
+        return value
+
+    def config(self) -> DecoderConfig:
+        heads = int(self.arch_field("attention.head_count"))
+        hidden = int(self.arch_field("embedding_length"))
+        names = {t.name for t in self.reader.tensors}
+        vocab = self.field(f"{self.arch_name}.vocab_size") or len(self.field("tokenizer.ggml.tokens", []))
+        eos = self.field("tokenizer.ggml.eos_token_id")
+        max_pos = int(self.arch_field("context_length", 2048))
+        return DecoderConfig(
+            architecture=self.arch.architecture,
+            num_layers=int(self.arch_field("block_count")),
+            vocab_size=int(vocab),
+            context_length=max_pos,
+            eos_token_ids=set() if eos is None else {int(eos)},
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(self.arch_field("attention.head_count_kv", heads)),
+            head_dim=int(self.arch_field("attention.key_length", hidden // heads)),
+            intermediate_size=int(self.arch_field("feed_forward_length")),
+            rms_norm_eps=float(self.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(self.arch_field("rope.freq_base", 10000.0)),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings="output.weight" not in names,
+            qkv_bias=self.arch.qkv_bias,
+        )
+
+    def tensors(self, config: DecoderConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """(Hugging Face name, fp32 tensor, file name), dequantized one at a time."""
+        from gguf.quants import dequantize
+
+        for t in tqdm(self.reader.tensors, desc=f"Loading {self.path.name}", unit="tensor", disable=None,
+                      leave=False):
+            name = hf_name(t.name)
+            if name is None:
+                continue  # e.g. rope_freqs: derived from the config instead
+            try:
+                array = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+            except Exception as e:
+                raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
+            if self.arch.permuted_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+                array = undo_rope_permute(array, config.num_heads)
+            elif self.arch.permuted_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+                array = undo_rope_permute(array, config.num_kv_heads)
+            yield name, torch.from_numpy(np.array(array, dtype=np.float32)), self.path.name  # a writable copy
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    """Parsing the metadata takes seconds (every vocabulary entry is a field): engines loading
+    the same file version share one parse."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: malformed GGUF file ({e})") from None
+
+
+def hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def undo_rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter interleaves q/k rows for its rope layout; restore the HF half-split order."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
