@@ -7,7 +7,10 @@ import json
 import pytest
 
 from lmserve.chat.schemas import parse_chat_request
-from lmserve.chat.tools import may_be_call, output_constraint, parse_tool_call, plan_tools, template_messages
+from lmserve.chat.tool_parsers import tool_call_stream
+from lmserve.chat.tool_parsers.json_object import may_be_call
+from lmserve.chat.tool_parsers.json_object import parse_json_call as parse_tool_call
+from lmserve.chat.tools import output_constraint, plan_tools, template_messages
 from lmserve.errors import InvalidParameter
 from lmserve.server.app import as_api_error
 
@@ -61,3 +64,62 @@ def test_templates_without_tools_get_a_system_message():
     assert len(msgs) == 2 and msgs[0]["content"].startswith("Be brief.")
     msgs, kwargs = template_messages([{"role": "user", "content": "hi"}], plan, "{% if tools %}{{ tools }}{% endif %}")
     assert kwargs == {"tools": plan.tools} and len(msgs) == 1
+
+
+def _stream(fmt: str, pieces: list[str], plan, complete: bool = True):
+    """Feed a reply piece by piece as the engine streams it: (streamed text, calls at the end)."""
+    reader = tool_call_stream(fmt, plan)
+    streamed = [reader.feed(p) for p in pieces]
+    rest, calls = reader.finish(complete)
+    return streamed, rest, calls
+
+
+def test_hermes_calls_after_prose_stream_the_prose_and_parse_every_block():
+    plan = plan_tools(_req())
+    pieces = ["Let me ", "check.", "\n<tool", "_call>\n{\"name\": \"get_weather\", ",
+              "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n",
+              "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>"]
+    streamed, rest, calls = _stream("hermes", pieces, plan)
+    # Prose streams at once; "<tool" waits until it turns out to open a block.
+    assert streamed[:3] == ["Let me ", "check.", "\n"] and "".join(streamed) == "Let me check.\n"
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert [c["index"] for c in calls] == [0, 1] and rest == ""
+
+
+def test_hermes_plain_text_streams_and_lookalikes_are_released():
+    plan = plan_tools(_req())
+    streamed, rest, calls = _stream("hermes", ["a <to", "ol> b"], plan)
+    assert "".join(streamed) + rest == "a <tool> b" and calls == []
+
+
+@pytest.mark.parametrize("reply", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>',  # bad JSON
+    '<tool_call>\n{"name": "launch_rockets", "arguments": {}}\n</tool_call>',  # unknown function
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # never closed
+])
+def test_hermes_malformed_calls_come_back_as_content(reply):
+    streamed, rest, calls = _stream("hermes", [reply], plan_tools(_req()))
+    assert calls == [] and "".join(streamed) + rest == reply
+
+
+def test_hermes_cut_by_max_tokens_is_content():
+    reply = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    streamed, rest, calls = _stream("hermes", [reply], plan_tools(_req()), complete=False)
+    assert calls == [] and rest == reply
+
+
+def test_forced_calls_use_the_json_reader_whatever_the_family():
+    plan = plan_tools(_req(tool_choice="required"))
+    streamed, rest, calls = _stream("hermes", ['{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}'], plan)
+    assert streamed == ["", ""] and rest == "" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+
+
+def test_tool_call_arguments_reach_templates_as_objects():
+    req = parse_chat_request({"model": "m", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "cold"}]})
+    call = req.messages[1].for_template()["tool_calls"][0]
+    assert call["function"]["arguments"] == {"city": "Oslo"}

@@ -14,7 +14,8 @@ from jinja2 import TemplateError
 
 from lmserve.backends.base import ChatJob, Health
 from lmserve.chat.schemas import ChatCompletionRequest
-from lmserve.chat.tools import ToolPlan, may_be_call, output_constraint, parse_tool_call, plan_tools, template_messages
+from lmserve.chat.tool_parsers import tool_call_stream
+from lmserve.chat.tools import ToolPlan, output_constraint, plan_tools, template_messages
 from lmserve.config import ModelDeployment
 from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from lmserve.engine.llm_engine import LLMEngine
@@ -121,7 +122,8 @@ class LocalBackend:
             yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}], "usage": None}
         report_eos_as_stop = self.deployment.report_eos_as_stop
-        choices = [_ChoiceText(state.tool_plan) for _ in range(job.n)]
+        fmt = self.engine.model.tool_call_format
+        readers = [tool_call_stream(fmt, state.tool_plan) if state.tool_plan else None for _ in range(job.n)]
         try:
             async for out in self.async_engine.generate(job.request_id, state.prompt_ids, state.params):
                 for o in out.outputs:
@@ -129,10 +131,16 @@ class LocalBackend:
                     finish = o.finish_reason
                     if finish == "eos" and report_eos_as_stop:
                         finish = "stop"
-                    text, call = choices[o.index].feed(o.text, finish)
+                    text, calls = o.text, []
+                    reader = readers[o.index]
+                    if reader is not None:  # tools in play: text that may be a call is held back
+                        text = reader.feed(text)
+                        if finish is not None:
+                            rest, calls = reader.finish(complete=finish != "length")
+                            text += rest
                     delta: dict[str, Any] = {}
-                    if call is not None:
-                        delta["tool_calls"] = [call]
+                    if calls:
+                        delta["tool_calls"] = calls
                         finish = "tool_calls"
                     if text:
                         delta["content"] = text
@@ -200,26 +208,3 @@ class LocalBackend:
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
-
-
-class _ChoiceText:
-    """One choice's text on its way out. With tools in play, text is held back while it may
-    still be a tool call: a forced call until the end, an `auto` reply until it is clearly prose."""
-
-    def __init__(self, plan: ToolPlan | None):
-        self.plan = plan
-        self.held = ""
-        self.streaming = plan is None
-
-    def feed(self, text: str, finish: str | None) -> tuple[str, dict | None]:
-        """Returns (text to emit now, the tool call once the choice has ended as one)."""
-        if self.streaming:
-            return text, None
-        self.held += text
-        if finish is not None:
-            call = parse_tool_call(self.held, self.plan) if finish != "length" else None
-            return ("", call) if call is not None else (self.held, None)
-        if not self.plan.forced and not may_be_call(self.held):
-            self.streaming = True  # plain text after all: release what was held
-            return self.held, None
-        return "", None

@@ -6,6 +6,7 @@ ignored; omitted fields stay None so the deployment's defaults can fill them.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,12 +64,25 @@ class Message(_Body):
     def for_template(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.tool_calls:
-            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            out["tool_calls"] = [_call_for_template(c.model_dump()) for c in self.tool_calls]
         if self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
         if self.name:
             out["name"] = self.name
         return out
+
+
+def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    """Chat templates write `arguments | tojson`, so they take the arguments as an object; the
+    API carries them as a JSON string. Arguments that are not a JSON object stay a string."""
+    function = call.get("function") or {}
+    try:
+        args = json.loads(function.get("arguments") or "{}")
+    except ValueError:
+        return call
+    if not isinstance(args, dict):
+        return call
+    return {**call, "function": {**function, "arguments": args}}
 
 
 class StreamOptions(_Body):

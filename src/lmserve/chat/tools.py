@@ -1,8 +1,8 @@
-"""Tool calls and response formats: what to constrain, how to prompt, how to read the output.
+"""Tool calls and response formats: what to constrain and how to prompt.
 
-A call is the JSON object {"name": <function>, "arguments": {...}}. With tool_choice "required"
-or a named function the output is constrained by grammar to exactly such an object, so it always
-parses; with "auto" the model decides, and output that is such an object becomes a tool call.
+With tool_choice "required" or a named function the output is constrained by grammar to exactly
+one JSON object {"name": <function>, "arguments": {...}}, so it always parses; with "auto" the
+model decides, and the family's own call format is read from its reply (chat/tool_parsers).
 Templates that know tools get them through `tools=`; for the others the functions are described
 in a system message.
 """
@@ -10,7 +10,6 @@ in a system message.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,24 +76,3 @@ def template_messages(messages: list[dict], plan: ToolPlan | None, template: str
         first = {**messages[0], "content": messages[0]["content"] + "\n\n" + instruction}
         return [first, *messages[1:]], {}
     return [{"role": "system", "content": instruction}, *messages], {}
-
-
-def parse_tool_call(text: str, plan: ToolPlan) -> dict[str, Any] | None:
-    """An OpenAI tool_calls entry if `text` is one call to a known function, else None."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or value.get("name") not in plan.names:
-        return None
-    args = value.get("arguments", value.get("parameters", {}))  # Llama 3.1 says "parameters"
-    if not isinstance(args, dict):
-        return None
-    return {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
-
-
-def may_be_call(text: str) -> bool:
-    """While text could still turn out to be a call it is held back, not streamed."""
-    stripped = text.lstrip()
-    return not stripped or stripped.startswith("{")

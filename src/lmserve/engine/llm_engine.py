@@ -92,8 +92,11 @@ class LLMEngine:
         # A sequence also can never outgrow the whole cache.
         self.max_seq_len = min(self.max_model_len, self.block_manager.capacity_tokens)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        if self.tokenizer is not None:
+            if self.tokenizer.eos_token_id is not None:
+                self.eos_token_ids.add(self.tokenizer.eos_token_id)
+            vocab = self.tokenizer.get_vocab()
+            self.eos_token_ids.update(vocab[t] for t in self.model.end_of_turn_tokens if t in vocab)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None

@@ -33,11 +33,48 @@ def load_tokenizer(ckpt: Checkpoint):
 
 
 def render_chat(tokenizer, conversation: list[dict], **template_kwargs) -> str:
-    """The prompt text for a conversation, by the checkpoint's own (sandboxed jinja) template."""
+    """The prompt text for a conversation, by the checkpoint's own (sandboxed jinja) template.
+
+    Some templates reject a system message (Gemma's raises "System role not supported"); the
+    API still takes one, as OpenAI's does: the system text is then folded into the next user
+    turn, separated by a blank line. Any other template error propagates.
+    """
+    from jinja2 import TemplateError
+
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; use generate() with a raw prompt")
-    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
-                                         **template_kwargs)
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+
+    try:
+        return render(conversation)
+    except TemplateError:
+        folded = fold_system_messages(conversation)
+        if folded is None:
+            raise
+    try:
+        return render(folded)
+    except TemplateError:
+        return render(conversation)  # the original error, about what the client sent
+
+
+def fold_system_messages(conversation: list[dict]) -> list[dict] | None:
+    """System messages merged into the user turn after them; None when there is nothing to fold
+    (no system message, or one with no user turn after it)."""
+    out: list[dict] = []
+    pending: list[str] = []
+    for message in conversation:
+        if message.get("role") in ("system", "developer"):
+            pending.append(message.get("content") or "")
+        elif pending and message.get("role") == "user":
+            out.append({**message, "content": "\n\n".join([*pending, message.get("content") or ""])})
+            pending = []
+        else:
+            out.append(message)
+    if pending or len(out) == len(conversation):
+        return None
+    return out
 
 
 # ---- user text is never control tokens ----------------------------------------------------------

@@ -74,8 +74,8 @@ async def collect_completion(backend: Backend, job: ChatJob, metrics: Metrics, t
 
 
 def _message(text: str, calls: list[dict]) -> dict:
-    if calls:
-        return {"role": "assistant", "content": None, "tool_calls": calls}
+    if calls:  # text around the calls (some formats allow it) stays the content
+        return {"role": "assistant", "content": text or None, "tool_calls": calls}
     return {"role": "assistant", "content": text}
 
 
