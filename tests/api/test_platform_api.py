@@ -354,6 +354,18 @@ def test_tpd_429(plat, checks, count_prompt_tokens):
     assert int(r.headers["retry-after"]) > 60  # a day's budget refills over the day
 
 
+def test_account_wide_limit_spans_its_keys_and_disabling_locks_them_out(plat, checks):
+    a, b = new_key(plat, "team"), new_key(plat, "team")
+    r = admin(plat, "PATCH", "/accounts/team", json={"rpd": 3})
+    assert r.status_code == 200 and r.json()["limits"]["rpd"] == 3
+    assert [chat(plat, k).status_code for k in (a, b, a)] == [200, 200, 200]
+    body = checks.error_body(chat(plat, b), 429)
+    assert "RPD" in body["error"]["message"] and "account" in body["error"]["message"]
+    assert admin(plat, "PATCH", "/accounts/team", json={"status": "disabled"}).status_code == 200
+    assert "disabled" in checks.error_body(chat(plat, a), 401)["error"]["message"]
+    checks.error_body(admin(plat, "PATCH", "/accounts/team", json={"status": "paused"}), 400, param="status")
+
+
 def _rate_limited(plat, limit: str) -> float:
     total = 0.0
     for line in plat.http.get("/metrics").text.splitlines():

@@ -61,6 +61,23 @@ def test_bootstrap_keys_are_imported_once(db):
         keys.authenticate(db, "sk-local-1")
 
 
+def test_bootstrap_keys_dropped_from_the_config_show_as_revoked(db):
+    old = keys.import_bootstrap_keys(db, ["sk-generated-at-start"])
+    keys.import_bootstrap_keys(db, ["sk-configured"])
+    status = {k["id"]: k["status"] for k in keys.list_keys(db, include_revoked=True)}
+    assert status[old["sk-generated-at-start"]] == "revoked"
+
+
+def test_account_settings(db):
+    keys.create_key(db, "erin")
+    view = keys.update_account(db, "erin", tier="pro", limits={"rpm": 7})
+    assert (view["tier"], view["limits"]["rpm"]) == ("pro", 7)
+    view = keys.update_account(db, "erin", clear_limits=True, status="disabled")
+    assert view["limits"]["rpm"] is None and view["status"] == "disabled"
+    with pytest.raises(ValueError):
+        keys.update_account(db, "erin", status="paused")
+
+
 def test_topup_splits_granted_and_paid(db):
     keys.create_key(db, "carol", balance="1")
     keys.topup(db, "carol", "2.25")

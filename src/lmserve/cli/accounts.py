@@ -1,4 +1,4 @@
-"""`lmserve accounts list|topup`: accounts and their balances."""
+"""`lmserve accounts list|topup|set`: accounts, their balances, tiers and account-wide limits."""
 
 from __future__ import annotations
 
@@ -20,6 +20,16 @@ def register(sub) -> None:
     add_database_flags(topup)
     topup.set_defaults(func=_topup)
 
+    update = asub.add_parser("set", help="change an account's tier, status or account-wide limits")
+    update.add_argument("account")
+    update.add_argument("--tier", help="the tier its keys get unless they name their own")
+    update.add_argument("--status", choices=["active", "disabled"], help="a disabled account's keys get 401")
+    for limit in ("rpm", "tpm", "rpd", "tpd"):
+        update.add_argument(f"--{limit}", type=int, help=f"{limit.upper()} over all the account's keys, per model")
+    update.add_argument("--clear-limits", action="store_true", help="remove the account-wide limits first")
+    add_database_flags(update)
+    update.set_defaults(func=_set)
+
     ls = asub.add_parser("list", help="accounts with their tiers and balances")
     ls.add_argument("--json", action="store_true", help="print JSON")
     add_database_flags(ls)
@@ -39,6 +49,22 @@ def _topup(args: argparse.Namespace) -> int:
         return 0
 
     return run_command("accounts topup", args, work)
+
+
+def _set(args: argparse.Namespace) -> int:
+    from lmserve.platform import keys
+
+    def work(db):
+        limits = {n: getattr(args, n) for n in ("rpm", "rpd", "tpm", "tpd")}
+        if any(v is not None and v < 1 for v in limits.values()):
+            raise ValueError("limits must be positive integers")
+        a = keys.update_account(db, args.account, tier=args.tier, status=args.status, limits=limits,
+                                clear_limits=args.clear_limits)
+        shown = " ".join(f"{n}={v}" for n, v in a["limits"].items() if v) or "none"
+        print(f"{a['name']}: tier {a['tier']}, status {a['status']}, account-wide limits {shown}")
+        return 0
+
+    return run_command("accounts set", args, work)
 
 
 def _list(args: argparse.Namespace) -> int:

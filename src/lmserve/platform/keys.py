@@ -151,6 +151,28 @@ def topup(db: Database, account: str, amount: str, granted: bool = False) -> dic
     return account_view(db, account)
 
 
+def update_account(db: Database, name: str, *, tier: str | None = None, status: str | None = None,
+                   limits: dict[str, int | None] | None = None, clear_limits: bool = False) -> dict:
+    """Change an account's tier, status (active | disabled) or account-wide limits (over all its
+    keys, per model; `clear_limits` removes them first)."""
+    if status not in (None, "active", "disabled"):
+        raise ValueError(f"status must be active or disabled, not {status!r}")
+    with db.session() as s:
+        acct = s.scalar(select(Account).where(Account.name == name))
+        if acct is None:
+            raise NotFound(f"no account {name!r}")
+        if tier:
+            acct.tier = tier
+        if status:
+            acct.status = status
+        for limit in LIMIT_NAMES:
+            if clear_limits:
+                setattr(acct, limit, None)
+            if (limits or {}).get(limit) is not None:
+                setattr(acct, limit, limits[limit])
+    return account_view(db, name)
+
+
 def account_view(db: Database, name: str) -> dict:
     with db.session() as s:
         a = s.scalar(select(Account).where(Account.name == name))
@@ -174,8 +196,6 @@ def _account_dict(a: Account) -> dict:
 def import_bootstrap_keys(db: Database, keys: list[str], admin: bool = False) -> dict[str, int]:
     """Give each config key a row under the unlimited bootstrap account (so usage rows name it).
     Returns {key: key id}. Matching is by salted hash: the plaintext is never stored."""
-    if not keys:
-        return {}
     account = get_or_create_account(db, BOOTSTRAP_ACCOUNT, "pro", unlimited=True)
     ids: dict[str, int] = {}
     with db.session() as s:
@@ -192,6 +212,10 @@ def import_bootstrap_keys(db: Database, keys: list[str], admin: bool = False) ->
                 s.flush()
             match.revoked_at = None
             ids[key] = match.id
+        # Keys no longer in the config (e.g. the one a keyless start made up) show as revoked.
+        for r in rows:
+            if r.id not in ids.values() and r.revoked_at is None:
+                r.revoked_at = now()
     return ids
 
 

@@ -50,8 +50,17 @@ class Platform:
         self._pending: set[asyncio.Task] = set()
 
     def start(self) -> None:
-        """Create or upgrade the schema and import the config's keys (blocking; before serving)."""
+        """Create or upgrade the schema, import the config's keys, and check Redis (blocking;
+        before serving: a wrong URL fails at start, not on the first request)."""
         self.db.migrate()
+        if self.settings.redis_url:
+            import redis
+
+            client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+            try:
+                client.ping()
+            finally:
+                client.close()
         self._bootstrap = []
         for admin, key_list in ((False, self._api_keys), (True, self.settings.admin_keys)):
             for key, key_id in keys.import_bootstrap_keys(self.db, key_list, admin=admin).items():
@@ -102,7 +111,12 @@ class Platform:
                                       principal.key_limits)
             limits = limits_for("key", principal.key_id, model, values)
             limits += limits_for("account", principal.account_id, model, principal.account_limits)
-            denied = await self.limiter.acquire(limits, reserved)
+            try:
+                denied = await self.limiter.acquire(limits, reserved)
+            except Exception as e:  # Redis down: refuse (never serve unmetered), and say it is ours
+                log.error("rate limiter unavailable: %s", e)
+                raise Refused(503, "rate limiting is unavailable; retry later", "limiter_unavailable",
+                              retry_after=1) from None
             if denied is not None:
                 retry = denied.retry_after_s
                 raise Refused(429, denied.message, "rate_limit_exceeded", retry_after=retry,

@@ -4,6 +4,7 @@ operations as `lmserve keys|accounts|usage` on the command line."""
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,6 +32,16 @@ class CreateKey(_Body):
     balance: str | None = None  # granted credit added to the account, a decimal string
     expires: str | None = None  # "30d" or an ISO date
     admin: bool = False
+
+
+class UpdateAccount(_Body):
+    tier: str | None = Field(default=None, min_length=1, max_length=50)
+    status: Literal["active", "disabled"] | None = None
+    rpm: int | None = Field(default=None, ge=1)
+    rpd: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    tpd: int | None = Field(default=None, ge=1)
+    clear_limits: bool = False
 
 
 class TopUp(_Body):
@@ -113,6 +124,17 @@ def admin_router(platform: Platform) -> APIRouter:
             raise bad_request("amount must be a positive decimal number, e.g. \"10.50\"", "amount") from None
         try:
             return await asyncio.to_thread(keys.topup, db, name, req.amount, req.granted)
+        except keys.NotFound as e:
+            raise _not_found(e) from None
+
+    @router.patch("/accounts/{name}")
+    async def update_account(request: Request, name: str):
+        await admin(request)
+        req = _parse(UpdateAccount, await body(request))
+        limits = {n: getattr(req, n) for n in ("rpm", "rpd", "tpm", "tpd")}
+        try:
+            return await asyncio.to_thread(keys.update_account, db, name, tier=req.tier, status=req.status,
+                                           limits=limits, clear_limits=req.clear_limits)
         except keys.NotFound as e:
             raise _not_found(e) from None
 

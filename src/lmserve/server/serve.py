@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from lmserve.config import DeploymentConfig
+from lmserve.config import ConfigError, DeploymentConfig
 
 
 def serve(config: DeploymentConfig) -> int:
@@ -21,7 +21,12 @@ def serve(config: DeploymentConfig) -> int:
     # The database first: a wrong URL fails in a second, not after the models have loaded.
     platform = Platform(config.platform, {d.id: d for d in config.models}, config.server.api_keys)
     print(f"platform database: {_redacted(config.platform.db_url)}", file=sys.stderr, flush=True)
-    platform.start()
+    try:
+        platform.start()
+    except Exception as e:  # a wrong URL, a server that is down: one line, exit 2
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = "Redis" if type(e).__module__.startswith("redis") else "the platform database"
+        raise ConfigError(f"cannot use {what}: {reason}") from None
     backends: dict[str, Backend] = {}
     for deployment in config.models:
         if deployment.upstream:
