@@ -83,7 +83,9 @@ def family_server(tmp_path_factory):
     tokenizers = {"tiny-qwen2": _qwen2(work / "qwen2"), "tiny-gemma2": _gemma2(work / "gemma2")}
     config = {"server": {"api_keys": [API_KEY]}, "models": [
         {"id": "tiny-qwen2", "path": str(work / "qwen2"), "dtype": "float32"},
-        {"id": "tiny-gemma2", "path": str(work / "gemma2"), "dtype": "float32"}]}
+        {"id": "tiny-gemma2", "path": str(work / "gemma2"), "dtype": "float32"},
+        # A catalog id served from local weights of its family.
+        {"id": "Qwen/Qwen2-1.5B-Instruct", "path": str(work / "qwen2"), "dtype": "float32"}]}
     (work / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,3 +158,11 @@ def test_gemma2_template_errors_other_than_system_stay_400(family_server):
     with pytest.raises(openai.BadRequestError, match="alternate"):
         client.chat.completions.create(model="tiny-gemma2", max_tokens=5, messages=[
             {"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def test_catalog_id_served_from_local_weights(family_server):
+    client, _ = family_server
+    assert "Qwen/Qwen2-1.5B-Instruct" in {m.id for m in client.models.list()}
+    r = client.chat.completions.create(model="Qwen/Qwen2-1.5B-Instruct", max_tokens=3, temperature=0,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].finish_reason == "eos"

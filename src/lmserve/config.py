@@ -138,7 +138,9 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
 
     models = [_model(m, where, i) for i, m in enumerate(_section(raw, "models", list, where))]
     for m in cli_models or []:
-        models.append(ModelDeployment(id=m, path=m))
+        # "ID=PATH" serves local weights under a catalog id; a bare path or id serves itself.
+        model_id, sep, path = m.partition("=")
+        models.append(ModelDeployment(id=model_id, path=path) if sep and path else ModelDeployment(id=m, path=m))
     if not models:
         models = [ModelDeployment(id=DEFAULT_MODEL_ID, path=DEFAULT_MODEL_ID)]
     ids = [m.id for m in models]

@@ -20,7 +20,9 @@ from lmserve.config import ModelDeployment
 from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.tokenizer import encode_chat, max_token_chars, token_bytes
-from lmserve.errors import BackendError, ContextLengthExceeded, InvalidParameter
+from lmserve.errors import BackendError, CheckpointError, ContextLengthExceeded, InvalidParameter
+from lmserve.models import catalog
+from lmserve.models.loader import read_config, resolve_checkpoint
 from lmserve.outputs import TokenLogprob
 from lmserve.sampling_params import SamplingParams
 
@@ -40,6 +42,13 @@ class LocalBackend:
         self.deployment = deployment
         self.defaults = defaults
         self.max_n = max_n
+        # A catalog id must be served by weights of its family: checked on the config alone,
+        # before seconds or minutes of loading.
+        architecture = read_config(resolve_checkpoint(deployment.path)).architecture
+        try:
+            catalog.check_weights(deployment.id, architecture)
+        except ValueError as e:
+            raise CheckpointError(f"{deployment.path}: {e}") from None
         self.engine = LLMEngine(deployment.path, deployment.dtype, **deployment.engine)
         self.async_engine = AsyncEngine(self.engine)
         self._max_token_chars = max_token_chars(self.engine.tokenizer) if self.engine.tokenizer is not None else 1
