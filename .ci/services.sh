@@ -28,7 +28,10 @@ fi
 PG_BIN=$(_pg_bin)
 [ -n "$PG_BIN" ] || _svc_fail "PostgreSQL binaries not found after install"
 
-# PostgreSQL refuses to run as root: run it as the `postgres` user the package created.
+# PostgreSQL refuses to run as root: run it as the `postgres` user (the package creates it).
+if [ "$(id -u)" = 0 ] && ! id -u postgres >/dev/null 2>&1; then
+    useradd --system --no-create-home postgres || _svc_fail "could not create the postgres user"
+fi
 _as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 PG_DATA="$SVC_DIR/pg"
 if ! "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then

@@ -45,7 +45,8 @@ def serve(config: DeploymentConfig) -> int:
     print(f"\nlmserve: serving {', '.join(backends)}\n  base URL: {base}\n  API key:  {key}  ({origin})\n"
           f"  try:\n    curl {base}/chat/completions -H 'Authorization: Bearer {key}' "
           f"-H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{first_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
+          f"-d '{{\"model\": \"{first_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+          f"  metered keys for others: lmserve keys create --account NAME  (with this server's --config)\n",
           file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=server.host, port=server.port, log_level="warning", access_log=False)
