@@ -132,6 +132,139 @@ def build_gemma2(directory: Path):
     return model
 
 
+def _save_converted(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """A remote-code checkpoint: the converted tensors under their real names, its config.json."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _tiny_glm(rope_theta: float):
+    from transformers import GlmConfig, GlmForCausalLM
+
+    # head_dim 24 is not hidden / heads, and only its first half rotates (partial_rotary_factor).
+    config = GlmConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=512,
+                       rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=[2, 5], attention_bias=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5})
+    return _widen(GlmForCausalLM(config))
+
+
+def build_glm_hf(directory: Path):
+    model = _tiny_glm(20000.0)
+    model.save_pretrained(directory)
+    # glm-4-9b-chat-hf spells the rope settings at the top level.
+    _rewrite_config(directory, rope_parameters=None, rope_theta=20000.0, partial_rotary_factor=0.5)
+    return model
+
+
+def build_chatglm(directory: Path):
+    """GLM's weights in the original ChatGLMModel layout: q/k/v (and their biases) concatenated
+    into query_key_value, gate/up already fused as dense_h_to_4h, names under transformer.;
+    rope_ratio 2 makes the base 10000 * 2, the reference's rope_theta."""
+    model = _tiny_glm(20000.0)
+    sd = model.state_dict()
+    out = {"transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+           "transformer.encoder.final_layernorm.weight": sd["model.norm.weight"],
+           "transformer.output_layer.weight": sd["lm_head.weight"],
+           "transformer.rotary_pos_emb.inv_freq": torch.ones(6)}  # stored by the real ones, recomputed
+    for i in range(model.config.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}self_attention.query_key_value.{kind}"] = torch.cat(
+                [sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+        out[f"{dst}self_attention.dense.weight"] = sd[f"{src}self_attn.o_proj.weight"]
+        out[f"{dst}mlp.dense_h_to_4h.weight"] = sd[f"{src}mlp.gate_up_proj.weight"]
+        out[f"{dst}mlp.dense_4h_to_h.weight"] = sd[f"{src}mlp.down_proj.weight"]
+        out[f"{dst}input_layernorm.weight"] = sd[f"{src}input_layernorm.weight"]
+        out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
+    _save_converted(directory, out, {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 3, "hidden_size": 64,
+        "num_attention_heads": 4, "multi_query_attention": True, "multi_query_group_num": 2, "kv_channels": 24,
+        "ffn_hidden_size": 96, "layernorm_epsilon": 1e-5, "padded_vocab_size": 320, "seq_length": 512,
+        "rope_ratio": 2.0, "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
+        "original_rope": True, "apply_residual_connection_post_layernorm": False, "eos_token_id": [2, 5],
+        "pad_token_id": 0, "torch_dtype": "float32"})
+    return model
+
+
+def _tiny_llama(bias: bool, kv_heads: int, heads: int, rope: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         attention_bias=bias, mlp_bias=bias, rope_parameters=rope)
+    return _widen(LlamaForCausalLM(config))
+
+
+def build_internlm2(directory: Path):
+    """Llama's weights in InternLM2's layout: wqkv rows grouped by KV head (3 query heads, then
+    the key head, then the value head, per group), w1/w3/w2 for gate/up/down. The dynamic NTK
+    scaling of the released configs is exact inside the trained window, which these prompts fit."""
+    heads, kv_heads, head_dim = 6, 2, 16
+    model = _tiny_llama(False, kv_heads, heads, {"rope_type": "default", "rope_theta": 1e6})
+    sd = model.state_dict()
+    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for i in range(3):
+        src, dst = f"model.layers.{i}.", f"model.layers.{i}."
+        q = sd[f"{src}self_attn.q_proj.weight"].reshape(kv_heads, heads // kv_heads, head_dim, -1)
+        k = sd[f"{src}self_attn.k_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
+        v = sd[f"{src}self_attn.v_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
+        out[f"{dst}attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, 96)
+        out[f"{dst}attention.wo.weight"] = sd[f"{src}self_attn.o_proj.weight"]
+        out[f"{dst}feed_forward.w1.weight"] = sd[f"{src}mlp.gate_proj.weight"]
+        out[f"{dst}feed_forward.w3.weight"] = sd[f"{src}mlp.up_proj.weight"]
+        out[f"{dst}feed_forward.w2.weight"] = sd[f"{src}mlp.down_proj.weight"]
+        out[f"{dst}attention_norm.weight"] = sd[f"{src}input_layernorm.weight"]
+        out[f"{dst}ffn_norm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
+    _save_converted(directory, out, {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": 96,
+        "num_hidden_layers": 3, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "intermediate_size": 160, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 512,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False, "vocab_size": 320, "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float32"})
+    return model
+
+
+def build_telechat2(directory: Path):
+    """Llama with every bias on, the ones TeleChat2 lacks (q/k/v, gate/up) zeroed, so it computes
+    TeleChat2's function: biases on the attention output and the down projection only. Saved
+    in TeleChat2's layout: key_value rows per KV head [K_h; V_h], names under transformer.h."""
+    heads, kv_heads, head_dim = 4, 2, 24
+    model = _tiny_llama(True, kv_heads, heads, {"rope_type": "default", "rope_theta": 10000.0})
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f"{n}.bias" in name for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                p.zero_()
+    out = {"transformer.word_embeddings.weight": sd["model.embed_tokens.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(3):
+        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
+        k = sd[f"{src}self_attn.k_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
+        v = sd[f"{src}self_attn.v_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
+        out[f"{dst}self_attention.query.weight"] = sd[f"{src}self_attn.q_proj.weight"]
+        out[f"{dst}self_attention.key_value.weight"] = torch.cat([k, v], dim=1).reshape(-1, 96)
+        out[f"{dst}self_attention.dense.weight"] = sd[f"{src}self_attn.o_proj.weight"]
+        out[f"{dst}self_attention.dense.bias"] = sd[f"{src}self_attn.o_proj.bias"]
+        for name in ("gate_proj", "up_proj"):
+            out[f"{dst}mlp.{name}.weight"] = sd[f"{src}mlp.{name}.weight"]
+        out[f"{dst}mlp.down_proj.weight"] = sd[f"{src}mlp.down_proj.weight"]
+        out[f"{dst}mlp.down_proj.bias"] = sd[f"{src}mlp.down_proj.bias"]
+        out[f"{dst}input_layernorm.weight"] = sd[f"{src}input_layernorm.weight"]
+        out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
+    _save_converted(directory, out, {
+        "architectures": ["TeleChat2ForCausalLM"], "model_type": "telechat", "hidden_size": 96, "n_layer": 3,
+        "n_head": heads, "num_key_value_heads": kv_heads, "ffn_hidden_size": 160, "layer_norm_epsilon": 1e-5,
+        "vocab_size": 320, "training_seqlen": 8192, "base_seqlen": 8192, "embed_layernorm": False, "logn": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "tie_word_embeddings": False,
+        "torch_dtype": "float32"})
+    return model
+
+
 @dataclass
 class FamilySpec:
     name: str
@@ -146,6 +279,10 @@ FAMILIES = [
     FamilySpec("qwen2-tied", lambda d: build_qwen2(d, yarn=False, tie=True)),
     FamilySpec("qwen2-gguf", build_qwen2_gguf),
     FamilySpec("gemma2", build_gemma2),
+    FamilySpec("glm-hf", build_glm_hf),
+    FamilySpec("chatglm", build_chatglm),
+    FamilySpec("internlm2", build_internlm2),
+    FamilySpec("telechat2", build_telechat2),
 ]
 
 # Wave 1: three prompts of different lengths, prefilled in chunks (token budget 16).

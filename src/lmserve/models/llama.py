@@ -68,14 +68,18 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: DecoderConfig, dtype: torch.dtype):
         super().__init__()
         self.config = config
-        self.rotary = get_rope(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                               config.rope_scaling, dtype=dtype)
+        self.rotary = self.build_rotary(config, dtype)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.layer_class(config, self.rotary, i) for i in range(config.num_layers))
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def build_rotary(self, config: DecoderConfig, dtype: torch.dtype) -> RotaryEmbedding:
+        """The rope every layer shares (a family with partial or interleaved rope overrides it)."""
+        return get_rope(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                        config.rope_scaling, dtype=dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
