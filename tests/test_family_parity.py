@@ -265,6 +265,26 @@ def build_telechat2(directory: Path):
     return model
 
 
+def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int = 1,
+                    mlp_only_layers: tuple[int, ...] = (1,)):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    # 8 experts, top-3, a shared expert with its sigmoid gate, a dense layer in the middle.
+    config = Qwen2MoeConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=48, norm_topk_prob=renormalize,
+                            decoder_sparse_step=sparse_step, mlp_only_layers=list(mlp_only_layers),
+                            rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                             "original_max_position_embeddings": 32},
+                            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = _widen(Qwen2MoeForCausalLM(config))
+    model.save_pretrained(directory)
+    _rewrite_config(directory, rope_parameters=None, rope_theta=1e6, rope_scaling=QWEN2_YARN, layer_types=None,
+                    qkv_bias=None)
+    return model
+
+
 @dataclass
 class FamilySpec:
     name: str
@@ -283,6 +303,9 @@ FAMILIES = [
     FamilySpec("chatglm", build_chatglm),
     FamilySpec("internlm2", build_internlm2),
     FamilySpec("telechat2", build_telechat2),
+    FamilySpec("qwen2-moe", build_qwen2_moe),
+    FamilySpec("qwen2-moe-renorm-step2", lambda d: build_qwen2_moe(d, renormalize=True, sparse_step=2,
+                                                                   mlp_only_layers=())),
 ]
 
 # Wave 1: three prompts of different lengths, prefilled in chunks (token budget 16).

@@ -1,0 +1,186 @@
+"""Mixture-of-experts MLP: a router picks k experts per token, each expert runs only on the tokens
+routed to it, plus optional always-on shared experts. Qwen2-MoE and DeepSeek-V2 use it.
+
+Numerics follow transformers' modeling_qwen2_moe / modeling_deepseek_v2 (and DeepSeek's own
+remote code where transformers simplifies):
+- router: softmax over the expert logits in fp32, top-k; Qwen2-MoE computes the logits in the
+  activation dtype and casts the weights back to it, DeepSeek computes them in fp32 and keeps
+  the weights in fp32 (its gate weight is kept in fp32 by transformers);
+- `renormalize` (norm_topk_prob) divides the k weights by their sum; DeepSeek otherwise scales
+  them by `routed_scaling_factor` (16 for V2);
+- DeepSeek's group-limited greedy routing: the experts form `num_groups` groups, a group scores
+  its best expert, only the `topk_groups` best groups stay eligible (the others' scores become
+  0), then the top-k experts among them;
+- experts are SwiGLU MLPs; each token's output is sum_e weight_e * expert_e(x), accumulated in
+  expert order (as transformers does, so fp32 results agree to the last bits);
+- shared experts: Qwen2-MoE multiplies its one shared expert by sigmoid(shared_expert_gate(x))
+  (one scalar per token), DeepSeek adds its shared experts as they are.
+
+The experts' weights are stacked ([E, 2I, H] for gate/up, [E, H, I] for down) and fill from
+the checkpoint's per-expert tensors through a weight loader per (expert, shard), so checkpoint
+names `mlp.experts.{e}.gate_proj.weight` load through the generic loading loop.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.layers.activation import get_activation
+from lmserve.layers.linear import Linear, check_shape, set_weight_loader
+from lmserve.layers.mlp import GatedMLP
+
+# Checkpoint name of one expert's projection -> its slot in the stacked parameters.
+_EXPERT_TENSOR = re.compile(r"^(?:model\.)?(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_SHARD = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+
+
+def map_expert_name(name: str) -> tuple[str, tuple[int, int | None]] | None:
+    """`layers.3.mlp.experts.7.up_proj.weight` -> (`layers.3.mlp.experts.gate_up_proj`, (7, 1));
+    None for a tensor that is not a routed expert's."""
+    match = _EXPERT_TENSOR.match(name)
+    if match is None:
+        return None
+    prefix, expert, proj = match.groups()
+    param, shard = _EXPERT_SHARD[proj]
+    return f"{prefix}.{param}", (int(expert), shard)
+
+
+class FusedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights, run as one matmul pair per expert that got tokens."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str = "silu"):
+        super().__init__()
+        self.num_experts, self.intermediate = num_experts, intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+        for param, shards in ((self.gate_up_proj, (0, 1)), (self.down_proj, (None,))):
+            set_weight_loader(param, self.weight_loader)
+            param.shard_ids = [(e, s) for e in range(num_experts) for s in shards]
+        self.act = get_activation(activation)
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id) -> None:
+        if not isinstance(shard_id, tuple):
+            raise ValueError(f"expert parameter of shape {tuple(param.shape)} needs an (expert, shard) id")
+        expert, shard = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"names expert {expert}, but the config has {self.num_experts} experts")
+        dest = param.data[expert]
+        if shard is not None:  # gate (0) or up (1) half of the expert's gate_up rows
+            dest = dest.narrow(0, shard * self.intermediate, self.intermediate)
+        check_shape(dest, tensor)
+        dest.copy_(tensor)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; topk_weights, topk_ids [T, k] -> [T, H]."""
+        k = topk_ids.shape[1]
+        flat = topk_ids.reshape(-1)
+        # Group the (token, slot) pairs by expert: one sort, then contiguous runs per expert.
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order // k
+        weights = topk_weights.reshape(-1)[order]
+        inputs = x.index_select(0, tokens)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            start += n
+            gate, up = F.linear(inputs[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            out.index_add_(0, tokens[rows], (y * weights[rows, None]).to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, intermediate={self.intermediate}"
+
+
+class TopKRouter(nn.Module):
+    """The gate: expert logits -> (weights [T, k], expert ids [T, k])."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, renormalize: bool = False,
+                 scaling_factor: float = 1.0, num_groups: int | None = None, topk_groups: int | None = None,
+                 fp32_logits: bool = False):
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"num_experts_per_tok {top_k} exceeds the {num_experts} experts")
+        if num_groups and (num_experts % num_groups or not topk_groups or topk_groups > num_groups):
+            raise ValueError(f"{num_experts} experts cannot route over n_group {num_groups} / topk_group {topk_groups}")
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.renormalize, self.scaling_factor = renormalize, scaling_factor
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.fp32_logits = fp32_logits
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fp32_logits:
+            logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x, self.weight)
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if self.num_groups and self.num_groups > 1:
+            t = scores.shape[0]
+            group_scores = scores.view(t, self.num_groups, -1).max(dim=-1).values
+            groups = torch.topk(group_scores, k=self.topk_groups, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores).scatter_(1, groups, 1.0).bool()
+            keep = keep.unsqueeze(-1).expand(t, self.num_groups, self.num_experts // self.num_groups)
+            scores = scores.masked_fill(~keep.reshape(t, -1), 0.0)
+        weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        elif self.scaling_factor != 1.0:
+            weights = weights * self.scaling_factor
+        if not self.fp32_logits:
+            weights = weights.to(logits.dtype)
+        return weights, ids
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
+                f"scale={self.scaling_factor}, groups={self.num_groups}/{self.topk_groups}")
+
+
+class SparseMoE(nn.Module):
+    """Router + routed experts + optional shared experts, under the checkpoint's module names:
+    `gate` (router), `experts`, and the shared MLP as `shared_name` (Qwen2-MoE `shared_expert`
+    with a `shared_expert_gate`, DeepSeek `shared_experts` without)."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate: int, activation: str = "silu",
+                 renormalize: bool = False, scaling_factor: float = 1.0, num_groups: int | None = None,
+                 topk_groups: int | None = None, fp32_router: bool = False, shared_intermediate: int = 0,
+                 shared_name: str = "shared_experts", shared_gate: bool = False):
+        super().__init__()
+        self.gate = TopKRouter(hidden, num_experts, top_k, renormalize, scaling_factor, num_groups, topk_groups,
+                               fp32_router)
+        self.experts = FusedExperts(num_experts, hidden, intermediate, activation)
+        # Attribute names are the checkpoint's, so the generic name map needs no MoE rules.
+        self.shared_name = shared_name if shared_intermediate else None
+        self.shared_gate_name = f"{shared_name}_gate" if shared_intermediate and shared_gate else None
+        if self.shared_name:
+            self.add_module(self.shared_name, GatedMLP(hidden, shared_intermediate, activation))
+        if self.shared_gate_name:
+            self.add_module(self.shared_gate_name, Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_name:
+            shared = getattr(self, self.shared_name)(x)
+            if self.shared_gate_name:
+                shared = torch.sigmoid(getattr(self, self.shared_gate_name)(x)) * shared
+            out = out + shared
+        return out
+
+
+def qwen2_moe_is_sparse(index: int, num_experts: int, sparse_step: int, mlp_only_layers: list[int]) -> bool:
+    """Qwen2-MoE: every `decoder_sparse_step`-th layer is MoE, except those in mlp_only_layers."""
+    return index not in mlp_only_layers and num_experts > 0 and (index + 1) % sparse_step == 0
+
+
+def deepseek_is_sparse(index: int, num_experts: int | None, first_k_dense: int, layer_freq: int) -> bool:
+    """DeepSeek: the first `first_k_dense_replace` layers are dense, then every `moe_layer_freq`-th."""
+    return bool(num_experts) and index >= first_k_dense and index % layer_freq == 0
