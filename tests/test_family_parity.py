@@ -285,12 +285,38 @@ def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int
     return model
 
 
+def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limited: bool = True):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    # MLA (q_lora_rank set like V2/V2.5, or None like V2-Lite), a dense first layer, 8 experts in
+    # 4 groups of which the best 2 stay eligible, top-3, routed scaling, 2 shared experts, and
+    # YaRN with mscale != mscale_all_dim so both the rope factor and the softmax factor matter.
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 0.7}
+    config = DeepseekV2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
+        v_head_dim=10, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=2,
+        first_k_dense_replace=1, topk_method="group_limited_greedy" if group_limited else "greedy",
+        n_group=4 if group_limited else None, topk_group=2 if group_limited else None, routed_scaling_factor=2.5,
+        norm_topk_prob=False, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **{k: v for k, v in yarn.items() if k != "type"}},
+        bos_token_id=1, eos_token_id=2)
+    model = _widen(DeepseekV2ForCausalLM(config))
+    model.save_pretrained(directory)
+    # As the released configs spell it (rope_scaling with "type", no derived head dims).
+    _rewrite_config(directory, rope_parameters=None, rope_theta=10000.0, rope_scaling=yarn, head_dim=None,
+                    qk_head_dim=None, moe_layer_freq=1, scoring_func="softmax")
+    return model
+
+
 @dataclass
 class FamilySpec:
     name: str
     build: Callable  # directory -> reference model, or (reference, file to serve)
     engine_options: dict = field(default_factory=dict)
     atol: float = 2e-4
+    preempts: bool = False  # the engine options leave too few KV blocks: sequences must be preempted
 
 
 FAMILIES = [
@@ -306,6 +332,11 @@ FAMILIES = [
     FamilySpec("qwen2-moe", build_qwen2_moe),
     FamilySpec("qwen2-moe-renorm-step2", lambda d: build_qwen2_moe(d, renormalize=True, sparse_step=2,
                                                                    mlp_only_layers=())),
+    FamilySpec("deepseek-v2", build_deepseek_v2),
+    # V2-Lite-like (no q LoRA, greedy routing) with a KV cache of 32 blocks of 4 tokens: wave 1
+    # needs 40, so sequences are preempted and resumed by recomputing their latents.
+    FamilySpec("deepseek-v2-lite-preempt", lambda d: build_deepseek_v2(d, q_lora_rank=None, group_limited=False),
+               engine_options={"num_kv_blocks": 32}, preempts=True),
 ]
 
 # Wave 1: three prompts of different lengths, prefilled in chunks (token budget 16).
@@ -348,8 +379,8 @@ def _serve_and_capture(engine: LLMEngine, prompts: list[list[int]]):
 def test_family_matches_transformers(spec: FamilySpec, tmp_path):
     built = spec.build(tmp_path)
     reference, source = built if isinstance(built, tuple) else (built, tmp_path)
-    engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4,
-                       max_num_batched_tokens=16, **spec.engine_options)
+    options = {"num_kv_blocks": 96, "block_size": 4, "max_num_batched_tokens": 16, **spec.engine_options}
+    engine = LLMEngine(str(source), dtype="float32", **options)
     hits = 0
     for wave in WAVES:
         for prompt, (tokens, logits, cached) in zip(wave, _serve_and_capture(engine, wave)):
@@ -363,4 +394,43 @@ def test_family_matches_transformers(spec: FamilySpec, tmp_path):
                                            msg=lambda m, s=step: f"{spec.name} step {s}: {m}")
                 assert tokens[step] == int(expected.argmax()), f"{spec.name}: greedy token differs at step {step}"
     assert hits >= 16, "the second wave should have hit the prefix cache"
+    assert (engine.scheduler.num_preemptions > 0) == spec.preempts
     assert engine.num_free_blocks == engine.num_blocks
+
+
+# DeepSeek-V2-Chat's config.json (the keys the family reads; the model weighs 236B parameters).
+DEEPSEEK_V2_CHAT = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 5120, "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 60,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 2, "n_routed_experts": 160,
+    "routed_scaling_factor": 16.0, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "group_limited_greedy", "n_group": 8,
+    "topk_group": 3, "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1,
+    "norm_topk_prob": False, "scoring_func": "softmax", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000, "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": False,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"}}
+
+
+@pytest.mark.parametrize("mscale, scale", [(0.707, 0.114721), (1.0, 0.135234)])
+def test_deepseek_v2_caches_576_values_per_token_per_layer(mscale, scale):
+    """The real model's shape (built on the meta device: no memory): every layer's KV spec is the
+    latent + rope key, and the block sizing the engine uses counts exactly that."""
+    from lmserve.attention import MLAKVCacheSpec
+    from lmserve.attention.spec import kv_bytes_per_block
+    from lmserve.models.deepseek_v2 import DeepseekV2ForCausalLM
+
+    cfg = json.loads(json.dumps(DEEPSEEK_V2_CHAT))
+    cfg["rope_scaling"].update(mscale=mscale, mscale_all_dim=mscale)  # V2-Chat 0.707, V2.5 1.0
+    config = DeepseekV2ForCausalLM.config_from_hf(cfg, None)
+    assert config.context_length == 163840
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(config, torch.bfloat16)
+    specs = model.kv_cache_specs()
+    assert specs == [MLAKVCacheSpec(512, 64)] * 60
+    assert specs[0].cache_shape(10, 16) == (10, 16, 576)
+    assert kv_bytes_per_block(specs, 16, torch.bfloat16) == 16 * 60 * 576 * 2  # 1.1 MB per 16 tokens
+    attn = model.layers[0].self_attn.attn
+    assert attn.scale == pytest.approx(scale, abs=1e-6)
+    assert not hasattr(model.layers[0].mlp, "experts") and model.layers[1].mlp.experts.num_experts == 160
+    assert model.layers[1].mlp.gate.num_groups == 8 and model.layers[1].mlp.gate.scaling_factor == 16.0

@@ -148,6 +148,55 @@ class CpuSdpaBackend:
         return out
 
 
+    def forward_mla(self, layer, q: torch.Tensor, entry: torch.Tensor, kv_b_proj, kv_cache: tuple[torch.Tensor],
+                    meta: CpuAttentionMetadata) -> torch.Tensor:
+        """Multi-head latent attention. q: [T, H, nope + rope]; entry: [T, latent + rope], what
+        the cache keeps per token. Returns [T, H, v_head_dim].
+
+        Decode absorbs kv_b_proj instead of expanding the cache: a head's score against a
+        cached token is q_nope . (W_UK c) + q_rope . k_rope = [W_UK^T q_nope ; q_rope] . [c ; k_rope],
+        so every head's query is moved into latent space once and scores the cached entries
+        directly (one shared "KV head" of 576 values, no per-token expansion: the work per step
+        grows with the context only as a dot product); the weighted sum of latents is then
+        mapped through W_UV. Prefill expands the latents of its chunk (and of the cached context)
+        through kv_b_proj into per-head keys and values: with many queries per key that is the
+        cheaper order, and it is exactly transformers' computation.
+        """
+        cache = kv_cache[0]
+        rank, nope, heads = layer.kv_lora_rank, layer.qk_nope_dim, layer.num_heads
+        width = cache.shape[-1]
+        cache.view(-1, width).index_copy_(0, meta.slot_mapping, entry)
+        t = q.shape[0]
+        nd = meta.num_decode
+        out = q.new_empty(t, heads, layer.v_head_dim)
+        if nd:
+            w = kv_b_proj.weight.view(heads, nope + layer.v_head_dim, rank)
+            w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, v, rank]
+            q_latent = torch.bmm(q[:nd, :, :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
+            qd = torch.cat((q_latent, q[:nd, :, nope:]), dim=-1).unsqueeze(1)  # [B, 1, H, rank + rope]
+            tables = meta.decode_block_tables
+            entries = cache.index_select(0, tables.view(-1)).view(nd, 1, -1, width)
+            od = F.scaled_dot_product_attention(qd, entries, entries[..., :rank], attn_mask=meta.decode_mask(None),
+                                                scale=layer.scale)  # [B, 1, H, rank]
+            out[:nd] = torch.bmm(od.squeeze(1).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        for index, chunk in enumerate(meta.prefills):
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            if chunk.context_len == 0:
+                ent = entry[rows]
+            else:
+                total = chunk.context_len + chunk.length
+                ent = cache.index_select(0, chunk.block_table).view(-1, width)[:total]
+            s = ent.shape[0]
+            kv = kv_b_proj(ent[:, :rank]).view(s, heads, nope + layer.v_head_dim)
+            k = torch.cat((kv[..., :nope], ent[:, None, rank:].expand(s, heads, width - rank)), dim=-1)
+            mask = meta.prefill_mask(index, None)
+            op = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                kv[..., nope:].transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None, scale=layer.scale)
+            out[rows] = op.squeeze(0).transpose(0, 1)
+        return out
+
+
 def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
     """transformers' eager order: scores * scale, cap * tanh(scores / cap), + mask, softmax in
     fp32 cast back, times values."""

@@ -1,7 +1,7 @@
 """What one layer keeps in the KV cache per token, so the runner can allocate and size it.
 
-A spec belongs to a layer: Gemma-2 alternates sliding-window and global layers, and MLA (a later
-family) caches one compressed latent per token instead of per-head keys and values.
+A spec belongs to a layer: Gemma-2 alternates sliding-window and global layers, and MLA
+(DeepSeek-V2) caches one compressed latent per token instead of per-head keys and values.
 """
 
 from __future__ import annotations
@@ -33,6 +33,34 @@ class KVCacheSpec:
         return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
 
-def kv_bytes_per_block(specs: list[KVCacheSpec], block_size: int, dtype: torch.dtype) -> int:
+@dataclass(frozen=True)
+class MLAKVCacheSpec:
+    """Multi-head latent attention (DeepSeek-V2): per token one normalized latent of
+    `kv_lora_rank` values and the rotated rope key (`rope_dim`, shared by every head), stored
+    side by side in ONE tensor: [latent | rope key], 512 + 64 = 576 values for the real model.
+    Per-head keys and values are never cached (they would be 128 heads x (192 + 128) values);
+    attention expands or absorbs the latent through kv_b_proj when it reads it."""
+
+    kv_lora_rank: int
+    rope_dim: int
+    sliding_window: None = None  # MLA layers attend to the whole context
+
+    @property
+    def entry_size(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, self.entry_size)
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.entry_size * torch.empty((), dtype=dtype).element_size()
+
+    def allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor]:
+        """A one-tensor tuple: the runner copies blocks part by part, whatever the layer kind."""
+        return (torch.zeros(self.cache_shape(num_blocks, block_size), dtype=dtype, device=device),)
+
+
+def kv_bytes_per_block(specs: list[KVCacheSpec | MLAKVCacheSpec], block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block (block_size tokens) takes across every layer."""
     return block_size * sum(spec.bytes_per_token(dtype) for spec in specs)
