@@ -88,8 +88,7 @@ def main() -> None:
 
     async def limiters():
         memory = await bench_limiter(MemoryLimiter(), args.admissions, 50)
-        redis = RedisLimiter(redis_url)
-        await redis.redis.flushdb()
+        redis = RedisLimiter(redis_url, prefix=f"lmserve-bench:{os.getpid()}:")
         try:
             shared = await bench_limiter(redis, args.admissions, 50)
         finally:

@@ -4,8 +4,10 @@ Nothing here skips: without the services, the tests that need them fail and say 
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -31,29 +33,59 @@ def service_urls() -> dict[str, str]:
 
 
 def fresh_postgres_url() -> str:
-    """The test PostgreSQL database, emptied (tables and Alembic's version) for a new schema."""
+    """A new, empty database on the test PostgreSQL, dropped when the test run ends. Each caller
+    gets its own: other checkouts run these tests against the same server at the same time."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
-    url = service_urls()["postgres"]
-    engine = create_engine(url)
+    base = service_urls()["postgres"]
+    name = f"lmserve_t{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
     try:
-        with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS usage, api_keys, accounts, alembic_version CASCADE"))
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as e:
-        pytest.fail(f"the test PostgreSQL at {url} is not usable: {e}", pytrace=False)
+        pytest.fail(f"the test PostgreSQL at {base} is not usable: {e}", pytrace=False)
     finally:
         engine.dispose()
-    return url
+    _databases.append(name)
+    return make_url(base).set(database=name).render_as_string(hide_password=False)
 
 
-def fresh_redis_url() -> str:
+_databases: list[str] = []
+
+
+@atexit.register
+def _drop_databases() -> None:
+    if not _databases:
+        return
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(service_urls()["postgres"], isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for name in _databases:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    except Exception:
+        pass  # the server is gone already; its data dir is a throwaway
+    finally:
+        engine.dispose()
+
+
+def redis_url() -> str:
+    """The test Redis, checked. Tests keep their counters apart with `unique_prefix()`, never by
+    flushing: other checkouts use the same Redis at the same time."""
     import redis
 
     url = service_urls()["redis"]
     try:
         client = redis.Redis.from_url(url)
-        client.flushdb()
+        client.ping()
         client.close()
     except Exception as e:
         pytest.fail(f"the test Redis at {url} is not usable: {e}", pytrace=False)
     return url
+
+
+def unique_prefix() -> str:
+    return f"lmserve-test:{os.getpid()}:{uuid.uuid4().hex[:10]}:"

@@ -80,6 +80,7 @@ class PlatformSettings:
     data_dir: str = field(default_factory=_default_data_dir)
     database_url: str | None = None  # default: a SQLite file in data_dir
     redis_url: str | None = None  # rate-limit counters shared by several API servers; default in-process
+    redis_prefix: str = "lmserve:rl:"  # key prefix in Redis (deployments sharing one Redis keep apart)
     admin_keys: list[str] = field(default_factory=list)  # plus LMSERVE_ADMIN_KEYS
     tiers: dict[str, dict[str, int | None]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_TIERS.items()})
@@ -155,7 +156,7 @@ def _platform(raw: dict, where: str) -> PlatformSettings:
     if bad:
         raise ConfigError(f"{where}: unknown platform key(s) {', '.join(sorted(bad))}")
     settings = PlatformSettings(**{k: v for k, v in raw.items() if k != "tiers"})
-    for name in ("data_dir", "database_url", "redis_url"):
+    for name in ("data_dir", "database_url", "redis_url", "redis_prefix"):
         value = getattr(settings, name)
         if value is not None and not (isinstance(value, str) and value):
             raise ConfigError(f"{where}: platform.{name} must be a non-empty string")

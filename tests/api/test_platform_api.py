@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import openai
 import pytest
-from platform_services import fresh_postgres_url, fresh_redis_url
+from platform_services import fresh_postgres_url, redis_url, unique_prefix
 from sqlalchemy import create_engine, text
 
 API_KEY = "sk-test-key"  # the main test server's key (it is the upstream here)
@@ -106,7 +106,7 @@ def _dead_url() -> str:
 
 @pytest.fixture(scope="module")
 def plat(server, servers, faults, tmp_path_factory):
-    pg, redis_url = fresh_postgres_url(), fresh_redis_url()
+    pg = fresh_postgres_url()
     fault_models = "".join(f"""
   - id: Vendor-A/{name}
     upstream: {{base_urls: ["{faults}"], model: {name}, read_timeout: 1.5, retries: 1}}
@@ -116,7 +116,8 @@ server:
   api_keys: ["{BOOT_KEY}"]
 platform:
   database_url: "{pg}"
-  redis_url: "{redis_url}"
+  redis_url: "{redis_url()}"
+  redis_prefix: "{unique_prefix()}"
   admin_keys: ["{ADMIN_KEY}"]
   tiers:
     free: {{rpm: 1000, tpm: 100000}}
@@ -269,6 +270,7 @@ def test_balance_is_charged_exactly_and_exhaustion_is_403(plat, checks):
         traces.append(r.headers["x-request-id"])
     rows = wait_for_rows(plat, "trace_id IN (:a, :b, :c)", 3, a=traces[0], b=traces[1], c=traces[2])
     cost = sum(r["cost_nanos"] for r in rows)
+    assert all(0 < r["ttft_ms"] <= r["latency_ms"] and r["tier"] == "free" and r["status"] == 200 for r in rows)
     expected = sum(int(r["prompt_tokens"] * PRICE_IN * 1000 + r["completion_tokens"] * PRICE_OUT * 1000)
                    for r in rows)
     assert cost == expected > 0
@@ -402,6 +404,38 @@ def test_client_disconnect_mid_stream_leaves_a_row_with_its_tokens(plat):
     assert len(rows) == 1, "no ledger row for the disconnected request"
     row = rows[0]
     assert row["status"] == 499 and 4 <= row["completion_tokens"] < 300 and row["cost_nanos"] > 0
+
+
+def test_client_giving_up_on_a_non_streamed_request_leaves_a_row(plat):
+    key = new_key(plat, "impatient")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write an essay about rivers."}],
+            "max_tokens": 400, "temperature": 0.7}
+    with pytest.raises(httpx.ReadTimeout):
+        plat.http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=2.0)
+    rows = wait_for_rows(plat, "key_id = (SELECT id FROM api_keys WHERE name = '' AND account_id = "
+                               "(SELECT id FROM accounts WHERE name = 'impatient'))")
+    assert len(rows) == 1 and rows[0]["status"] == 499 and 0 < rows[0]["completion_tokens"] < 400
+
+
+def test_the_default_server_meters_bootstrap_keys_in_sqlite(server, api):
+    """The suite's main server has no platform config: its keys are the bootstrap account's, and
+    its ledger is the SQLite file in its data directory."""
+    r = api.chat({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 200
+    engine = create_engine(f"sqlite:///{server.log_path.parent / 'lmserve.db'}")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with engine.connect() as conn:
+                row = conn.execute(text("SELECT u.status, u.completion_tokens, a.name, a.unlimited FROM usage u "
+                                        "JOIN accounts a ON a.id = u.account_id WHERE u.trace_id = :t"),
+                                   {"t": r.headers["x-request-id"]}).first()
+            if row is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+    assert row is not None and tuple(row) == (200, r.json()["usage"]["completion_tokens"], "bootstrap", True)
 
 
 # ---------------------------------------------------------------------------------------------

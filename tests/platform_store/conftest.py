@@ -4,7 +4,7 @@ PostgreSQL, every test runs on both), and the real Redis."""
 from __future__ import annotations
 
 import pytest
-from platform_services import fresh_postgres_url, fresh_redis_url
+from platform_services import fresh_postgres_url, redis_url, unique_prefix
 
 from lmserve.platform.db import Database
 
@@ -19,5 +19,6 @@ def db(request, tmp_path) -> Database:
 
 
 @pytest.fixture
-def redis_url() -> str:
-    return fresh_redis_url()
+def redis_limiter_args() -> dict:
+    """RedisLimiter keyword arguments: the test Redis, counters under a prefix of this test's own."""
+    return {"url": redis_url(), "prefix": unique_prefix()}

@@ -63,9 +63,9 @@ def test_limits_resolve_tier_deployment_then_key():
     assert [(x.name, x.limit) for x in limits_for("key", 7, "m", values)] == [("rpm", 20), ("tpm", 5)]
 
 
-def test_redis_limiter_against_real_redis(redis_url):
+def test_redis_limiter_against_real_redis(redis_limiter_args):
     async def main():
-        lim = RedisLimiter(redis_url)
+        lim = RedisLimiter(**redis_limiter_args)
         try:
             await lim.ping()
             tpm = [Limit("k9:m:tpm", "tpm", 6000, "key")]  # 0.01 s per token
@@ -91,11 +91,11 @@ def test_redis_limiter_against_real_redis(redis_url):
     asyncio.run(main())
 
 
-def test_redis_limiter_is_shared_and_exact_under_concurrency(redis_url):
+def test_redis_limiter_is_shared_and_exact_under_concurrency(redis_limiter_args):
     """Two limiters (two API servers) on one Redis, 50 concurrent admissions: exactly the limit pass."""
 
     async def main():
-        a, b = RedisLimiter(redis_url), RedisLimiter(redis_url)
+        a, b = RedisLimiter(**redis_limiter_args), RedisLimiter(**redis_limiter_args)
         try:
             limits = [Limit("k3:m:rpm", "rpm", 20, "key")]
             results = await asyncio.gather(*[(a if i % 2 else b).acquire(limits, 0) for i in range(50)])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from dataclasses import dataclass
 
 from lmserve.config import ModelDeployment, PlatformSettings
@@ -36,7 +35,6 @@ class Ticket:
     limits: list[Limit]
     reserved_tokens: int
     price: Price
-    admitted: float  # perf_counter
 
 
 class Platform:
@@ -44,7 +42,8 @@ class Platform:
         self.settings = settings
         self.deployments = deployments
         self.db = Database(settings.db_url)
-        self.limiter = RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter()
+        self.limiter = (RedisLimiter(settings.redis_url, settings.redis_prefix) if settings.redis_url
+                        else MemoryLimiter())
         self._api_keys = api_keys
         self._bootstrap: list[tuple[bytes, keys.Principal]] = []
         self._pending: set[asyncio.Task] = set()
@@ -121,15 +120,15 @@ class Platform:
                 retry = denied.retry_after_s
                 raise Refused(429, denied.message, "rate_limit_exceeded", retry_after=retry,
                               limit=denied.limit.name.upper())
-        return Ticket(principal, model, limits, reserved, price_for(deployment, principal.tier), time.perf_counter())
+        return Ticket(principal, model, limits, reserved, price_for(deployment, principal.tier))
 
-    def finish(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, status: int,
+    def finish(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, status: int, latency_ms: float,
                ttft_ms: float | None, trace_id: str) -> None:
         p = ticket.principal
         entry = usage.UsageEntry(
             key_id=p.key_id, account_id=p.account_id, model=ticket.model, tier=p.tier, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, cost_nanos=ticket.price.cost_nanos(prompt_tokens, completion_tokens),
-            status=status, latency_ms=(time.perf_counter() - ticket.admitted) * 1000, ttft_ms=ttft_ms,
+            status=status, latency_ms=latency_ms, ttft_ms=ttft_ms,
             trace_id=trace_id, charge=not p.unlimited)
         unused = ticket.reserved_tokens - (prompt_tokens + completion_tokens)
         task = asyncio.get_running_loop().create_task(self._settle_and_record(ticket, unused, entry))

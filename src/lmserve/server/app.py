@@ -183,8 +183,8 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         metrics.generation_tokens.labels(job.model).inc(job.completion_tokens)
         request.state.tokens = job.prompt_tokens + job.completion_tokens
         request.state.final_status = status  # a stream's 200 went out first; the log wants how it ended
-        platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status, timing.ttft_ms,
-                        request.state.trace_id)
+        platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status,
+                        (time.perf_counter() - timing.arrival) * 1000, timing.ttft_ms, request.state.trace_id)
 
     app.include_router(admin_router(platform))
     return app
