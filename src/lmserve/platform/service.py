@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 from lmserve.config import ModelDeployment, PlatformSettings
 from lmserve.errors import Refused
@@ -26,6 +28,8 @@ from lmserve.platform.db import Database
 from lmserve.platform.limits import Limit, MemoryLimiter, RedisLimiter, effective_limits, limits_for
 
 log = logging.getLogger("lmserve.platform")
+
+_LEDGER_ATTEMPTS = 4  # over about 3.5 s; then the row is logged in full instead
 
 
 @dataclass
@@ -47,6 +51,13 @@ class Platform:
         self._api_keys = api_keys
         self._bootstrap: list[tuple[bytes, keys.Principal]] = []
         self._pending: set[asyncio.Task] = set()
+        # The database's own threads: waiting on a lock or the network never takes a thread
+        # from the default pool that tokenizing and grammar compiling use.
+        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lmserve-db")
+
+    async def run(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` (a blocking database call) on the platform's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args, **kwargs))
 
     def start(self) -> None:
         """Create or upgrade the schema, import the config's keys, and check Redis (blocking;
@@ -79,7 +90,7 @@ class Platform:
         if found is not None:
             return found
         try:
-            return await asyncio.to_thread(keys.authenticate, self.db, token)
+            return await self.run(keys.authenticate, self.db, token)
         except keys.AuthFailed as e:
             raise Refused(401, e.message, "invalid_api_key") from None
 
@@ -141,13 +152,19 @@ class Platform:
                 await self.limiter.settle(ticket.limits, unused)
         except Exception:
             log.exception("settling rate-limit tokens failed (trace %s)", entry.trace_id)
-        try:
-            await asyncio.to_thread(usage.record, self.db, entry)
-        except Exception:
-            log.exception("writing the usage row failed (trace %s)", entry.trace_id)
+        for attempt in range(_LEDGER_ATTEMPTS):
+            try:
+                await self.run(usage.record, self.db, entry)
+                return
+            except Exception as e:  # the database restarting, a lock timeout: try again shortly
+                if attempt == _LEDGER_ATTEMPTS - 1:
+                    log.error("the usage row could not be written (trace %s): %s %s", entry.trace_id,
+                              type(e).__name__, entry)
+                    return
+                await asyncio.sleep(0.5 * 2**attempt)
 
     async def user_info(self, principal: keys.Principal) -> dict:
-        return await asyncio.to_thread(usage.user_info, self.db, principal.account_id)
+        return await self.run(usage.user_info, self.db, principal.account_id)
 
     async def drain(self) -> None:
         """Wait for every ledger write started so far (server shutdown)."""
@@ -157,4 +174,5 @@ class Platform:
     async def close(self) -> None:
         await self.drain()
         await self.limiter.close()
+        self._executor.shutdown(wait=True)
         self.db.close()

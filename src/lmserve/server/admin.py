@@ -3,7 +3,6 @@ operations as `lmserve keys|accounts|usage` on the command line."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -89,29 +88,29 @@ def admin_router(platform: Platform) -> APIRouter:
         except ValueError as e:
             raise bad_request(str(e), "expires" if "duration" in str(e) else "balance") from None
         limits = {n: getattr(req, n) for n in ("rpm", "rpd", "tpm", "tpd")}
-        key, row = await asyncio.to_thread(keys.create_key, db, req.account, tier=req.tier, limits=limits,
+        key, row = await platform.run(keys.create_key, db, req.account, tier=req.tier, limits=limits,
                                            models=req.models, balance=req.balance, expires_at=expires_at,
                                            name=req.name, is_admin=req.admin)
-        listed = await asyncio.to_thread(keys.list_keys, db, req.account)
+        listed = await platform.run(keys.list_keys, db, req.account)
         return {"key": key, **next(k for k in listed if k["id"] == row.id)}
 
     @router.get("/keys")
     async def list_keys(request: Request, account: str | None = None, include_revoked: bool = False):
         await admin(request)
-        return {"data": await asyncio.to_thread(keys.list_keys, db, account, include_revoked)}
+        return {"data": await platform.run(keys.list_keys, db, account, include_revoked)}
 
     @router.post("/keys/{key}/revoke")
     async def revoke_key(request: Request, key: str):
         await admin(request)
         try:
-            return await asyncio.to_thread(keys.revoke_key, db, key)
+            return await platform.run(keys.revoke_key, db, key)
         except keys.NotFound as e:
             raise _not_found(e) from None
 
     @router.get("/accounts")
     async def list_accounts(request: Request):
         await admin(request)
-        return {"data": await asyncio.to_thread(keys.list_accounts, db)}
+        return {"data": await platform.run(keys.list_accounts, db)}
 
     @router.post("/accounts/{name}/topup")
     async def topup(request: Request, name: str):
@@ -123,7 +122,7 @@ def admin_router(platform: Platform) -> APIRouter:
         except ValueError:
             raise bad_request("amount must be a positive decimal number, e.g. \"10.50\"", "amount") from None
         try:
-            return await asyncio.to_thread(keys.topup, db, name, req.amount, req.granted)
+            return await platform.run(keys.topup, db, name, req.amount, req.granted)
         except keys.NotFound as e:
             raise _not_found(e) from None
 
@@ -133,7 +132,7 @@ def admin_router(platform: Platform) -> APIRouter:
         req = _parse(UpdateAccount, await body(request))
         limits = {n: getattr(req, n) for n in ("rpm", "rpd", "tpm", "tpd")}
         try:
-            return await asyncio.to_thread(keys.update_account, db, name, tier=req.tier, status=req.status,
+            return await platform.run(keys.update_account, db, name, tier=req.tier, status=req.status,
                                            limits=limits, clear_limits=req.clear_limits)
         except keys.NotFound as e:
             raise _not_found(e) from None
@@ -146,6 +145,6 @@ def admin_router(platform: Platform) -> APIRouter:
             since_ts = keys.parse_time(since, future=False) if since else None
         except ValueError as e:
             raise bad_request(str(e), "since") from None
-        return {"data": await asyncio.to_thread(usage.summary, db, account, model, since_ts)}
+        return {"data": await platform.run(usage.summary, db, account, model, since_ts)}
 
     return router
