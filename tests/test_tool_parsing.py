@@ -123,3 +123,65 @@ def test_tool_call_arguments_reach_templates_as_objects():
         {"role": "tool", "tool_call_id": "c1", "content": "cold"}]})
     call = req.messages[1].for_template()["tool_calls"][0]
     assert call["function"]["arguments"] == {"city": "Oslo"}
+
+
+def _args(calls):
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def test_glm4_name_line_then_json_arguments():
+    plan = plan_tools(_req())
+    streamed, rest, calls = _stream("glm4", ["get_", "weather", "\n{\"city\": ", "\"Paris\"}"], plan)
+    assert streamed == ["", "", "", ""] and rest == ""
+    assert _args(calls) == [("get_weather", {"city": "Paris"})]
+    # Two calls in a row (decoding drops the <|assistant|> between them).
+    _, rest, calls = _stream("glm4", ['get_weather\n{"city": "Paris"}get_weather\n{"city": "Rome"}'], plan)
+    assert _args(calls) == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+
+
+def test_chatglm3_python_tool_call_is_read_as_literals():
+    plan = plan_tools(_req())
+    reply = 'get_weather\n ```python\ntool_call(city="Paris", days=2)\n```'
+    streamed, rest, calls = _stream("glm4", [reply], plan)
+    assert rest == "" and _args(calls) == [("get_weather", {"city": "Paris", "days": 2})]
+    # Code that is not literal keyword arguments is never evaluated: the reply is content.
+    reply = 'get_weather\n```python\ntool_call(city=__import__("os").getcwd())\n```'
+    streamed, rest, calls = _stream("glm4", [reply], plan)
+    assert calls == [] and "".join(streamed) + rest == reply
+
+
+def test_glm4_prose_streams_once_the_first_line_is_no_function_name():
+    plan = plan_tools(_req())
+    streamed, rest, calls = _stream("glm4", ["get", " the forecast", " first.\nget_weather"], plan)
+    assert streamed == ["", "get the forecast", " first.\nget_weather"] and calls == [] and rest == ""
+    streamed, rest, calls = _stream("glm4", ["The weather", "\n"], plan)
+    assert streamed == ["The weather", "\n"] and calls == []
+
+
+@pytest.mark.parametrize("reply", [
+    'get_weather\n{"city": "Paris"',  # bad JSON
+    'get_weather\n{"city": "Paris"} and more',  # trailing prose
+    "get_weather\n",  # no arguments
+])
+def test_glm4_malformed_calls_come_back_as_content(reply):
+    streamed, rest, calls = _stream("glm4", [reply], plan_tools(_req()))
+    assert calls == [] and "".join(streamed) + rest == reply
+
+
+def test_internlm2_action_blocks_after_prose():
+    plan = plan_tools(_req())
+    pieces = ["I will check.", "<|action_", "start|><|plugin|>\n", '{"name": "get_weather", "parameters": ',
+              '{"city": "Paris"}}<|action_end|>']
+    streamed, rest, calls = _stream("internlm2", pieces, plan)
+    assert "".join(streamed) == "I will check." and rest == ""
+    assert _args(calls) == [("get_weather", {"city": "Paris"})]
+
+
+@pytest.mark.parametrize("reply", [
+    '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}<|action_end|>',
+    '<|action_start|><|plugin|>\n{"name": "nope", "parameters": {}}<|action_end|>',
+    "<|action_start|><|interpreter|>\n```python\nprint(1)\n```<|action_end|>",
+])
+def test_internlm2_malformed_or_interpreter_blocks_are_content(reply):
+    streamed, rest, calls = _stream("internlm2", ["Sure. ", reply], plan_tools(_req()))
+    assert calls == [] and "".join(streamed) + rest == "Sure. " + reply

@@ -27,8 +27,15 @@ def load_tokenizer(ckpt: Checkpoint):
         return TokenizersBackend.from_pretrained(source, **kwargs)
     from transformers import AutoTokenizer
 
+    from lmserve.chat.family_tokenizers import load_family_tokenizer
+
     if not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
         return None
+    # ChatGLM3, GLM-4, InternLM2.5 and TeleChat2 ship tokenizers that are Python code: built
+    # here from their vocabulary files instead, never by running that code.
+    family = load_family_tokenizer(Path(source))
+    if family is not None:
+        return family
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
@@ -145,6 +152,10 @@ def token_bytes(tokenizer) -> list[bytes]:
     cached = getattr(tokenizer, "_lmserve_token_bytes", None)
     if cached is not None:
         return cached
+    own = getattr(tokenizer, "token_bytes_table", None)
+    if callable(own):  # a tokenizer that knows its tokens' bytes (the tiktoken ones)
+        tokenizer._lmserve_token_bytes = own()
+        return tokenizer._lmserve_token_bytes
     size = len(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     added = set(tokenizer.get_added_vocab())

@@ -8,12 +8,16 @@ uses the JSON reader. Unknown formats fall back to JSON.
 from __future__ import annotations
 
 from lmserve.chat.tool_parsers.base import ToolCallStream
+from lmserve.chat.tool_parsers.glm4 import Glm4ToolCallStream
 from lmserve.chat.tool_parsers.hermes import HermesToolCallStream
+from lmserve.chat.tool_parsers.internlm2 import InternLM2ToolCallStream
 from lmserve.chat.tool_parsers.json_object import JsonToolCallStream
 
 _FORMATS: dict[str, type[ToolCallStream]] = {
     "json": JsonToolCallStream,
     "hermes": HermesToolCallStream,
+    "glm4": Glm4ToolCallStream,  # GLM-4 and ChatGLM3: name line, then the arguments
+    "internlm2": InternLM2ToolCallStream,
 }
 
 
