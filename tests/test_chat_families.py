@@ -77,15 +77,119 @@ def _gemma2(directory: Path):
     return tok
 
 
+# ---- remote-code families: their tokenizers built by lmserve (tests/test_family_tokenizers.py) ----
+#
+# Their tiny checkpoints answer one fixed token whatever the prompt: every layer's output
+# projections are zero (attention and MLP add nothing), every embedding is ones, so the final
+# hidden state is ones and only the LM head's row of that token is non-zero. The token is the
+# family's end of turn where config.json's eos is something else (GLM-4's <|user|>,
+# InternLM2's <|im_end|>), so a reply that ends at once with `eos` proves the engine stops on it.
+
+H, HEADS, KV, HD, FFN = 32, 2, 1, 16, 48
+
+
+def _fixed_answer(tensors: dict, embed: str, head: str, vocab: int, answer: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, shape in tensors.items():
+        out[name] = torch.randn(shape, generator=g) * 0.1 if len(shape) == 2 else torch.zeros(shape)
+        if "norm" in name or "layernorm" in name or name.endswith("ln_f.weight"):
+            out[name] = torch.ones(shape)
+    for name in out:
+        if any(k in name for k in ("dense.", "wo.", "w2.", "dense_4h_to_h.", "down_proj.")):
+            out[name] = torch.zeros_like(out[name])
+    out[embed] = torch.ones(vocab, H)
+    out[head] = torch.zeros(vocab, H)
+    out[head][answer] = 1.0
+    return out
+
+
+def _save(directory: Path, tensors: dict, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+
+
+def _glm4(directory: Path):
+    from test_family_tokenizers import glm4_dir
+
+    from lmserve.chat.family_tokenizers import load_family_tokenizer
+
+    tok = load_family_tokenizer(glm4_dir(directory))
+    vocab, p = len(tok), "transformer.encoder.layers.0."
+    shapes = {"transformer.embedding.word_embeddings.weight": (vocab, H), "transformer.output_layer.weight": (vocab, H),
+              "transformer.encoder.final_layernorm.weight": (H,), p + "input_layernorm.weight": (H,),
+              p + "self_attention.query_key_value.weight": ((HEADS + 2 * KV) * HD, H),
+              p + "self_attention.query_key_value.bias": ((HEADS + 2 * KV) * HD,),
+              p + "self_attention.dense.weight": (H, HEADS * HD), p + "post_attention_layernorm.weight": (H,),
+              p + "mlp.dense_h_to_4h.weight": (2 * FFN, H), p + "mlp.dense_4h_to_h.weight": (H, FFN)}
+    _save(directory, _fixed_answer(shapes, "transformer.embedding.word_embeddings.weight",
+                                   "transformer.output_layer.weight", vocab, tok.convert_tokens_to_ids("<|user|>")),
+          {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 1, "hidden_size": H,
+           "num_attention_heads": HEADS, "multi_query_attention": True, "multi_query_group_num": KV,
+           "kv_channels": HD, "ffn_hidden_size": FFN, "layernorm_epsilon": 1e-5, "padded_vocab_size": vocab,
+           "seq_length": 1024, "rope_ratio": 500, "add_qkv_bias": True, "add_bias_linear": False,
+           "eos_token_id": tok.eos_token_id})
+    return tok
+
+
+def _internlm2(directory: Path):
+    from test_family_tokenizers import internlm2_dir
+
+    from lmserve.chat.family_tokenizers import load_family_tokenizer
+
+    tok = load_family_tokenizer(internlm2_dir(directory))
+    vocab, p = len(tok), "model.layers.0."
+    shapes = {"model.tok_embeddings.weight": (vocab, H), "output.weight": (vocab, H), "model.norm.weight": (H,),
+              p + "attention_norm.weight": (H,), p + "ffn_norm.weight": (H,),
+              p + "attention.wqkv.weight": ((HEADS + 2 * KV) * HD, H), p + "attention.wo.weight": (H, HEADS * HD),
+              p + "feed_forward.w1.weight": (FFN, H), p + "feed_forward.w3.weight": (FFN, H),
+              p + "feed_forward.w2.weight": (H, FFN)}
+    _save(directory, _fixed_answer(shapes, "model.tok_embeddings.weight", "output.weight", vocab,
+                                   tok.convert_tokens_to_ids("<|im_end|>")),
+          {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": H,
+           "num_hidden_layers": 1, "num_attention_heads": HEADS, "num_key_value_heads": KV, "intermediate_size": FFN,
+           "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 1024, "vocab_size": vocab,
+           "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False, "bos_token_id": 1, "eos_token_id": 2})
+    return tok
+
+
+def _telechat2(directory: Path):
+    from test_family_tokenizers import telechat2_dir
+
+    from lmserve.chat.family_tokenizers import load_family_tokenizer
+
+    tok = load_family_tokenizer(telechat2_dir(directory))
+    vocab, p = len(tok), "transformer.h.0."
+    shapes = {"transformer.word_embeddings.weight": (vocab, H), "lm_head.weight": (vocab, H),
+              "transformer.ln_f.weight": (H,), p + "input_layernorm.weight": (H,),
+              p + "post_attention_layernorm.weight": (H,), p + "self_attention.query.weight": (HEADS * HD, H),
+              p + "self_attention.key_value.weight": (2 * KV * HD, H), p + "self_attention.dense.weight": (H, H),
+              p + "self_attention.dense.bias": (H,), p + "mlp.gate_proj.weight": (FFN, H),
+              p + "mlp.up_proj.weight": (FFN, H), p + "mlp.down_proj.weight": (H, FFN), p + "mlp.down_proj.bias": (H,)}
+    _save(directory, _fixed_answer(shapes, "transformer.word_embeddings.weight", "lm_head.weight", vocab,
+                                   tok.convert_tokens_to_ids("<_end>")),
+          {"architectures": ["TeleChat2ForCausalLM"], "model_type": "telechat", "hidden_size": H, "n_layer": 1,
+           "n_head": HEADS, "num_key_value_heads": KV, "ffn_hidden_size": FFN, "layer_norm_epsilon": 1e-5,
+           "vocab_size": vocab, "training_seqlen": 1024, "base_seqlen": 1024, "bos_token_id": 1, "eos_token_id": 2})
+    return tok
+
+
+REMOTE_CODE_FAMILIES = {"tiny-glm4": _glm4, "tiny-internlm2": _internlm2, "tiny-telechat2": _telechat2}
+
+
 @pytest.fixture(scope="module")
 def family_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("families")
     tokenizers = {"tiny-qwen2": _qwen2(work / "qwen2"), "tiny-gemma2": _gemma2(work / "gemma2")}
+    tokenizers.update({name: build(work / name) for name, build in REMOTE_CODE_FAMILIES.items()})
     config = {"server": {"api_keys": [API_KEY]}, "models": [
         {"id": "tiny-qwen2", "path": str(work / "qwen2"), "dtype": "float32"},
         {"id": "tiny-gemma2", "path": str(work / "gemma2"), "dtype": "float32"},
         # A catalog id served from local weights of its family.
-        {"id": "Qwen/Qwen2-1.5B-Instruct", "path": str(work / "qwen2"), "dtype": "float32"}]}
+        {"id": "Qwen/Qwen2-1.5B-Instruct", "path": str(work / "qwen2"), "dtype": "float32"},
+        *({"id": name, "path": str(work / name), "dtype": "float32"} for name in REMOTE_CODE_FAMILIES)]}
     (work / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,3 +270,38 @@ def test_catalog_id_served_from_local_weights(family_server):
     r = client.chat.completions.create(model="Qwen/Qwen2-1.5B-Instruct", max_tokens=3, temperature=0,
                                        messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize("model", list(REMOTE_CODE_FAMILIES))
+def test_remote_code_families_stop_on_their_end_of_turn(family_server, model):
+    """Their prompts are built by lmserve's own tokenizer and template (never the checkpoint's
+    code) and generation ends at the family's end-of-turn token, streamed and not."""
+    from lmserve.engine.tokenizer import encode_chat
+
+    client, toks = family_server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "今天天气 in Paris?"}]
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0)
+    assert r.choices[0].finish_reason == "eos" and r.choices[0].message.content == ""
+    assert r.usage.prompt_tokens == len(encode_chat(toks[model], messages))
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True))
+    assert chunks[-1].choices[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize("model", list(REMOTE_CODE_FAMILIES))
+def test_remote_code_families_render_tools_and_results(family_server, model):
+    from lmserve.engine.tokenizer import encode_chat
+
+    client, toks = family_server
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = client.chat.completions.create(model=model, messages=messages, tools=[TOOL], max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason == "eos"
+    reference = [messages[0], {"role": "assistant", "content": "",
+                               "tool_calls": [{**call, "function": {"name": "get_weather",
+                                                                    "arguments": {"city": "Paris"}}}]},
+                 messages[2]]
+    assert r.usage.prompt_tokens == len(encode_chat(toks[model], reference, tools=[TOOL]))
