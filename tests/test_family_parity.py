@@ -434,3 +434,23 @@ def test_deepseek_v2_caches_576_values_per_token_per_layer(mscale, scale):
     assert attn.scale == pytest.approx(scale, abs=1e-6)
     assert not hasattr(model.layers[0].mlp, "experts") and model.layers[1].mlp.experts.num_experts == 160
     assert model.layers[1].mlp.gate.num_groups == 8 and model.layers[1].mlp.gate.scaling_factor == 16.0
+
+
+def test_telechat2_ntk_rope_past_base_seqlen():
+    """Past base_seqlen TeleChat2 stretches the rope base by NTK (alpha = 2^ceil(log2(L/base) + 1) - 1)
+    and scales cos/sin by 0.1 ln(L/training_seqlen) + 1; inside it, plain rope with base 10000."""
+    import math
+
+    from lmserve.models.telechat2 import TeleChat2Config, TeleChat2ForCausalLM
+
+    cfg = TeleChat2Config.from_hf({"n_layer": 1, "n_head": 2, "hidden_size": 32, "ffn_hidden_size": 64,
+                                   "vocab_size": 16, "training_seqlen": 64, "base_seqlen": 64,
+                                   "max_position_embeddings": 256})
+    table = TeleChat2ForCausalLM(cfg, torch.float32).rotary.cos_sin
+    d = 16
+    for pos in (0, 63, 64, 255):
+        alpha = 2 ** math.ceil(math.log2(256 / 64) + 1) - 1 if pos >= 64 else 1
+        mscale = 0.1 * math.log(256 / 64) + 1 if pos >= 64 else 1.0
+        base = 10000.0 * alpha ** (d / (d - 2))
+        angles = pos / base ** (torch.arange(0, d, 2).float() / d)
+        torch.testing.assert_close(table[pos], torch.cat([angles.cos(), angles.sin()]) * mscale)

@@ -218,6 +218,8 @@ def test_multilingual_text_round_trips_with_the_libraries_ids(name, dirs, toks):
     else:
         assert ids == _sp(dirs[name]).encode(MULTILINGUAL)
     assert tok.decode(ids) == MULTILINGUAL
+    vocab = tok.get_vocab()  # one name per id: the size the engine and the grammar backend see
+    assert len(tok) == len(vocab) == max(vocab.values()) + 1
     # Each token's own bytes concatenate to the text (logprobs' `bytes`).
     table = token_bytes(tok)
     raw = b"".join(table[i] for i in ids)

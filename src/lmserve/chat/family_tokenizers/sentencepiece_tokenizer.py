@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from transformers import AddedToken, PreTrainedTokenizer
 
+from lmserve.chat.family_tokenizers.role_lines import tokenize_by_message
+
 
 def _special(content: str, special: bool = True) -> AddedToken:
     return AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
@@ -52,7 +54,10 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
         return self._piece_count + len(self._extra)
 
     def get_vocab(self) -> dict[str, int]:
-        vocab = {self.sp_model.id_to_piece(i): i for i in range(self._piece_count)}
+        # A renamed piece (InternLM2's [UNUSED_TOKEN_146] is <|im_start|>) is listed once, by
+        # its chat name, so the vocabulary has one entry per id.
+        vocab = {self.sp_model.id_to_piece(i): i for i in range(self._piece_count)
+                 if i not in self._added_tokens_decoder}
         vocab.update(self._added_tokens_encoder)
         return vocab
 
@@ -61,22 +66,8 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
             return self._plain_text(text)
         if not self.role_tokens:
             return super().tokenize(text, **kwargs)
-        out: list[str] = []
-        after_role = False
-        for piece in self.tokens_trie.split(text):
-            if piece in self._added_tokens_encoder:
-                out.append(piece)
-                after_role = piece in self.role_tokens
-                continue
-            if after_role and "\n" in piece:
-                head, rest = piece.split("\n", 1)
-                out += self._tokenize(head + "\n")
-                if rest:
-                    out += self._tokenize(rest)
-            elif piece:
-                out += self._tokenize(piece)
-            after_role = False
-        return out
+        return tokenize_by_message(self.tokens_trie.split(text), self._added_tokens_encoder, self.role_tokens,
+                                   self._tokenize)
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(text, out_type=str)

@@ -16,6 +16,8 @@ import base64
 
 from transformers import AddedToken, PreTrainedTokenizer
 
+from lmserve.chat.family_tokenizers.role_lines import tokenize_by_message
+
 # ChatGLM4Tokenizer's pre-tokenization pattern.
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -107,22 +109,8 @@ class TiktokenChatTokenizer(PreTrainedTokenizer):
     def tokenize(self, text: str, **kwargs) -> list[str]:
         if kwargs.get("split_special_tokens") or not self.role_tokens:
             return super().tokenize(text, **kwargs)
-        out: list[str] = []
-        after_role = False
-        for piece in self.tokens_trie.split(text):
-            if piece in self._added_tokens_encoder:
-                out.append(piece)
-                after_role = piece in self.role_tokens
-                continue
-            if after_role and "\n" in piece:
-                head, rest = piece.split("\n", 1)
-                out += self._tokenize(head + "\n")
-                if rest:
-                    out += self._tokenize(rest)
-            elif piece:
-                out += self._tokenize(piece)
-            after_role = False
-        return out
+        return tokenize_by_message(self.tokens_trie.split(text), self._added_tokens_encoder, self.role_tokens,
+                                   self._tokenize)
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return [self._id_to_str[i] for i in self.tokenizer.encode_ordinary(text)]
