@@ -138,3 +138,15 @@ def test_amounts():
     for bad in ("ten", "NaN", "Infinity"):
         with pytest.raises(ValueError):
             to_nanos(bad)
+
+
+def test_prices_by_tier_in_nanos():
+    from lmserve.config import ModelDeployment
+    from lmserve.platform.pricing import price_for
+
+    d = ModelDeployment(id="m", path="m", price={"input": 0.07, "output": 0.28},
+                        tier_prices={"pro": {"input": 0.05, "output": 0.2}})
+    assert price_for(d, "free").cost_nanos(1_000_000, 0) == 70_000_000  # 0.07 per million, exactly
+    assert price_for(d, "free").cost_nanos(3, 1) == 3 * 70 + 280
+    assert price_for(d, "pro").cost_nanos(10, 10) == 10 * 50 + 10 * 200
+    assert price_for(ModelDeployment(id="f", path="f"), "free").free

@@ -112,14 +112,10 @@ def key_view(k: ApiKey, a: Account) -> dict:
     t = now()
     state = ("revoked" if k.revoked_at else "expired" if k.expires_at is not None and k.expires_at <= t
              else "active")
-    return {"id": k.id, "prefix": _display_prefix_of(k), "name": k.name, "account": a.name,
+    return {"id": k.id, "prefix": k.prefix + "...", "name": k.name, "account": a.name,
             "tier": k.tier or a.tier, "limits": {n: getattr(k, n) for n in LIMIT_NAMES}, "models": k.models,
             "admin": k.is_admin, "bootstrap": k.bootstrap, "status": state, "created_at": k.created_at,
             "expires_at": k.expires_at, "revoked_at": k.revoked_at}
-
-
-def _display_prefix_of(k: ApiKey) -> str:
-    return k.prefix + "..."
 
 
 def revoke_key(db: Database, key_id_or_prefix: str | int) -> dict:

@@ -23,9 +23,9 @@ from functools import partial
 from lmserve.config import ModelDeployment, PlatformSettings
 from lmserve.errors import Refused
 from lmserve.platform import keys, usage
-from lmserve.platform.catalog import Price, price_for
 from lmserve.platform.db import Database
 from lmserve.platform.limits import Limit, MemoryLimiter, RedisLimiter, effective_limits, limits_for
+from lmserve.platform.pricing import Price, price_for
 
 log = logging.getLogger("lmserve.platform")
 

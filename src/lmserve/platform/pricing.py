@@ -1,5 +1,5 @@
-"""What a model id costs and allows: prices per million tokens and limits, per key tier, from
-the deployment config."""
+"""What a request costs: a deployment's price per million tokens for a key's tier (config
+`price`, `tier_prices`), in integer nanos. (The model catalog itself is lmserve.models.catalog.)"""
 
 from __future__ import annotations
 
