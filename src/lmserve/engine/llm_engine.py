@@ -28,6 +28,7 @@ from lmserve.engine.sequence import Request, SeqStatus, Sequence
 from lmserve.engine.structured import GrammarBackend, grammar_available
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
+from lmserve.layers.quantization import QUANTIZATION_CHOICES
 from lmserve.models.loader import load_model, read_config, resolve_checkpoint
 from lmserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmserve.sampling_params import SamplingParams
@@ -47,6 +48,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's own context
     enable_prefix_caching: bool = True
     device: str = "auto"
+    quantization: str = "none"  # weight-only int8 / int4 on CPU (layers/quantization.py)
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -56,11 +58,11 @@ _SHARED_WEIGHTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _SHARED_TOKENIZERS: dict[tuple, object] = {}
 
 
-def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device):
-    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device))
+def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantization: str):
+    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device), quantization)
     model = _SHARED_WEIGHTS.get(key)
     if model is None:
-        model = load_model(ckpt, config, dtype, device)
+        model = load_model(ckpt, config, dtype, device, quantization)
         _SHARED_WEIGHTS[key] = model
     tok_key = key[:2]
     if tok_key not in _SHARED_TOKENIZERS:
@@ -74,12 +76,15 @@ class LLMEngine:
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
         self.engine_config = cfg = EngineConfig(**engine_options)
+        if cfg.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {cfg.quantization!r}")
         self.device = choose_device(cfg.device)
         self.dtype = choose_dtype(dtype, self.device)
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = read_config(self.checkpoint)
         started = time.perf_counter()
-        self.model, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device)
+        self.model, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
+                                                 cfg.quantization)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
 
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()

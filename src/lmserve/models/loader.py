@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lmserve.errors import CheckpointError
 from lmserve.layers.linear import default_weight_loader, process_weights_after_loading
+from lmserve.layers.quantization import quantize_model
 from lmserve.models.config import ModelConfig
 from lmserve.models.gguf import GGUFFile
 from lmserve.models.registry import UnsupportedArchitecture, get_model_class, resolve_architecture
@@ -99,7 +100,8 @@ def read_config(ckpt: Checkpoint) -> ModelConfig:
     return config
 
 
-def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               quantization: str = "none") -> torch.nn.Module:
     try:
         cls = get_model_class(config.architecture)
     except UnsupportedArchitecture as e:
@@ -111,6 +113,7 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
     with torch.no_grad():
         load_weights(model, tensors)
     process_weights_after_loading(model)
+    quantize_model(model, quantization)
     # The rope tables were built in the compute dtype; the buffers must not be recast.
     return model.eval()
 

@@ -1,0 +1,94 @@
+"""Weight-only int8 / int4 through the linear layers' quant_method: the kernels compute what the
+stored grid says, the LM head stays dense, memory drops, and the bundled model's perplexity on a
+fixed text stays within a bound of the dense model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmserve import LLM, SamplingParams
+from lmserve.engine.scoring import perplexity
+from lmserve.layers.linear import Linear
+from lmserve.layers.quantization import INT4_GROUP, quantize_model
+
+TEXT = (Path(__file__).parent / "data" / "perplexity_text.txt").read_text()
+
+
+def _dequantized(layer: Linear, method: str) -> torch.Tensor:
+    """The weight the stored grid stands for, rebuilt independently of the kernels."""
+    if method == "int8":
+        return layer.qweight.float() * layer.scales.float()[:, None]
+    n, k = layer.output_size, layer.input_size
+    # Unpack by multiplying the identity: the kernel's own output for unit inputs is each column.
+    eye = torch.eye(k)
+    cols = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.qweight, INT4_GROUP, layer.scales_zeros.float())
+    return cols.T.reshape(n, k)
+
+
+@pytest.mark.parametrize("method,tol", [("int8", 0.01), ("int4", 0.12)])
+def test_quantized_linear_matches_its_grid_and_stays_close_to_dense(method, tol):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(128, [96, 64], bias=True))
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.05)
+        model[0].bias.normal_(0, 0.1)
+    dense_w, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    assert quantize_model(model, method) == 1
+    layer = model[0]
+    assert layer.weight is None  # the dense copy is gone
+    x = torch.randn(5, 128)
+    y = layer(x)
+    if method == "int8":
+        # The kernel takes bf16 activations: compare with the same rounding of x.
+        xb = x.bfloat16().float()
+        torch.testing.assert_close(y, F.linear(xb, _dequantized(layer, method), bias), atol=2e-2, rtol=1e-2)
+        per_channel = layer.scales.float()
+        assert (dense_w - _dequantized(layer, method)).abs().amax(dim=1).le(per_channel / 2 + 1e-7).all()
+    rel = (y - F.linear(x, dense_w, bias)).norm() / F.linear(x, dense_w, bias).norm()
+    assert rel < tol
+
+
+@pytest.fixture(scope="module")
+def quantized_engines(smollm):
+    # The dense baseline is the suite's shared float32 SmolLM2.
+    return {"none": smollm, **{q: LLM(dtype="float32", quantization=q, num_kv_blocks=64) for q in ("int8", "int4")}}
+
+
+def test_quantized_models_keep_perplexity_and_shrink_weights(quantized_engines):
+    ids = quantized_engines["none"].engine.tokenizer.encode(TEXT)
+    ppl = {q: perplexity(llm.engine, ids) for q, llm in quantized_engines.items()}
+    assert 5 < ppl["none"] < 60, ppl
+    assert ppl["int8"] / ppl["none"] < 1.05, ppl
+    assert ppl["int4"] / ppl["none"] < 1.05, ppl  # the bundled GGUF is Q4_1: int4 group 32 is its grid
+
+    def linear_bytes(llm):  # the layers' weights, without the (dense, tied) head
+        total = 0
+        for name, m in llm.engine.model.named_modules():
+            if isinstance(m, Linear) and name != "lm_head":
+                for t in (m.weight, getattr(m, "qweight", None)):
+                    total += t.numel() * t.element_size() if t is not None else 0
+        return total
+
+    dense = linear_bytes(quantized_engines["none"])
+    assert linear_bytes(quantized_engines["int8"]) < 0.27 * dense  # fp32 -> int8 plus per-channel scales
+    assert linear_bytes(quantized_engines["int4"]) < 0.15 * dense  # 4 bits plus a scale and zero per 32
+    head = quantized_engines["int4"].engine.model.lm_head
+    assert head.weight is not None and getattr(head, "qweight", None) is None
+
+
+def test_quantized_engine_serves_batched_and_stays_deterministic(quantized_engines):
+    llm = quantized_engines["int4"]
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert batched == alone and all(len(t) > 0 for t in batched)
+
+
+def test_unknown_quantization_is_refused_before_loading():
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(quantization="int3")
