@@ -101,15 +101,20 @@ def internlm2_dir(directory: Path) -> Path:
     return directory
 
 
-TELECHAT2_PIECES = ["<_user>", "<_bot>", "<_system>", "<tool_call>", "</tool_call>", "<tool_response>",
-                    "</tool_response>"]
+# TeleChat2's vocabulary: ids 1-6 and 9-12 as its released tokenizer_config.json lists them.
+TELECHAT2_PIECES = ["<_user>", "<_bot>", "<_system>", "<_unused7>", "<_unused8>", "<tool_call>", "</tool_call>",
+                    "<tool_response>", "</tool_response>"]
 
 
 def telechat2_dir(directory: Path) -> Path:
     directory.mkdir()
     _train_sentencepiece(directory / "tokenizer.model", bos_piece="<_start>", eos_piece="<_end>", pad_id=3,
                          pad_piece="<_pad>", user_defined_symbols=TELECHAT2_PIECES)
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TelechatTokenizer"}))
+    listed = {str(i): {"content": t, "special": True} for i, t in enumerate(
+        ["<_start>", "<_end>", "<_pad>", *TELECHAT2_PIECES], start=1) if "unused" not in t}
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Telechat2Tokenizer", "added_tokens_decoder": listed, "bos_token": "<_start>",
+        "eos_token": "<_end>", "pad_token": "<_pad>"}))
     return directory
 
 
@@ -189,8 +194,9 @@ def test_internlm2_prompt_is_chatml_with_its_ids(dirs, toks):
 
 def test_telechat2_prompt_and_ids(dirs, toks):
     tok, sp = toks["telechat2"], _sp(dirs["telechat2"])
-    # <_end> is eos 2, <_user> 4 and <_bot> 5, as in TeleChat2's vocabulary.
-    assert [tok.convert_tokens_to_ids(t) for t in ("<_end>", "<_pad>", "<_user>", "<_bot>")] == [2, 3, 4, 5]
+    # <_end> is eos 2, <_user> 4, <_bot> 5 and <tool_call> 9, as in TeleChat2's vocabulary.
+    assert [tok.convert_tokens_to_ids(t) for t in ("<_end>", "<_pad>", "<_user>", "<_bot>", "<_system>",
+                                                   "<tool_call>")] == [2, 3, 4, 5, 6, 9]
     assert tok.eos_token == "<_end>"
     system, user, bot = (sp.piece_to_id(p) for p in ("<_system>", "<_user>", "<_bot>"))
     history = [SYSTEM, USER, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Merci !"}]

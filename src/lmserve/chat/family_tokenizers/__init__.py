@@ -19,7 +19,8 @@ from lmserve.chat.family_tokenizers.tiktoken_tokenizer import GLM4_ROLES, Tiktok
 _BY_CLASS = {
     "ChatGLMTokenizer": "chatglm", "ChatGLM4Tokenizer": "chatglm",
     "InternLM2Tokenizer": "internlm2", "InternLM2TokenizerFast": "internlm2",
-    "TelechatTokenizer": "telechat2", "TeleChatTokenizer": "telechat2", "TeleChat2Tokenizer": "telechat2",
+    # TeleChat2's released tokenizer_config.json says Telechat2Tokenizer.
+    "Telechat2Tokenizer": "telechat2", "TeleChat2Tokenizer": "telechat2", "TelechatTokenizer": "telechat2",
 }
 _BY_MODEL_TYPE = {"chatglm": "chatglm", "internlm2": "internlm2", "telechat": "telechat2"}
 
