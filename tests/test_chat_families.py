@@ -23,6 +23,9 @@ import openai
 import pytest
 import torch
 
+from lmserve.chat.schemas import parse_chat_request
+from lmserve.chat.tools import plan_tools, template_messages
+
 DATA = Path(__file__).parent / "data"
 CORPUS = ["The weather in Paris is sunny today.", "Call a function to get the weather.",
           "Tools answer with JSON objects.", "Bonjour, comment allez-vous ?"] * 20
@@ -179,14 +182,41 @@ def _telechat2(directory: Path):
 REMOTE_CODE_FAMILIES = {"tiny-glm4": _glm4, "tiny-internlm2": _internlm2, "tiny-telechat2": _telechat2}
 
 
+DEEPSEEK_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                     "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+                     "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+                     "<｜tool▁output▁end｜>"]
+
+
+def _deepseek_v2_5(directory: Path):
+    """DeepSeek-V2.5's template and markers; every marker flagged special (the strictest case for
+    decoding). config.json's eos is begin-of-sentence, so only the family's end of turn stops."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    tok = _tokenizer(directory, DEEPSEEK_SPECIALS, (DATA / "deepseek_v2_5_chat_template.jinja").read_text(),
+                     bos_token="<｜begin▁of▁sentence｜>", additional_special_tokens=DEEPSEEK_SPECIALS[2:])
+    config = DeepseekV2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                              qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                              max_position_embeddings=1024, bos_token_id=1, eos_token_id=1)
+    model = DeepseekV2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(directory)
+    return tok
+
+
 @pytest.fixture(scope="module")
 def family_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("families")
-    tokenizers = {"tiny-qwen2": _qwen2(work / "qwen2"), "tiny-gemma2": _gemma2(work / "gemma2")}
+    tokenizers = {"tiny-qwen2": _qwen2(work / "qwen2"), "tiny-gemma2": _gemma2(work / "gemma2"),
+                  "tiny-deepseek-v2.5": _deepseek_v2_5(work / "deepseek")}
     tokenizers.update({name: build(work / name) for name, build in REMOTE_CODE_FAMILIES.items()})
     config = {"server": {"api_keys": [API_KEY]}, "models": [
         {"id": "tiny-qwen2", "path": str(work / "qwen2"), "dtype": "float32"},
         {"id": "tiny-gemma2", "path": str(work / "gemma2"), "dtype": "float32"},
+        {"id": "tiny-deepseek-v2.5", "path": str(work / "deepseek"), "dtype": "float32"},
         # A catalog id served from local weights of its family.
         {"id": "Qwen/Qwen2-1.5B-Instruct", "path": str(work / "qwen2"), "dtype": "float32"},
         *({"id": name, "path": str(work / name), "dtype": "float32"} for name in REMOTE_CODE_FAMILIES)]}
@@ -305,3 +335,55 @@ def test_remote_code_families_render_tools_and_results(family_server, model):
                                                                     "arguments": {"city": "Paris"}}}]},
                  messages[2]]
     assert r.usage.prompt_tokens == len(encode_chat(toks[model], reference, tools=[TOOL]))
+
+
+def test_deepseek_v2_5_stops_on_end_of_sentence_with_its_template(family_server):
+    client, toks = family_server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model="tiny-deepseek-v2.5", messages=messages, max_tokens=20, temperature=0)
+    assert r.choices[0].finish_reason == "eos" and r.choices[0].message.content == ""
+    assert r.usage.prompt_tokens == _prompt_tokens(toks["tiny-deepseek-v2.5"], messages)
+
+
+def test_deepseek_v2_5_renders_tool_calls_and_results(family_server):
+    """Its template concatenates the arguments as text and renders the calls only for a turn
+    whose content is None: the prompt must hold both calls and both results."""
+    client, toks = family_server
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+             for i, city in enumerate(["Paris", "Rome"])]
+    messages = [{"role": "user", "content": "Weather in Paris and Rome?"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "call_0", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_1", "content": "rainy"}]
+    r = client.chat.completions.create(model="tiny-deepseek-v2.5", messages=messages, tools=[TOOL], max_tokens=5,
+                                       temperature=0)
+    assert r.choices[0].finish_reason == "eos"
+    # The prompt as DeepSeek-V2.5 writes such a conversation (its template renders no `tools`, so
+    # they are described in a system message, which the template puts first).
+    system = template_messages(messages, plan_tools(parse_chat_request({"model": "m", "messages": messages,
+                                                                         "tools": [TOOL]})), "")[0][0]["content"]
+    call = ("<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{{\"city\": \"{}\"}}\n```"
+            "<｜tool▁call▁end｜>")
+    expected = ("<｜begin▁of▁sentence｜>" + system + "<｜User｜>Weather in Paris and Rome?<｜Assistant｜>"
+                "<｜tool▁calls▁begin｜>" + call.format("Paris") + "\n" + call.format("Rome")
+                + "<｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>sunny"
+                "<｜tool▁output▁end｜>\n<｜tool▁output▁begin｜>rainy<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+    tok = toks["tiny-deepseek-v2.5"]
+    assert r.usage.prompt_tokens == len(tok.encode(expected, add_special_tokens=False))
+
+
+def test_deepseek_v2_5_tool_call_markers_survive_decoding(family_server):
+    """The markers are special tokens in this tokenizer: decoding keeps them (the tool-call
+    reader needs them) while other special tokens stay hidden."""
+    from lmserve.chat.tool_parsers.deepseek_v2 import MARKERS
+    from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_ids
+
+    tok = family_server[1]["tiny-deepseek-v2.5"]
+    section = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{}\n```" \
+              "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    ids = tok.encode("<｜begin▁of▁sentence｜>" + section + "<｜User｜>", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, None, hidden_special_ids(tok, MARKERS))
+    for i in ids:
+        detok.add_token(i)
+    assert detok.take_delta(finished=True) == section

@@ -185,3 +185,57 @@ def test_internlm2_action_blocks_after_prose():
 def test_internlm2_malformed_or_interpreter_blocks_are_content(reply):
     streamed, rest, calls = _stream("internlm2", ["Sure. ", reply], plan_tools(_req()))
     assert calls == [] and "".join(streamed) + rest == "Sure. " + reply
+
+
+# DeepSeek-V2.5: the section its chat template writes for past calls.
+DS_CALL = ("<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{{\"city\": \"{}\"}}\n```"
+           "<｜tool▁call▁end｜>")
+DS_REPLY = "<｜tool▁calls▁begin｜>" + DS_CALL.format("Paris") + "\n" + DS_CALL.format("Rome") + "<｜tool▁calls▁end｜>"
+
+
+def test_deepseek_v2_calls_after_prose_stream_the_prose_and_parse_every_call():
+    plan = plan_tools(_req())
+    pieces = ["Let me ", "check.", "\n<｜tool", "▁calls▁begin｜>", DS_REPLY[len("<｜tool▁calls▁begin｜>"):]]
+    streamed, rest, calls = _stream("deepseek_v2", pieces, plan)
+    # Prose streams at once; "<｜tool" waits until it turns out to open the section.
+    assert streamed[:3] == ["Let me ", "check.", "\n"] and "".join(streamed) == "Let me check.\n"
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"] * 2
+    assert [c["index"] for c in calls] == [0, 1] and rest == ""
+
+
+def test_deepseek_v2_calls_streamed_token_by_token():
+    plan = plan_tools(_req())
+    pieces = [DS_REPLY[i:i + 3] for i in range(0, len(DS_REPLY), 3)]
+    streamed, rest, calls = _stream("deepseek_v2", pieces, plan)
+    assert "".join(streamed) == "" and rest == "" and len(calls) == 2
+
+
+def test_deepseek_v2_plain_text_and_lookalikes_stream():
+    plan = plan_tools(_req())
+    streamed, rest, calls = _stream("deepseek_v2", ["a <｜to", "ol> b"], plan)
+    assert "".join(streamed) + rest == "a <｜tool> b" and calls == []
+
+
+@pytest.mark.parametrize("reply", [
+    DS_REPLY.replace('"Paris"}', '"Paris"'),  # bad JSON
+    DS_REPLY.replace("get_weather", "launch_rockets"),  # unknown function
+    DS_REPLY.replace("```json\n", ""),  # no fenced arguments
+    DS_REPLY.replace("function<｜tool▁sep｜>", "<｜tool▁sep｜>"),  # no call type
+    DS_REPLY.replace("\n<｜tool▁call▁begin｜>", "\nand then <｜tool▁call▁begin｜>"),  # stray text between calls
+    "<｜tool▁calls▁begin｜>" + DS_CALL.format("Paris")[:40],  # never closed
+    "<｜tool▁calls▁begin｜><｜tool▁calls▁end｜>",  # no call
+    "<｜tool▁calls▁begin｜>" + DS_CALL.format("Paris").replace('{"city": "Paris"}', '["Paris"]'),  # not an object
+])
+def test_deepseek_v2_malformed_calls_come_back_as_content(reply):
+    streamed, rest, calls = _stream("deepseek_v2", [reply], plan_tools(_req()))
+    assert calls == [] and "".join(streamed) + rest == reply
+
+
+def test_deepseek_v2_without_the_closing_section_marker_and_cut_by_max_tokens():
+    plan = plan_tools(_req())
+    reply = "<｜tool▁calls▁begin｜>" + DS_CALL.format("Oslo")
+    _, rest, calls = _stream("deepseek_v2", [reply], plan)
+    assert rest == "" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    _, rest, calls = _stream("deepseek_v2", [DS_REPLY], plan, complete=False)
+    assert calls == [] and rest == DS_REPLY

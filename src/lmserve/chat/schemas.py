@@ -65,6 +65,9 @@ class Message(_Body):
         out: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.tool_calls:
             out["tool_calls"] = [_call_for_template(c.model_dump()) for c in self.tool_calls]
+            # A turn that only calls tools has no content (None), as OpenAI and transformers
+            # write it: DeepSeek-V2.5's template renders the calls only for `content is none`.
+            out["content"] = out["content"] or None
         if self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
         if self.name:

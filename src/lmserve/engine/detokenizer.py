@@ -4,16 +4,37 @@ Text is decoded over a small sliding window of tokens (as vLLM does), so the cos
 constant, and a window that ends inside a multi-byte character (U+FFFD at the end) waits for the
 next token: a half character is never emitted. Text that could still be the start of a stop
 string is held back until it either completes the stop string (then it is cut) or cannot.
+
+Special tokens are left out of the text, except a family's tool-call markers: a tokenizer may
+flag DeepSeek-V2.5's `<｜tool▁calls▁begin｜>` special, and the tool-call reader needs to see it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 _REPLACEMENT = "\ufffd"
 
 
+def hidden_special_ids(tokenizer, visible: Iterable[str]) -> frozenset[int] | None:
+    """The special token ids to leave out of decoded text when the `visible` ones must stay in;
+    None when no visible token is special in this tokenizer (then plain skip_special_tokens)."""
+    visible = list(visible)
+    if tokenizer is None or not visible:
+        return None
+    vocab = tokenizer.get_vocab()
+    keep = {vocab[t] for t in visible if t in vocab}
+    special = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    special |= set(tokenizer.all_special_ids)
+    if not keep & special:
+        return None
+    return frozenset(special - keep)
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, hidden_ids: frozenset[int] | None = None):
         self.tokenizer = tokenizer
+        self.hidden_ids = hidden_ids  # None: every special token is hidden
         self.stop = stop or []
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.token_ids: list[int] = []
@@ -23,7 +44,9 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of `text` already handed out
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.hidden_ids is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode([i for i in ids if i not in self.hidden_ids], skip_special_tokens=False)
 
     def add_token(self, token_id: int) -> str | None:
         """Append one generated token. Returns the stop string if one now matches."""

@@ -20,7 +20,7 @@ import torch
 from lmserve.device import choose_device, choose_dtype
 from lmserve.engine.batch import build_model_input
 from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_ids
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
@@ -102,6 +102,7 @@ class LLMEngine:
                 self.eos_token_ids.add(self.tokenizer.eos_token_id)
             vocab = self.tokenizer.get_vocab()
             self.eos_token_ids.update(vocab[t] for t in self.model.end_of_turn_tokens if t in vocab)
+        self.hidden_token_ids = hidden_special_ids(self.tokenizer, self.model.tool_call_tokens)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
@@ -176,7 +177,7 @@ class LLMEngine:
         seq = Sequence(
             seq_id=next(self._seq_ids), request=request, index=index, token_ids=token_ids,
             sampling_key=stream_key(request.seed, index),
-            detok=IncrementalDetokenizer(self.tokenizer, request.params.stop))
+            detok=IncrementalDetokenizer(self.tokenizer, request.params.stop, self.hidden_token_ids))
         if request.params.structured_output is not None:
             seq.grammar = self.grammar_backend().matcher(request.params.structured_output)
         request.seqs.append(seq)

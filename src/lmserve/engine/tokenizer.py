@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from pathlib import Path
@@ -46,13 +47,46 @@ def render_chat(tokenizer, conversation: list[dict], **template_kwargs) -> str:
     API still takes one, as OpenAI's does: the system text is then folded into the next user
     turn, separated by a blank line. Any other template error propagates.
     """
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, UndefinedError
 
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; use generate() with a raw prompt")
 
+    def apply(messages: list[dict], keep_none: bool = False) -> str:
+        if not keep_none:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 **template_kwargs)
+        # transformers drops None-valued keys before rendering, but some templates test for None
+        # (DeepSeek-V2.5 renders a turn's tool calls only where `content is none`): render the
+        # messages as they are, through the same sandboxed renderer.
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        kwargs = dict(template_kwargs)
+        tools = kwargs.pop("tools", None)
+        rendered, _ = render_jinja_template(
+            conversations=[messages], tools=tools, chat_template=tokenizer.get_chat_template(None, tools),
+            add_generation_prompt=True, **{**tokenizer.special_tokens_map, **kwargs})
+        return rendered[0]
+
     def render(messages: list[dict]) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+        # Templates written for other message conventions fail with a TypeError or an undefined
+        # value; each gets retried in the next convention: None content kept (see apply), then
+        # tool-call arguments as JSON text (DeepSeek-V2.5 writes '```json\n' + arguments where
+        # most write `arguments | tojson`), then also empty content for a turn that only calls
+        # tools ('\n' + content). The first error is the one reported.
+        has_none = any(v is None for m in messages for v in m.values())
+        as_text = template_plain(messages, False)
+        attempts = [(messages, False), (messages, True) if has_none else None,
+                    (as_text, has_none) if as_text else None, (template_plain(messages, True), False)]
+        first_error = None
+        for attempt in attempts:
+            if attempt is None or attempt[0] is None:
+                continue
+            try:
+                return apply(*attempt)
+            except (TypeError, UndefinedError) as e:
+                first_error = first_error or e
+        raise first_error
 
     try:
         return render(conversation)
@@ -64,6 +98,26 @@ def render_chat(tokenizer, conversation: list[dict], **template_kwargs) -> str:
         return render(folded)
     except TemplateError:
         return render(conversation)  # the original error, about what the client sent
+
+
+def template_plain(conversation: list[dict], empty_content: bool) -> list[dict] | None:
+    """The conversation with tool-call arguments as JSON text (and None content as "" if
+    `empty_content`); None when that changes nothing."""
+    changed = False
+    out = []
+    for message in conversation:
+        calls = message.get("tool_calls")
+        if calls and any(isinstance((c.get("function") or {}).get("arguments"), dict) for c in calls):
+            changed = True
+            calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                                 ensure_ascii=False)}}
+                     if isinstance((c.get("function") or {}).get("arguments"), dict) else c for c in calls]
+            message = {**message, "tool_calls": calls}
+        if empty_content and message.get("content", "") is None:
+            changed = True
+            message = {**message, "content": ""}
+        out.append(message)
+    return out if changed else None
 
 
 def fold_system_messages(conversation: list[dict]) -> list[dict] | None:

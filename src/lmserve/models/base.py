@@ -32,8 +32,10 @@ class CausalLM(nn.Module):
     # Tokens that end an assistant turn in the family's chat format: generation stops on them
     # (reported as eos) even where config.json names only the pretraining end of text.
     end_of_turn_tokens: tuple[str, ...] = ()
-    # How the family writes tool calls (a module of lmserve.chat.tool_parsers).
+    # How the family writes tool calls (a module of lmserve.chat.tool_parsers), and the tokens
+    # that format is made of: they stay in the decoded text even if the tokenizer flags them special.
     tool_call_format: str = "json"
+    tool_call_tokens: tuple[str, ...] = ()
     config: Any
 
     @classmethod

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lmserve.attention import MLAAttention
+from lmserve.chat.tool_parsers.deepseek_v2 import MARKERS as TOOL_CALL_MARKERS
 from lmserve.layers.linear import Linear
 from lmserve.layers.mlp import GatedMLP
 from lmserve.layers.moe import SparseMoE, deepseek_is_sparse, map_expert_name
@@ -167,7 +168,8 @@ class DeepseekV2ForCausalLM(CausalLM):
     # Only the MLPs' gate/up pack; the attention projections keep the checkpoint's names.
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     end_of_turn_tokens = ("<｜end▁of▁sentence｜>",)
-    tool_call_format = "deepseek_v2"
+    tool_call_format = "deepseek_v2"  # DeepSeek-V2.5's <｜tool▁calls▁begin｜> section
+    tool_call_tokens = TOOL_CALL_MARKERS
 
     def __init__(self, config: DeepseekV2Config, dtype: torch.dtype):
         super().__init__()

@@ -8,6 +8,7 @@ uses the JSON reader. Unknown formats fall back to JSON.
 from __future__ import annotations
 
 from lmserve.chat.tool_parsers.base import ToolCallStream
+from lmserve.chat.tool_parsers.deepseek_v2 import DeepseekV2ToolCallStream
 from lmserve.chat.tool_parsers.glm4 import Glm4ToolCallStream
 from lmserve.chat.tool_parsers.hermes import HermesToolCallStream
 from lmserve.chat.tool_parsers.internlm2 import InternLM2ToolCallStream
@@ -18,6 +19,7 @@ _FORMATS: dict[str, type[ToolCallStream]] = {
     "hermes": HermesToolCallStream,
     "glm4": Glm4ToolCallStream,  # GLM-4 and ChatGLM3: name line, then the arguments
     "internlm2": InternLM2ToolCallStream,
+    "deepseek_v2": DeepseekV2ToolCallStream,
 }
 
 
