@@ -285,7 +285,7 @@ def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int
     return model
 
 
-def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limited: bool = True):
+def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limited: bool = True, v_head_dim: int = 10):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     # MLA (q_lora_rank set like V2/V2.5, or None like V2-Lite), a dense first layer, 8 experts in
@@ -296,7 +296,7 @@ def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limit
     config = DeepseekV2Config(
         vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
-        v_head_dim=10, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=2,
+        v_head_dim=v_head_dim, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=2,
         first_k_dense_replace=1, topk_method="group_limited_greedy" if group_limited else "greedy",
         n_group=4 if group_limited else None, topk_group=2 if group_limited else None, routed_scaling_factor=2.5,
         norm_topk_prob=False, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -454,3 +454,18 @@ def test_telechat2_ntk_rope_past_base_seqlen():
         base = 10000.0 * alpha ** (d / (d - 2))
         angles = pos / base ** (torch.arange(0, d, 2).float() / d)
         torch.testing.assert_close(table[pos], torch.cat([angles.cos(), angles.sin()]) * mscale)
+
+
+def test_deepseek_v2_quantized_keeps_the_latent_up_projection_dense(tmp_path):
+    """Weight-only int8 quantizes every linear layer but kv_b_proj, whose weight the absorbed
+    MLA decode reads itself; generation then runs through prefill and decode."""
+    build_deepseek_v2(tmp_path, q_lora_rank=32, v_head_dim=8)  # the int8 kernel takes inputs of 16k values
+    engine = LLMEngine(str(tmp_path), dtype="float32", num_kv_blocks=32, block_size=4, quantization="int8")
+    attn = engine.model.layers[1].self_attn
+    assert attn.kv_b_proj.weight is not None and attn.q_b_proj.weight is None
+    engine.add_request("q", _BASE[:10], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.outputs[0].token_ids
+    assert len(tokens) == 6 and engine.num_free_blocks == engine.num_blocks

@@ -36,6 +36,9 @@ class CausalLM(nn.Module):
     # that format is made of: they stay in the decoded text even if the tokenizer flags them special.
     tool_call_format: str = "json"
     tool_call_tokens: tuple[str, ...] = ()
+    # Linear layers (by name suffix) that stay dense under weight-only quantization: the family
+    # reads their weight itself, not only through the layer's forward.
+    dense_modules: tuple[str, ...] = ()
     config: Any
 
     @classmethod

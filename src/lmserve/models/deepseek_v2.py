@@ -170,6 +170,9 @@ class DeepseekV2ForCausalLM(CausalLM):
     end_of_turn_tokens = ("<｜end▁of▁sentence｜>",)
     tool_call_format = "deepseek_v2"  # DeepSeek-V2.5's <｜tool▁calls▁begin｜> section
     tool_call_tokens = TOOL_CALL_MARKERS
+    # The absorbed MLA decode multiplies by kv_b_proj's weight directly (split per head into
+    # W_UK and W_UV): it stays dense when the rest is quantized (~0.4% of V2's weights).
+    dense_modules = ("kv_b_proj",)
 
     def __init__(self, config: DeepseekV2Config, dtype: torch.dtype):
         super().__init__()

@@ -113,7 +113,7 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
     with torch.no_grad():
         load_weights(model, tensors)
     process_weights_after_loading(model)
-    quantize_model(model, quantization)
+    quantize_model(model, quantization, skip=("lm_head", *model.dense_modules))
     # The rope tables were built in the compute dtype; the buffers must not be recast.
     return model.eval()
 
