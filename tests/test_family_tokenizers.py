@@ -137,7 +137,9 @@ def test_chatglm3_prompt_is_build_chat_input(dirs, toks):
     assert [tok.convert_tokens_to_ids(t) for t in ("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>",
                                                    "<|observation|>")] == [n + 1, n + 3, n + 5, n + 6, n + 7, n + 8]
     role = {"system": n + 5, "user": n + 6, "assistant": n + 7, "observation": n + 8}
-    history = [SYSTEM, USER, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Merci !"}]
+    # "sop" and "eop" name control tokens but are plain text in a message ("people" holds "eop").
+    history = [SYSTEM, USER, {"role": "assistant", "content": "Sunny."},
+               {"role": "user", "content": "Aesop's people: sop, eop."}]
     expected = [n + 1, n + 3]
     for m in history:
         expected += [role[m["role"]]] + sp.encode("\n") + sp.encode(m["content"])

@@ -5,10 +5,10 @@ where encoding the text between control tokens whole could merge across that new
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 
-def tokenize_by_message(pieces: list[str], controls: dict[str, int], role_tokens: frozenset[str],
+def tokenize_by_message(pieces: list[str], controls: Collection[str], role_tokens: frozenset[str],
                         encode: Callable[[str], list[str]]) -> list[str]:
     """`pieces`: the text already split at control tokens (the tokenizer's trie)."""
     out: list[str] = []

@@ -7,6 +7,9 @@ lmserve never runs. This class does what those classes do:
 - control tokens are the model's control and user-defined pieces, the ids the checkpoint's
   tokenizer_config.json names (InternLM2 gives unused pieces their chat names), and the ids
   a family appends after the vocabulary (ChatGLM3's role tokens);
+- controls named like plain words (ChatGLM3's `sop`, `eop`) are never read from text, or
+  "people" would hold an `eop`: they come only from a prefix the template writes as one string
+  (`[gMASK]sop`), expanded to its tokens;
 - where the family builds each message as `role token + encode(first line + "\\n") +
   encode(content)` (ChatGLM3's `build_single_message`), the first line after a role token is
   encoded on its own, so a rendered template gives the ids that code builds.
@@ -28,7 +31,8 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, controls: dict[int, str], role_tokens: tuple[str, ...] = (),
-                 visible: frozenset[str] = frozenset(), **kwargs):
+                 visible: frozenset[str] = frozenset(), hidden: frozenset[str] = frozenset(),
+                 expansions: dict[str, list[str]] | None = None, **kwargs):
         import sentencepiece as spm
 
         self.vocab_file = vocab_file
@@ -42,12 +46,16 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
         decoder.update(controls)
         self._piece_count = sp.get_piece_size()
         self._extra = {i: t for i, t in controls.items() if i >= self._piece_count}
+        # `hidden` controls keep their ids and names but are no added tokens (never matched in text).
+        self._hidden = {t: i for i, t in decoder.items() if t in hidden}
+        decoder = {i: t for i, t in decoder.items() if t not in hidden}
+        self._expansions = dict(expansions or {})
         # Decoding with skip_special_tokens drops them, except the `visible` ones a tool-call
         # reader must see in the reply (InternLM2's action markers, TeleChat2's <tool_call>).
         super().__init__(added_tokens_decoder={i: _special(t, t not in visible) for i, t in decoder.items()},
                          extra_special_tokens=sorted(set(decoder.values()) - visible),
                          clean_up_tokenization_spaces=False, **kwargs)
-        self._update_trie()
+        self._update_trie(list(self._expansions))
 
     @property
     def vocab_size(self) -> int:
@@ -59,15 +67,15 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
         vocab = {self.sp_model.id_to_piece(i): i for i in range(self._piece_count)
                  if i not in self._added_tokens_decoder}
         vocab.update(self._added_tokens_encoder)
+        vocab.update(self._hidden)
         return vocab
 
     def tokenize(self, text: str, **kwargs) -> list[str]:
         if kwargs.get("split_special_tokens"):
             return self._plain_text(text)
-        if not self.role_tokens:
-            return super().tokenize(text, **kwargs)
-        return tokenize_by_message(self.tokens_trie.split(text), self._added_tokens_encoder, self.role_tokens,
-                                   self._tokenize)
+        pieces = [p for piece in self.tokens_trie.split(text) for p in self._expansions.get(piece, [piece])]
+        controls = self._added_tokens_encoder.keys() | self._hidden.keys()
+        return tokenize_by_message(pieces, controls, self.role_tokens, self._tokenize)
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(text, out_type=str)
@@ -90,7 +98,8 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
         return out
 
     def _convert_token_to_id(self, token: str) -> int:
-        return self.sp_model.piece_to_id(token)
+        hidden = self._hidden.get(token)
+        return hidden if hidden is not None else self.sp_model.piece_to_id(token)
 
     def _convert_id_to_token(self, index: int) -> str:
         if index < self._piece_count:
@@ -103,7 +112,7 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
         out: list[str] = []
         run: list[str] = []
         for token in tokens:
-            if token in self._added_tokens_encoder:
+            if token in self._added_tokens_encoder or token in self._hidden:
                 if run:
                     out.append(self.sp_model.decode_pieces(run))
                     run = []
