@@ -469,3 +469,20 @@ def test_deepseek_v2_quantized_keeps_the_latent_up_projection_dense(tmp_path):
         for out in engine.step():
             tokens += out.outputs[0].token_ids
     assert len(tokens) == 6 and engine.num_free_blocks == engine.num_blocks
+
+
+def test_decode_groups_pad_each_sequence_at_most_to_twice_its_blocks():
+    from lmserve.attention.cpu_sdpa import _decode_groups
+
+    tables = [[1], [2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    groups = _decode_groups(tables, torch.tensor([2, 33, 5, 9]), torch.float32, 4)
+    seen = []
+    for g in groups:
+        rows = g.rows.tolist()
+        seen += rows
+        width = g.block_tables.shape[1]
+        assert all(len(tables[i]) <= width < 2 * len(tables[i]) or width == 1 for i in rows)
+        for j, i in enumerate(rows):
+            assert g.block_tables[j, :len(tables[i])].tolist() == tables[i]
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert len(_decode_groups([[1, 2], [3, 4]], torch.tensor([5, 6]), torch.float32, 4)) == 1

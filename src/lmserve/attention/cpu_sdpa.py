@@ -32,29 +32,42 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decoding sequences whose block tables are padded to one width. Sequences are grouped by
+    table length (rounded up to a power of two), so a long sequence does not make every short
+    one in the batch gather and attend over its length: the work per step follows the tokens
+    actually attended, within 2x."""
+
+    rows: torch.Tensor | None  # indices into the decode rows; None = all of them, in order
+    block_tables: torch.Tensor  # [G, width]
+    positions: torch.Tensor  # [G]
+    dtype: torch.dtype
+    block_size: int
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Additive [G, 1, 1, width * block_size] mask (0 / -inf in the compute dtype, which SDPA
+        would otherwise convert a boolean mask to in every layer), built once per step."""
+        if window not in self._masks:
+            tables, pos = self.block_tables, self.positions
+            span = torch.arange(tables.shape[1] * self.block_size, device=tables.device).unsqueeze(0)
+            hidden = span > pos.unsqueeze(1)
+            if window is not None:
+                hidden |= span <= (pos - window).unsqueeze(1)
+            self._masks[window] = torch.zeros(hidden.shape, dtype=self.dtype, device=tables.device).masked_fill_(
+                hidden, float("-inf")).view(len(pos), 1, 1, -1)
+        return self._masks[window]
+
+
+@dataclass
 class CpuAttentionMetadata:
     backend: CpuSdpaBackend
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     dtype: torch.dtype
     num_decode: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
-    decode_positions: torch.Tensor | None = None  # [B]
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
-
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """Additive [B, 1, 1, max_blocks * block_size] mask (0 / -inf in the compute dtype, which
-        SDPA would otherwise convert a boolean mask to in every layer)."""
-        key = ("decode", window)
-        if key not in self._masks:
-            tables, pos = self.decode_block_tables, self.decode_positions
-            span = torch.arange(tables.shape[1] * self.backend.block_size, device=tables.device).unsqueeze(0)
-            hidden = span > pos.unsqueeze(1)
-            if window is not None:
-                hidden |= span <= (pos - window).unsqueeze(1)
-            self._masks[key] = torch.zeros(hidden.shape, dtype=self.dtype, device=tables.device).masked_fill_(
-                hidden, float("-inf")).view(len(pos), 1, 1, -1)
-        return self._masks[key]
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
         """Boolean [length, context + length] (True = attend), or None for a plain causal chunk."""
@@ -83,10 +96,9 @@ class CpuSdpaBackend:
         meta = CpuAttentionMetadata(backend=self, slot_mapping=torch.empty(0), dtype=dtype, num_decode=nd)
         slot_parts: list[torch.Tensor] = []
         if nd:
-            tables = _padded_tables(batch.block_tables[:nd], dev)
             pos = positions[:nd]
-            slot_parts.append(tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs)
-            meta.decode_block_tables, meta.decode_positions = tables, pos
+            slot_parts.append(self._decode_slots(batch.block_tables[:nd], pos, bs))
+            meta.decode_groups = _decode_groups(batch.block_tables[:nd], pos, dtype, bs)
         row = nd
         for i in range(nd, len(batch.query_lens)):
             n, start = batch.query_lens[i], batch.context_lens[i]
@@ -97,6 +109,13 @@ class CpuSdpaBackend:
             row += n
         meta.slot_mapping = torch.cat(slot_parts)
         return meta
+
+    @staticmethod
+    def _decode_slots(tables: list[list[int]], positions: torch.Tensor, bs: int) -> torch.Tensor:
+        """Cache slot of each decoding sequence's new token."""
+        last = torch.tensor([t[p // bs] for t, p in zip(tables, positions.tolist())], dtype=torch.int64,
+                            device=positions.device)
+        return last * bs + positions % bs
 
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: CpuAttentionMetadata) -> torch.Tensor:
@@ -110,15 +129,23 @@ class CpuSdpaBackend:
         out = q.new_empty(q.shape) if nd < t else None
         if nd:
             # One query per sequence: fold the query heads sharing a KV head into the "query
-            # length" axis, so GQA needs no key/value expansion and one call covers the batch.
+            # length" axis, so GQA needs no key/value expansion and one call covers a group.
             qd = q[:nd].view(nd, hkv, group, d)
-            kd = _gather(kv_cache[0], meta.decode_block_tables)
-            vd = _gather(kv_cache[1], meta.decode_block_tables)
-            mask = meta.decode_mask(window)
-            if softcap is None:
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
-            else:
-                od = _softcapped_attention(qd, kd, vd, mask, scale, softcap)
+            od = None
+            for g in meta.decode_groups:
+                kd = _gather(kv_cache[0], g.block_tables)
+                vd = _gather(kv_cache[1], g.block_tables)
+                qg = qd if g.rows is None else qd[g.rows]
+                if softcap is None:
+                    og = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=g.mask(window), scale=scale)
+                else:
+                    og = _softcapped_attention(qg, kd, vd, g.mask(window), scale, softcap)
+                if g.rows is None:
+                    od = og
+                else:
+                    if od is None:
+                        od = qd.new_empty(qd.shape)
+                    od[g.rows] = og
             if nd == t:  # decode only: no scatter into a separate output
                 return od.reshape(nd, hq, d)
             out[:nd] = od.reshape(nd, hq, d)
@@ -147,7 +174,6 @@ class CpuSdpaBackend:
                 out[rows] = op.view(hkv, group, length, d).permute(2, 0, 1, 3).reshape(length, hq, d)
         return out
 
-
     def forward_mla(self, layer, q: torch.Tensor, entry: torch.Tensor, kv_b_proj, kv_cache: tuple[torch.Tensor],
                     meta: CpuAttentionMetadata) -> torch.Tensor:
         """Multi-head latent attention. q: [T, H, nope + rope]; entry: [T, latent + rope], what
@@ -174,10 +200,12 @@ class CpuSdpaBackend:
             w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, v, rank]
             q_latent = torch.bmm(q[:nd, :, :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
             qd = torch.cat((q_latent, q[:nd, :, nope:]), dim=-1).unsqueeze(1)  # [B, 1, H, rank + rope]
-            tables = meta.decode_block_tables
-            entries = cache.index_select(0, tables.view(-1)).view(nd, 1, -1, width)
-            od = F.scaled_dot_product_attention(qd, entries, entries[..., :rank], attn_mask=meta.decode_mask(None),
-                                                scale=layer.scale)  # [B, 1, H, rank]
+            od = qd.new_empty(nd, 1, heads, rank)
+            for g in meta.decode_groups:
+                rows = slice(None) if g.rows is None else g.rows
+                entries = cache.index_select(0, g.block_tables.view(-1)).view(len(g.positions), 1, -1, width)
+                od[rows] = F.scaled_dot_product_attention(qd[rows], entries, entries[..., :rank],
+                                                          attn_mask=g.mask(None), scale=layer.scale)  # [G, 1, H, rank]
             out[:nd] = torch.bmm(od.squeeze(1).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         for index, chunk in enumerate(meta.prefills):
             rows = slice(chunk.start, chunk.start + chunk.length)
@@ -220,6 +248,23 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     _, bs, kvh, d = cache.shape
     # index_select on the flattened ids is a plain row copy; advanced indexing costs more per call.
     return cache.index_select(0, block_tables.view(-1)).view(b, nblk * bs, kvh, d).transpose(1, 2)
+
+
+def _decode_groups(tables: list[list[int]], positions: torch.Tensor, dtype: torch.dtype,
+                   block_size: int) -> list[DecodeGroup]:
+    """Decoding sequences grouped by block-table width rounded up to a power of two."""
+    dev = positions.device
+    buckets: dict[int, list[int]] = {}
+    for i, table in enumerate(tables):
+        buckets.setdefault(1 << max(len(table) - 1, 0).bit_length(), []).append(i)
+    if len(buckets) == 1:  # the usual case: one group, no row gather or scatter
+        return [DecodeGroup(None, _padded_tables(tables, dev), positions, dtype, block_size)]
+    groups = []
+    for rows in buckets.values():
+        index = torch.tensor(rows, dtype=torch.int64, device=dev)
+        groups.append(DecodeGroup(index, _padded_tables([tables[i] for i in rows], dev), positions[index],
+                                  dtype, block_size))
+    return groups
 
 
 def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
