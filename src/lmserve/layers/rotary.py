@@ -138,8 +138,10 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, base: float,
-                 scaling: dict | None = None, style: str = "neox", dtype: torch.dtype = torch.float32):
+                 scaling: dict | None = None, style: str = "neox", dtype: torch.dtype = torch.float32,
+                 keep_dtype: bool = False):
         super().__init__()
+        self.keep_dtype = keep_dtype  # the table stays in `dtype` when the model is cast
         if style not in ROPE_STYLES:
             raise ValueError(f"unknown rope style {style!r}")
         if rotary_dim % 2 or rotary_dim > head_dim:
@@ -150,6 +152,14 @@ class RotaryEmbedding(nn.Module):
         angles, attention_factor = rope_frequencies(positions, rotary_dim, base, scaling, max_position)
         table = torch.cat([angles.cos() * attention_factor, angles.sin() * attention_factor], dim=-1)
         self.register_buffer("cos_sin", table.to(dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        if not self.keep_dtype:
+            return super()._apply(fn, recurse)
+        table = self.cos_sin
+        super()._apply(fn, recurse)
+        self.cos_sin = table.to(device=self.cos_sin.device)  # moved, never recast
+        return self
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, 1, rotary_dim/2], broadcasting over heads."""
@@ -173,6 +183,6 @@ class RotaryEmbedding(nn.Module):
 
 def get_rope(head_dim: int, max_position: int, base: float, scaling: dict | None = None,
              rotary_dim: int | None = None, style: str = "neox",
-             dtype: torch.dtype = torch.float32) -> RotaryEmbedding:
+             dtype: torch.dtype = torch.float32, keep_dtype: bool = False) -> RotaryEmbedding:
     """The rotary embedding a family asks for (rotary_dim defaults to the whole head)."""
-    return RotaryEmbedding(head_dim, rotary_dim or head_dim, max_position, base, scaling, style, dtype)
+    return RotaryEmbedding(head_dim, rotary_dim or head_dim, max_position, base, scaling, style, dtype, keep_dtype)

@@ -133,8 +133,10 @@ class DeepseekV2Attention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, self.num_heads, self.nope + self.rope_dim)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        # Rotate every head's rope query and the one shared rope key in one call.
-        rotated = self.rotary.apply(torch.cat((q[..., self.nope:], k_rope.unsqueeze(1)), dim=1), *rope)
+        # Rotate every head's rope query and the one shared rope key in one call, in fp32 as
+        # transformers does (its complex multiplication upcasts; the table is kept in fp32).
+        pe = torch.cat((q[..., self.nope:], k_rope.unsqueeze(1)), dim=1)
+        rotated = self.rotary.apply(pe.float(), *rope).to(x.dtype)
         q = torch.cat((q[..., :self.nope], rotated[:, :self.num_heads]), dim=-1)
         entry = torch.cat((self.kv_a_layernorm(latent), rotated[:, self.num_heads]), dim=-1)
         out = self.attn(q, entry, self.kv_b_proj, kv_cache, meta)
@@ -178,7 +180,7 @@ class DeepseekV2ForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.rotary = get_rope(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta,
-                               config.rope_scaling, style="interleaved", dtype=dtype)
+                               config.rope_scaling, style="interleaved", dtype=torch.float32, keep_dtype=True)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, self.rotary, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
