@@ -83,7 +83,13 @@ def glm4_dir(directory: Path) -> Path:
     ranks = glm4_ranks(directory)
     (directory / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
                                                        for t, r in ranks.items()))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLM4Tokenizer"}))
+    # As glm-4-9b-chat lists them: its control tokens right after the ranks (151329 = <|endoftext|>).
+    names = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+             "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+             "<|end_of_video|>"]
+    listed = {str(len(ranks) + i): {"content": t, "special": True} for i, t in enumerate(names)}
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "ChatGLM4Tokenizer", "added_tokens_decoder": listed, "eos_token": "<|endoftext|>"}))
     return directory
 
 
@@ -232,6 +238,15 @@ def test_multilingual_text_round_trips_with_the_libraries_ids(name, dirs, toks):
     table = token_bytes(tok)
     raw = b"".join(table[i] for i in ids)
     assert raw.decode("utf-8").lstrip() == MULTILINGUAL.lstrip()
+
+
+def test_raw_prompts_start_as_the_families_start_them(toks):
+    """encode(text) with special tokens: ChatGLM's [gMASK] sop prefix, InternLM2's <s>, TeleChat2's nothing."""
+    starts = {"chatglm3": ["[gMASK]", "sop"], "glm4": ["[gMASK]", "<sop>"], "internlm2": ["<s>"], "telechat2": []}
+    for name, start in starts.items():
+        tok = toks[name]
+        plain = tok.encode("hi", add_special_tokens=False)
+        assert tok.encode("hi") == tok.convert_tokens_to_ids(start) + plain, name
 
 
 def test_client_text_never_becomes_control_tokens(toks):

@@ -57,17 +57,18 @@ def load_family_tokenizer(directory: Path):
                                      chat_template=templates.GLM4)
     if family == "chatglm":
         return _sentencepiece(vocab, listed, templates.CHATGLM3, appended=CHATGLM3_SPECIALS, roles=GLM4_ROLES,
-                              hidden=frozenset({"sop", "eop"}), expansions={"[gMASK]sop": ["[gMASK]", "sop"]})
+                              hidden=frozenset({"sop", "eop"}), expansions={"[gMASK]sop": ["[gMASK]", "sop"]},
+                              prefix=("[gMASK]", "sop"))
     if family == "internlm2":
         return _sentencepiece(vocab, listed, templates.INTERNLM2, renamed=INTERNLM2_NAMES,
-                              visible=INTERNLM2_ACTION_TOKENS)
+                              visible=INTERNLM2_ACTION_TOKENS, prefix=("<bos>",))
     return _sentencepiece(vocab, listed, templates.TELECHAT2, visible=TELECHAT2_TOOL_TOKENS)
 
 
 def _sentencepiece(vocab: str, listed: dict[int, str], template: str, appended: tuple[str, ...] = (),
                    renamed: dict[str, str] | None = None, roles: tuple[str, ...] = (),
                    visible: frozenset[str] = frozenset(), hidden: frozenset[str] = frozenset(),
-                   expansions: dict[str, list[str]] | None = None):
+                   expansions: dict[str, list[str]] | None = None, prefix: tuple[str, ...] = ()):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor()
@@ -83,8 +84,10 @@ def _sentencepiece(vocab: str, listed: dict[int, str], template: str, appended: 
     specials = {k: controls.get(i, sp.id_to_piece(i)) for k, i in names.items() if 0 <= i < size}
     if "pad_token" not in specials and "unk_token" in specials:
         specials["pad_token"] = specials["unk_token"]
+    prefix = tuple(specials.get("bos_token", "") if t == "<bos>" else t for t in prefix)
     return SentencePieceChatTokenizer(vocab, controls, role_tokens=roles, visible=visible, hidden=hidden,
-                                      expansions=expansions, chat_template=template, **specials)
+                                      expansions=expansions, prefix_tokens=prefix, chat_template=template,
+                                      **specials)
 
 
 def _listed_tokens(cfg: dict) -> dict[int, str]:

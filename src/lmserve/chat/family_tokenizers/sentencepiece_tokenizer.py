@@ -32,7 +32,7 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
 
     def __init__(self, vocab_file: str, controls: dict[int, str], role_tokens: tuple[str, ...] = (),
                  visible: frozenset[str] = frozenset(), hidden: frozenset[str] = frozenset(),
-                 expansions: dict[str, list[str]] | None = None, **kwargs):
+                 expansions: dict[str, list[str]] | None = None, prefix_tokens: tuple[str, ...] = (), **kwargs):
         import sentencepiece as spm
 
         self.vocab_file = vocab_file
@@ -50,6 +50,7 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
         self._hidden = {t: i for i, t in decoder.items() if t in hidden}
         decoder = {i: t for i, t in decoder.items() if t not in hidden}
         self._expansions = dict(expansions or {})
+        self.prefix_tokens = tuple(prefix_tokens)
         # Decoding with skip_special_tokens drops them, except the `visible` ones a tool-call
         # reader must see in the reply (InternLM2's action markers, TeleChat2's <tool_call>).
         super().__init__(added_tokens_decoder={i: _special(t, t not in visible) for i, t in decoder.items()},
@@ -76,6 +77,13 @@ class SentencePieceChatTokenizer(PreTrainedTokenizer):
         pieces = [p for piece in self.tokens_trie.split(text) for p in self._expansions.get(piece, [piece])]
         controls = self._added_tokens_encoder.keys() | self._hidden.keys()
         return tokenize_by_message(pieces, controls, self.role_tokens, self._tokenize)
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int],
+                                         token_ids_1: list[int] | None = None) -> list[int]:
+        """A raw prompt with special tokens starts as the family's own tokenizer starts one
+        ([gMASK] sop for ChatGLM, <s> for InternLM2, nothing for TeleChat2)."""
+        prefix = self.convert_tokens_to_ids(list(self.prefix_tokens))
+        return prefix + token_ids_0 + (token_ids_1 or [])
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(text, out_type=str)

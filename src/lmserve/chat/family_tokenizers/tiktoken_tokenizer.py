@@ -74,7 +74,8 @@ class TiktokenChatTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, controls: dict[int, str] | None = None,
-                 role_tokens: tuple[str, ...] = (), pattern: str = GLM4_PATTERN, **kwargs):
+                 role_tokens: tuple[str, ...] = (), pattern: str = GLM4_PATTERN,
+                 prefix_tokens: tuple[str, ...] = ("[gMASK]", "<sop>"), **kwargs):
         import tiktoken
 
         self.vocab_file = vocab_file
@@ -90,6 +91,7 @@ class TiktokenChatTokenizer(PreTrainedTokenizer):
         if controls is None:
             controls = {self._rank_count + i: t for i, t in enumerate(GLM4_SPECIALS)}
         self.role_tokens = frozenset(role_tokens)
+        self.prefix_tokens = tuple(prefix_tokens)
         self._controls = dict(controls)
         super().__init__(added_tokens_decoder={i: AddedToken(t, special=True, normalized=False)
                                                for i, t in controls.items()},
@@ -111,6 +113,13 @@ class TiktokenChatTokenizer(PreTrainedTokenizer):
             return super().tokenize(text, **kwargs)
         return tokenize_by_message(self.tokens_trie.split(text), self._added_tokens_encoder, self.role_tokens,
                                    self._tokenize)
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int],
+                                         token_ids_1: list[int] | None = None) -> list[int]:
+        """A raw prompt with special tokens starts as the family's own tokenizer starts one
+        ([gMASK] sop for ChatGLM, <s> for InternLM2, nothing for TeleChat2)."""
+        prefix = self.convert_tokens_to_ids(list(self.prefix_tokens))
+        return prefix + token_ids_0 + (token_ids_1 or [])
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return [self._id_to_str[i] for i in self.tokenizer.encode_ordinary(text)]
