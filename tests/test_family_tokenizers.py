@@ -88,8 +88,10 @@ def glm4_dir(directory: Path) -> Path:
              "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
              "<|end_of_video|>"]
     listed = {str(len(ranks) + i): {"content": t, "special": True} for i, t in enumerate(names)}
+    # Named by its auto_map only (the class name is read, its code never loaded).
     (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "ChatGLM4Tokenizer", "added_tokens_decoder": listed, "eos_token": "<|endoftext|>"}))
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
+        "added_tokens_decoder": listed, "eos_token": "<|endoftext|>"}))
     return directory
 
 

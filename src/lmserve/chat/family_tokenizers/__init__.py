@@ -39,7 +39,8 @@ def family_of(directory: Path) -> str | None:
     """The family whose built-in tokenizer serves this checkpoint directory, or None."""
     if (directory / "tokenizer.json").is_file() or not (directory / "tokenizer.model").is_file():
         return None
-    cls = _read_json(directory / "tokenizer_config.json").get("tokenizer_class")
+    cfg = _read_json(directory / "tokenizer_config.json")
+    cls = cfg.get("tokenizer_class") or _auto_map_class(cfg)
     if cls:
         return _BY_CLASS.get(cls)
     return _BY_MODEL_TYPE.get(_read_json(directory / "config.json").get("model_type", ""))
@@ -88,6 +89,15 @@ def _sentencepiece(vocab: str, listed: dict[int, str], template: str, appended: 
     return SentencePieceChatTokenizer(vocab, controls, role_tokens=roles, visible=visible, hidden=hidden,
                                       expansions=expansions, prefix_tokens=prefix, chat_template=template,
                                       **specials)
+
+
+def _auto_map_class(cfg: dict) -> str | None:
+    """The class an `auto_map` names for AutoTokenizer ("tokenization_chatglm.ChatGLM4Tokenizer"):
+    the name only, its code is never loaded."""
+    entry = (cfg.get("auto_map") or {}).get("AutoTokenizer") if isinstance(cfg.get("auto_map"), dict) else None
+    if isinstance(entry, list | tuple):
+        entry = next((e for e in entry if isinstance(e, str)), None)
+    return entry.rsplit(".", 1)[-1] if isinstance(entry, str) else None
 
 
 def _listed_tokens(cfg: dict) -> dict[int, str]:
