@@ -266,3 +266,15 @@ def test_checkpoints_with_tokenizer_json_are_left_to_transformers(tmp_path):
     (tmp_path / "tokenizer.model").write_text("")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLM4Tokenizer"}))
     assert load_family_tokenizer(tmp_path) is None
+
+
+@pytest.mark.parametrize("content", [b"not a sentencepiece model", b"SGVsbG8= 0\nnot-base64!! 1\n"])
+def test_unreadable_vocabulary_fails_naming_the_file(tmp_path, content):
+    from lmserve.engine.tokenizer import load_tokenizer
+    from lmserve.errors import CheckpointError
+    from lmserve.models.loader import Checkpoint
+
+    (tmp_path / "tokenizer.model").write_bytes(content)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLMTokenizer"}))
+    with pytest.raises(CheckpointError, match="tokenizer.model"):
+        load_tokenizer(Checkpoint(tmp_path, "hf"))

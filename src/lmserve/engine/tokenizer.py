@@ -7,6 +7,7 @@ import re
 import secrets
 from pathlib import Path
 
+from lmserve.errors import CheckpointError
 from lmserve.models.loader import Checkpoint
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -34,7 +35,10 @@ def load_tokenizer(ckpt: Checkpoint):
         return None
     # ChatGLM3, GLM-4, InternLM2.5 and TeleChat2 ship tokenizers that are Python code: built
     # here from their vocabulary files instead, never by running that code.
-    family = load_family_tokenizer(Path(source))
+    try:
+        family = load_family_tokenizer(Path(source))
+    except (OSError, RuntimeError, ValueError) as e:  # sentencepiece raises RuntimeError/OSError
+        raise CheckpointError(f"{Path(source) / 'tokenizer.model'}: not a readable tokenizer model ({e})") from None
     if family is not None:
         return family
     return AutoTokenizer.from_pretrained(source, **kwargs)
