@@ -239,3 +239,15 @@ def test_deepseek_v2_without_the_closing_section_marker_and_cut_by_max_tokens():
     assert rest == "" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
     _, rest, calls = _stream("deepseek_v2", [DS_REPLY], plan, complete=False)
     assert calls == [] and rest == DS_REPLY
+
+
+def test_deepseek_v2_chat_replies_with_the_json_object_it_is_asked_for():
+    """V2-Chat and Coder-V2 have no tool format: they get the JSON-object instruction."""
+    plan = plan_tools(_req())
+    pieces = [' {"name": "get_weather", ', '"arguments": {"city": "Oslo"}}']
+    streamed, rest, calls = _stream("deepseek_v2", pieces, plan)
+    assert "".join(streamed) == "" and rest == "" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    streamed, rest, calls = _stream("deepseek_v2", ['{"name": "nope"', ", \"arguments\": {}}"], plan)
+    assert calls == [] and "".join(streamed) + rest == '{"name": "nope", "arguments": {}}'
+    streamed, rest, calls = _stream("deepseek_v2", ["Sunny ", "{today}"], plan)
+    assert streamed == ["Sunny ", "{today}"] and calls == []

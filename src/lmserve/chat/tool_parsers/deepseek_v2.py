@@ -11,6 +11,10 @@ ends with end of sentence). Text streams until the section opens (a trailing pie
 the start of the opening marker waits for the next token); from there on the rest is held and
 read when the reply ends. Any malformed call (unknown function, arguments that are not a JSON
 object, stray text inside the section) makes the whole held text plain content.
+
+DeepSeek-V2-Chat and Coder-V2-Instruct have no tool format (their templates render no tools):
+they are asked, as every such model is, to reply with one JSON object {"name", "arguments"}. So
+a reply that starts with "{" is read as that object, as the JSON reader does.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import re
 
 from lmserve.chat.tool_parsers.base import ToolCallStream, make_call
+from lmserve.chat.tool_parsers.json_object import may_be_call, parse_json_call
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -65,11 +70,16 @@ class DeepseekV2ToolCallStream(ToolCallStream):
         super().__init__(plan)
         self.held = ""
         self.in_calls = False
+        self.maybe_json = True  # nothing but whitespace and "{..." so far: may be a JSON object call
 
     def feed(self, text: str) -> str:
         self.held += text
         if self.in_calls:
             return ""
+        if self.maybe_json:
+            if may_be_call(self.held):
+                return ""
+            self.maybe_json = False
         start = self.held.find(CALLS_BEGIN)
         if start >= 0:
             self.in_calls = True
@@ -81,6 +91,9 @@ class DeepseekV2ToolCallStream(ToolCallStream):
 
     def finish(self, complete: bool):
         held, self.held = self.held, ""
+        if self.maybe_json and complete and held.strip():
+            call = parse_json_call(held.strip(), self.plan)
+            return ("", [call]) if call is not None else (held, [])
         if not (self.in_calls and complete):
             return held, []
         section = held[len(CALLS_BEGIN):]
