@@ -181,6 +181,52 @@ def _telechat2(directory: Path):
 
 REMOTE_CODE_FAMILIES = {"tiny-glm4": _glm4, "tiny-internlm2": _internlm2, "tiny-telechat2": _telechat2}
 
+# GLM-4's call, as the model writes it after <|assistant|>, as tokens of its own in the test vocabulary.
+GLM4_CALL = [b"get_weather", b"\n", b'{"city": "Paris"}']
+
+
+def _glm4_caller(directory: Path):
+    """A GLM-4 (ChatGLMModel layout) whose next token depends only on the last one: every layer
+    adds nothing, token t's embedding is the unit vector of its own slot, and the LM head maps
+    slot(t) to the token that follows t in the reply <|assistant|> get_weather \n {...}
+    <|observation|>. Any other last token answers <|user|> (end of turn)."""
+    from test_family_tokenizers import glm4_dir
+
+    from lmserve.chat.family_tokenizers import load_family_tokenizer
+    from lmserve.chat.family_tokenizers.tiktoken_tokenizer import byte_level_alphabet
+
+    tok = load_family_tokenizer(glm4_dir(directory, extra_tokens=tuple(GLM4_CALL)))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<|observation|>", "<|user|>")}
+    spell = byte_level_alphabet()  # how the tokenizer names a token: its bytes in GPT-2's alphabet
+    reply = [ids["<|assistant|>"], *(tok.convert_tokens_to_ids("".join(spell[b] for b in t)) for t in GLM4_CALL),
+             ids["<|observation|>"]]
+    assert len(set(reply)) == len(reply)
+    vocab, p = len(tok), "transformer.encoder.layers.0."
+    shapes = {"transformer.embedding.word_embeddings.weight": (vocab, H), "transformer.output_layer.weight": (vocab, H),
+              "transformer.encoder.final_layernorm.weight": (H,), p + "input_layernorm.weight": (H,),
+              p + "self_attention.query_key_value.weight": ((HEADS + 2 * KV) * HD, H),
+              p + "self_attention.query_key_value.bias": ((HEADS + 2 * KV) * HD,),
+              p + "self_attention.dense.weight": (H, HEADS * HD), p + "post_attention_layernorm.weight": (H,),
+              p + "mlp.dense_h_to_4h.weight": (2 * FFN, H), p + "mlp.dense_4h_to_h.weight": (H, FFN)}
+    tensors = _fixed_answer(shapes, "transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight",
+                            vocab, ids["<|user|>"])
+    emb, head = tensors["transformer.embedding.word_embeddings.weight"], tensors["transformer.output_layer.weight"]
+    emb.zero_()
+    emb[:, 0] = 1.0  # slot 0: every token outside the reply
+    head.zero_()
+    head[ids["<|user|>"], 0] = 1.0
+    for slot, (token, following) in enumerate(zip(reply, reply[1:]), start=1):
+        emb[token] = 0.0
+        emb[token, slot] = 1.0
+        head[following, slot] = 1.0
+    _save(directory, tensors,
+          {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 1, "hidden_size": H,
+           "num_attention_heads": HEADS, "multi_query_attention": True, "multi_query_group_num": KV,
+           "kv_channels": HD, "ffn_hidden_size": FFN, "layernorm_epsilon": 1e-5, "padded_vocab_size": vocab,
+           "seq_length": 1024, "rope_ratio": 500, "add_qkv_bias": True, "add_bias_linear": False,
+           "eos_token_id": tok.eos_token_id})
+    return tok
+
 
 DEEPSEEK_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                      "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
@@ -213,13 +259,15 @@ def family_server(tmp_path_factory):
     tokenizers = {"tiny-qwen2": _qwen2(work / "qwen2"), "tiny-gemma2": _gemma2(work / "gemma2"),
                   "tiny-deepseek-v2.5": _deepseek_v2_5(work / "deepseek")}
     tokenizers.update({name: build(work / name) for name, build in REMOTE_CODE_FAMILIES.items()})
+    tokenizers["tiny-glm4-caller"] = _glm4_caller(work / "tiny-glm4-caller")
     config = {"server": {"api_keys": [API_KEY]}, "models": [
         {"id": "tiny-qwen2", "path": str(work / "qwen2"), "dtype": "float32"},
         {"id": "tiny-gemma2", "path": str(work / "gemma2"), "dtype": "float32"},
         {"id": "tiny-deepseek-v2.5", "path": str(work / "deepseek"), "dtype": "float32"},
         # A catalog id served from local weights of its family.
         {"id": "Qwen/Qwen2-1.5B-Instruct", "path": str(work / "qwen2"), "dtype": "float32"},
-        *({"id": name, "path": str(work / name), "dtype": "float32"} for name in REMOTE_CODE_FAMILIES)]}
+        *({"id": name, "path": str(work / name), "dtype": "float32"}
+          for name in [*REMOTE_CODE_FAMILIES, "tiny-glm4-caller"])]}
     (work / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -387,3 +435,26 @@ def test_deepseek_v2_5_tool_call_markers_survive_decoding(family_server):
     for i in ids:
         detok.add_token(i)
     assert detok.take_delta(finished=True) == section
+
+
+def test_glm4_tool_call_comes_back_as_tool_calls_streamed_and_not(family_server):
+    """The model writes `get_weather\\n{"city": "Paris"}` after <|assistant|> and stops on
+    <|observation|>: with tools that is a tool call, without tools it is the text."""
+    client, _ = family_server
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model="tiny-glm4-caller", messages=messages, tools=[TOOL], max_tokens=10,
+                                       temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model="tiny-glm4-caller", messages=messages, tools=[TOOL],
+                                                 max_tokens=10, temperature=0, stream=True))
+    calls = [c for ch in chunks for c in (ch.choices[0].delta.tool_calls or [])] if chunks else []
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    plain = client.chat.completions.create(model="tiny-glm4-caller", messages=messages, max_tokens=10, temperature=0)
+    assert plain.choices[0].message.content == 'get_weather\n{"city": "Paris"}'
+    assert plain.choices[0].finish_reason == "eos"

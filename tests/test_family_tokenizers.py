@@ -78,9 +78,12 @@ def glm4_ranks(directory: Path) -> dict[bytes, int]:
     return ranks
 
 
-def glm4_dir(directory: Path) -> Path:
+def glm4_dir(directory: Path, extra_tokens: tuple[bytes, ...] = ()) -> Path:
+    """`extra_tokens`: whole strings added as tokens of their own (a reply a test model emits)."""
     directory.mkdir()
     ranks = glm4_ranks(directory)
+    for token in extra_tokens:
+        ranks.setdefault(token, len(ranks))
     (directory / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
                                                        for t, r in ranks.items()))
     # As glm-4-9b-chat lists them: its control tokens right after the ranks (151329 = <|endoftext|>).
