@@ -37,3 +37,55 @@ def make_call(value: Any, plan, index: int) -> dict[str, Any] | None:
         return None
     return {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+class MarkedCallsStream(ToolCallStream):
+    """Formats where the calls begin at a marker, possibly after some prose (hermes'
+    `<tool_call>`, InternLM2's `<|action_start|>`, DeepSeek's `<｜tool▁calls▁begin｜>`).
+
+    Text streams until the marker appears; a trailing piece that could be the start of the
+    marker waits for the next token. From the marker on, the rest is held and handed to
+    `parse_calls` when the reply ends; a reply cut by max_tokens, or calls that do not parse,
+    come back whole as content.
+    """
+
+    opener: str
+
+    def __init__(self, plan):
+        super().__init__(plan)
+        self.held = ""
+        self.in_calls = False
+
+    def feed(self, text: str) -> str:
+        self.held += text
+        return "" if self.in_calls else self._release()
+
+    def _release(self) -> str:
+        start = self.held.find(self.opener)
+        if start >= 0:
+            self.in_calls = True
+            out, self.held = self.held[:start], self.held[start:]
+            return out
+        cut = len(self.held) - _partial_marker(self.held, self.opener)
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+    def finish(self, complete: bool):
+        held, self.held = self.held, ""
+        if not (self.in_calls and complete):
+            return held, []
+        parsed = self.parse_calls(held)
+        return (held, []) if parsed is None else parsed
+
+    def parse_calls(self, held: str) -> tuple[str, list[dict[str, Any]]] | None:
+        """(content left around the calls, calls) from the text that starts at the marker, or
+        None when anything in it is malformed."""
+        raise NotImplementedError
+
+
+def _partial_marker(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0

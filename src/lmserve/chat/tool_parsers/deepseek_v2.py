@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 
-from lmserve.chat.tool_parsers.base import ToolCallStream, make_call
+from lmserve.chat.tool_parsers.base import MarkedCallsStream, make_call
 from lmserve.chat.tool_parsers.json_object import may_be_call, parse_json_call
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -34,14 +34,6 @@ MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
 _CALL = re.compile(re.escape(CALL_BEGIN) + r"(.*?)" + re.escape(CALL_END), re.DOTALL)
 # function<｜tool▁sep｜>NAME\n```json\nARGS\n```  (the fence's language tag is optional)
 _BODY = re.compile(r"\s*(\w+)" + re.escape(SEP) + r"([^\n]+)\n```[a-z]*\n(.*?)\n?```\s*", re.DOTALL)
-
-
-def _partial_open(text: str) -> int:
-    """Length of the longest end of `text` that is a proper start of CALLS_BEGIN."""
-    for n in range(min(len(CALLS_BEGIN) - 1, len(text)), 0, -1):
-        if CALLS_BEGIN.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def parse_calls(section: str, plan) -> list[dict] | None:
@@ -65,40 +57,33 @@ def parse_calls(section: str, plan) -> list[dict] | None:
     return calls
 
 
-class DeepseekV2ToolCallStream(ToolCallStream):
+class DeepseekV2ToolCallStream(MarkedCallsStream):
+    opener = CALLS_BEGIN
+
     def __init__(self, plan):
         super().__init__(plan)
-        self.held = ""
-        self.in_calls = False
         self.maybe_json = True  # nothing but whitespace and "{..." so far: may be a JSON object call
 
     def feed(self, text: str) -> str:
-        self.held += text
-        if self.in_calls:
-            return ""
         if self.maybe_json:
+            self.held += text
             if may_be_call(self.held):
                 return ""
             self.maybe_json = False
-        start = self.held.find(CALLS_BEGIN)
-        if start >= 0:
-            self.in_calls = True
-            out, self.held = self.held[:start], self.held[start:]
-            return out
-        keep = _partial_open(self.held)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
+            text, self.held = self.held, ""
+        return super().feed(text)
 
     def finish(self, complete: bool):
-        held, self.held = self.held, ""
-        if self.maybe_json and complete and held.strip():
+        if self.maybe_json and complete and self.held.strip():
+            held, self.held = self.held, ""
             call = parse_json_call(held.strip(), self.plan)
             return ("", [call]) if call is not None else (held, [])
-        if not (self.in_calls and complete):
-            return held, []
+        return super().finish(complete)
+
+    def parse_calls(self, held: str):
         section = held[len(CALLS_BEGIN):]
         calls = parse_calls(section, self.plan)
         if calls is None:
-            return held, []
+            return None
         _, _, after = section.partition(CALLS_END)
         return after.strip(), calls

@@ -15,54 +15,28 @@ from __future__ import annotations
 import json
 import re
 
-from lmserve.chat.tool_parsers.base import ToolCallStream, make_call
+from lmserve.chat.tool_parsers.base import MarkedCallsStream, make_call
 
 OPEN, PLUGIN, CLOSE = "<|action_start|>", "<|plugin|>", "<|action_end|>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
 
 
-def _partial_open(text: str) -> int:
-    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-n:]):
-            return n
-    return 0
+class InternLM2ToolCallStream(MarkedCallsStream):
+    opener = OPEN
 
-
-class InternLM2ToolCallStream(ToolCallStream):
-    def __init__(self, plan):
-        super().__init__(plan)
-        self.held = ""
-        self.in_calls = False
-
-    def feed(self, text: str) -> str:
-        self.held += text
-        if self.in_calls:
-            return ""
-        start = self.held.find(OPEN)
-        if start >= 0:
-            self.in_calls = True
-            out, self.held = self.held[:start], self.held[start:]
-            return out
-        keep = _partial_open(self.held)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
-
-    def finish(self, complete: bool):
-        held, self.held = self.held, ""
-        if not (self.in_calls and complete):
-            return held, []
+    def parse_calls(self, held: str):
         calls = []
         for block in _BLOCK.finditer(held):
             body = block.group(1).strip()
             if not body.startswith(PLUGIN):
-                return held, []
+                return None
             try:
                 call = make_call(json.loads(body[len(PLUGIN):].strip()), self.plan, len(calls))
             except ValueError:
                 call = None
             if call is None:
-                return held, []
+                return None
             calls.append(call)
         if not calls or _BLOCK.sub("", held).strip():
-            return held, []  # text after the first block that is not a block: not a clean call
+            return None  # text after the first block that is not a block: not a clean call
         return "", calls
