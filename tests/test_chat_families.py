@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -82,28 +83,37 @@ def _gemma2(directory: Path):
 
 # ---- remote-code families: their tokenizers built by lmserve (tests/test_family_tokenizers.py) ----
 #
-# Their tiny checkpoints answer one fixed token whatever the prompt: every layer's output
-# projections are zero (attention and MLP add nothing), every embedding is ones, so the final
-# hidden state is ones and only the LM head's row of that token is non-zero. The token is the
-# family's end of turn where config.json's eos is something else (GLM-4's <|user|>,
-# InternLM2's <|im_end|>), so a reply that ends at once with `eos` proves the engine stops on it.
+# Their tiny checkpoints answer by a fixed table, whatever the rest of the prompt: every layer's
+# output projections are zero (attention and MLP add nothing), so the last hidden state is the
+# last token's embedding, a unit vector of that token's slot, and the LM head maps each slot to
+# one answer. Slot 0 (every token) answers the family's end of turn where config.json's eos is
+# something else (GLM-4's <|user|>, InternLM2's <|im_end|>), so a reply that ends at once with
+# `eos` proves the engine stops on it. A "caller" also gives each token of a scripted reply (a tool
+# call in the family's format) its own slot answered by the next token: the model writes the call.
 
 H, HEADS, KV, HD, FFN = 32, 2, 1, 16, 48
+CALL_ARGS = {"city": "Paris"}
 
 
-def _fixed_answer(tensors: dict, embed: str, head: str, vocab: int, answer: int) -> dict:
+def _weights(shapes: dict, embed: str, head: str, answer: int, script: list[int] = ()) -> dict:
     g = torch.Generator().manual_seed(0)
     out = {}
-    for name, shape in tensors.items():
+    for name, shape in shapes.items():
         out[name] = torch.randn(shape, generator=g) * 0.1 if len(shape) == 2 else torch.zeros(shape)
-        if "norm" in name or "layernorm" in name or name.endswith("ln_f.weight"):
+        if "norm" in name or name.endswith("ln_f.weight"):
             out[name] = torch.ones(shape)
-    for name in out:
         if any(k in name for k in ("dense.", "wo.", "w2.", "dense_4h_to_h.", "down_proj.")):
-            out[name] = torch.zeros_like(out[name])
-    out[embed] = torch.ones(vocab, H)
-    out[head] = torch.zeros(vocab, H)
-    out[head][answer] = 1.0
+            out[name] = torch.zeros(shape)
+    emb, lm = out[embed], out[head]
+    emb.zero_()
+    emb[:, 0] = 1.0
+    lm.zero_()
+    lm[answer, 0] = 1.0
+    assert len(set(script)) == len(script), "a scripted reply needs distinct tokens"
+    for slot, (token, following) in enumerate(zip(script, script[1:]), start=1):
+        emb[token] = 0.0
+        emb[token, slot] = 1.0
+        lm[following, slot] = 1.0
     return out
 
 
@@ -114,12 +124,35 @@ def _save(directory: Path, tensors: dict, config: dict) -> None:
     (directory / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
 
 
-def _glm4(directory: Path):
+def _append_piece(model: Path, piece: str) -> None:
+    """Add a normal piece at the end of a SentencePiece model (a protobuf `pieces` entry: text,
+    score): a whole scripted string as one token, which decoding spells back."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+
+    text = piece.replace(" ", "\u2581").encode()
+    entry = b"\x0a" + varint(len(text)) + text + b"\x15" + struct.pack("<f", -1000.0)
+    model.write_bytes(model.read_bytes() + b"\x0a" + varint(len(entry)) + entry)
+
+
+def _glm4(directory: Path, caller: bool = False):
     from test_family_tokenizers import glm4_dir
 
     from lmserve.chat.family_tokenizers import load_family_tokenizer
+    from lmserve.chat.family_tokenizers.tiktoken_tokenizer import byte_level_alphabet
 
-    tok = load_family_tokenizer(glm4_dir(directory))
+    # GLM-4's call after <|assistant|>: the name line, then the JSON arguments, then <|observation|>.
+    call = [b"get_weather", b"\n", json.dumps(CALL_ARGS).encode()]
+    tok = load_family_tokenizer(glm4_dir(directory, extra_tokens=tuple(call) if caller else ()))
+    spell = byte_level_alphabet()  # a token's name: its bytes in GPT-2's alphabet
+    script = [tok.convert_tokens_to_ids(t) for t in ("<|assistant|>",)] + [
+        tok.convert_tokens_to_ids("".join(spell[b] for b in t)) for t in call] + [
+        tok.convert_tokens_to_ids("<|observation|>")] if caller else []
     vocab, p = len(tok), "transformer.encoder.layers.0."
     shapes = {"transformer.embedding.word_embeddings.weight": (vocab, H), "transformer.output_layer.weight": (vocab, H),
               "transformer.encoder.final_layernorm.weight": (H,), p + "input_layernorm.weight": (H,),
@@ -127,8 +160,8 @@ def _glm4(directory: Path):
               p + "self_attention.query_key_value.bias": ((HEADS + 2 * KV) * HD,),
               p + "self_attention.dense.weight": (H, HEADS * HD), p + "post_attention_layernorm.weight": (H,),
               p + "mlp.dense_h_to_4h.weight": (2 * FFN, H), p + "mlp.dense_4h_to_h.weight": (H, FFN)}
-    _save(directory, _fixed_answer(shapes, "transformer.embedding.word_embeddings.weight",
-                                   "transformer.output_layer.weight", vocab, tok.convert_tokens_to_ids("<|user|>")),
+    _save(directory, _weights(shapes, "transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight",
+                              tok.convert_tokens_to_ids("<|user|>"), script),
           {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 1, "hidden_size": H,
            "num_attention_heads": HEADS, "multi_query_attention": True, "multi_query_group_num": KV,
            "kv_channels": HD, "ffn_hidden_size": FFN, "layernorm_epsilon": 1e-5, "padded_vocab_size": vocab,
@@ -137,20 +170,28 @@ def _glm4(directory: Path):
     return tok
 
 
-def _internlm2(directory: Path):
+def _internlm2(directory: Path, caller: bool = False):
     from test_family_tokenizers import internlm2_dir
 
     from lmserve.chat.family_tokenizers import load_family_tokenizer
 
-    tok = load_family_tokenizer(internlm2_dir(directory))
+    internlm2_dir(directory)
+    call = "\n" + json.dumps({"name": "get_weather", "parameters": CALL_ARGS})
+    if caller:
+        _append_piece(directory / "tokenizer.model", call)
+    tok = load_family_tokenizer(directory)
+    # The prompt ends with "<|im_start|>assistant\n"; the call is an action block, then <|im_end|>.
+    script = [tok.encode("assistant\n", add_special_tokens=False)[-1]] + tok.convert_tokens_to_ids(
+        ["<|action_start|>", "<|plugin|>"]) + [len(tok) - 1] + tok.convert_tokens_to_ids(
+        ["<|action_end|>", "<|im_end|>"]) if caller else []
     vocab, p = len(tok), "model.layers.0."
     shapes = {"model.tok_embeddings.weight": (vocab, H), "output.weight": (vocab, H), "model.norm.weight": (H,),
               p + "attention_norm.weight": (H,), p + "ffn_norm.weight": (H,),
               p + "attention.wqkv.weight": ((HEADS + 2 * KV) * HD, H), p + "attention.wo.weight": (H, HEADS * HD),
               p + "feed_forward.w1.weight": (FFN, H), p + "feed_forward.w3.weight": (FFN, H),
               p + "feed_forward.w2.weight": (H, FFN)}
-    _save(directory, _fixed_answer(shapes, "model.tok_embeddings.weight", "output.weight", vocab,
-                                   tok.convert_tokens_to_ids("<|im_end|>")),
+    _save(directory, _weights(shapes, "model.tok_embeddings.weight", "output.weight",
+                              tok.convert_tokens_to_ids("<|im_end|>"), script),
           {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": H,
            "num_hidden_layers": 1, "num_attention_heads": HEADS, "num_key_value_heads": KV, "intermediate_size": FFN,
            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 1024, "vocab_size": vocab,
@@ -158,12 +199,19 @@ def _internlm2(directory: Path):
     return tok
 
 
-def _telechat2(directory: Path):
+def _telechat2(directory: Path, caller: bool = False):
     from test_family_tokenizers import telechat2_dir
 
     from lmserve.chat.family_tokenizers import load_family_tokenizer
 
-    tok = load_family_tokenizer(telechat2_dir(directory))
+    telechat2_dir(directory)
+    call = "\n" + json.dumps({"name": "get_weather", "arguments": CALL_ARGS}) + "\n"
+    if caller:
+        _append_piece(directory / "tokenizer.model", call)
+    tok = load_family_tokenizer(directory)
+    # After <_bot>: a hermes-style <tool_call> block, then <_end>.
+    script = tok.convert_tokens_to_ids(["<_bot>", "<tool_call>"]) + [len(tok) - 1] + tok.convert_tokens_to_ids(
+        ["</tool_call>", "<_end>"]) if caller else []
     vocab, p = len(tok), "transformer.h.0."
     shapes = {"transformer.word_embeddings.weight": (vocab, H), "lm_head.weight": (vocab, H),
               "transformer.ln_f.weight": (H,), p + "input_layernorm.weight": (H,),
@@ -171,8 +219,8 @@ def _telechat2(directory: Path):
               p + "self_attention.key_value.weight": (2 * KV * HD, H), p + "self_attention.dense.weight": (H, H),
               p + "self_attention.dense.bias": (H,), p + "mlp.gate_proj.weight": (FFN, H),
               p + "mlp.up_proj.weight": (FFN, H), p + "mlp.down_proj.weight": (H, FFN), p + "mlp.down_proj.bias": (H,)}
-    _save(directory, _fixed_answer(shapes, "transformer.word_embeddings.weight", "lm_head.weight", vocab,
-                                   tok.convert_tokens_to_ids("<_end>")),
+    _save(directory, _weights(shapes, "transformer.word_embeddings.weight", "lm_head.weight",
+                              tok.convert_tokens_to_ids("<_end>"), script),
           {"architectures": ["TeleChat2ForCausalLM"], "model_type": "telechat", "hidden_size": H, "n_layer": 1,
            "n_head": HEADS, "num_key_value_heads": KV, "ffn_hidden_size": FFN, "layer_norm_epsilon": 1e-5,
            "vocab_size": vocab, "training_seqlen": 1024, "base_seqlen": 1024, "bos_token_id": 1, "eos_token_id": 2})
@@ -180,52 +228,8 @@ def _telechat2(directory: Path):
 
 
 REMOTE_CODE_FAMILIES = {"tiny-glm4": _glm4, "tiny-internlm2": _internlm2, "tiny-telechat2": _telechat2}
-
-# GLM-4's call, as the model writes it after <|assistant|>, as tokens of its own in the test vocabulary.
-GLM4_CALL = [b"get_weather", b"\n", b'{"city": "Paris"}']
-
-
-def _glm4_caller(directory: Path):
-    """A GLM-4 (ChatGLMModel layout) whose next token depends only on the last one: every layer
-    adds nothing, token t's embedding is the unit vector of its own slot, and the LM head maps
-    slot(t) to the token that follows t in the reply <|assistant|> get_weather \n {...}
-    <|observation|>. Any other last token answers <|user|> (end of turn)."""
-    from test_family_tokenizers import glm4_dir
-
-    from lmserve.chat.family_tokenizers import load_family_tokenizer
-    from lmserve.chat.family_tokenizers.tiktoken_tokenizer import byte_level_alphabet
-
-    tok = load_family_tokenizer(glm4_dir(directory, extra_tokens=tuple(GLM4_CALL)))
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<|observation|>", "<|user|>")}
-    spell = byte_level_alphabet()  # how the tokenizer names a token: its bytes in GPT-2's alphabet
-    reply = [ids["<|assistant|>"], *(tok.convert_tokens_to_ids("".join(spell[b] for b in t)) for t in GLM4_CALL),
-             ids["<|observation|>"]]
-    assert len(set(reply)) == len(reply)
-    vocab, p = len(tok), "transformer.encoder.layers.0."
-    shapes = {"transformer.embedding.word_embeddings.weight": (vocab, H), "transformer.output_layer.weight": (vocab, H),
-              "transformer.encoder.final_layernorm.weight": (H,), p + "input_layernorm.weight": (H,),
-              p + "self_attention.query_key_value.weight": ((HEADS + 2 * KV) * HD, H),
-              p + "self_attention.query_key_value.bias": ((HEADS + 2 * KV) * HD,),
-              p + "self_attention.dense.weight": (H, HEADS * HD), p + "post_attention_layernorm.weight": (H,),
-              p + "mlp.dense_h_to_4h.weight": (2 * FFN, H), p + "mlp.dense_4h_to_h.weight": (H, FFN)}
-    tensors = _fixed_answer(shapes, "transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight",
-                            vocab, ids["<|user|>"])
-    emb, head = tensors["transformer.embedding.word_embeddings.weight"], tensors["transformer.output_layer.weight"]
-    emb.zero_()
-    emb[:, 0] = 1.0  # slot 0: every token outside the reply
-    head.zero_()
-    head[ids["<|user|>"], 0] = 1.0
-    for slot, (token, following) in enumerate(zip(reply, reply[1:]), start=1):
-        emb[token] = 0.0
-        emb[token, slot] = 1.0
-        head[following, slot] = 1.0
-    _save(directory, tensors,
-          {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 1, "hidden_size": H,
-           "num_attention_heads": HEADS, "multi_query_attention": True, "multi_query_group_num": KV,
-           "kv_channels": HD, "ffn_hidden_size": FFN, "layernorm_epsilon": 1e-5, "padded_vocab_size": vocab,
-           "seq_length": 1024, "rope_ratio": 500, "add_qkv_bias": True, "add_bias_linear": False,
-           "eos_token_id": tok.eos_token_id})
-    return tok
+# The same families scripted to write one get_weather call in their own format.
+CALLERS = {f"{name}-caller": build for name, build in REMOTE_CODE_FAMILIES.items()}
 
 
 DEEPSEEK_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
@@ -259,7 +263,7 @@ def family_server(tmp_path_factory):
     tokenizers = {"tiny-qwen2": _qwen2(work / "qwen2"), "tiny-gemma2": _gemma2(work / "gemma2"),
                   "tiny-deepseek-v2.5": _deepseek_v2_5(work / "deepseek")}
     tokenizers.update({name: build(work / name) for name, build in REMOTE_CODE_FAMILIES.items()})
-    tokenizers["tiny-glm4-caller"] = _glm4_caller(work / "tiny-glm4-caller")
+    tokenizers.update({name: build(work / name, caller=True) for name, build in CALLERS.items()})
     config = {"server": {"api_keys": [API_KEY]}, "models": [
         {"id": "tiny-qwen2", "path": str(work / "qwen2"), "dtype": "float32"},
         {"id": "tiny-gemma2", "path": str(work / "gemma2"), "dtype": "float32"},
@@ -267,7 +271,7 @@ def family_server(tmp_path_factory):
         # A catalog id served from local weights of its family.
         {"id": "Qwen/Qwen2-1.5B-Instruct", "path": str(work / "qwen2"), "dtype": "float32"},
         *({"id": name, "path": str(work / name), "dtype": "float32"}
-          for name in [*REMOTE_CODE_FAMILIES, "tiny-glm4-caller"])]}
+          for name in [*REMOTE_CODE_FAMILIES, *CALLERS])]}
     (work / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -437,24 +441,24 @@ def test_deepseek_v2_5_tool_call_markers_survive_decoding(family_server):
     assert detok.take_delta(finished=True) == section
 
 
-def test_glm4_tool_call_comes_back_as_tool_calls_streamed_and_not(family_server):
-    """The model writes `get_weather\\n{"city": "Paris"}` after <|assistant|> and stops on
-    <|observation|>: with tools that is a tool call, without tools it is the text."""
+@pytest.mark.parametrize("model", list(CALLERS))
+def test_tool_calls_in_each_family_format_come_back_as_tool_calls_streamed_and_not(family_server, model):
+    """The caller writes one get_weather call in its family's own format (GLM-4: the name line and
+    JSON after <|assistant|>; InternLM2.5: an <|action_start|><|plugin|> block; TeleChat2: a
+    <tool_call> block) and ends its turn: with tools that is a tool call, without tools it is text."""
     client, _ = family_server
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    r = client.chat.completions.create(model="tiny-glm4-caller", messages=messages, tools=[TOOL], max_tokens=10,
-                                       temperature=0)
+    r = client.chat.completions.create(model=model, messages=messages, tools=[TOOL], max_tokens=10, temperature=0)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and not choice.message.content
     [call] = choice.message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
-    chunks = list(client.chat.completions.create(model="tiny-glm4-caller", messages=messages, tools=[TOOL],
-                                                 max_tokens=10, temperature=0, stream=True))
-    calls = [c for ch in chunks for c in (ch.choices[0].delta.tool_calls or [])] if chunks else []
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == CALL_ARGS
+    chunks = list(client.chat.completions.create(model=model, messages=messages, tools=[TOOL], max_tokens=10,
+                                                 temperature=0, stream=True))
+    calls = [c for ch in chunks if ch.choices for c in (ch.choices[0].delta.tool_calls or [])]
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
     assert [c.function.name for c in calls] == ["get_weather"]
-    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert json.loads(calls[0].function.arguments) == CALL_ARGS
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    plain = client.chat.completions.create(model="tiny-glm4-caller", messages=messages, max_tokens=10, temperature=0)
-    assert plain.choices[0].message.content == 'get_weather\n{"city": "Paris"}'
-    assert plain.choices[0].finish_reason == "eos"
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    assert json.dumps(CALL_ARGS) in plain.choices[0].message.content and plain.choices[0].finish_reason == "eos"
