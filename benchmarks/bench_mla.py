@@ -58,40 +58,44 @@ def main() -> None:
           f"per-head keys and values {per_head_bytes} ({per_head_bytes / spec.bytes_per_token(dtype):.0f}x)")
     print("| context | lmserve absorbed ms/step | expand per step ms/step | ratio |")
     print("|---:|---:|---:|---:|")
-    backend = CpuSdpaBackend()
     for ctx in args.contexts:
-        blocks = -(-ctx // BLOCK)
-        cache = MLAKVCacheSpec(RANK, ROPE).allocate(b * blocks, BLOCK, dtype, torch.device("cpu"))
-        cache[0].normal_()
-        tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(b)]
-        batch = ModelInput(token_ids=[0] * b, query_lens=[1] * b, context_lens=[ctx - 1] * b, block_tables=tables,
-                           num_decodes=b, logit_rows=[])
-        positions = torch.tensor(batch.positions)
-        q = torch.randn(b, heads, NOPE + ROPE, dtype=dtype)
-        entry = torch.randn(b, RANK + ROPE, dtype=dtype)
-
-        def absorbed():
-            meta = backend.build_metadata(batch, positions, BLOCK, dtype)
-            return layer(q, entry, kv_b_proj, cache, meta)
-
-        def expanded():
-            # transformers: every cached latent through kv_b_proj into per-head keys and values.
-            ents = cache[0].view(-1, RANK + ROPE)
-            outs = []
-            for i in range(b):
-                ent = ents[i * blocks * BLOCK:i * blocks * BLOCK + ctx]
-                kv = kv_b_proj(ent[:, :RANK]).view(ctx, heads, NOPE + V)
-                k = torch.cat((kv[..., :NOPE], ent[:, None, RANK:].expand(ctx, heads, ROPE)), dim=-1)
-                outs.append(F.scaled_dot_product_attention(q[i:i + 1].transpose(0, 1).unsqueeze(0),
-                                                           k.transpose(0, 1).unsqueeze(0),
-                                                           kv[..., NOPE:].transpose(0, 1).unsqueeze(0),
-                                                           scale=layer.scale))
-            return outs
-
         with torch.inference_mode():
-            a = timed(absorbed, args.repeats)
-            e = timed(expanded, args.repeats)
+            a, e = bench_context(layer, kv_b_proj, ctx, b, heads, dtype, args.repeats)
         print(f"| {ctx} | {a:.2f} | {e:.2f} | {e / a:.1f}x |")
+
+
+def bench_context(layer: MLAAttention, kv_b_proj: Linear, ctx: int, b: int, heads: int, dtype: torch.dtype,
+                  repeats: int) -> tuple[float, float]:
+    """(absorbed ms/step, expanded ms/step) for b sequences decoding at context ctx."""
+    backend = CpuSdpaBackend()
+    blocks = -(-ctx // BLOCK)
+    cache = MLAKVCacheSpec(RANK, ROPE).allocate(b * blocks, BLOCK, dtype, torch.device("cpu"))
+    cache[0].normal_()
+    tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(b)]
+    batch = ModelInput(token_ids=[0] * b, query_lens=[1] * b, context_lens=[ctx - 1] * b, block_tables=tables,
+                       num_decodes=b, logit_rows=[])
+    positions = torch.tensor(batch.positions)
+    q = torch.randn(b, heads, NOPE + ROPE, dtype=dtype)
+    entry = torch.randn(b, RANK + ROPE, dtype=dtype)
+
+    def absorbed():
+        meta = backend.build_metadata(batch, positions, BLOCK, dtype)
+        return layer(q, entry, kv_b_proj, cache, meta)
+
+    def expanded():
+        # transformers: every cached latent through kv_b_proj into per-head keys and values.
+        ents = cache[0].view(-1, RANK + ROPE)
+        outs = []
+        for i in range(b):
+            ent = ents[i * blocks * BLOCK:i * blocks * BLOCK + ctx]
+            kv = kv_b_proj(ent[:, :RANK]).view(ctx, heads, NOPE + V)
+            k = torch.cat((kv[..., :NOPE], ent[:, None, RANK:].expand(ctx, heads, ROPE)), dim=-1)
+            outs.append(F.scaled_dot_product_attention(q[i:i + 1].transpose(0, 1).unsqueeze(0),
+                                                       k.transpose(0, 1).unsqueeze(0),
+                                                       kv[..., NOPE:].transpose(0, 1).unsqueeze(0), scale=layer.scale))
+        return outs
+
+    return timed(absorbed, repeats), timed(expanded, repeats)
 
 
 if __name__ == "__main__":

@@ -199,14 +199,18 @@ class CpuSdpaBackend:
             w = kv_b_proj.weight.view(heads, nope + layer.v_head_dim, rank)
             w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, v, rank]
             q_latent = torch.bmm(q[:nd, :, :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
-            qd = torch.cat((q_latent, q[:nd, :, nope:]), dim=-1).unsqueeze(1)  # [B, 1, H, rank + rope]
-            od = qd.new_empty(nd, 1, heads, rank)
+            qd = torch.cat((q_latent, q[:nd, :, nope:]), dim=-1)  # [B, H, rank + rope]
+            od = qd.new_empty(nd, heads, rank)
             for g in meta.decode_groups:
                 rows = slice(None) if g.rows is None else g.rows
-                entries = cache.index_select(0, g.block_tables.view(-1)).view(len(g.positions), 1, -1, width)
-                od[rows] = F.scaled_dot_product_attention(qd[rows], entries, entries[..., :rank],
-                                                          attn_mask=g.mask(None), scale=layer.scale)  # [G, 1, H, rank]
-            out[:nd] = torch.bmm(od.squeeze(1).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+                entries = cache.index_select(0, g.block_tables.view(-1)).view(len(g.positions), -1, width)
+                # Written out (transformers' eager order) rather than SDPA: with all heads as the
+                # query axis against one 576-wide key, PyTorch's CPU SDPA kernels ran ~100x slower
+                # than these two batched matmuls (benchmarks/bench_mla.py).
+                scores = torch.bmm(qd[rows], entries.transpose(1, 2)) * layer.scale + g.mask(None).squeeze(1)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qd.dtype)
+                od[rows] = torch.bmm(probs, entries[..., :rank])  # [G, H, rank]
+            out[:nd] = torch.bmm(od.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         for index, chunk in enumerate(meta.prefills):
             rows = slice(chunk.start, chunk.start + chunk.length)
             if chunk.context_len == 0:
