@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from lmserve.config import PLATFORM_DEFAULTS, ConfigError, load_config
-from lmserve.models.loader import DEFAULT_MODEL_ID
+from lmserve.config import PLATFORM_DEFAULTS, ConfigError, EngineOptions, load_config
+from lmserve.defaults import DEFAULT_MODEL_ID
 
 
 def test_no_config_deploys_bundled_model_with_generated_key(monkeypatch):
@@ -16,7 +16,7 @@ def test_no_config_deploys_bundled_model_with_generated_key(monkeypatch):
     cfg = load_config(None)
     assert [m.id for m in cfg.models] == [DEFAULT_MODEL_ID]
     assert cfg.server.generated_key and cfg.server.api_keys[0].startswith("sk-")
-    assert cfg.defaults == PLATFORM_DEFAULTS
+    assert cfg.defaults.model_dump() == PLATFORM_DEFAULTS
     assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8000)
 
 
@@ -27,25 +27,32 @@ def test_env_keys_and_toml(tmp_path, monkeypatch):
                  '[[models]]\nid = "a"\npath = "x.gguf"\nreport_eos_as_stop = true\nengine = {num_kv_blocks = 8}\n')
     cfg = load_config(str(f))
     assert cfg.server.api_keys == ["k0", "k1", "k2"] and not cfg.server.generated_key
-    assert cfg.server.port == 9000 and cfg.defaults["temperature"] == 0.2
-    assert cfg.models[0].report_eos_as_stop and cfg.models[0].engine == {"num_kv_blocks": 8}
+    assert cfg.server.port == 9000 and cfg.defaults.temperature == 0.2
+    assert cfg.models[0].report_eos_as_stop and cfg.models[0].engine.options() == {"num_kv_blocks": 8}
 
 
 @pytest.mark.parametrize("text,match", [
-    ("server: {bogus: 1}\n", "unknown server key"),
-    ("models:\n  - {id: a, engine: {cache: 3}}\n", r"models\[0\].engine has unknown key"),
-    ("models:\n  - {path: a}\n", r"models\[0\] must be a mapping with at least an `id`"),
+    ("server: {bogus: 1}\n", r"server.bogus: unknown key \(allowed: host, port,"),
+    ("models:\n  - {id: a, engine: {cache: 3}}\n", r"models\[0\].engine.cache: unknown key"),
+    ("models:\n  - {path: a}\n", r"models\[0\].id: required"),
     ("models:\n  - {id: a}\n  - {id: a}\n", "deployed twice"),
-    ("defaults: {temp: 1}\n", "unknown defaults key"),
-    ("colour: blue\n", "unknown section"),
+    ("defaults: {temp: 1}\n", "defaults.temp: unknown key"),
+    ("colour: blue\n", "colour: unknown key"),
+    ("models:\n  - {id: a, dtype: fp16}\n", r"models\[0\].dtype: Input should be 'auto', 'float32'"),
+    ("models:\n  - {id: a, engine: {max_num_seqs: lots}}\n", r"models\[0\].engine.max_num_seqs: .*'lots'"),
+    ("server: {port: eighty}\n", r"server.port: .*'eighty'"),
+    ("server: {port: 99999}\n", r"server.port: Input should be less than or equal to 65535"),
+    ("models:\n  - {id: a, chat_template: /nonexistent.jinja}\n", r"models\[0\].chat_template: no such file"),
+    ("models:\n  - {id: a, engine: {kv_cache_memory: lots}}\n", r"models\[0\].engine.kv_cache_memory"),
     ("server: [1, 2\n", "not valid YAML"),
-    ("platform: {db: x}\n", "unknown platform key"),
-    ("platform: {redis_url: 'http://x'}\n", r"redis_url must be a redis:// URL"),
-    ("platform: {tiers: {free: {rpm: 0}}}\n", r"tiers.free.rpm must be a positive integer"),
-    ("platform: {tiers: {free: {rps: 3}}}\n", r"tiers.free must be a mapping with keys among"),
-    ("models:\n  - {id: a, price: {input: -1}}\n", r"price.input must be a non-negative number"),
+    ("platform: {db: x}\n", r"platform.db: unknown key \(allowed: data_dir,"),
+    ("platform: {redis_url: 'http://x'}\n", r"platform.redis_url: String should match pattern"),
+    ("platform: {tiers: {free: {rpm: 0}}}\n", r"platform.tiers.free: rpm must be a positive integer"),
+    ("platform: {tiers: {free: {rps: 3}}}\n", r"platform.tiers.free: unknown limit\(s\) rps"),
+    ("models:\n  - {id: a, price: {input: -1}}\n", r"models\[0\].price: input must be a non-negative number"),
     ("models:\n  - {id: a, upstream: {base_urls: ftp://x}}\n", r"base_urls must be one or more http"),
-    ("models:\n  - {id: a, upstream: {base_urls: 'http://x', timeout: 3}}\n", r"upstream must be a mapping with"),
+    ("models:\n  - {id: a, upstream: {base_urls: 'http://x', timeout: 3}}\n",
+     r"models\[0\].upstream: unknown key\(s\) timeout"),
     ("- just a list\n", "top level must be a mapping"),
 ])
 def test_bad_config_is_named(tmp_path, text, match):
@@ -72,6 +79,68 @@ def test_platform_section(tmp_path, monkeypatch):
     assert m.tier_limits == {"free": {"rpd": 3}}
 
 
+def test_platform_section_errors_are_named(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("platform: {redis_url: 'http://x', tiers: {free: {rpm: 0}}}\n"
+                 "models:\n  - id: a\n    price: {input: -1}\n    upstream: {base_urls: ftp://x}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    text = str(e.value)
+    for where in ("platform.redis_url", "platform.tiers.free", "models[0].price", "models[0].upstream"):
+        assert where in text, text
+
+
+def test_every_problem_at_once_with_file_and_key_path(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("server: {port: eighty, bogus: 1}\ndefaults: {temperature: 5}\n"
+                 "models:\n  - {id: a, dtype: fp16, engine: {max_num_seqs: lots}}\n  - {path: b}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{f}: 6 problems:"
+    assert [line.split(":")[0].strip(" -") for line in lines[1:]] == [
+        "server.port", "server.bogus", "defaults.temperature", "models[0].dtype", "models[0].engine.max_num_seqs",
+        "models[1].id"]
+
+
+def test_engine_options_mirror_engine_config():
+    from lmserve.engine.llm_engine import EngineConfig
+
+    assert set(EngineOptions.model_fields) == set(EngineConfig.__dataclass_fields__)
+    from lmserve.config import Quantization
+    from lmserve.layers.quantization import QUANTIZATION_CHOICES
+
+    assert Quantization.__args__ == QUANTIZATION_CHOICES
+
+
+def test_flags_override_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMSERVE_API_KEYS", raising=False)
+    f = tmp_path / "c.yaml"
+    f.write_text("server: {api_keys: [k0]}\nmodels:\n  - {id: a, path: a.gguf, engine: {max_num_seqs: 8}}\n")
+    cfg = load_config(str(f), None, "0.0.0.0", 9001, api_keys=["k1"], served_model_name="mine",
+                      kv_cache_memory="512MiB", max_num_seqs=4, max_model_len=1024, dtype="float32")
+    assert (cfg.server.host, cfg.server.port, cfg.server.api_keys) == ("0.0.0.0", 9001, ["k0", "k1"])
+    m = cfg.models[0]
+    assert (m.id, m.source, m.dtype) == ("mine", "a.gguf", "float32")
+    assert m.engine.options() == {"kv_cache_memory": 512 << 20, "max_num_seqs": 4, "max_model_len": 1024}
+    with pytest.raises(ConfigError, match="--served-model-name names one model"):
+        load_config(None, ["a.gguf", "b.gguf"], served_model_name="x")
+
+
+def test_generation_defaults_per_deployment(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("defaults: {temperature: 0.3}\nmodels:\n  - {id: a, defaults: {top_p: 0.9}}\n"
+                 "  - {id: b, generation_config: checkpoint, defaults: {top_k: 5}}\n")
+    cfg = load_config(str(f))
+    a, b = cfg.models
+    assert cfg.generation_defaults(a) == {**PLATFORM_DEFAULTS, "temperature": 0.3, "top_p": 0.9}
+    # checkpoint values beat the config's defaults; the model's own defaults beat both
+    ckpt = {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_new_tokens": 100, "do_sample": True}
+    assert cfg.generation_defaults(b, ckpt) == {**PLATFORM_DEFAULTS, "temperature": 0.6, "top_p": 0.95,
+                                                "top_k": 5, "max_tokens": 100}
+    assert cfg.generation_defaults(a, ckpt)["temperature"] == 0.3  # platform source ignores the checkpoint
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "none.yaml"))
@@ -84,7 +153,27 @@ def test_cli_fails_fast_on_unknown_flag_and_bad_config(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("server: {bogus: 1}\n")
     bad_cfg = subprocess.run(run + ["--config", str(f)], capture_output=True, text=True, timeout=60)
-    assert bad_cfg.returncode == 2 and "unknown server key(s) bogus" in bad_cfg.stderr
-    missing = subprocess.run(run + ["--model", str(tmp_path / "nothing.gguf")], capture_output=True, text=True,
-                             timeout=120)
+    assert bad_cfg.returncode == 2 and "server.bogus: unknown key" in bad_cfg.stderr
+    bad_port = subprocess.run(run + ["--port", "99999"], capture_output=True, text=True, timeout=60)
+    assert bad_port.returncode == 2 and "port must be in 1..65535" in bad_port.stderr
+    bad_size = subprocess.run(run + ["--kv-cache-memory", "lots"], capture_output=True, text=True, timeout=60)
+    assert bad_size.returncode == 2 and "not a size: 'lots'" in bad_size.stderr
+    import os
+    import socket
+
+    with socket.socket() as sock:  # the port is bound before the model loads: a free one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    missing = subprocess.run(run + ["--model", str(tmp_path / "nothing.gguf"), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, LMSERVE_DATA_DIR=str(tmp_path)))
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr
+
+
+def test_sample_config_in_the_repo_is_valid():
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "lmserve.yaml"
+    cfg = load_config(str(sample))
+    assert [m.id for m in cfg.models] == [DEFAULT_MODEL_ID, "Pro/" + DEFAULT_MODEL_ID]
+    assert cfg.server.max_body_bytes == 4 << 20 and cfg.models[0].engine.options()["kv_cache_memory"] == 1 << 30

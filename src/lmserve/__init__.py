@@ -1,11 +1,36 @@
 """lmserve: self-hosted LLM serving with its own engine (continuous batching, paged KV cache)."""
 
-from lmserve.engine.async_engine import AsyncEngine
-from lmserve.engine.llm_engine import EngineConfig, LLMEngine
-from lmserve.llm import LLM
-from lmserve.outputs import CompletionOutput, RequestOutput
-from lmserve.sampling_params import SamplingParams
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.engine.llm_engine import EngineConfig, LLMEngine
+    from lmserve.llm import LLM
+    from lmserve.outputs import CompletionOutput, RequestOutput
+    from lmserve.sampling_params import SamplingParams
+
+# Imported on first use, not with the package: the engine pulls in torch (a second or more), and
+# the CLI must answer --help, a bad config or a busy port before that.
+_LAZY = {
+    "LLM": "lmserve.llm",
+    "LLMEngine": "lmserve.engine.llm_engine",
+    "EngineConfig": "lmserve.engine.llm_engine",
+    "AsyncEngine": "lmserve.engine.async_engine",
+    "SamplingParams": "lmserve.sampling_params",
+    "RequestOutput": "lmserve.outputs",
+    "CompletionOutput": "lmserve.outputs",
+}
 
 __all__ = ["LLM", "LLMEngine", "AsyncEngine", "EngineConfig", "SamplingParams", "RequestOutput",
            "CompletionOutput"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmserve' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,30 +1,40 @@
-"""Deployment config: what one server deploys (models, engines), its API keys, limits, and the
-platform defaults for omitted request fields. YAML or TOML; every mistake fails at start with a
-message naming the file and the key."""
+"""Deployment config: what one server deploys (models, engines), its API keys, limits, logging,
+and the generation defaults for omitted request fields. YAML or TOML, plus command-line flags.
+
+The schema is these pydantic models: unknown keys are errors, dtypes and log settings are enums,
+ports and sizes have ranges, and every default is written here once. A bad file is reported at
+start, every problem at once, each with the file and the key path (`models[1].engine.max_num_seqs`).
+This module imports no torch, so a bad config fails before any model code loads.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from lmserve.engine.llm_engine import EngineConfig
-from lmserve.models.loader import DEFAULT_MODEL_ID
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+)
 
-# The hosted platform's documented defaults (shared/API.md); a config may override them.
-PLATFORM_DEFAULTS: dict[str, Any] = {
-    "max_tokens": 512,
-    "temperature": 0.7,
-    "top_p": 0.7,
-    "top_k": 50,
-    "min_p": 0.0,
-    "frequency_penalty": 0.5,
-    "presence_penalty": 0.0,
-    "n": 1,
-}
+from lmserve.defaults import DEFAULT_MODEL_ID
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = Dtype.__args__
+Quantization = Literal["none", "int8", "int4"]  # lmserve.layers.quantization.QUANTIZATION_CHOICES
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+Positive = Annotated[int, Field(ge=1)]
 
 
 # Per-key limits by tier, per model (requests/tokens per minute and per day; None = no limit).
@@ -41,175 +51,330 @@ class ConfigError(ValueError):
     pass
 
 
-@dataclass
-class ModelDeployment:
-    id: str
-    path: str
-    dtype: str = "auto"
-    engine: dict[str, Any] = field(default_factory=dict)
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _limits(raw: dict[str, Any]) -> dict[str, int | None]:
+    """{rpm, rpd, tpm, tpd}: each a positive integer or null (no limit); only the keys given."""
+    bad = set(raw) - set(LIMIT_NAMES)
+    if bad:
+        raise ValueError(f"unknown limit(s) {', '.join(sorted(bad))} (allowed: {', '.join(LIMIT_NAMES)})")
+    for name, value in raw.items():
+        if value is not None and not (_is_count(value) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer or null (no limit), got {value!r}")
+    return dict(raw)
+
+
+def _price(raw: dict[str, Any]) -> dict[str, float]:
+    """{input, output}: prices per million tokens."""
+    bad = set(raw) - {"input", "output"}
+    if bad:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(bad))} (a price is {{input, output}} per million tokens)")
+    for name, value in raw.items():
+        if not (_is_number(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return {"input": float(raw.get("input", 0)), "output": float(raw.get("output", 0))}
+
+
+def _upstream(raw: dict[str, Any]) -> dict[str, Any]:
+    bad = set(raw) - UPSTREAM_KEYS
+    if bad:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(bad))} (allowed: {', '.join(sorted(UPSTREAM_KEYS))})")
+    urls = raw.get("base_urls")
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not urls or not all(
+            isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+        raise ValueError("base_urls must be one or more http(s):// base URLs")
+    for name in ("connect_timeout", "read_timeout"):
+        value = raw.get(name, 1)
+        if not (_is_number(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number of seconds")
+    retries = raw.get("retries", 2)
+    if not (_is_count(retries) and retries >= 0):
+        raise ValueError("retries must be a non-negative integer")
+    return {**raw, "base_urls": [u.rstrip("/") for u in urls]}
+
+
+Limits = Annotated[dict[str, Any], AfterValidator(_limits)]
+Price = Annotated[dict[str, Any], AfterValidator(_price)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class GenerationDefaults(_Section):
+    """Values for request fields a client leaves out. These are the hosted platform's documented
+    defaults (shared/API.md); the config's `defaults` section and each model's `defaults` override them."""
+
+    max_tokens: Positive = 512
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
+    top_k: Annotated[int, Field(ge=-1)] = 50
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.5
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    n: Positive = 1
+
+
+PLATFORM_DEFAULTS: dict[str, Any] = GenerationDefaults().model_dump()
+
+# The same fields, each optional with the same constraints: a partial override.
+GenerationOverrides = create_model(
+    "GenerationOverrides", __base__=_Section,
+    **{name: (Annotated[f.annotation, *f.metadata] | None, None)
+       for name, f in GenerationDefaults.model_fields.items()})
+
+# generation_config.json keys a checkpoint may recommend, by our names.
+_CHECKPOINT_GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                               "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
+
+
+class EngineOptions(_Section):
+    """Engine settings of one deployment (lmserve.engine.llm_engine.EngineConfig, whose defaults
+    apply to what is left out; tests keep the two field lists equal)."""
+
+    block_size: Annotated[int, Field(ge=1, le=1024)] | None = None
+    num_kv_blocks: Positive | None = None
+    kv_cache_memory: Annotated[ByteSize, Field(ge=1 << 20)] | None = None  # bytes or "4GiB"
+    max_num_seqs: Positive | None = None
+    max_num_batched_tokens: Positive | None = None
+    max_model_len: Positive | None = None
+    enable_prefix_caching: bool | None = None
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] | None = None
+    quantization: Quantization | None = None  # weight-only int8/int4 on CPU
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for LLMEngine: only what was set."""
+        return {k: int(v) if isinstance(v, ByteSize) else v for k, v in self.model_dump(exclude_none=True).items()}
+
+
+class ModelDeployment(_Section):
+    id: NonEmptyStr  # the name clients send as `model`
+    path: NonEmptyStr | None = None  # checkpoint dir, .gguf file or hub id; default: the id
+    dtype: Dtype = "auto"
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+    chat_template: str | None = None  # a Jinja file replacing the checkpoint's template
+    defaults: GenerationOverrides = Field(default_factory=GenerationOverrides)
+    # "checkpoint": the model's generation_config.json recommends sampling values, which take
+    # precedence over the platform defaults (a model's own `defaults` still win).
+    generation_config: Literal["platform", "checkpoint"] = "platform"
     report_eos_as_stop: bool = False  # for clients that only know OpenAI's finish reasons
     owned_by: str = "lmserve"
-    max_pending_requests: int = 1024  # requests in flight beyond this get 503 (queue full)
-    structured_output_timeout_s: float = 10.0  # a JSON schema that compiles longer is a 400
+    max_pending_requests: Positive = 1024  # requests in flight beyond this get 503 (queue full)
+    structured_output_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # a JSON schema that compiles longer is a 400
     # Price per million tokens {"input": x, "output": y}; `tier_prices` overrides it per key tier.
-    price: dict[str, float] = field(default_factory=dict)
-    tier_prices: dict[str, dict[str, float]] = field(default_factory=dict)
-    tier_limits: dict[str, dict[str, int | None]] = field(default_factory=dict)  # tier -> {rpm, rpd, tpm, tpd}
+    price: Price = {}
+    tier_prices: dict[str, Price] = {}
+    tier_limits: dict[str, Limits] = {}  # tier -> {rpm, rpd, tpm, tpd}
     # An OpenAI-compatible upstream serves this id instead of a local engine (see UPSTREAM_KEYS).
-    upstream: dict[str, Any] | None = None
+    upstream: Annotated[dict[str, Any], AfterValidator(_upstream)] | None = None
+
+    @property
+    def source(self) -> str:
+        return self.path or self.id
+
+    def chat_template_text(self) -> str | None:
+        return Path(self.chat_template).expanduser().read_text() if self.chat_template else None
 
 
-@dataclass
-class ServerSettings:
+class ServerSettings(_Section):
     host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: list[str] = field(default_factory=list)
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 16
-    generated_key: bool = False  # the key was made up at start (no config, no env)
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    api_keys: list[NonEmptyStr] = []
+    max_body_bytes: Annotated[ByteSize, Field(ge=1024)] = ByteSize(4 * 1024 * 1024)
+    max_n: Positive = 16
+    cors_origins: list[NonEmptyStr] = []  # browser origins allowed to call the API ("*": any)
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    log_health_probes: bool = False  # /health, /ready, /live and /metrics in the request log
+    stats_interval_s: Annotated[float, Field(ge=0.0)] = 10.0  # stats line while busy; 0: off
+    _generated_key: bool = PrivateAttr(False)
+
+    @property
+    def generated_key(self) -> bool:
+        """The key was made up at start (no config, flag or env)."""
+        return self._generated_key
+
 
 
 def _default_data_dir() -> str:
     return os.environ.get("LMSERVE_DATA_DIR") or str(Path.home() / ".local" / "share" / "lmserve")
 
 
-@dataclass
-class PlatformSettings:
+class PlatformSettings(_Section):
     """Accounts, keys, limits and usage (lmserve.platform)."""
 
-    data_dir: str = field(default_factory=_default_data_dir)
-    database_url: str | None = None  # default: a SQLite file in data_dir
-    redis_url: str | None = None  # rate-limit counters shared by several API servers; default in-process
-    redis_prefix: str = "lmserve:rl:"  # key prefix in Redis (deployments sharing one Redis keep apart)
-    admin_keys: list[str] = field(default_factory=list)  # plus LMSERVE_ADMIN_KEYS
-    tiers: dict[str, dict[str, int | None]] = field(
-        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_TIERS.items()})
+    data_dir: NonEmptyStr = Field(default_factory=_default_data_dir)  # also --data-dir, LMSERVE_DATA_DIR
+    database_url: NonEmptyStr | None = None  # default: a SQLite file in data_dir
+    # rate-limit counters shared by several API servers; default in-process
+    redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
+    redis_prefix: NonEmptyStr = "lmserve:rl:"  # key prefix in Redis (deployments sharing one Redis keep apart)
+    admin_keys: list[NonEmptyStr] = []  # plus LMSERVE_ADMIN_KEYS
+    tiers: dict[str, Limits] = {}  # tier -> limits, over DEFAULT_TIERS
 
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{Path(self.data_dir).expanduser() / 'lmserve.db'}"
 
 
-@dataclass
-class DeploymentConfig:
-    server: ServerSettings
-    defaults: dict[str, Any]
-    models: list[ModelDeployment]
-    platform: PlatformSettings = field(default_factory=PlatformSettings)
+class DeploymentConfig(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    models: list[ModelDeployment] = []
+    platform: PlatformSettings = Field(default_factory=PlatformSettings)
+
+    def generation_defaults(self, model: ModelDeployment, checkpoint_values: dict[str, Any] | None = None
+                            ) -> dict[str, Any]:
+        """Defaults for one deployment: platform < config `defaults` < checkpoint (if chosen) < model's own."""
+        out = self.defaults.model_dump()
+        if model.generation_config == "checkpoint" and checkpoint_values:
+            out.update({ours: checkpoint_values[theirs] for theirs, ours in _CHECKPOINT_GENERATION_KEYS.items()
+                        if checkpoint_values.get(theirs) is not None})
+            if checkpoint_values.get("max_new_tokens"):
+                out["max_tokens"] = checkpoint_values["max_new_tokens"]
+        out.update(model.defaults.model_dump(exclude_none=True))
+        return out
 
 
-# The keys a config may set are the dataclass fields (generated_key is the server's own note).
-_SERVER_KEYS = set(ServerSettings.__dataclass_fields__) - {"generated_key"}
-_MODEL_KEYS = set(ModelDeployment.__dataclass_fields__)
+# Flags that set engine/model fields of every deployment (flag name -> where it goes).
+_MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
+                "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
+                "max_num_seqs": ("engine", "max_num_seqs")}
+_SERVER_FLAGS = ("host", "port", "log_level", "log_format")
 
 
 def load_config(path: str | None, cli_models: list[str] | None = None, host: str | None = None,
-                port: int | None = None) -> DeploymentConfig:
+                port: int | None = None, **flags: Any) -> DeploymentConfig:
+    """The file (if any) with the command-line flags applied on top, validated as a whole.
+
+    flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
+    max_model_len, kv_cache_memory, max_num_seqs, chat_template (applied to every deployment),
+    log_level, log_format (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"
-    unknown = set(raw) - {"server", "defaults", "models", "platform"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {', '.join(sorted(unknown))} "
-                          "(expected server, defaults, models, platform)")
-    server_raw = _section(raw, "server", dict, where)
-    bad = set(server_raw) - _SERVER_KEYS
-    if bad:
-        raise ConfigError(f"{where}: unknown server key(s) {', '.join(sorted(bad))}")
-    server = ServerSettings(**server_raw)
-    if host:
-        server.host = host
-    if port:
-        server.port = port
-    if not isinstance(server.api_keys, list) or not all(isinstance(k, str) and k for k in server.api_keys):
-        raise ConfigError(f"{where}: server.api_keys must be a list of non-empty strings")
-    env_keys = [k.strip() for k in os.environ.get("LMSERVE_API_KEYS", "").split(",") if k.strip()]
-    server.api_keys = list(dict.fromkeys(server.api_keys + env_keys))
-    if not server.api_keys:
-        # Never an open server: with no key configured, make one and print it at start.
-        server.api_keys = ["sk-" + secrets.token_urlsafe(24)]
-        server.generated_key = True
+    flags.update(host=host, port=port)
+    if isinstance(raw.get("server", {}), dict):
+        server = raw.setdefault("server", {})
+        for name in _SERVER_FLAGS:
+            if flags.get(name) is not None:
+                server[name] = flags[name]
+        for name in ("api_keys", "cors_origins"):
+            if flags.get(name):
+                existing = server.get(name) or []
+                server[name] = (existing if isinstance(existing, list) else [existing]) + list(flags[name])
+    if flags.get("data_dir") and isinstance(raw.get("platform", {}), dict):
+        raw.setdefault("platform", {})["data_dir"] = flags["data_dir"]
+    models = raw.get("models")
+    if models is None or isinstance(models, list):
+        models = list(models or []) + [_cli_model(m) for m in cli_models or []]
+        if not models:
+            models = [{"id": DEFAULT_MODEL_ID}]
+        raw["models"] = models
+        for m in models:
+            if not isinstance(m, dict):
+                continue
+            for flag, dest in _MODEL_FLAGS.items():
+                if flags.get(flag) is not None:
+                    target = m.setdefault(dest[0], {}) if len(dest) == 2 else m
+                    if isinstance(target, dict):
+                        target[dest[-1]] = flags[flag]
+        if flags.get("served_model_name"):
+            if len(models) != 1:
+                raise ConfigError(f"{where}: --served-model-name names one model, but {len(models)} are deployed "
+                                  "(give each its `id` in the config instead)")
+            if isinstance(models[0], dict):
+                models[0]["path"] = models[0].get("path") or models[0].get("id")
+                models[0]["id"] = flags["served_model_name"]
 
-    defaults = dict(PLATFORM_DEFAULTS)
-    user_defaults = _section(raw, "defaults", dict, where)
-    bad = set(user_defaults) - set(PLATFORM_DEFAULTS)
-    if bad:
-        raise ConfigError(f"{where}: unknown defaults key(s) {', '.join(sorted(bad))} "
-                          f"(allowed: {', '.join(PLATFORM_DEFAULTS)})")
-    defaults.update(user_defaults)
+    try:
+        config = DeploymentConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        raise ConfigError(_report(where, problems)) from None
 
-    models = [_model(m, where, i) for i, m in enumerate(_section(raw, "models", list, where))]
-    for m in cli_models or []:
-        # "ID=PATH" serves local weights under a catalog id; a bare path or id serves itself.
-        model_id, sep, path = m.partition("=")
-        models.append(ModelDeployment(id=model_id, path=path) if sep and path else ModelDeployment(id=m, path=m))
-    if not models:
-        models = [ModelDeployment(id=DEFAULT_MODEL_ID, path=DEFAULT_MODEL_ID)]
-    ids = [m.id for m in models]
-    dupes = {i for i in ids if ids.count(i) > 1}
-    if dupes:
-        raise ConfigError(f"{where}: model id(s) deployed twice: {', '.join(sorted(dupes))}")
-    return DeploymentConfig(server, defaults, models, _platform(_section(raw, "platform", dict, where), where))
+    problems = []
+    ids = [m.id for m in config.models]
+    for dupe in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"models: id {dupe!r} is deployed twice")
+    for i, m in enumerate(config.models):
+        if m.chat_template and not Path(m.chat_template).expanduser().is_file():
+            problems.append(f"models[{i}].chat_template: no such file {m.chat_template!r}")
+    if problems:
+        raise ConfigError(_report(where, problems))
 
-
-def _platform(raw: dict, where: str) -> PlatformSettings:
-    bad = set(raw) - set(PlatformSettings.__dataclass_fields__)
-    if bad:
-        raise ConfigError(f"{where}: unknown platform key(s) {', '.join(sorted(bad))}")
-    settings = PlatformSettings(**{k: v for k, v in raw.items() if k != "tiers"})
-    for name in ("data_dir", "database_url", "redis_url", "redis_prefix"):
-        value = getattr(settings, name)
-        if value is not None and not (isinstance(value, str) and value):
-            raise ConfigError(f"{where}: platform.{name} must be a non-empty string")
-    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{where}: platform.redis_url must be a redis:// URL")
-    if not isinstance(settings.admin_keys, list) or not all(isinstance(k, str) and k for k in settings.admin_keys):
-        raise ConfigError(f"{where}: platform.admin_keys must be a list of non-empty strings")
+    platform = config.platform
     env_admin = [k.strip() for k in os.environ.get("LMSERVE_ADMIN_KEYS", "").split(",") if k.strip()]
-    settings.admin_keys = list(dict.fromkeys(settings.admin_keys + env_admin))
-    tiers = raw.get("tiers", {})
-    if not isinstance(tiers, dict):
-        raise ConfigError(f"{where}: platform.tiers must be a mapping of tier name -> limits")
-    for tier, limits in tiers.items():
-        settings.tiers[tier] = {**DEFAULT_TIERS.get(tier, dict.fromkeys(LIMIT_NAMES)),
-                                **_limits(limits, f"{where}: platform.tiers.{tier}")}
-    return settings
+    platform.admin_keys = list(dict.fromkeys(platform.admin_keys + env_admin))
+    platform.tiers = {**{k: dict(v) for k, v in DEFAULT_TIERS.items()},
+                      **{tier: {**DEFAULT_TIERS.get(tier, dict.fromkeys(LIMIT_NAMES)), **limits}
+                         for tier, limits in platform.tiers.items()}}
+
+    env_keys = [k.strip() for k in os.environ.get("LMSERVE_API_KEYS", "").split(",") if k.strip()]
+    config.server.api_keys = list(dict.fromkeys(config.server.api_keys + env_keys))
+    if not config.server.api_keys:
+        # Never an open server: with no key configured, make one and print it at start.
+        config.server.api_keys = ["sk-" + secrets.token_urlsafe(24)]
+        config.server._generated_key = True
+    return config
 
 
-def _limits(raw: Any, where: str) -> dict[str, int | None]:
-    if not isinstance(raw, dict) or set(raw) - set(LIMIT_NAMES):
-        raise ConfigError(f"{where} must be a mapping with keys among {', '.join(LIMIT_NAMES)}")
-    for name, value in raw.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{where}.{name} must be a positive integer or null (no limit)")
-    return dict(raw)
+def _cli_model(arg: str) -> dict[str, str]:
+    """--model PATH_OR_ID serves itself; "ID=PATH" serves local weights under a catalog id."""
+    model_id, sep, path = arg.partition("=")
+    return {"id": model_id, "path": path} if sep and path else {"id": arg, "path": arg}
 
 
-def _price(raw: Any, where: str) -> dict[str, float]:
-    if not isinstance(raw, dict) or set(raw) - {"input", "output"}:
-        raise ConfigError(f"{where} must be a mapping {{input: <per million tokens>, output: <per million tokens>}}")
-    for name, value in raw.items():
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{where}.{name} must be a non-negative number")
-    return {"input": float(raw.get("input", 0)), "output": float(raw.get("output", 0))}
+def _report(where: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{where}: {problems[0]}"
+    return f"{where}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
-def _upstream(raw: Any, where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict) or set(raw) - UPSTREAM_KEYS:
-        raise ConfigError(f"{where} must be a mapping with keys among {', '.join(sorted(UPSTREAM_KEYS))}")
-    urls = raw.get("base_urls")
-    if isinstance(urls, str):
-        urls = [urls]
-    if not isinstance(urls, list) or not urls or not all(
-            isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
-        raise ConfigError(f"{where}.base_urls must be one or more http(s):// base URLs")
-    for name in ("connect_timeout", "read_timeout"):
-        value = raw.get(name, 1)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{where}.{name} must be a positive number of seconds")
-    retries = raw.get("retries", 2)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise ConfigError(f"{where}.retries must be a non-negative integer")
-    return {**raw, "base_urls": [u.rstrip("/") for u in urls]}
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error as `key.path: what is wrong (got value)`."""
+    loc = ""
+    for part in err["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif not (isinstance(part, str) and "[" in part):  # skip union/constraint branch labels
+            loc += f".{part}" if loc else str(part)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, _, key = loc.rpartition(".")
+        allowed = _allowed_keys(err["loc"][:-1])
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{loc}: unknown key{hint}"
+    if kind == "missing":
+        return f"{loc}: required"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{loc or 'top level'}: {message}{shown}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the section at `loc` accepts, for the message about an unknown one."""
+    model: type[BaseModel] = DeploymentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        inner = {"server": ServerSettings, "defaults": GenerationDefaults, "models": ModelDeployment,
+                 "engine": EngineOptions, "platform": PlatformSettings}.get(part)
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -228,41 +393,3 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
-
-
-def _section(raw: dict, name: str, kind: type, where: str):
-    value = raw.get(name, kind())
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}: `{name}` must be a {'mapping' if kind is dict else 'list'}")
-    return value
-
-
-def _model(m: Any, where: str, i: int) -> ModelDeployment:
-    if not isinstance(m, dict) or "id" not in m:
-        raise ConfigError(f"{where}: models[{i}] must be a mapping with at least an `id`")
-    bad = set(m) - _MODEL_KEYS
-    if bad:
-        raise ConfigError(f"{where}: models[{i}] has unknown key(s) {', '.join(sorted(bad))}")
-    engine = m.get("engine") or {}
-    bad = set(engine) - set(EngineConfig.__dataclass_fields__)
-    if bad:
-        raise ConfigError(f"{where}: models[{i}].engine has unknown key(s) {', '.join(sorted(bad))} "
-                          f"(allowed: {', '.join(EngineConfig.__dataclass_fields__)})")
-    pending = m.get("max_pending_requests", 1024)
-    if not isinstance(pending, int) or isinstance(pending, bool) or pending < 1:
-        raise ConfigError(f"{where}: models[{i}].max_pending_requests must be a positive integer")
-    compile_timeout = m.get("structured_output_timeout_s", 10.0)
-    if not isinstance(compile_timeout, int | float) or isinstance(compile_timeout, bool) or compile_timeout <= 0:
-        raise ConfigError(f"{where}: models[{i}].structured_output_timeout_s must be a positive number of seconds")
-    at = f"{where}: models[{i}]"
-    price = _price(m["price"], f"{at}.price") if "price" in m else {}
-    if not isinstance(m.get("tier_prices", {}), dict) or not isinstance(m.get("tier_limits", {}), dict):
-        raise ConfigError(f"{at}: tier_prices and tier_limits must be mappings of tier name -> settings")
-    tier_prices = {t: _price(v, f"{at}.tier_prices.{t}") for t, v in m.get("tier_prices", {}).items()}
-    tier_limits = {t: _limits(v, f"{at}.tier_limits.{t}") for t, v in m.get("tier_limits", {}).items()}
-    upstream = _upstream(m["upstream"], f"{at}.upstream") if m.get("upstream") is not None else None
-    return ModelDeployment(id=m["id"], path=m.get("path", m["id"]), dtype=m.get("dtype", "auto"), engine=engine,
-                           report_eos_as_stop=bool(m.get("report_eos_as_stop", False)),
-                           owned_by=m.get("owned_by", "lmserve"), max_pending_requests=pending,
-                           structured_output_timeout_s=float(compile_timeout), price=price,
-                           tier_prices=tier_prices, tier_limits=tier_limits, upstream=upstream)

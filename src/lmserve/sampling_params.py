@@ -24,6 +24,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    skip_special_tokens: bool = True  # leave special tokens (<|im_end|>, ...) out of the text
     logprobs: bool = False
     top_logprobs: int = 0
     # Constrain the output to JSON (an object, or one that validates against a schema).
@@ -45,6 +47,7 @@ class SamplingParams:
         self._check("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]")
         self._check("repetition_penalty", self.repetition_penalty > 0.0, "must be positive")
         self._check("n", self.n >= 1, "must be at least 1")
+        self._check("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]")
         self._check("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]")
 
     @staticmethod

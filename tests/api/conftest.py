@@ -26,11 +26,14 @@ ALL_MODELS = [MODEL, PRO_MODEL, LIMITED_MODEL]
 PRO_MAX_MODEL_LEN = 256
 MAX_BODY_BYTES = 4 * 1024 * 1024
 STARTUP_TIMEOUT_S = 180.0
+CORS_ORIGIN = "http://ui.example"
 
 CONFIG_YAML = f"""\
 server:
   api_keys: ["{API_KEY}"]
   max_body_bytes: {MAX_BODY_BYTES}
+  cors_origins: ["{CORS_ORIGIN}"]
+  stats_interval_s: 1
 defaults:
   max_tokens: 512
   temperature: 0.7

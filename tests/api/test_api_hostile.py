@@ -143,10 +143,10 @@ def test_abandoned_stream_counts_as_499(server, api):
     while count_499() < before + 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert count_499() == before + 1
-    while time.monotonic() < deadline and f"{trace} POST" not in server.output():
+    while time.monotonic() < deadline and f"request_id={trace}" not in server.output():
         time.sleep(0.05)
-    line = next(x for x in server.output().splitlines() if f"{trace} POST" in x)
-    assert " status=499 " in line, line
+    line = next(x for x in server.output().splitlines() if f"request_id={trace}" in x)
+    assert "POST /v1/chat/completions 499 " in line, line
 
 
 # --- grammar compiles: bounded, off the event loop ------------------------------------------------

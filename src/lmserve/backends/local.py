@@ -13,7 +13,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from lmserve.backends.base import ChatJob, Health
-from lmserve.chat.schemas import ChatCompletionRequest
+from lmserve.chat.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from lmserve.chat.tool_parsers import tool_call_stream
 from lmserve.chat.tools import ToolPlan, output_constraint, plan_tools, template_messages
 from lmserve.config import ModelDeployment
@@ -44,14 +44,30 @@ class LocalBackend:
         self.max_n = max_n
         # A catalog id must be served by weights of its family: checked on the config alone,
         # before seconds or minutes of loading.
-        architecture = read_config(resolve_checkpoint(deployment.path)).architecture
+        architecture = read_config(resolve_checkpoint(deployment.source)).architecture
         try:
             catalog.check_weights(deployment.id, architecture)
         except ValueError as e:
-            raise CheckpointError(f"{deployment.path}: {e}") from None
-        self.engine = LLMEngine(deployment.path, deployment.dtype, **deployment.engine)
+            raise CheckpointError(f"{deployment.source}: {e}") from None
+        self.engine = LLMEngine(deployment.source, deployment.dtype, **deployment.engine.options())
+        # A configured template replaces the checkpoint's for this deployment only (the tokenizer
+        # is shared with other deployments of the same weights).
+        self.chat_template: str | None = deployment.chat_template_text() or getattr(
+            self.engine.tokenizer, "chat_template", None)
         self.async_engine = AsyncEngine(self.engine)
         self._max_token_chars = max_token_chars(self.engine.tokenizer) if self.engine.tokenizer is not None else 1
+
+    def checkpoint_generation_config(self) -> dict[str, Any]:
+        """The sampling values the checkpoint recommends (generation_config.json), if it has any."""
+        ckpt = self.engine.checkpoint
+        path = ckpt.path / "generation_config.json" if ckpt.format == "hf" else None
+        if path is None or not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def model_card(self, created: int) -> dict:
         return {"id": self.model_id, "object": "model", "created": created, "owned_by": self.deployment.owned_by}
@@ -77,13 +93,6 @@ class LocalBackend:
         except InvalidParameter as e:
             raise InvalidParameter(schema_param or e.param, str(e)) from None
 
-        def pick(name: str):
-            value = getattr(req, name)
-            return self.defaults[name] if value is None else value
-
-        n = pick("n")
-        if n > self.max_n:
-            raise InvalidParameter("n", f"n must be at most {self.max_n}")
         if req.top_logprobs and not req.logprobs:
             raise InvalidParameter("top_logprobs", "top_logprobs requires logprobs to be true")
         if structured is not None:
@@ -94,17 +103,49 @@ class LocalBackend:
             except InvalidParameter as e:
                 raise InvalidParameter(schema_param or e.param, str(e)) from None
         messages, template_kwargs = template_messages([m.for_template() for m in req.messages], tool_plan,
-                                                      self.engine.tokenizer.chat_template)
+                                                      self.chat_template)
+        if self.chat_template is not None:
+            template_kwargs["chat_template"] = self.chat_template
         self._reject_hopeless_length(messages, template_kwargs)
         # Rendering and tokenizing megabytes take seconds: never on the event loop.
         prompt_ids = await asyncio.to_thread(self._encode_chat, messages, template_kwargs)
 
+        max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+        return self._job(req, request_id, prompt_ids, "messages", max_tokens, bool(req.logprobs),
+                         req.top_logprobs or 0, structured, tool_plan)
+
+    async def prepare_completion(self, req: CompletionRequest, request_id: str) -> ChatJob:
+        """A legacy completion: the prompt as given (text is tokenized with the tokenizer's own
+        special tokens, e.g. BOS), no template. `stream` then yields the same chunks as for chat."""
+        if isinstance(req.prompt, str):
+            if self.engine.tokenizer is None:
+                raise InvalidParameter("prompt", "this model has no tokenizer; send token ids")
+            prompt_ids = await asyncio.to_thread(self.engine.encode, req.prompt, True)
+            if not prompt_ids:
+                raise InvalidParameter("prompt", "the prompt is empty")
+        else:
+            vocab = self.engine.model_config.vocab_size
+            if any(t < 0 or t >= vocab for t in req.prompt):
+                raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
+            prompt_ids = list(req.prompt)
+        logprobs = req.logprobs is not None
+        return self._job(req, request_id, prompt_ids, "prompt", req.max_tokens, logprobs, req.logprobs or 0)
+
+    def _job(self, req: SamplingFields, request_id: str, prompt_ids: list[int], prompt_param: str,
+             max_tokens: int | None, logprobs: bool, top_logprobs: int, structured=None, tool_plan=None) -> ChatJob:
+        """Context checks and sampling params, the same for chat and legacy completions."""
+        def pick(name: str):
+            value = getattr(req, name)
+            return self.defaults[name] if value is None else value
+
+        n = pick("n")
+        if n > self.max_n:
+            raise InvalidParameter("n", f"n must be at most {self.max_n}")
         context = self.context_len
         room = context - len(prompt_ids)
         if room < 1:
-            raise ContextLengthExceeded("messages", f"the prompt has {len(prompt_ids)} tokens, the model's context "
-                                                    f"is {context} tokens")
-        max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+            raise ContextLengthExceeded(prompt_param, f"the prompt has {len(prompt_ids)} tokens, the model's context "
+                                                      f"is {context} tokens")
         if max_tokens is not None and max_tokens > room:
             raise ContextLengthExceeded("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
                                                       f"exceeds the model's context of {context} tokens")
@@ -115,11 +156,33 @@ class LocalBackend:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
             min_p=pick("min_p"), frequency_penalty=pick("frequency_penalty"),
-            presence_penalty=pick("presence_penalty"), n=n, seed=req.seed, stop=stop,
-            logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, structured_output=structured)
+            presence_penalty=pick("presence_penalty"), repetition_penalty=pick("repetition_penalty"), n=n,
+            seed=req.seed, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+            structured_output=structured, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+            stop_token_ids=req.stop_token_ids or [], skip_special_tokens=req.skip_special_tokens)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatJob(request_id, req.model, n, n * max_tokens, len(prompt_ids), include_usage,
-                       logprobs=bool(req.logprobs), state=_LocalState(prompt_ids, params, tool_plan))
+                       logprobs=logprobs, state=_LocalState(prompt_ids, params, tool_plan))
+
+    def tokenize(self, req: TokenizeRequest) -> list[int]:
+        """Token ids of a text, or of a conversation rendered by this deployment's template the way a
+        chat request's prompt is (blocking: call it off the event loop)."""
+        if self.engine.tokenizer is None:
+            raise InvalidParameter("model", "this model has no tokenizer")
+        if req.prompt is not None:
+            return self.engine.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        kwargs: dict[str, Any] = {"add_generation_prompt": req.add_generation_prompt}
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        return self._encode_chat([m.for_template() for m in req.messages], kwargs)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        if self.engine.tokenizer is None:
+            raise InvalidParameter("tokens", "this model has no tokenizer")
+        vocab = self.engine.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in token_ids):
+            raise InvalidParameter("tokens", f"token ids must be in [0, {vocab})")
+        return self.engine.tokenizer.decode(token_ids)
 
     async def open(self, job: ChatJob) -> None:
         pass  # the engine starts the request when the stream is first read

@@ -35,7 +35,8 @@ class ToolCall(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "user", "assistant", "tool"]
+    # "developer" is OpenAI's newer name for the system role (o1 and later); templates know "system".
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -62,7 +63,7 @@ class Message(_Body):
         return "".join(p.text for p in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.tool_calls:
             out["tool_calls"] = [_call_for_template(c.model_dump()) for c in self.tool_calls]
             # A turn that only calls tools has no content (None), as OpenAI and transformers
@@ -116,13 +117,13 @@ class Tool(_Body):
     function: FunctionDef
 
 
-class ChatCompletionRequest(_Body):
+class SamplingFields(_Body):
+    """Sampling fields shared by chat and legacy completions; None means the deployment's default."""
+
     model: str
-    messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name
     stop: str | list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -132,11 +133,12 @@ class ChatCompletionRequest(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     n: int | None = Field(default=None, ge=1)
     seed: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # vLLM's extra sampling fields (benchmark tools send them).
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
 
     @field_validator("stop")
     @classmethod
@@ -156,18 +158,95 @@ class ChatCompletionRequest(_Body):
         return v
 
 
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions (the legacy prompt API): one prompt, as text or token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # how many top alternatives per token
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str | list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request (a list of several prompts is not supported)")
+            v = v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize: text (`prompt`) or a conversation (`messages`, rendered by the chat template)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True  # for `prompt`; a rendered conversation has its own
+    add_generation_prompt: bool = True  # for `messages`
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either `prompt` or `messages`")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str
+    tokens: list[int]
+
+
+def _text_only(payload: dict) -> None:
+    """A clear 400 for images, audio or files in a message, before the generic schema error."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return
+    for i, m in enumerate(messages):
+        parts = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(parts, list):
+            continue
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise InvalidParameter("messages", f"messages[{i}] has a content part of type {kind!r}: "
+                                   "this model takes text only", "unsupported_content")
+
+
 def parse_chat_request(payload: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; the first problem is an InvalidParameter naming its field (a 400)."""
     if not isinstance(payload, dict):
         raise InvalidParameter(None, "the request body must be a JSON object")
+    _text_only(payload)
+    return validate(ChatCompletionRequest, payload)
+
+
+def validate(schema: type[BaseModel], payload: Any):
+    """Validate a decoded JSON body against `schema`; the first problem is an InvalidParameter naming its field."""
+    if not isinstance(payload, dict):
+        raise InvalidParameter(None, "the request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"]]
         param = loc[0] if loc else None
         where = ".".join(loc)
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:
+            raise InvalidParameter(None, msg) from None
         if err["type"] == "missing":
             raise InvalidParameter(param, f"missing required field {where!r}", "missing_required_parameter") from None
         raise InvalidParameter(param, f"invalid value for {where!r}: {msg}") from None

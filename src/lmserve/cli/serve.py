@@ -1,4 +1,7 @@
-"""`lmserve serve`: the OpenAI-compatible API server."""
+"""`lmserve serve`: the OpenAI-compatible API server.
+
+Flags override the config file; model flags (--dtype, --max-model-len, ...) apply to every
+deployment. Flag values are checked here, so a typo fails before anything loads."""
 
 from __future__ import annotations
 
@@ -6,24 +9,99 @@ import argparse
 import sys
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _bytes(text: str) -> int:
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or e.g. 512MiB, 4GiB)") from None
+
+
+def _existing_file(text: str) -> str:
+    from pathlib import Path
+
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
 def register(sub) -> None:
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible chat API")
-    serve.add_argument("--config", help="deployment config file (YAML or TOML)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
-    serve.add_argument("--model", action="append", metavar="PATH_OR_ID",
-                       help="deploy this model (repeatable); with no config and no --model, the bundled SmolLM2")
+    from lmserve.config import DTYPES
+
+    serve = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible API",
+        description="Serve the OpenAI-compatible API. With no config and no --model: the bundled SmolLM2.",
+        epilog="Example: lmserve serve --model ./Qwen2.5-0.5B-Instruct --served-model-name qwen "
+               "--api-key sk-mine --max-model-len 8192")
+    server = serve.add_argument_group("server")
+    server.add_argument("--config", metavar="FILE", help="deployment config (YAML or TOML); flags override it")
+    server.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    server.add_argument("--port", type=_port, help="port to bind (default 8000)")
+    server.add_argument("--api-key", action="append", metavar="KEY", dest="api_keys",
+                        help="accept this API key (repeatable; also LMSERVE_API_KEYS=k1,k2). "
+                             "With none, a key is made up and printed")
+    server.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
+                        help="allow browser calls from this origin (repeatable; '*' for any). Default: none")
+    server.add_argument("--data-dir", metavar="DIR", help="where lmserve keeps state (default ~/.local/share/lmserve)")
+
+    model = serve.add_argument_group("model")
+    model.add_argument("--model", action="append", metavar="PATH_OR_ID",
+                       help="deploy this checkpoint directory, .gguf file or Hugging Face id found in the "
+                            "local cache (repeatable)")
+    model.add_argument("--served-model-name", metavar="NAME",
+                       help="the model id clients send (default: what --model says)")
+    model.add_argument("--dtype", choices=DTYPES, help="compute dtype (default auto)")
+    model.add_argument("--chat-template", type=_existing_file, metavar="FILE",
+                       help="a Jinja chat template replacing the checkpoint's")
+
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--max-model-len", type=_positive, metavar="TOKENS",
+                        help="context length cap (default: the model's own)")
+    engine.add_argument("--kv-cache-memory", type=_bytes, metavar="SIZE",
+                        help="KV cache size, e.g. 2GiB (default 1GiB on CPU, 85%% of free memory on GPU)")
+    engine.add_argument("--max-num-seqs", type=_positive, metavar="N",
+                        help="most sequences decoded together (default 256)")
+
+    logs = serve.add_argument_group("logging")
+    logs.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    logs.add_argument("--log-format", choices=["text", "json"], help="text (colour on a terminal) or json lines")
     serve.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmserve.config import ConfigError, load_config
-    from lmserve.models.loader import CheckpointError
-    from lmserve.server.serve import serve
 
     try:
-        config = load_config(args.config, args.model, args.host, args.port)
-        return serve(config)
-    except (ConfigError, CheckpointError) as e:
+        config = load_config(
+            args.config, args.model, args.host, args.port, api_keys=args.api_keys, cors_origins=args.cors_origins,
+            data_dir=args.data_dir, served_model_name=args.served_model_name, dtype=args.dtype,
+            chat_template=args.chat_template, max_model_len=args.max_model_len,
+            kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, log_level=args.log_level,
+            log_format=args.log_format)
+    except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)
         return 2
+    from lmserve.server.serve import serve
+
+    return serve(config)

@@ -32,9 +32,11 @@ def hidden_special_ids(tokenizer, visible: Iterable[str]) -> frozenset[int] | No
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str] | None = None, hidden_ids: frozenset[int] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, hidden_ids: frozenset[int] | None = None,
+                 skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.hidden_ids = hidden_ids  # None: every special token is hidden
+        self.skip_special_tokens = skip_special_tokens  # False: show every special token (vLLM's field)
         self.stop = stop or []
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.token_ids: list[int] = []
@@ -44,6 +46,8 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of `text` already handed out
 
     def _decode(self, ids: list[int]) -> str:
+        if not self.skip_special_tokens:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
         if self.hidden_ids is None:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode([i for i in ids if i not in self.hidden_ids], skip_special_tokens=False)

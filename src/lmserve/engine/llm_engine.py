@@ -62,11 +62,15 @@ def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantiz
     key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device), quantization)
     model = _SHARED_WEIGHTS.get(key)
     if model is None:
+        started = time.perf_counter()
         model = load_model(ckpt, config, dtype, device, quantization)
         _SHARED_WEIGHTS[key] = model
+        log.info("weights of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
     tok_key = key[:2]
     if tok_key not in _SHARED_TOKENIZERS:
+        started = time.perf_counter()
         _SHARED_TOKENIZERS[tok_key] = load_tokenizer(ckpt)
+        log.info("tokenizer of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
     return model, _SHARED_TOKENIZERS[tok_key]
 
 
@@ -88,7 +92,10 @@ class LLMEngine:
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
 
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+        started = time.perf_counter()
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
+        log.info("KV cache: %d blocks of %d tokens allocated in %.1fs", num_blocks, cfg.block_size,
+                 time.perf_counter() - started)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler()
@@ -103,6 +110,7 @@ class LLMEngine:
             vocab = self.tokenizer.get_vocab()
             self.eos_token_ids.update(vocab[t] for t in self.model.end_of_turn_tokens if t in vocab)
         self.hidden_token_ids = hidden_special_ids(self.tokenizer, self.model.tool_call_tokens)
+        self.sampler.eos_token_ids = sorted(self.eos_token_ids)  # held back until min_tokens
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
@@ -177,7 +185,8 @@ class LLMEngine:
         seq = Sequence(
             seq_id=next(self._seq_ids), request=request, index=index, token_ids=token_ids,
             sampling_key=stream_key(request.seed, index),
-            detok=IncrementalDetokenizer(self.tokenizer, request.params.stop, self.hidden_token_ids))
+            detok=IncrementalDetokenizer(self.tokenizer, request.params.stop, self.hidden_token_ids,
+                                         request.params.skip_special_tokens))
         if request.params.structured_output is not None:
             seq.grammar = self.grammar_backend().matcher(request.params.structured_output)
         request.seqs.append(seq)

@@ -89,6 +89,7 @@ class SamplerOutput:
 
 class Sampler:
     grammar = None  # the engine's GrammarBackend, once a request asked for structured output
+    eos_token_ids: list[int] = []  # the model's end tokens (set by the engine)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -104,6 +105,9 @@ class Sampler:
 
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs, vocab)
+        young = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+        if young:
+            logits = self._hold_end_tokens(logits, seqs, young, vocab)
         grammar_rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if grammar_rows:
             self.grammar.apply(logits, [seqs[i].grammar for i in grammar_rows], grammar_rows)
@@ -161,6 +165,19 @@ class Sampler:
             rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
             penalized = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen, penalized, logits)
+        return logits
+
+    def _hold_end_tokens(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
+                         vocab: int) -> torch.Tensor:
+        """min_tokens: a sequence that has not reached it cannot pick an end token (EOS unless
+        ignore_eos, or one of its stop_token_ids)."""
+        logits = logits.clone()
+        for i in rows:
+            params = seqs[i].params
+            ends = [t for t in (*([] if params.ignore_eos else self.eos_token_ids), *params.stop_token_ids)
+                    if 0 <= t < vocab]
+            if ends:
+                logits[i, ends] = float("-inf")
         return logits
 
     @staticmethod

@@ -24,9 +24,12 @@ def load_tokenizer(ckpt: Checkpoint):
         # The fast-tokenizer class builds straight from the GGUF's vocabulary (~0.2 s). AutoTokenizer
         # would first build the whole model config from the same file with gguf's reader only to
         # pick that class: 3 s more at every start (docs/startup.md).
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend as FastTokenizer
+        except ImportError:  # transformers 4.x
+            from transformers import PreTrainedTokenizerFast as FastTokenizer
 
-        return TokenizersBackend.from_pretrained(source, **kwargs)
+        return FastTokenizer.from_pretrained(source, **kwargs)
     from transformers import AutoTokenizer
 
     from lmserve.chat.family_tokenizers import load_family_tokenizer
@@ -53,13 +56,14 @@ def render_chat(tokenizer, conversation: list[dict], **template_kwargs) -> str:
     """
     from jinja2 import TemplateError, UndefinedError
 
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if tokenizer is None or not (template_kwargs.get("chat_template") or getattr(tokenizer, "chat_template", None)):
         raise ValueError("this model has no chat template; use generate() with a raw prompt")
+
+    template_kwargs.setdefault("add_generation_prompt", True)
 
     def apply(messages: list[dict], keep_none: bool = False) -> str:
         if not keep_none:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                 **template_kwargs)
+            return tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
         # transformers drops None-valued keys before rendering, but some templates test for None
         # (DeepSeek-V2.5 renders a turn's tool calls only where `content is none`): render the
         # messages as they are, through the same sandboxed renderer.
@@ -67,9 +71,10 @@ def render_chat(tokenizer, conversation: list[dict], **template_kwargs) -> str:
 
         kwargs = dict(template_kwargs)
         tools = kwargs.pop("tools", None)
+        template = kwargs.pop("chat_template", None) or tokenizer.get_chat_template(None, tools)
         rendered, _ = render_jinja_template(
-            conversations=[messages], tools=tools, chat_template=tokenizer.get_chat_template(None, tools),
-            add_generation_prompt=True, **{**tokenizer.special_tokens_map, **kwargs})
+            conversations=[messages], tools=tools, chat_template=template,
+            **{**tokenizer.special_tokens_map, **kwargs})
         return rendered[0]
 
     def render(messages: list[dict]) -> str:
@@ -189,7 +194,11 @@ def encode_chat(tokenizer, conversation: list[dict], **template_kwargs) -> list[
             return value
 
         conversation = neutralize(conversation)
+        # A deployment's own template (--chat-template) is markup, not client text.
+        template = template_kwargs.pop("chat_template", None)
         template_kwargs = neutralize(template_kwargs)
+        if template is not None:
+            template_kwargs["chat_template"] = template
     text = render_chat(tokenizer, conversation, **template_kwargs)
     # The template writes its own special tokens (BOS where the model wants one).
     if not found:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lmserve.defaults import DEFAULT_MODEL_ID
 from lmserve.errors import CheckpointError
 from lmserve.layers.linear import default_weight_loader, process_weights_after_loading
 from lmserve.layers.quantization import quantize_model
@@ -26,7 +27,6 @@ from lmserve.models.config import ModelConfig
 from lmserve.models.gguf import GGUFFile
 from lmserve.models.registry import UnsupportedArchitecture, get_model_class, resolve_architecture
 
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -69,7 +69,14 @@ def bundled_model_path() -> Path:
 def resolve_checkpoint(model: str) -> Checkpoint:
     path = bundled_model_path() if model == DEFAULT_MODEL_ID else Path(model).expanduser()
     if not path.exists():
-        raise CheckpointError(f"model {model!r}: no such file or directory {str(path)!r}")
+        from lmserve.hub import NotInCache, find_cached, looks_like_repo_id
+
+        if not looks_like_repo_id(model):
+            raise CheckpointError(f"model {model!r}: no such file or directory {str(path)!r}")
+        try:
+            path = find_cached(model)
+        except NotInCache as e:
+            raise CheckpointError(f"model {e}") from None
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"model file {str(path)!r} is not a GGUF file (expected a .gguf file "

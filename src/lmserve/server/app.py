@@ -13,14 +13,24 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmserve import __version__
 from lmserve.backends.base import Backend, ChatJob
-from lmserve.chat.schemas import parse_chat_request
+from lmserve.chat.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_chat_request,
+    validate,
+)
 from lmserve.config import DeploymentConfig
 from lmserve.errors import BackendError, InvalidParameter, Refused
 from lmserve.platform.keys import Principal
@@ -28,24 +38,45 @@ from lmserve.platform.service import Platform, Ticket
 from lmserve.server.admin import admin_router
 from lmserve.server.admission import Admission
 from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
+from lmserve.server.completions import collect_text, text_chunks
 from lmserve.server.errors import APIError, bad_request, unknown_model
+from lmserve.server.lifecycle import Lifecycle
+from lmserve.server.logs import PROBE_PATHS, TokenTally, access_line, stats_loop
 from lmserve.server.metrics import Metrics
 
 log = logging.getLogger("lmserve.server")
 access_log = logging.getLogger("lmserve.access")
 
 
-def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform: Platform) -> FastAPI:
+def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform: Platform,
+               lifecycle: Lifecycle | None = None) -> FastAPI:
+    """`backends` may start empty and be filled once the models have loaded: until `lifecycle`
+    says ready, the API answers 503 loading (without a lifecycle, the app is ready at once)."""
+    lifecycle = lifecycle or Lifecycle(total_models=len(backends), phase="ready")
+    server = config.server
+    tally = TokenTally()  # tokens per model, for the stats line
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        stats = asyncio.create_task(stats_loop(backends, tally, server.stats_interval_s)) \
+            if server.stats_interval_s > 0 else None
         yield
+        if stats is not None:
+            stats.cancel()
         # Shutdown: in-flight requests have ended; their ledger rows are written before exit.
         await platform.close()
-        for backend in backends.values():
+        for backend in list(backends.values()):
             await backend.close()
 
-    app = FastAPI(title="lmserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(TraceMiddleware)
+    app = FastAPI(title="lmserve", version=__version__, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan, description="OpenAI-compatible API. `/v1/*`, `/tokenize` and `/detokenize` "
+                  "need `Authorization: Bearer <key>`.")
+    app.openapi = lambda: _openapi(app)
+    app.add_middleware(LoadingGate, lifecycle=lifecycle)
+    if server.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "x-siliconcloud-trace-id"])
+    app.add_middleware(TraceMiddleware, log_probes=server.log_health_probes)
     metrics = Metrics(backends)
     admission = Admission({m.id: m.max_pending_requests for m in config.models})
     app.state.admission = admission
@@ -63,17 +94,42 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     async def api_error(request: Request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(InvalidParameter)
+    async def invalid_parameter(request: Request, exc: InvalidParameter):
+        return as_api_error(exc).response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = "no such route" if exc.status_code == 404 else str(exc.detail)
         return APIError(exc.status_code, f"{message}: {request.method} {request.url.path}", code=None).response()
 
-    @app.get("/health")
+    def dead_models() -> list[str]:
+        return [m for m, b in backends.items() if not b.health().alive]
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        dead = [m for m, b in backends.items() if not b.health().alive]
+        """200 when every model is loaded and its engine runs; 503 loading / unhealthy otherwise."""
+        if lifecycle.phase == "loading":
+            return JSONResponse(lifecycle.loading_body(), status_code=503, headers={"Retry-After": "5"})
+        if lifecycle.phase == "failed":
+            return JSONResponse({"status": "failed"}, status_code=503)
+        dead = dead_models()
         if dead:
             return JSONResponse({"status": "unhealthy", "dead_models": dead}, status_code=503)
         return {"status": "ok"}
+
+    @app.api_route("/health/ready", methods=["GET", "HEAD"])
+    async def ready():
+        """Readiness: send traffic here (every model loaded, every engine running)."""
+        return await health()
+
+    @app.api_route("/health/live", methods=["GET", "HEAD"])
+    async def live():
+        """Liveness: the process answers and no engine has died (loading is alive: do not restart it)."""
+        dead = dead_models()
+        if dead:
+            return JSONResponse({"status": "dead", "dead_models": dead}, status_code=503)
+        return {"status": "alive", "phase": lifecycle.phase}
 
     @app.get("/metrics")
     async def prometheus():
@@ -92,8 +148,71 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         principal = await principal_of(request)
         return {"code": 20000, "message": "OK", "status": True, "data": await platform.user_info(principal)}
 
-    @app.post("/v1/chat/completions")
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(request: Request, model_id: str):
+        principal = await principal_of(request)
+        backend = backends.get(model_id)
+        if backend is None or not principal.may_use(model_id):
+            raise APIError(404, f"Model does not exist: {model_id!r}", "model", "model_not_found")
+        return backend.model_card(started)
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema("ChatCompletionRequest"))
     async def chat_completions(request: Request):
+        """Chat completion (OpenAI-compatible), streamed (SSE) or not."""
+        return await generate(request, parse_chat_request, lambda backend, req, rid: backend.prepare(req, rid),
+                              "chatcmpl", completion_chunks, collect_completion)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema("CompletionRequest"))
+    async def completions(request: Request):
+        """Legacy prompt completion: one prompt (text or token ids), n, logprobs, echo, streamed or not."""
+        echo: list[str | None] = [None]
+
+        async def prepare(backend, req: CompletionRequest, request_id: str) -> ChatJob:
+            if not hasattr(backend, "prepare_completion"):
+                raise bad_request(f"model {req.model!r} does not serve legacy completions", "model")
+            if req.suffix:
+                raise bad_request("suffix is not supported", "suffix")
+            if req.echo and req.logprobs is not None:
+                raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+            job = await backend.prepare_completion(req, request_id)
+            if req.echo:
+                echo[0] = req.prompt if isinstance(req.prompt, str) else \
+                    await asyncio.to_thread(backend.detokenize, req.prompt)
+            return job
+
+        return await generate(request, lambda payload: validate(CompletionRequest, payload), prepare, "cmpl",
+                              lambda *a: text_chunks(*a, echo[0]), lambda *a: collect_text(*a, echo[0]))
+
+    @app.post("/tokenize", openapi_extra=_body_schema("TokenizeRequest"))
+    async def tokenize(request: Request):
+        """Token ids of a text, or of a conversation rendered by the model's chat template."""
+        principal = await principal_of(request)
+        req = validate(TokenizeRequest, await _read_json(request, config.server.max_body_bytes))
+        backend = tokenizer_backend(principal, req.model)
+        ids = await asyncio.to_thread(backend.tokenize, req)
+        return {"tokens": ids, "count": len(ids), "max_model_len": backend.context_len}
+
+    @app.post("/detokenize", openapi_extra=_body_schema("DetokenizeRequest"))
+    async def detokenize(request: Request):
+        """The text of a list of token ids."""
+        principal = await principal_of(request)
+        req = validate(DetokenizeRequest, await _read_json(request, config.server.max_body_bytes))
+        backend = tokenizer_backend(principal, req.model)
+        return {"prompt": await asyncio.to_thread(backend.detokenize, req.tokens)}
+
+    def tokenizer_backend(principal: Principal, model: str):
+        backend = backends.get(model)
+        if backend is None:
+            raise unknown_model(model)
+        if not principal.may_use(model):  # tokenizing costs nothing: no balance check
+            raise APIError(403, f"this API key may not use model {model!r}", "model", "model_not_allowed")
+        if not hasattr(backend, "tokenize"):
+            raise bad_request(f"model {model!r} does not expose its tokenizer", "model")
+        return backend
+
+    async def generate(request: Request, parse, prepare, id_prefix: str, chunks, collect):
+        """One generation request, chat or legacy: validate, admit, prepare, then stream or collect.
+        `chunks`/`collect` frame the backend's chunk stream (backend, job, metrics, timing)."""
         arrival = time.perf_counter()
         principal = await principal_of(request)
         payload = await _read_json(request, config.server.max_body_bytes)
@@ -101,13 +220,13 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         named = payload.get("model") if isinstance(payload, dict) else None
         counted_model = named if isinstance(named, str) and named in backends else None
         try:
-            req = parse_chat_request(payload)
+            req = parse(payload)
             backend = backends.get(req.model)
             if backend is None:
                 raise unknown_model(req.model)
             request.state.model = req.model
             platform.authorize(principal, req.model)
-            request_id = f"chatcmpl-{request.state.trace_id}"
+            request_id = f"{id_prefix}-{request.state.trace_id}"
             if backend.overloaded or not admission.try_enter(req.model):
                 raise APIError(503, f"model {req.model!r} is overloaded; retry later", code="overloaded",
                                headers={"Retry-After": "1"})
@@ -119,7 +238,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         # Admitted: from here every way out releases the slot exactly once.
         release = _once(lambda: admission.leave(req.model))
         try:
-            job = await backend.prepare(req, request_id)
+            job = await prepare(backend, req, request_id)
             ticket = await platform.admit(principal, req.model, job.prompt_tokens, job.max_completion_tokens)
         except BaseException as e:
             release()
@@ -131,6 +250,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
                 raise err from None
             raise
         timing = Timing(arrival)
+        tally.start(job)
         try:
             await backend.open(job)
         except BaseException as e:
@@ -141,12 +261,12 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
                 raise
             raise err from None
         if req.stream:
-            return AdmittedStreamingResponse(_stream(backend, job, ticket, request, timing), release,
-                                             media_type="text/event-stream",
+            body_stream = _stream(chunks(backend, job, metrics, timing), job, ticket, request, timing)
+            return AdmittedStreamingResponse(body_stream, release, media_type="text/event-stream",
                                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         status = 200
         try:
-            body = await _unless_disconnected(request, collect_completion(backend, job, metrics, timing))
+            body = await _unless_disconnected(request, collect(backend, job, metrics, timing))
         except Exception as e:
             err = as_api_error(e)
             status = err.status
@@ -159,10 +279,11 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
             finished(job, ticket, request, timing, status)
         return body
 
-    async def _stream(backend: Backend, job: ChatJob, ticket: Ticket, request: Request, timing: Timing):
+    async def _stream(chunks: AsyncIterator[dict], job: ChatJob, ticket: Ticket, request: Request,
+                      timing: Timing):
         status = 200
         try:
-            async for chunk in completion_chunks(backend, job, metrics, timing):
+            async for chunk in chunks:
                 yield sse(chunk)
         except Exception as e:  # after the 200: one error event, then [DONE]
             err = as_api_error(e)
@@ -185,9 +306,39 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         request.state.final_status = status  # a stream's 200 went out first; the log wants how it ended
         platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status,
                         (time.perf_counter() - timing.arrival) * 1000, timing.ttft_ms, request.state.trace_id)
+        tally.finish(job)
+        request.state.prompt_tokens = job.prompt_tokens
+        request.state.completion_tokens = job.completion_tokens
+        request.state.timing = timing
 
     app.include_router(admin_router(platform))
     return app
+
+
+# The request bodies the routes validate themselves (they read raw JSON to answer every mistake in
+# the API's own error shape), published in the OpenAPI document so /docs shows the real schema.
+_DOCUMENTED_BODIES = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+
+
+def _body_schema(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        from pydantic.json_schema import models_json_schema
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in _DOCUMENTED_BODIES],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def as_api_error(exc: BaseException) -> APIError:
@@ -251,13 +402,36 @@ class AdmittedStreamingResponse(StreamingResponse):
                 self._release()
 
 
+class LoadingGate:
+    """While the models load, the API answers 503 `loading` with Retry-After (probes, /metrics
+    and the docs still answer). Pure ASGI, in front of routing and auth."""
+
+    GATED = ("/v1/", "/tokenize", "/detokenize")
+
+    def __init__(self, app, lifecycle: Lifecycle):
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self.lifecycle.ready and scope["path"].startswith(self.GATED):
+            if self.lifecycle.phase == "loading":
+                loaded, total = len(self.lifecycle.loaded), self.lifecycle.total_models
+                err = APIError(503, f"the server is loading its models ({loaded}/{total} ready); retry shortly",
+                               code="model_loading", headers={"Retry-After": "5"})
+            else:
+                err = APIError(503, "the server failed to load its models", code="engine_unavailable")
+            return await err.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class TraceMiddleware:
     """Trace id headers on every response, a 500 in the API's shape for anything unhandled, and
-    one access-log line per request. Pure ASGI, so streamed responses and client disconnects
-    pass through untouched."""
+    one access-log line per request (probes only when asked). Pure ASGI, so streamed responses
+    and client disconnects pass through untouched."""
 
-    def __init__(self, app):
+    def __init__(self, app, log_probes: bool = False):
         self.app = app
+        self.log_probes = log_probes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -284,11 +458,27 @@ class TraceMiddleware:
                 await APIError(500, "internal server error", code="internal_error").response()(
                     scope, receive, send_with_trace)
         finally:
-            # One line per request: id, route, model, status, tokens, latency (never the prompt).
-            access_log.info("%s %s %s model=%s status=%s tokens=%s latency_ms=%.1f", trace_id, scope["method"],
-                            scope["path"], state.get("model"), state.get("final_status", status["code"]),
-                            state.get("tokens"),
-                            (time.perf_counter() - start) * 1000)
+            if self.log_probes or scope["path"] not in PROBE_PATHS:
+                # a stream's 200 went out first; the log wants how it ended
+                final = state.get("final_status", status["code"])
+                _log_request(scope, state, final, trace_id, time.perf_counter() - start)
+
+
+def _log_request(scope, state: dict, status: int | None, trace_id: str, latency_s: float) -> None:
+    """One line per request: route, status, model, tokens, time to first token, decode speed,
+    latency, id (never the prompt)."""
+    fields = {"method": scope["method"], "path": scope["path"], "status": status, "model": state.get("model"),
+              "prompt_tokens": state.get("prompt_tokens"), "completion_tokens": state.get("completion_tokens")}
+    timing = state.get("timing")
+    if timing is not None and timing.first_token is not None:
+        fields["ttft_ms"] = round(timing.ttft_ms, 1)
+        decode_s = (timing.last or timing.first_token) - timing.first_token
+        completion = fields["completion_tokens"] or 0
+        if completion > 1 and decode_s > 0:
+            fields["tok_per_s"] = round((completion - 1) / decode_s, 1)
+    fields["latency_ms"] = round(latency_s * 1000, 1)
+    fields["request_id"] = trace_id
+    access_log.info(access_line(fields), extra={"fields": fields})
 
 
 # Bodies above this are decoded on a worker thread: parsing megabytes would stall the event loop.

@@ -1,60 +1,178 @@
-"""`lmserve serve`: load every deployment (failing fast on a bad one), then run uvicorn."""
+"""`lmserve serve`: bind the port, then load every deployment while the port answers
+`503 loading`, then serve.
+
+Binding first means a port in use fails in a second instead of after the models load, and an
+orchestrator can probe /health (liveness) from the start. Models load on a worker thread; uvicorn
+runs on the main thread (it owns the signal handlers)."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 import sys
+import threading
+import time
 
-from lmserve.config import ConfigError, DeploymentConfig
+from lmserve.config import DeploymentConfig
+
+log = logging.getLogger("lmserve.server")
+
+
+class PortInUse(OSError):
+    pass
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or PortInUse / OSError with a message for a human."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(f"port {port} on {host} is already in use (another lmserve?); "
+                            "stop it or pick another port with --port") from None
+        if e.errno == errno.EACCES:
+            raise OSError(f"no permission to bind port {port} on {host} (ports below 1024 need root)") from None
+        raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    return sock
 
 
 def serve(config: DeploymentConfig) -> int:
+    server = config.server
+    try:
+        sock = bind(server.host, server.port)  # before any heavy import: a busy port fails at once
+    except OSError as e:
+        print(f"lmserve serve: {e}", file=sys.stderr, flush=True)
+        return 1
+
     import uvicorn
 
-    from lmserve.backends.base import Backend
-    from lmserve.backends.local import LocalBackend
-    from lmserve.backends.upstream import UpstreamBackend
     from lmserve.platform.service import Platform
     from lmserve.server.app import create_app
+    from lmserve.server.lifecycle import Lifecycle
+    from lmserve.server.logs import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The database first: a wrong URL fails in a second, not after the models have loaded.
+    setup_logging(server.log_level, server.log_format)
+    # The database next: a wrong URL fails in a second, not after the models have loaded.
     platform = Platform(config.platform, {d.id: d for d in config.models}, config.server.api_keys)
-    print(f"platform database: {_redacted(config.platform.db_url)}", file=sys.stderr, flush=True)
+    log.info("platform database: %s", _redacted(config.platform.db_url))
     try:
         platform.start()
     except Exception as e:  # a wrong URL, a server that is down: one line, exit 2
+        sock.close()
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = "Redis" if type(e).__module__.startswith("redis") else "the platform database"
-        raise ConfigError(f"cannot use {what}: {reason}") from None
-    backends: dict[str, Backend] = {}
-    for deployment in config.models:
-        if deployment.upstream:
-            print(f"{deployment.id}: upstream {', '.join(deployment.upstream['base_urls'])}", file=sys.stderr)
-            backends[deployment.id] = UpstreamBackend(deployment, config.defaults, config.server.max_n)
-            continue
-        print(f"loading {deployment.id} from {deployment.path} ...", file=sys.stderr, flush=True)
-        backends[deployment.id] = LocalBackend(deployment, config.defaults, config.server.max_n)
-    app = create_app(config, backends, platform)
+        print(f"lmserve serve: cannot use {what}: {reason}", file=sys.stderr, flush=True)
+        return 2
 
+    backends: dict = {}
+    lifecycle = Lifecycle(total_models=len(config.models))
+    app = create_app(config, backends, platform, lifecycle)
+    uv = uvicorn.Server(uvicorn.Config(app, log_level=server.log_level if server.log_level != "info" else "warning",
+                                       access_log=False, log_config=None))
+    log.info("listening on http://%s:%d (503 loading until the models are ready)", server.host, server.port)
+    loader = threading.Thread(target=_load_all, args=(config, backends, lifecycle, uv), name="lmserve-loader",
+                              daemon=True)
+    loader.start()
+    interrupted = None
+    try:
+        uv.run(sockets=[sock])
+    except KeyboardInterrupt as e:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        interrupted = e
+    finally:
+        for backend in list(backends.values()):
+            if hasattr(backend, "shutdown"):
+                backend.shutdown()  # the engine threads, also when uvicorn never started
+        sock.close()
+    if lifecycle.phase == "failed":
+        print(f"lmserve serve: {lifecycle.error}", file=sys.stderr, flush=True)
+        return 2
+    if lifecycle.phase == "loading":
+        # Stopped (Ctrl-C, SIGTERM) while a model was still loading: one line, and no waiting
+        # for the load itself, which cannot be interrupted.
+        print("lmserve serve: stopped while loading", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+    if interrupted is not None:
+        raise interrupted
+    return 0
+
+
+def _load_all(config: DeploymentConfig, backends: dict, lifecycle, uv) -> None:
+    from lmserve.backends.local import LocalBackend
+    from lmserve.backends.upstream import UpstreamBackend
+
+    loaded = {}
+    try:
+        for i, deployment in enumerate(config.models, 1):
+            t0 = time.monotonic()
+            if deployment.upstream:
+                log.info("model %d/%d: %s via upstream %s", i, len(config.models), deployment.id,
+                         ", ".join(deployment.upstream["base_urls"]))
+                loaded[deployment.id] = UpstreamBackend(deployment, config.generation_defaults(deployment),
+                                                        config.server.max_n)
+                lifecycle.loaded.append(deployment.id)
+                continue
+            log.info("loading model %d/%d: %s from %s", i, len(config.models), deployment.id, deployment.source)
+            backend = LocalBackend(deployment, config.generation_defaults(deployment), config.server.max_n)
+            backend.defaults = config.generation_defaults(deployment, backend.checkpoint_generation_config())
+            loaded[deployment.id] = backend
+            lifecycle.loaded.append(deployment.id)
+            engine = backend.engine
+            log.info("model %s ready in %.1fs (%s, %s, context %d tokens, KV cache %d blocks)", deployment.id,
+                     time.monotonic() - t0, engine.dtype, engine.device, backend.context_len, engine.num_blocks)
+    except BaseException as e:  # noqa: BLE001 - any load failure stops the server with its message
+        for backend in loaded.values():
+            if hasattr(backend, "shutdown"):
+                backend.shutdown()
+        lifecycle.error = _load_error(deployment, e)
+        lifecycle.phase = "failed"
+        uv.should_exit = True
+        return
+    backends.update(loaded)
+    lifecycle.phase = "ready"
+    log.info("ready in %.1fs", time.monotonic() - lifecycle.started)
+    print(banner(config), file=sys.stderr, flush=True)
+
+
+def _load_error(deployment, exc: BaseException) -> str:
+    from lmserve.models.loader import CheckpointError
+
+    if isinstance(exc, CheckpointError):
+        return str(exc)
+    if isinstance(exc, (ValueError, TypeError, NotImplementedError, OSError)):
+        return f"cannot load model {deployment.id!r} from {deployment.source}: {exc}"
+    log.error("loading %s failed", deployment.id, exc_info=exc)
+    return f"cannot load model {deployment.id!r} from {deployment.source}: {type(exc).__name__}: {exc}"
+
+
+def banner(config: DeploymentConfig) -> str:
     server = config.server
-    base = f"http://{server.host}:{server.port}/v1"
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    base = f"http://{host}:{server.port}/v1"
     key = server.api_keys[0]
     first_model = config.models[0].id
-    origin = "generated for this run" if server.generated_key else "from config/LMSERVE_API_KEYS"
-    print(f"\nlmserve: serving {', '.join(backends)}\n  base URL: {base}\n  API key:  {key}  ({origin})\n"
-          f"  try:\n    curl {base}/chat/completions -H 'Authorization: Bearer {key}' "
-          f"-H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{first_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
-          f"  metered keys for others: lmserve keys create --account NAME  (with this server's --config)\n",
-          file=sys.stderr, flush=True)
-    try:
-        uvicorn.run(app, host=server.host, port=server.port, log_level="warning", access_log=False)
-    finally:
-        for backend in backends.values():
-            if isinstance(backend, LocalBackend):
-                backend.shutdown()  # the engine threads, also when uvicorn never started
-    return 0
+    if server.generated_key:
+        origin = ("generated for this run; pin one with --api-key KEY or LMSERVE_API_KEYS=KEY "
+                  "(or server.api_keys in the config)")
+    else:
+        origin = "from the config, --api-key or LMSERVE_API_KEYS"
+    return (f"\nlmserve: serving {', '.join(m.id for m in config.models)}\n  base URL: {base}\n"
+            f"  API key:  {key}  ({origin})\n"
+            f"  try:\n    curl {base}/chat/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{first_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+            f"  metered keys for others: lmserve keys create --account NAME  (with this server's --config)\n")
 
 
 def _redacted(url: str) -> str:
