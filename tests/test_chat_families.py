@@ -259,6 +259,7 @@ REMOTE_CODE_FAMILIES = {"tiny-glm4": _glm4, "tiny-chatglm3": _chatglm3, "tiny-in
                         "tiny-telechat2": _telechat2}
 # The same families scripted to write one get_weather call in their own format.
 CALLERS = {f"{name}-caller": build for name, build in REMOTE_CODE_FAMILIES.items()}
+CALLERS["tiny-deepseek-v2.5-caller"] = lambda directory, caller: _deepseek_v2_5(directory, caller)
 
 
 DEEPSEEK_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
@@ -267,13 +268,19 @@ DEEPSEEK_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence�
                      "<｜tool▁output▁end｜>"]
 
 
-def _deepseek_v2_5(directory: Path):
+def _deepseek_v2_5(directory: Path, caller: bool = False):
     """DeepSeek-V2.5's template and markers; every marker flagged special (the strictest case for
-    decoding). config.json's eos is begin-of-sentence, so only the family's end of turn stops."""
+    decoding). config.json's eos is begin-of-sentence, so only the family's end of turn stops.
+    The plain model's logits are all zero (greedy picks id 0, end of sentence); the caller writes
+    one get_weather call in V2.5's format, scripted as the remote-code callers above are."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     tok = _tokenizer(directory, DEEPSEEK_SPECIALS, (DATA / "deepseek_v2_5_chat_template.jinja").read_text(),
                      bos_token="<｜begin▁of▁sentence｜>", additional_special_tokens=DEEPSEEK_SPECIALS[2:])
+    arguments = "get_weather\n```json\n" + json.dumps(CALL_ARGS) + "\n```"
+    if caller:
+        tok.add_tokens(["function", arguments])  # whole pieces of the call, as single tokens
+        tok.save_pretrained(directory)
     config = DeepseekV2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
                               qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
@@ -281,7 +288,17 @@ def _deepseek_v2_5(directory: Path):
                               max_position_embeddings=1024, bos_token_id=1, eos_token_id=1)
     model = DeepseekV2ForCausalLM(config)
     with torch.no_grad():
-        model.model.norm.weight.zero_()
+        if caller:
+            script = tok.convert_tokens_to_ids(["<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>",
+                                                "function", "<｜tool▁sep｜>", arguments, "<｜tool▁call▁end｜>",
+                                                "<｜tool▁calls▁end｜>"])
+            shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+            weights = _weights(shapes, "model.embed_tokens.weight", "lm_head.weight",
+                               tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>"), script)
+            weights.update({n: torch.zeros(shape) for n, shape in shapes.items() if "o_proj." in n})
+            model.load_state_dict(weights)
+        else:
+            model.model.norm.weight.zero_()
     model.save_pretrained(directory)
     return tok
 
@@ -478,8 +495,9 @@ def test_deepseek_v2_5_tool_call_markers_survive_decoding(family_server):
 def test_tool_calls_in_each_family_format_come_back_as_tool_calls_streamed_and_not(family_server, model):
     """The caller writes one get_weather call in its family's own format (GLM-4: the name line and
     JSON after <|assistant|>; ChatGLM3: the name line and a python tool_call(...) block;
-    InternLM2.5: an <|action_start|><|plugin|> block; TeleChat2: a <tool_call> block) and ends its
-    turn: with tools that is a tool call, without tools it is text."""
+    InternLM2.5: an <|action_start|><|plugin|> block; TeleChat2: a <tool_call> block; DeepSeek-V2.5:
+    a <｜tool▁calls▁begin｜> section) and ends its turn: with tools that is a tool call, without tools
+    it is text."""
     client, _ = family_server
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     r = client.chat.completions.create(model=model, messages=messages, tools=[TOOL], max_tokens=10, temperature=0)
