@@ -247,7 +247,7 @@ class DeploymentConfig(_Section):
 # Flags that set engine/model fields of every deployment (flag name -> where it goes).
 _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
-                "max_num_seqs": ("engine", "max_num_seqs")}
+                "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization")}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format")
 
 
@@ -256,7 +256,7 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
     """The file (if any) with the command-line flags applied on top, validated as a whole.
 
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
-    max_model_len, kv_cache_memory, max_num_seqs, chat_template (applied to every deployment),
+    max_model_len, kv_cache_memory, max_num_seqs, quantization, chat_template (applied to every deployment),
     log_level, log_format (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"

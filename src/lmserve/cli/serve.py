@@ -68,7 +68,7 @@ def register(sub) -> None:
     model = serve.add_argument_group("model")
     model.add_argument("--model", action="append", metavar="PATH_OR_ID",
                        help="deploy this checkpoint directory, .gguf file or Hugging Face id found in the "
-                            "local cache (repeatable)")
+                            "local cache (repeatable); ID=PATH serves local weights under a catalog id")
     model.add_argument("--served-model-name", metavar="NAME",
                        help="the model id clients send (default: what --model says)")
     model.add_argument("--dtype", choices=DTYPES, help="compute dtype (default auto)")
@@ -82,6 +82,8 @@ def register(sub) -> None:
                         help="KV cache size, e.g. 2GiB (default 1GiB on CPU, 85%% of free memory on GPU)")
     engine.add_argument("--max-num-seqs", type=_positive, metavar="N",
                         help="most sequences decoded together (default 256)")
+    engine.add_argument("--quantization", choices=["none", "int8", "int4"],
+                        help="weight-only quantization on CPU (default none)")
 
     logs = serve.add_argument_group("logging")
     logs.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
             args.config, args.model, args.host, args.port, api_keys=args.api_keys, cors_origins=args.cors_origins,
             data_dir=args.data_dir, served_model_name=args.served_model_name, dtype=args.dtype,
             chat_template=args.chat_template, max_model_len=args.max_model_len,
-            kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, log_level=args.log_level,
+            kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
+            log_level=args.log_level,
             log_format=args.log_format)
     except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)
