@@ -196,6 +196,12 @@ class ServerSettings(_Section):
     log_format: LogFormat = "text"
     log_health_probes: bool = False  # /health, /ready, /live and /metrics in the request log
     stats_interval_s: Annotated[float, Field(ge=0.0)] = 10.0  # stats line while busy; 0: off
+    # Connection hygiene (docs/operations.md): request heads larger than this are refused, and a
+    # connection that has not sent a whole request head within header_timeout_s is closed.
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
+    header_timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
+    # SIGTERM/SIGINT: requests in flight get this long to finish before they are ended.
+    shutdown_grace_s: Annotated[float, Field(ge=0.0)] = 30.0
     _generated_key: bool = PrivateAttr(False)
 
     @property

@@ -25,6 +25,7 @@ LIMITED_MODEL = "test/SmolLM2-one-at-a-time"  # max_pending_requests: 1, for the
 ALL_MODELS = [MODEL, PRO_MODEL, LIMITED_MODEL]
 PRO_MAX_MODEL_LEN = 256
 MAX_BODY_BYTES = 4 * 1024 * 1024
+HEADER_TIMEOUT_S = 2  # connections without a whole request head after this are closed
 STARTUP_TIMEOUT_S = 180.0
 CORS_ORIGIN = "http://ui.example"
 
@@ -34,6 +35,7 @@ server:
   max_body_bytes: {MAX_BODY_BYTES}
   cors_origins: ["{CORS_ORIGIN}"]
   stats_interval_s: 1
+  header_timeout_s: {HEADER_TIMEOUT_S}
 defaults:
   max_tokens: 512
   temperature: 0.7

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 
@@ -15,6 +16,7 @@ import pytest
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LIMITED = "test/SmolLM2-one-at-a-time"  # max_pending_requests: 1
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+HEADER_TIMEOUT_S = 2  # the test server's header_timeout_s
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 
 
@@ -269,3 +271,60 @@ def test_logprob_bytes_rebuild_the_text(api):
     for e in entries:
         for alt in [e, *e["top_logprobs"]]:
             assert all(0 <= b < 256 for b in alt["bytes"])
+
+
+# --- connection hygiene -------------------------------------------------------------------------
+
+
+def _raw_request(server, head: bytes, pieces: int = 1) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        step = -(-len(head) // pieces)
+        for k in range(0, len(head), step):
+            try:
+                sock.sendall(head[k:k + step])
+            except (BrokenPipeError, ConnectionResetError):
+                break  # refused before the head was complete: read what the server said
+            if pieces > 1:
+                time.sleep(0.002)
+        reply = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            reply += data
+            if b"\r\n\r\n" in reply and len(reply) > 200:
+                break
+        return reply
+
+
+@pytest.mark.parametrize("pieces", [1, 200], ids=["one-write", "in-pieces"])
+def test_oversized_headers_are_refused_however_they_arrive(server, pieces):
+    head = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    reply = _raw_request(server, head, pieces)
+    status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
+    assert status in (400, 431), reply[:300]
+
+
+def test_silent_and_half_sent_connections_are_closed(server):
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    half = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(10)]
+    for s in half:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: app")
+    opened = time.monotonic()
+    try:
+        for s in silent + half:
+            s.settimeout(max(0.1, HEADER_TIMEOUT_S + 3 - (time.monotonic() - opened)))
+            try:
+                assert s.recv(1024) == b"", "the server sent data on a connection without a request"
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail(f"a connection was still open {time.monotonic() - opened:.1f} s after it was made")
+    finally:
+        for s in silent + half:
+            s.close()
+    # and the server is fine
+    assert httpx.get(f"{server.url}/health").status_code == 200

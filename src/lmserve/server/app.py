@@ -43,6 +43,7 @@ from lmserve.server.errors import APIError, bad_request, unknown_model
 from lmserve.server.lifecycle import Lifecycle
 from lmserve.server.logs import PROBE_PATHS, TokenTally, access_line, stats_loop
 from lmserve.server.metrics import Metrics
+from lmserve.server.shutdown import Drain
 
 log = logging.getLogger("lmserve.server")
 access_log = logging.getLogger("lmserve.access")
@@ -76,7 +77,8 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     if server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id", "x-siliconcloud-trace-id"])
-    app.add_middleware(TraceMiddleware, log_probes=server.log_health_probes)
+    app.add_middleware(TraceMiddleware, log_probes=server.log_health_probes, max_header_bytes=server.max_header_bytes)
+    drain = app.state.drain = Drain()
     metrics = Metrics(backends)
     admission = Admission({m.id: m.max_pending_requests for m in config.models})
     app.state.admission = admission
@@ -113,6 +115,8 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
             return JSONResponse(lifecycle.loading_body(), status_code=503, headers={"Retry-After": "5"})
         if lifecycle.phase == "failed":
             return JSONResponse({"status": "failed"}, status_code=503)
+        if drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         dead = dead_models()
         if dead:
             return JSONResponse({"status": "unhealthy", "dead_models": dead}, status_code=503)
@@ -215,6 +219,8 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         `chunks`/`collect` frame the backend's chunk stream (backend, job, metrics, timing)."""
         arrival = time.perf_counter()
         principal = await principal_of(request)
+        if drain.draining:
+            raise _shutting_down()
         payload = await _read_json(request, config.server.max_body_bytes)
         # Rejections count by status too, under the model id when it names a deployed model.
         named = payload.get("model") if isinstance(payload, dict) else None
@@ -261,12 +267,13 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
                 raise
             raise err from None
         if req.stream:
-            body_stream = _stream(chunks(backend, job, metrics, timing), job, ticket, request, timing)
+            body_stream = _stream(_until_stopped(chunks(backend, job, metrics, timing), drain.stop), job, ticket,
+                                  request, timing)
             return AdmittedStreamingResponse(body_stream, release, media_type="text/event-stream",
                                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         status = 200
         try:
-            body = await _unless_disconnected(request, collect(backend, job, metrics, timing))
+            body = await _unless_disconnected(request, collect(backend, job, metrics, timing), drain.stop)
         except Exception as e:
             err = as_api_error(e)
             status = err.status
@@ -354,21 +361,59 @@ def as_api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
 
-async def _unless_disconnected(request: Request, work):
-    """Run `work`, cancelling it if the client goes away first: its KV blocks are then freed
-    instead of finishing a completion nobody will read."""
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down",
+                    headers={"Retry-After": "1"})
+
+
+async def _unless_disconnected(request: Request, work, stop: asyncio.Event):
+    """Run `work`, cancelling it if the client goes away first (its KV blocks are then freed
+    instead of finishing a completion nobody will read) or when shutdown ends it."""
     task = asyncio.ensure_future(work)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
                 return task.result()
+            if stop.is_set():
+                task.cancel()
+                raise _shutting_down()
             if await request.is_disconnected():
                 task.cancel()
                 raise APIError(499, "client closed the request", code="client_closed_request")
     finally:
         if not task.done():
             task.cancel()
+
+
+async def _until_stopped(chunks, stop: asyncio.Event):
+    """The chunks, until shutdown says stop: then the pending step is cancelled (which aborts the
+    request in its backend) and the stream ends with the shutdown error."""
+
+    async def next_chunk():
+        return await chunks.__anext__()
+
+    stopped = asyncio.ensure_future(stop.wait())
+    step = None
+    try:
+        while True:
+            step = asyncio.ensure_future(next_chunk())
+            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise _shutting_down()
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        # Shutdown, or the client left (this generator is cancelled or closed): stop the pending
+        # step first (a generator cannot be closed while a step of it runs), then close it.
+        stopped.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+        await chunks.aclose()
 
 
 def _once(fn):
@@ -429,13 +474,20 @@ class TraceMiddleware:
     one access-log line per request (probes only when asked). Pure ASGI, so streamed responses
     and client disconnects pass through untouched."""
 
-    def __init__(self, app, log_probes: bool = False):
+    def __init__(self, app, log_probes: bool = False, max_header_bytes: int = 16 * 1024):
         self.app = app
         self.log_probes = log_probes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # h11 bounds a head that arrives in pieces; one that arrived in a single read is checked here.
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope.get("headers") or [])
+        if head > self.max_header_bytes:
+            return await APIError(431, f"request headers are larger than {self.max_header_bytes} bytes",
+                                  code="request_header_fields_too_large").response()(scope, receive, send)
         trace_id = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["trace_id"] = trace_id

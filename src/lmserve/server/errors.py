@@ -13,6 +13,7 @@ PLATFORM_CODES = {400: 20015, 401: 20001, 403: 20003, 404: 20004, 405: 20005, 41
                   500: 50000, 502: 50002, 503: 50003, 504: 50004}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+               431: "invalid_request_error",
                429: "rate_limit_error", 500: "internal_error", 502: "upstream_error", 503: "overloaded_error",
                504: "timeout_error"}
 

@@ -55,12 +55,11 @@ def serve(config: DeploymentConfig) -> int:
         print(f"lmserve serve: {e}", file=sys.stderr, flush=True)
         return 1
 
-    import uvicorn
-
     from lmserve.platform.service import Platform
     from lmserve.server.app import create_app
     from lmserve.server.lifecycle import Lifecycle
     from lmserve.server.logs import setup_logging
+    from lmserve.server.shutdown import draining_server
 
     setup_logging(server.log_level, server.log_format)
     # The database next: a wrong URL fails in a second, not after the models have loaded.
@@ -78,8 +77,9 @@ def serve(config: DeploymentConfig) -> int:
     backends: dict = {}
     lifecycle = Lifecycle(total_models=len(config.models))
     app = create_app(config, backends, platform, lifecycle)
-    uv = uvicorn.Server(uvicorn.Config(app, log_level=server.log_level if server.log_level != "info" else "warning",
-                                       access_log=False, log_config=None))
+    # SIGTERM/SIGINT drain the server (lmserve.server.shutdown); it then returns normally.
+    uv = draining_server(app, server, log_level=server.log_level if server.log_level != "info" else "warning",
+                         access_log=False, log_config=None)
     log.info("listening on http://%s:%d (503 loading until the models are ready)", server.host, server.port)
     loader = threading.Thread(target=_load_all, args=(config, backends, lifecycle, uv), name="lmserve-loader",
                               daemon=True)
