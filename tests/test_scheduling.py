@@ -139,3 +139,45 @@ def test_running_set_respects_max_num_seqs_with_forks(make_llm):
     assert peak == 4  # the n=3 request and one other; the third waited
     with pytest.raises(InvalidParameter, match="max_num_seqs"):
         engine.add_request("n5", [1, 2, 3], SamplingParams(n=5))
+
+
+def test_long_prefill_shares_every_step(make_llm, alone):
+    """A long prompt is prefilled at most `long_prefill_token_threshold` tokens per step: a short
+    request that arrives meanwhile is prefilled in the next step and gets its first token while the
+    long prompt is still prefilling, and both give the tokens they give alone."""
+    llm = make_llm(long_prefill_token_threshold=48, enable_prefix_caching=False)
+    engine = llm.engine
+    story = " ".join(f"Paragraph {i}: the dragon baked bread in the old stone oven." for i in range(20))
+    long_ids = chat_ids(llm, "Summarize: " + story)
+    assert len(long_ids) > 4 * 48
+    engine.add_request("long", long_ids, GREEDY)
+    engine.step()
+    short = QUESTIONS[0]
+    assert len(chat_ids(llm, short)) <= 48
+    engine.add_request("short", chat_ids(llm, short), GREEDY)
+    tokens: dict[str, list[int]] = {}
+    first_token_step = {}
+    steps = 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        steps += 1
+        for out in outs:
+            for o in out.outputs:
+                if o.token_ids:
+                    first_token_step.setdefault(out.request_id, steps)
+                tokens.setdefault(out.request_id, []).extend(o.token_ids)
+    assert first_token_step["short"] == 1, "the short request waited for the long prefill"
+    assert first_token_step["long"] > 1
+    assert tokens["short"] == alone[short]
+    assert tokens["long"] == llm.generate([long_ids], GREEDY)[0].outputs[0].token_ids
+
+
+def test_prefill_chunks_never_exceed_the_threshold(make_llm):
+    llm = make_llm(long_prefill_token_threshold=40)
+    sched = llm.engine.scheduler
+    llm.engine.add_request("a", list(range(100, 400)), GREEDY)
+    llm.engine.add_request("b", list(range(500, 530)), GREEDY)
+    batch = sched.schedule()
+    assert [(s.request.request_id, n) for s, n in batch.prefills] == [("a", 40), ("b", 30)]
+    llm.engine.abort_request("a")
+    llm.engine.abort_request("b")

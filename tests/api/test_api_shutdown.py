@@ -13,7 +13,7 @@ import httpx
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 API_KEY = "sk-shutdown-test"
-GRACE_S = 1.5
+GRACE_S = 3.0
 CONFIG = f"""\
 server:
   api_keys: ["{API_KEY}"]
@@ -54,7 +54,7 @@ def test_sigterm_drains_then_ends_long_streams(tmp_path, servers):
     srv = servers.launch(tmp_path, CONFIG)
     try:
         long_streams = [Stream(srv.url, 1500) for _ in range(3)]
-        short = Stream(srv.url, 8)
+        short = Stream(srv.url, 4)
         for s in long_streams:
             s.start()
         for s in long_streams:

@@ -45,6 +45,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, 85% of free memory on GPU
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    # Most tokens one prompt's prefill takes per step, so decodes and short prompts share every
+    # step with a long prefill (0: a prefill may take the whole step).
+    long_prefill_token_threshold: int = 512
     max_model_len: int | None = None  # default: the model's own context
     enable_prefix_caching: bool = True
     device: str = "auto"
@@ -97,7 +100,8 @@ class LLMEngine:
         log.info("KV cache: %d blocks of %d tokens allocated in %.1fs", num_blocks, cfg.block_size,
                  time.perf_counter() - started)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.long_prefill_token_threshold)
         self.sampler = Sampler()
         self.max_model_len = min(cfg.max_model_len or self.model_config.context_length,
                                  self.model_config.context_length)

@@ -6,6 +6,11 @@ budget and the running-sequence cap allow. Decodes and prefill chunks of differe
 share one flattened batch. When the cache runs out of blocks, the most recently admitted
 sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed later (mostly from the prefix cache).
+
+No prefill chunk takes more than `long_prefill_token_threshold` tokens of a step (as vLLM's
+long-prefill threshold): a long prompt is prefilled over several steps, and in each one the
+decodes of running requests go on and waiting prompts get the rest of the budget, so a short
+request's first token does not wait for a long prompt's whole prefill.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Most tokens one prefill may take per step (0: no cap beyond the step's budget).
+        self.prefill_cap = long_prefill_token_threshold or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
@@ -69,7 +77,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.prefill_cap)
             while not self.bm.can_append(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
@@ -90,7 +98,7 @@ class Scheduler:
                 break
             if not seq.block_table:
                 self.bm.allocate_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.prefill_cap)
             if not self.bm.can_append(seq, n):
                 self.bm.free(seq)
                 seq.num_computed_tokens = 0
