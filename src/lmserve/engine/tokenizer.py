@@ -223,16 +223,26 @@ def token_bytes(tokenizer) -> list[bytes]:
     if callable(own):  # a tokenizer that knows its tokens' bytes (the tiktoken ones)
         tokenizer._lmserve_token_bytes = own()
         return tokenizer._lmserve_token_bytes
+    try:
+        table = _token_bytes_table(tokenizer)
+    except Exception:  # a tokenizer class of its own: decoded text, right except mid-character
+        table = [tokenizer.decode([i]).encode("utf-8") for i in range(len(tokenizer))]
+    tokenizer._lmserve_token_bytes = table
+    return table
+
+
+def _token_bytes_table(tokenizer) -> list[bytes]:
     size = len(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     added = set(tokenizer.get_added_vocab())
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     byte_level = _decoder_type(tokenizer) == "ByteLevel"
+    to_byte = {c: b for b, c in _byte_level_alphabet().items()} if byte_level else {}
     table: list[bytes] = []
-    if byte_level:
-        to_byte = {c: b for b, c in _byte_level_alphabet().items()}
     for piece in pieces:
-        if piece is None:
+        if not piece:
             table.append(b"")
+        elif isinstance(piece, bytes):
+            table.append(piece)
         elif piece in added:
             table.append(piece.encode("utf-8"))
         elif byte_level:
@@ -242,7 +252,6 @@ def token_bytes(tokenizer) -> list[bytes]:
             table.append(bytes([int(piece[3:5], 16)]))
         else:
             table.append(piece.replace("\u2581", " ").encode("utf-8"))
-    tokenizer._lmserve_token_bytes = table
     return table
 
 
