@@ -146,6 +146,7 @@ class EngineOptions(_Section):
     kv_cache_memory: Annotated[ByteSize, Field(ge=1 << 20)] | None = None  # bytes or "4GiB"
     max_num_seqs: Positive | None = None
     max_num_batched_tokens: Positive | None = None
+    long_prefill_token_threshold: Annotated[int, Field(ge=0)] | None = None  # 0: a prefill may take a whole step
     max_model_len: Positive | None = None
     enable_prefix_caching: bool | None = None
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] | None = None
