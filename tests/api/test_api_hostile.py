@@ -216,6 +216,11 @@ def test_huge_prompt_is_refused_without_blocking(server, api, checks):
         r = api.chat({"model": MODEL, "messages": [{"role": "user", "content": big}], "max_tokens": 1})
     body = checks.error_body(r, 400, "invalid_request_error", "messages")
     assert body["error"]["code"] == "context_length_exceeded"
+    with HealthWatchdog(server.url):  # the legacy API's raw prompt too
+        r = api.http.post("/v1/completions", json={"model": MODEL, "prompt": big, "max_tokens": 1},
+                          headers=api.headers())
+    body = checks.error_body(r, 400, "invalid_request_error", "prompt")
+    assert body["error"]["code"] == "context_length_exceeded"
 
 
 def test_concurrent_large_prompts_tokenize_without_blocking(server, api, checks):

@@ -120,6 +120,7 @@ class LocalBackend:
         if isinstance(req.prompt, str):
             if self.engine.tokenizer is None:
                 raise InvalidParameter("prompt", "this model has no tokenizer; send token ids")
+            self._reject_by_characters(len(req.prompt), "prompt")
             prompt_ids = await asyncio.to_thread(self.engine.encode, req.prompt, True)
             if not prompt_ids:
                 raise InvalidParameter("prompt", "the prompt is empty")
@@ -235,10 +236,13 @@ class LocalBackend:
         any template or tokenizer work: no token stands for more than `max_token_chars` characters."""
         chars = sum(len(m.get("content") or "") for m in messages)
         chars += sum(len(json.dumps(t, ensure_ascii=False)) for t in template_kwargs.get("tools") or [])
+        self._reject_by_characters(chars, "messages")
+
+    def _reject_by_characters(self, chars: int, param: str) -> None:
         least_tokens = chars // self._max_token_chars
         if least_tokens >= self.context_len:
-            raise ContextLengthExceeded("messages", f"the messages have {chars} characters, at least {least_tokens} "
-                                                    f"tokens; the model's context is {self.context_len} tokens")
+            raise ContextLengthExceeded(param, f"the {param} ({chars} characters) needs at least {least_tokens} "
+                                               f"tokens; the model's context is {self.context_len} tokens")
 
     def _encode_chat(self, messages: list[dict], template_kwargs: dict) -> list[int]:
         try:
