@@ -266,14 +266,14 @@ def build_telechat2(directory: Path):
 
 
 def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int = 1,
-                    mlp_only_layers: tuple[int, ...] = (1,)):
+                    mlp_only_layers: tuple[int, ...] = (1,), shared_size: int = 48):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     # 8 experts, top-3, a shared expert with its sigmoid gate, a dense layer in the middle.
     config = Qwen2MoeConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
-                            shared_expert_intermediate_size=48, norm_topk_prob=renormalize,
+                            shared_expert_intermediate_size=shared_size, norm_topk_prob=renormalize,
                             decoder_sparse_step=sparse_step, mlp_only_layers=list(mlp_only_layers),
                             rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                                              "original_max_position_embeddings": 32},
@@ -486,3 +486,17 @@ def test_decode_groups_pad_each_sequence_at_most_to_twice_its_blocks():
             assert g.block_tables[j, :len(tables[i])].tolist() == tables[i]
     assert sorted(seen) == [0, 1, 2, 3]
     assert len(_decode_groups([[1, 2], [3, 4]], torch.tensor([5, 6]), torch.float32, 4)) == 1
+
+
+def test_qwen2_moe_int4_keeps_the_shared_expert_gate_dense(tmp_path):
+    """int4 packs rows in 16s: the shared expert's one-row gate stays dense, the rest quantizes."""
+    build_qwen2_moe(tmp_path, shared_size=64)  # int4 groups inputs by 32
+    engine = LLMEngine(str(tmp_path), dtype="float32", num_kv_blocks=32, block_size=4, quantization="int4")
+    mlp = engine.model.layers[0].mlp
+    assert mlp.shared_expert_gate.weight is not None and mlp.shared_expert.down_proj.weight is None
+    engine.add_request("q", _BASE[:10], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.outputs[0].token_ids
+    assert len(tokens) == 6 and engine.num_free_blocks == engine.num_blocks

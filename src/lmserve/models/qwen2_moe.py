@@ -70,6 +70,9 @@ class Qwen2MoeDecoderLayer(nn.Module):
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     config_class = Qwen2MoeConfig
     layer_class = Qwen2MoeDecoderLayer
+    # The shared expert's gate has one output row: int4's packed layout needs 16k rows, and the
+    # layer is a single vector anyway.
+    dense_modules = ("shared_expert_gate",)
 
     def map_checkpoint_name(self, name: str):
         return map_expert_name(name) or super().map_checkpoint_name(name)
