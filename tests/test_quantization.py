@@ -92,3 +92,12 @@ def test_quantized_engine_serves_batched_and_stays_deterministic(quantized_engin
 def test_unknown_quantization_is_refused_before_loading():
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM(quantization="int3")
+
+
+def test_layers_the_kernels_cannot_take_stay_dense():
+    model = torch.nn.Sequential(Linear(40, 64), Linear(64, 24), Linear(64, 64))
+    assert quantize_model(model, "int8") == 2  # 40 inputs: not a multiple of 16
+    assert model[0].weight is not None and model[1].weight is None
+    model = torch.nn.Sequential(Linear(48, 64), Linear(64, 24), Linear(64, 64))
+    assert quantize_model(model, "int4") == 1  # 48 inputs: not whole groups of 32; 24 rows
+    assert model[2].weight is None and model[0].weight is not None and model[1].weight is not None

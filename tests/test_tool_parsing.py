@@ -251,3 +251,13 @@ def test_deepseek_v2_chat_replies_with_the_json_object_it_is_asked_for():
     assert calls == [] and "".join(streamed) + rest == '{"name": "nope", "arguments": {}}'
     streamed, rest, calls = _stream("deepseek_v2", ["Sunny ", "{today}"], plan)
     assert streamed == ["Sunny ", "{today}"] and calls == []
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "internlm2", "deepseek_v2"])
+def test_marker_formats_also_read_a_reply_that_is_one_json_object_call(fmt):
+    # What a model whose template renders no tools (Qwen2-Instruct) is asked to write.
+    streamed, rest, calls = _stream(fmt, ['{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}'],
+                                    plan_tools(_req()))
+    assert streamed == ["", ""] and rest == "" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    streamed, rest, calls = _stream(fmt, ['{"answer": ', '42}'], plan_tools(_req()))
+    assert calls == [] and "".join(streamed) + rest == '{"answer": 42}'

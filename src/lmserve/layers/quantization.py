@@ -30,6 +30,11 @@ KERNEL_DTYPE = torch.bfloat16
 
 
 class Int8LinearMethod(LinearMethod):
+    @staticmethod
+    def supports(layer: Linear) -> bool:
+        # The int8 kernel crashes the process (segfault) on inputs whose width is not a
+        # multiple of 16; such layers stay dense.
+        return layer.input_size % 16 == 0
     def process_weights_after_loading(self, layer: Linear) -> None:
         w = layer.weight.detach().float()
         # Round the scale to the dtype the kernel reads first, and the grid to that scale.
@@ -43,6 +48,10 @@ class Int8LinearMethod(LinearMethod):
 
 
 class Int4LinearMethod(LinearMethod):
+    @staticmethod
+    def supports(layer: Linear) -> bool:
+        # The packed int4 layout needs whole groups of inputs and rows in multiples of 16.
+        return layer.input_size % INT4_GROUP == 0 and layer.output_size % 16 == 0
     def process_weights_after_loading(self, layer: Linear) -> None:
         n, k = layer.weight.shape
         if k % INT4_GROUP:
@@ -81,8 +90,9 @@ _METHODS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod}
 
 
 def quantize_model(model: nn.Module, quantization: str, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Convert every loaded dense `Linear` (but the LM head) to the chosen method; returns how
-    many were converted. Weights shared with another module (a tied head) stay dense."""
+    """Convert every loaded dense `Linear` (but the LM head, and layers whose shape the kernel
+    cannot take) to the chosen method; returns how many were converted. Weights shared with
+    another module (a tied head) stay dense."""
     if quantization in (None, "none"):
         return 0
     if quantization not in _METHODS:
@@ -91,8 +101,10 @@ def quantize_model(model: nn.Module, quantization: str, skip: tuple[str, ...] = 
         raise ValueError(f"{quantization} weight-only quantization runs on the CPU only")
     converted = 0
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and not any(name == s or name.endswith("." + s) for s in skip):
-            module.quant_method = _METHODS[quantization]()
+        method = _METHODS[quantization]
+        if (isinstance(module, Linear) and not any(name == s or name.endswith("." + s) for s in skip)
+                and method.supports(module)):
+            module.quant_method = method()
             module.quant_method.process_weights_after_loading(module)
             converted += 1
     return converted

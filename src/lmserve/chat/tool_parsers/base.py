@@ -39,6 +39,19 @@ def make_call(value: Any, plan, index: int) -> dict[str, Any] | None:
             "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
+def parse_json_call(text: str, plan) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return make_call(value, plan, 0)
+
+
+def may_be_call(text: str) -> bool:
+    stripped = text.lstrip()
+    return not stripped or stripped.startswith("{")
+
+
 class MarkedCallsStream(ToolCallStream):
     """Formats where the calls begin at a marker, possibly after some prose (hermes'
     `<tool_call>`, InternLM2's `<|action_start|>`, DeepSeek's `<｜tool▁calls▁begin｜>`).
@@ -47,6 +60,10 @@ class MarkedCallsStream(ToolCallStream):
     marker waits for the next token. From the marker on, the rest is held and handed to
     `parse_calls` when the reply ends; a reply cut by max_tokens, or calls that do not parse,
     come back whole as content.
+
+    A reply that is one JSON object {"name", "arguments"} is a call too: it is what a model is
+    asked to write when its template renders no tools (Qwen2-Instruct, DeepSeek-V2-Chat), so
+    while the reply so far may still be one it is held back, as the JSON reader does.
     """
 
     opener: str
@@ -55,10 +72,17 @@ class MarkedCallsStream(ToolCallStream):
         super().__init__(plan)
         self.held = ""
         self.in_calls = False
+        self.maybe_json = True  # nothing but whitespace and "{..." so far
 
     def feed(self, text: str) -> str:
         self.held += text
-        return "" if self.in_calls else self._release()
+        if self.in_calls:
+            return ""
+        if self.maybe_json:
+            if may_be_call(self.held):
+                return ""
+            self.maybe_json = False
+        return self._release()
 
     def _release(self) -> str:
         start = self.held.find(self.opener)
@@ -72,6 +96,9 @@ class MarkedCallsStream(ToolCallStream):
 
     def finish(self, complete: bool):
         held, self.held = self.held, ""
+        if self.maybe_json and complete and held.strip():
+            call = parse_json_call(held.strip(), self.plan)
+            return ("", [call]) if call is not None else (held, [])
         if not (self.in_calls and complete):
             return held, []
         parsed = self.parse_calls(held)

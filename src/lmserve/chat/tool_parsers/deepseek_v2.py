@@ -23,7 +23,6 @@ import json
 import re
 
 from lmserve.chat.tool_parsers.base import MarkedCallsStream, make_call
-from lmserve.chat.tool_parsers.json_object import may_be_call, parse_json_call
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -59,26 +58,6 @@ def parse_calls(section: str, plan) -> list[dict] | None:
 
 class DeepseekV2ToolCallStream(MarkedCallsStream):
     opener = CALLS_BEGIN
-
-    def __init__(self, plan):
-        super().__init__(plan)
-        self.maybe_json = True  # nothing but whitespace and "{..." so far: may be a JSON object call
-
-    def feed(self, text: str) -> str:
-        if self.maybe_json:
-            self.held += text
-            if may_be_call(self.held):
-                return ""
-            self.maybe_json = False
-            text, self.held = self.held, ""
-        return super().feed(text)
-
-    def finish(self, complete: bool):
-        if self.maybe_json and complete and self.held.strip():
-            held, self.held = self.held, ""
-            call = parse_json_call(held.strip(), self.plan)
-            return ("", [call]) if call is not None else (held, [])
-        return super().finish(complete)
 
     def parse_calls(self, held: str):
         section = held[len(CALLS_BEGIN):]

@@ -6,23 +6,9 @@ it may still become such an object (empty, or starting with "{") and streamed on
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from lmserve.chat.tool_parsers.base import ToolCallStream, may_be_call, parse_json_call
 
-from lmserve.chat.tool_parsers.base import ToolCallStream, make_call
-
-
-def parse_json_call(text: str, plan) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return make_call(value, plan, 0)
-
-
-def may_be_call(text: str) -> bool:
-    stripped = text.lstrip()
-    return not stripped or stripped.startswith("{")
+__all__ = ["JsonToolCallStream", "may_be_call", "parse_json_call"]
 
 
 class JsonToolCallStream(ToolCallStream):
