@@ -32,8 +32,10 @@ class Stream(threading.Thread):
     def __init__(self, url: str, max_tokens: int):
         super().__init__(daemon=True)
         self.url = url
+        # ignore_eos: a long stream must outlast the grace period even on a fast machine, where
+        # the model could otherwise finish counting (and end with eos) inside it.
         self.body = {"model": MODEL, "messages": COUNT, "max_tokens": max_tokens, "temperature": 0,
-                     "frequency_penalty": 0, "stream": True}
+                     "frequency_penalty": 0, "stream": True, "ignore_eos": True}
         self.generating = threading.Event()
         self.events: list[str] = []
         self.status = None
