@@ -84,10 +84,20 @@ def terminal(server):
     t.close()
 
 
-def _last_prompt_tokens(server) -> int:
-    time.sleep(0.3)  # the request line is written once the response is over
-    lines = [line for line in server.output().splitlines() if "POST /v1/chat/completions" in line]
-    return int(lines[-1].split("prompt_tokens=")[1].split()[0])
+def _chat_log_lines(server) -> list[str]:
+    """The server's lines for answered chat requests (a reply stopped by Ctrl-C logs 499, and
+    may be logged late)."""
+    return [line for line in server.output().splitlines() if "POST /v1/chat/completions 200 " in line]
+
+
+def _next_prompt_tokens(server, seen: int) -> int:
+    """prompt_tokens of the first request logged after the first `seen` lines. The request line
+    is written once the response is over, which can come after the terminal shows the reply."""
+    deadline = time.monotonic() + 15
+    while len(lines := _chat_log_lines(server)) <= seen:
+        assert time.monotonic() < deadline, "the server never logged the request"
+        time.sleep(0.05)
+    return int(lines[seen].split("prompt_tokens=")[1].split()[0])
 
 
 def test_chat_streams_stops_keeps_history_and_exits(terminal, server):
@@ -106,18 +116,18 @@ def test_chat_streams_stops_keeps_history_and_exits(terminal, server):
     t.read_until("you> ", start=start)
 
     # Multi-line input between triple quotes, sent with the conversation so far.
-    mark = len(t.out)
+    mark, seen = len(t.out), len(_chat_log_lines(server))
     t.send('"""\nMy name is Ada.\nRemember it.\n"""\n')
     t.read_until("you> ", start=mark + 5)
-    with_history = _last_prompt_tokens(server)
+    with_history = _next_prompt_tokens(server, seen)
     assert with_history > 60
 
     t.send("/reset\n")
     t.read_until("(conversation cleared)")
-    mark = len(t.out)
+    mark, seen = len(t.out), len(_chat_log_lines(server))
     t.send("Hi\n")
     t.read_until("you> ", start=mark + 3)
-    assert _last_prompt_tokens(server) < 40
+    assert _next_prompt_tokens(server, seen) < 40
 
     t.send("/exit\n")
     assert t.wait() == 0
