@@ -236,7 +236,9 @@ def _token_bytes_table(tokenizer) -> list[bytes]:
     added = set(tokenizer.get_added_vocab())
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     byte_level = _decoder_type(tokenizer) == "ByteLevel"
-    to_byte = {c: b for b, c in _byte_level_alphabet().items()} if byte_level else {}
+    from lmserve.chat.family_tokenizers.tiktoken_tokenizer import byte_level_alphabet
+
+    to_byte = {c: b for b, c in byte_level_alphabet().items()} if byte_level else {}
     table: list[bytes] = []
     for piece in pieces:
         if not piece:
@@ -259,19 +261,6 @@ def max_token_chars(tokenizer) -> int:
     """The most characters one token can stand for: a text of N characters needs at least
     N / this many tokens, which rejects a hopeless prompt before tokenizing it."""
     return max(1, max((len(b) for b in token_bytes(tokenizer)), default=1))
-
-
-def _byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet: each byte as the printable character tokens spell it with."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
 
 
 def _decoder_type(tokenizer) -> str | None:
