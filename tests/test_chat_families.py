@@ -153,20 +153,7 @@ def _glm4(directory: Path, caller: bool = False):
     script = [tok.convert_tokens_to_ids(t) for t in ("<|assistant|>",)] + [
         tok.convert_tokens_to_ids("".join(spell[b] for b in t)) for t in call] + [
         tok.convert_tokens_to_ids("<|observation|>")] if caller else []
-    vocab, p = len(tok), "transformer.encoder.layers.0."
-    shapes = {"transformer.embedding.word_embeddings.weight": (vocab, H), "transformer.output_layer.weight": (vocab, H),
-              "transformer.encoder.final_layernorm.weight": (H,), p + "input_layernorm.weight": (H,),
-              p + "self_attention.query_key_value.weight": ((HEADS + 2 * KV) * HD, H),
-              p + "self_attention.query_key_value.bias": ((HEADS + 2 * KV) * HD,),
-              p + "self_attention.dense.weight": (H, HEADS * HD), p + "post_attention_layernorm.weight": (H,),
-              p + "mlp.dense_h_to_4h.weight": (2 * FFN, H), p + "mlp.dense_4h_to_h.weight": (H, FFN)}
-    _save(directory, _weights(shapes, "transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight",
-                              tok.convert_tokens_to_ids("<|user|>"), script),
-          {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 1, "hidden_size": H,
-           "num_attention_heads": HEADS, "multi_query_attention": True, "multi_query_group_num": KV,
-           "kv_channels": HD, "ffn_hidden_size": FFN, "layernorm_epsilon": 1e-5, "padded_vocab_size": vocab,
-           "seq_length": 1024, "rope_ratio": 500, "add_qkv_bias": True, "add_bias_linear": False,
-           "eos_token_id": tok.eos_token_id})
+    _save_chatglm(directory, tok, script, rope_ratio=500, eos_token_id=tok.eos_token_id)
     return tok
 
 
@@ -182,6 +169,12 @@ def _chatglm3(directory: Path, caller: bool = False):
         _append_piece(directory / "tokenizer.model", call)
     tok = load_family_tokenizer(directory)
     script = tok.convert_tokens_to_ids(["<|assistant|>", call, "<|observation|>"]) if caller else []
+    _save_chatglm(directory, tok, script, eos_token_id=2)
+    return tok
+
+
+def _save_chatglm(directory: Path, tok, script: list[int], **config) -> None:
+    """A one-layer checkpoint in the original ChatGLMModel layout (ChatGLM3 and GLM-4 share it)."""
     vocab, p = len(tok), "transformer.encoder.layers.0."
     shapes = {"transformer.embedding.word_embeddings.weight": (vocab, H), "transformer.output_layer.weight": (vocab, H),
               "transformer.encoder.final_layernorm.weight": (H,), p + "input_layernorm.weight": (H,),
@@ -194,8 +187,7 @@ def _chatglm3(directory: Path, caller: bool = False):
           {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 1, "hidden_size": H,
            "num_attention_heads": HEADS, "multi_query_attention": True, "multi_query_group_num": KV,
            "kv_channels": HD, "ffn_hidden_size": FFN, "layernorm_epsilon": 1e-5, "padded_vocab_size": vocab,
-           "seq_length": 1024, "add_qkv_bias": True, "add_bias_linear": False, "eos_token_id": 2})
-    return tok
+           "seq_length": 1024, "add_qkv_bias": True, "add_bias_linear": False, **config})
 
 
 def _internlm2(directory: Path, caller: bool = False):
