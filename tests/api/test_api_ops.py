@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from .conftest import API_KEY, MODEL, PRO_MODEL
+from .conftest import API_KEY, MODEL, PRO_MAX_MODEL_LEN, PRO_MODEL
 
 
 def test_port_in_use_fails_fast_with_a_clear_message(server, tmp_path):
@@ -37,6 +37,36 @@ def test_models_retrieve(client, api, checks):
     r = api.http.get("/v1/models/no/such-model", headers=api.headers())
     checks.error_body(r, 404, "not_found_error", "model")
     checks.error_body(api.http.get(f"/v1/models/{MODEL}"), 401)
+
+
+def test_model_cards_carry_the_deployment_defaults(api):
+    """What the playground shows greyed in each empty field: this deployment's defaults (the
+    suite's config sets the platform's values) and its context length."""
+    cards = {m["id"]: m for m in api.http.get("/v1/models", headers=api.headers()).json()["data"]}
+    for m in cards.values():
+        assert {"temperature": 0.7, "top_p": 0.7, "top_k": 50, "frequency_penalty": 0.5,
+                "max_tokens": 512, "n": 1}.items() <= m["defaults"].items(), m
+    assert cards[PRO_MODEL]["max_model_len"] == PRO_MAX_MODEL_LEN
+    one = api.http.get(f"/v1/models/{PRO_MODEL}", headers=api.headers()).json()
+    assert one["defaults"] == cards[PRO_MODEL]["defaults"] and one["max_model_len"] == PRO_MAX_MODEL_LEN
+
+
+def test_web_ui_is_served_from_the_package(server):
+    """The pages and their modules come from the installed package, under a policy that allows
+    this origin only (the browser tests in test_web_ui.py drive them)."""
+    for page in ("/playground", "/console"):
+        r = httpx.get(server.url + page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), (page, r.status_code)
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from elsewhere
+    for asset in ("playground.js", "console.js", "api.js", "charts.js", "tabs.js", "app.css"):
+        r = httpx.get(f"{server.url}/ui/{asset}")
+        assert r.status_code == 200 and r.text, asset
+        assert r.headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript", "text/css")
+        assert "https://" not in r.text, asset
+    assert httpx.get(f"{server.url}/ui/nope.js").status_code == 404
+    root = httpx.get(server.url + "/")
+    assert root.status_code == 307 and root.headers["location"] == "/playground"
 
 
 def test_probes_are_not_in_the_request_log(server, api):

@@ -293,6 +293,35 @@ def test_user_info_needs_a_key(plat, checks):
     assert r.status_code == 200 and r.json()["data"]["name"] == "bootstrap"
 
 
+def test_user_usage_is_the_keys_usage_per_day_with_its_limits(plat, checks):
+    key = new_key(plat, "daily", rpm=77, tpd=123456)
+    neighbour = new_key(plat, "daily")  # same account, its own usage
+    traces = [chat(plat, key, max_tokens=3).headers["x-request-id"] for _ in range(2)]
+    other = chat(plat, neighbour, max_tokens=3).headers["x-request-id"]
+    rows = wait_for_rows(plat, "trace_id IN (:a, :b, :c)", 3, a=traces[0], b=traces[1], c=other)
+    mine = [r for r in rows if r["trace_id"] in traces]
+    r = plat.http.get("/v1/user/usage", params={"days": 7}, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["account"] == "daily" and body["days"] == 7 and body["unlimited"] is False
+    assert key.startswith(body["key"].rstrip(".")) and key not in r.text
+    day = time.strftime("%Y-%m-%d", time.gmtime(mine[0]["created_at"]))
+    assert body["data"] == [{"date": day, "model": MODEL, "requests": 2, "errors": 0,
+                             "prompt_tokens": sum(x["prompt_tokens"] for x in mine),
+                             "completion_tokens": sum(x["completion_tokens"] for x in mine),
+                             "cost": body["data"][0]["cost"]}]
+    assert round(float(body["data"][0]["cost"]) * 10**9) == sum(x["cost_nanos"] for x in mine) > 0
+    limits = body["limits"]["per_model"]
+    assert set(limits) >= {MODEL, UP}
+    assert limits[MODEL]["rpm"] == 77 and limits[MODEL]["tpd"] == 123456 and limits[MODEL]["tpm"] == 100000
+    boot = plat.http.get("/v1/user/usage", headers={"Authorization": f"Bearer {BOOT_KEY}"}).json()
+    assert boot["unlimited"] is True and boot["limits"] == {"per_model": {}, "account": {}} and boot["days"] == 30
+    for bad in ("0", "367", "abc", "1.5"):
+        checks.error_body(plat.http.get("/v1/user/usage", params={"days": bad},
+                                        headers={"Authorization": f"Bearer {key}"}), 400, param="days")
+    checks.error_body(plat.http.get("/v1/user/usage"), 401)
+
+
 # ---------------------------------------------------------------------------------------------
 # rate limits
 

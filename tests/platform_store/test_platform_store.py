@@ -132,6 +132,30 @@ def test_unlimited_accounts_are_recorded_not_charged(db):
     assert info["totalBalance"] == "0" and usage.summary(db)[0]["cost"] == "0.000005"
 
 
+def test_daily_usage_is_per_key_per_utc_day_and_model(db):
+    """The console's chart data: rows summed per UTC day (the boundary second on its own side)
+    and model, for one key only, from `since` on."""
+    _, mine = keys.create_key(db, "erin")
+    _, other = keys.create_key(db, "erin")
+    midnight = 20_000 * 86400.0  # 2024-10-04T00:00:00Z
+    for i, (at, model, key) in enumerate([(midnight - 86400.5, "m", mine), (midnight - 0.5, "m", mine),
+                                          (midnight - 0.25, "n", mine), (midnight, "m", mine),
+                                          (midnight + 3600, "m", mine), (midnight + 60, "m", other)]):
+        e = _entry(key.account_id, key.id, 1_000 * (i + 1), i)
+        e.model, e.created_at = model, at
+        if i == 4:
+            e.status = 429
+        usage.record(db, e)
+    rows = usage.daily(db, mine.id, since=midnight - 86400)
+    assert [(r["date"], r["model"], r["requests"], r["errors"], r["cost"]) for r in rows] == [
+        ("2024-10-03", "m", 1, 0, "0.000002"), ("2024-10-03", "n", 1, 0, "0.000003"),
+        ("2024-10-04", "m", 2, 1, "0.000009")]
+    assert rows[2]["prompt_tokens"] == (10 + 3) + (10 + 4) and rows[2]["completion_tokens"] == 3 + 4, rows
+    assert usage.daily(db, other.id, since=0) == [{"date": "2024-10-04", "model": "m", "requests": 1,
+                                                   "prompt_tokens": 15, "completion_tokens": 5,
+                                                   "cost": "0.000006", "errors": 0}]
+
+
 def test_amounts():
     assert to_nanos("10.5") == 10_500_000_000 and from_nanos(100 * 10**9) == "100"
     assert from_nanos(-2_000) == "-0.000002" and from_nanos(0) == "0"

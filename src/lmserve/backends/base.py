@@ -50,6 +50,7 @@ class Health:
 @runtime_checkable
 class Backend(Protocol):
     model_id: str
+    defaults: dict[str, Any]  # values for the request fields a client leaves out (this deployment's)
 
     def model_card(self, created: int) -> dict:
         """The /v1/models entry."""

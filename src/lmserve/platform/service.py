@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -116,10 +117,7 @@ class Platform:
         limits: list[Limit] = []
         reserved = prompt_tokens + max_completion_tokens
         if not principal.unlimited:
-            tier = principal.tier
-            values = effective_limits(self.settings.tiers.get(tier, {}), deployment.tier_limits.get(tier),
-                                      principal.key_limits)
-            limits = limits_for("key", principal.key_id, model, values)
+            limits = limits_for("key", principal.key_id, model, self.key_limits(principal, model))
             limits += limits_for("account", principal.account_id, model, principal.account_limits)
             try:
                 denied = await self.limiter.acquire(limits, reserved)
@@ -132,6 +130,13 @@ class Platform:
                 raise Refused(429, denied.message, "rate_limit_exceeded", retry_after=retry,
                               limit=denied.limit.name.upper())
         return Ticket(principal, model, limits, reserved, price_for(deployment, principal.tier))
+
+    def key_limits(self, principal: keys.Principal, model: str) -> dict[str, int | None]:
+        """RPM/RPD/TPM/TPD of a (limited) key on one model: its tier's, the deployment's for that
+        tier, then its own."""
+        tier = principal.tier
+        return effective_limits(self.settings.tiers.get(tier, {}), self.deployments[model].tier_limits.get(tier),
+                                principal.key_limits)
 
     def finish(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, status: int, latency_ms: float,
                ttft_ms: float | None, trace_id: str) -> None:
@@ -165,6 +170,24 @@ class Platform:
 
     async def user_info(self, principal: keys.Principal) -> dict:
         return await self.run(usage.user_info, self.db, principal.account_id)
+
+    async def key_usage(self, principal: keys.Principal, days: int) -> dict:
+        """The calling key's usage per day and model over the last `days` UTC days (today
+        included), with the limits it is held to on each model it may use."""
+        today = int(time.time() // 86400)
+        since = (today - days + 1) * 86400
+        rows = await self.run(usage.daily, self.db, principal.key_id, since)
+        per_model: dict[str, dict[str, int | None]] = {}
+        if not principal.unlimited:
+            for model in self.deployments:
+                if principal.may_use(model):
+                    per_model[model] = self.key_limits(principal, model)
+        return {"object": "usage", "key": principal.key_prefix + "...", "account": principal.account_name,
+                "tier": principal.tier, "unlimited": principal.unlimited, "days": days,
+                "since": time.strftime("%Y-%m-%d", time.gmtime(since)),
+                "limits": {"per_model": per_model,
+                           "account": {} if principal.unlimited else dict(principal.account_limits)},
+                "data": rows}
 
     async def drain(self) -> None:
         """Wait for every ledger write started so far (server shutdown)."""

@@ -7,8 +7,11 @@ was admitted may take the total below zero, and the next one is then refused (40
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import BigInteger, case, func, literal, select, update
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
 
 from lmserve.platform.db import Account, Database, UsageRecord, from_nanos, now
 
@@ -66,6 +69,41 @@ def summary(db: Database, account: str | None = None, model: str | None = None,
         return [{"account": a, "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
                  "completion_tokens": int(c or 0), "cost": from_nanos(int(cost or 0)), "errors": int(err or 0)}
                 for a, m, n, p, c, cost, err in s.execute(q).all()]
+
+
+class _UTCDay(FunctionElement):
+    """Whole UTC days since the epoch of a unix time column, on both databases: PostgreSQL's
+    float-to-integer cast rounds, so it needs FLOOR; SQLite's truncates (the same for times after
+    1970) and its FLOOR exists only in builds with the math functions."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(_UTCDay)
+def _utc_day(element, compiler, **kw):
+    return f"CAST(FLOOR({compiler.process(element.clauses, **kw)} / 86400) AS BIGINT)"
+
+
+@compiles(_UTCDay, "sqlite")
+def _utc_day_sqlite(element, compiler, **kw):
+    return f"CAST({compiler.process(element.clauses, **kw)} / 86400 AS INTEGER)"
+
+
+def daily(db: Database, key_id: int, since: float) -> list[dict]:
+    """One key's usage per UTC day and model since `since`: requests, tokens, cost, errors,
+    oldest day first (the console's chart)."""
+    day = _UTCDay(UsageRecord.created_at)
+    with db.session() as s:
+        q = (select(day, UsageRecord.model, func.count(UsageRecord.id), func.sum(UsageRecord.prompt_tokens),
+                    func.sum(UsageRecord.completion_tokens), func.sum(UsageRecord.cost_nanos),
+                    func.sum(case((UsageRecord.status >= 400, 1), else_=0)))
+             .where(UsageRecord.key_id == key_id, UsageRecord.created_at >= since)
+             .group_by(day, UsageRecord.model).order_by(day, UsageRecord.model))
+        return [{"date": datetime.fromtimestamp(int(d) * 86400, UTC).date().isoformat(), "model": m,
+                 "requests": int(n), "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
+                 "cost": from_nanos(int(cost or 0)), "errors": int(err or 0)}
+                for d, m, n, p, c, cost, err in s.execute(q).all()]
 
 
 def user_info(db: Database, account_id: int) -> dict:

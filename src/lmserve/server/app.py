@@ -44,6 +44,7 @@ from lmserve.server.lifecycle import Lifecycle
 from lmserve.server.logs import PROBE_PATHS, TokenTally, access_line, stats_loop
 from lmserve.server.metrics import Metrics
 from lmserve.server.shutdown import Drain
+from lmserve.server.ui import mount_ui
 
 log = logging.getLogger("lmserve.server")
 access_log = logging.getLogger("lmserve.access")
@@ -144,7 +145,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         principal = await principal_of(request)
         # Every model deployed here is a text chat model.
         match = (type in (None, "", "text")) and (sub_type in (None, "", "chat"))
-        data = [b.model_card(started) for m, b in backends.items() if principal.may_use(m)] if match else []
+        data = [card(b) for m, b in backends.items() if principal.may_use(m)] if match else []
         return {"object": "list", "data": data}
 
     @app.get("/v1/user/info")
@@ -152,13 +153,31 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         principal = await principal_of(request)
         return {"code": 20000, "message": "OK", "status": True, "data": await platform.user_info(principal)}
 
+    @app.get("/v1/user/usage")
+    async def user_usage(request: Request, days: str = "30"):
+        """The calling key's usage per UTC day and model, and the limits it is held to."""
+        principal = await principal_of(request)
+        if not days.isdigit() or not 1 <= int(days) <= 366:
+            raise bad_request("days must be a whole number from 1 to 366", "days")
+        return await platform.key_usage(principal, int(days))
+
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(request: Request, model_id: str):
         principal = await principal_of(request)
         backend = backends.get(model_id)
         if backend is None or not principal.may_use(model_id):
             raise APIError(404, f"Model does not exist: {model_id!r}", "model", "model_not_found")
-        return backend.model_card(started)
+        return card(backend)
+
+    def card(backend: Backend) -> dict:
+        """The model's entry, plus what a client (the playground) shows as "default": the values
+        this deployment uses for fields a request leaves out, and its context length."""
+        out = dict(backend.model_card(started))
+        out["defaults"] = dict(backend.defaults)
+        context = getattr(backend, "context_len", None)
+        if context is not None:
+            out["max_model_len"] = context
+        return out
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema("ChatCompletionRequest"))
     async def chat_completions(request: Request):
@@ -319,6 +338,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         request.state.timing = timing
 
     app.include_router(admin_router(platform))
+    mount_ui(app)
     return app
 
 

@@ -159,7 +159,8 @@ def _load_error(deployment, exc: BaseException) -> str:
 def banner(config: DeploymentConfig) -> str:
     server = config.server
     host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
-    base = f"http://{host}:{server.port}/v1"
+    origin_url = f"http://{host}:{server.port}"
+    base = f"{origin_url}/v1"
     key = server.api_keys[0]
     first_model = config.models[0].id
     if server.generated_key:
@@ -167,7 +168,8 @@ def banner(config: DeploymentConfig) -> str:
                   "(or server.api_keys in the config)")
     else:
         origin = "from the config, --api-key or LMSERVE_API_KEYS"
-    return (f"\nlmserve: serving {', '.join(m.id for m in config.models)}\n  base URL: {base}\n"
+    return (f"\nlmserve: serving {', '.join(m.id for m in config.models)}\n"
+            f"  playground: {origin_url}/playground   (console: {origin_url}/console)\n  base URL: {base}\n"
             f"  API key:  {key}  ({origin})\n"
             f"  try:\n    curl {base}/chat/completions -H 'Authorization: Bearer {key}' "
             f"-H 'Content-Type: application/json' "
