@@ -22,7 +22,8 @@ if [ -z "$(_pg_bin)" ] || ! command -v redis-server >/dev/null; then
     echo "lmserve CI: installing postgresql and redis-server (apt-get)" >&2
     command -v apt-get >/dev/null || _svc_fail "PostgreSQL/Redis missing and no apt-get to install them"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null || _svc_fail "apt-get update failed"
+    # once per CI run: .ci/run may have updated the lists already (for chromium)
+    [ -n "${LMSERVE_APT_UPDATED:-}" ] || apt-get update -qq >/dev/null || _svc_fail "apt-get update failed"
     apt-get install -y -qq postgresql redis-server >/dev/null || _svc_fail "apt-get install postgresql redis-server failed"
 fi
 PG_BIN=$(_pg_bin)

@@ -25,7 +25,7 @@ export function compact(v) {
   if (a >= 1e3) return (v / 1e3).toFixed(1) + "k";
   if (a >= 100 || a === 0) return v.toFixed(0);
   if (a >= 1) return v.toFixed(1).replace(/\.0$/, "");
-  return v.toPrecision(2);
+  return String(parseFloat(v.toPrecision(2)));
 }
 
 // A "nice" upper bound for the axis: 1, 2 or 5 times a power of ten.
@@ -92,7 +92,9 @@ export class TimeSeriesChart {
     axes(svg, top, this.unit);
     const plotW = W - PAD.left - PAD.right;
     const plotH = H - PAD.top - PAD.bottom;
-    const step = plotW / Math.max(1, this.capacity - 1);
+    // Until the window fills, a shorter span: the first minutes are not squeezed into a corner.
+    const span = Math.min(this.capacity, Math.max(this.samples.length, 30));
+    const step = plotW / Math.max(1, span - 1);
     const x0 = PAD.left + plotW - step * (this.samples.length - 1);
     this.series.forEach((_, i) => {
       let d = "";
@@ -144,7 +146,8 @@ export function stackedBars(container, { title, categories, series, unit = "", f
       el("title", {}, rect).textContent = `${cat} ${s.name}: ${format(v)}${unit}`;
       base += v;
     });
-    if (categories.length <= 16 || j % Math.ceil(categories.length / 8) === 0) {
+    const every = Math.ceil(categories.length / 5);  // about five date labels, newest always
+    if ((categories.length - 1 - j) % every === 0) {
       const t = el("text", { x: (x + barW / 2).toFixed(1), y: H - 6, class: "tick", "text-anchor": "middle" }, svg);
       t.textContent = cat.slice(5);  // MM-DD
     }

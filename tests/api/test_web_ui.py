@@ -1,0 +1,435 @@
+"""The web playground and console in a real Chromium (Debian's `chromium`, driven by Selenium
+through the matching `chromium-driver`), against a real `lmserve serve` with the platform layer
+(an admin key, a metered key on a priced model): what a user sees is what the API answered.
+
+One server and one browser for the module. Without Chromium or its driver every test here fails
+and says what to install (.ci/run installs both); nothing skips. Screenshots go to
+$LMSERVE_TEST_ARTIFACTS (default tests/artifacts/, not committed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+BOOT_KEY = "sk-web-boot"
+ADMIN_KEY = "sk-web-admin"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PRICED = "Pro/SmolLM2-web"  # priced: the console's cost chart has something to show
+ARTIFACTS = Path(os.environ.get("LMSERVE_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "artifacts")
+WAIT_S = 90.0  # a generous bound for one short reply on a loaded 2-core CI machine
+
+CONFIG = f"""\
+server:
+  api_keys: ["{BOOT_KEY}"]
+  stats_interval_s: 0
+platform:
+  admin_keys: ["{ADMIN_KEY}"]
+models:
+  - id: {MODEL}
+    path: {MODEL}
+    dtype: float32
+    engine: {{num_kv_blocks: 128, max_num_seqs: 8}}
+  - id: {PRICED}
+    path: {MODEL}
+    dtype: float32
+    price: {{input: 2.0, output: 4.0}}
+    engine: {{num_kv_blocks: 128, max_num_seqs: 8}}
+"""
+
+
+def _find(env: str, names: tuple[str, ...]) -> str | None:
+    if os.environ.get(env):
+        return os.environ[env]
+    return next((p for p in map(shutil.which, names) if p), None)
+
+
+@pytest.fixture(scope="module")
+def web(servers, tmp_path_factory):
+    srv = servers.launch(tmp_path_factory.mktemp("lmserve-web"), CONFIG)
+    srv.http = httpx.Client(base_url=srv.url, timeout=60.0)
+    r = srv.http.post("/admin/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                      json={"account": "web", "name": "browser", "balance": "5", "rpm": 600, "tpm": 100000})
+    assert r.status_code == 200, r.text
+    srv.key = r.json()["key"]
+    yield srv
+    srv.http.close()
+    servers.stop(srv)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = _find("LMSERVE_CHROMIUM", ("chromium", "chromium-browser", "google-chrome"))
+    driver_path = _find("LMSERVE_CHROMEDRIVER", ("chromedriver",))
+    if not chromium or not driver_path:
+        pytest.fail("the web UI tests need Chromium and its driver: apt-get install chromium chromium-driver "
+                    "(.ci/run installs them), or set LMSERVE_CHROMIUM / LMSERVE_CHROMEDRIVER", pytrace=False)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the web UI tests need selenium (pip install -e '.[test]')", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1000", "--force-prefers-reduced-motion"):
+        options.add_argument(arg)  # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def _server_frees_everything(web):
+    """The module's own invariant for the server process: after each test no request is left
+    running or waiting and every KV block is free (a stopped stream included)."""
+    yield
+    deadline = time.monotonic() + 15
+    while True:
+        busy = _engine_gauges(web)
+        if not any(busy.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not any(busy.values()), f"the server still holds requests or KV blocks: {busy}"
+
+
+def _engine_gauges(web) -> dict[str, float]:
+    text = web.http.get("/metrics").text
+    out = {}
+    for line in text.splitlines():
+        for name in ("lmserve_num_requests_running", "lmserve_num_requests_waiting", "lmserve_kv_cache_usage_ratio"):
+            if line.startswith(name + "{"):
+                out[line.split(" ")[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# page helpers
+
+
+def by_id(driver, element_id: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id)
+
+
+def wait_for(driver, condition, what: str, timeout: float = WAIT_S):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
+    except Exception as e:
+        logs = "\n".join(str(x) for x in driver.get_log("browser"))
+        raise AssertionError(f"timed out waiting for {what}; browser log:\n{logs}") from e
+
+
+def fill(driver, element_id: str, value: str) -> None:
+    el = by_id(driver, element_id)
+    el.clear()
+    if value:
+        el.send_keys(value)
+
+
+def enter_key(driver, key: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    fill(driver, "api-key", key)
+    by_id(driver, "api-key").send_keys(Keys.ENTER)
+
+
+def open_page(driver, web, page: str, key: str) -> None:
+    """Load a page in a fresh tab state and enter the key the way a user does."""
+    driver.get(web.url + page)
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(web.url + page)
+    enter_key(driver, key)
+
+
+def open_playground(driver, web, key: str | None = None) -> None:
+    open_page(driver, web, "/playground", key or web.key)
+    wait_for(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-models") == "2",
+             "the model list")
+
+
+def watch_output(driver) -> None:
+    """Record, for each reply panel, the length of its text at every DOM change (and when), so
+    a test sees whether the text arrived in steps."""
+    driver.execute_script("""
+        window.__steps = {};
+        new MutationObserver(() => {
+          for (const p of document.querySelectorAll('.reply')) {
+            const s = (window.__steps[p.id] ||= []);
+            const n = p.textContent.length;
+            if (!s.length || s[s.length - 1][0] !== n) s.push([n, performance.now()]);
+          }
+        }).observe(document.getElementById('outputs'), {childList: true, subtree: true, characterData: true});
+    """)
+
+
+def send_and_wait(driver, columns=("a",), status="done") -> None:
+    by_id(driver, "send").click()
+    for c in columns:
+        wait_for(driver, lambda d, c=c: d.find_element("id", f"column-{c}").get_attribute("data-status") != "streaming",
+                 f"reply {c} to end")
+        got = by_id(driver, f"column-{c}").get_attribute("data-status")
+        assert got == status, f"column {c}: {got}: {by_id(driver, f'error-{c}').text}"
+
+
+def screenshot(driver, name: str) -> Path:
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    return path
+
+
+def code_tab(driver, lang: str) -> str:
+    by_id(driver, f"code-tab-{lang}").click()
+    return by_id(driver, "code").text
+
+
+# ---------------------------------------------------------------------------------------------
+# the chat page
+
+
+def test_start_banner_prints_the_playground_url(web):
+    assert f"playground: {web.url}/playground" in web.output()
+
+
+def test_chat_streams_and_ends_with_the_apis_greedy_answer(web, browser):
+    d = browser
+    open_playground(d, web)
+    assert by_id(d, "p-temperature").get_attribute("placeholder") == "0.7"  # the deployment's default, shown
+    fill(d, "p-temperature", "0")
+    fill(d, "p-max_tokens", "24")
+    fill(d, "composer-input", "What is the capital of France?")
+    by_id(d, "view-code").click()
+    request = json.loads(code_tab(d, "json"))  # exactly what Send posts
+    assert request == {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                       "temperature": 0, "max_tokens": 24, "stream": True, "stream_options": {"include_usage": True}}
+    codes = {lang: code_tab(d, lang) for lang in ("curl", "python", "js")}
+    for lang, code in codes.items():
+        assert web.key not in code and web.key[:6] + "..." in code, lang  # masked
+    assert "$LMSERVE_API_KEY" in codes["curl"] and f"{web.url}/v1/chat/completions" in codes["curl"]
+    assert 'os.environ["LMSERVE_API_KEY"]' in codes["python"] and "temperature=0" in codes["python"]
+    assert "process.env.LMSERVE_API_KEY" in codes["js"]
+
+    watch_output(d)
+    send_and_wait(d)
+    shown = by_id(d, "out-a-0").get_attribute("textContent")
+    steps = d.execute_script("return window.__steps['out-a-0']")
+    assert len(steps) >= 3 and steps[-1][0] == len(shown), steps  # it grew in steps, not at once
+    assert int(by_id(d, "out-a-0").get_attribute("data-updates")) >= 2
+    stats = by_id(d, "stats-a").text
+    assert "TTFT" in stats and "tok/s" in stats and "tokens" in stats, stats
+
+    body = {k: v for k, v in request.items() if k not in ("stream", "stream_options")}
+    r = web.http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {web.key}"})
+    assert r.status_code == 200, r.text
+    assert shown == r.json()["choices"][0]["message"]["content"] and shown
+    transcript = by_id(d, "transcript").text
+    assert "What is the capital of France?" in transcript
+    code_tab(d, "python")
+    screenshot(d, "playground.png")
+
+
+def test_stop_mid_stream_frees_the_request(web, browser):
+    d = browser
+    open_playground(d, web)
+    fill(d, "p-max_tokens", "1500")
+    fill(d, "p-extra", '{"ignore_eos": true}')
+    fill(d, "composer-input", "Count from one to one thousand in words.")
+    before = _status_count(web, "499")
+    send_start = time.monotonic()
+    by_id(d, "send").click()
+    wait_for(d, lambda d: int(d.find_element("id", "out-a-0").get_attribute("data-updates")) >= 3, "a few tokens")
+    by_id(d, "stop").click()
+    wait_for(d, lambda d: d.find_element("id", "column-a").get_attribute("data-status") != "streaming", "the stop")
+    assert by_id(d, "column-a").get_attribute("data-status") == "stopped"
+    assert "stopped" in by_id(d, "stats-a").text
+    assert by_id(d, "out-a-0").get_attribute("textContent")
+    assert by_id(d, "send").is_enabled() and not by_id(d, "stop").is_enabled()
+    # the server saw the client leave: the request counts as 499 and its blocks are freed
+    wait_for(d, lambda _: _status_count(web, "499") == before + 1, "the 499 in /metrics", timeout=20)
+    assert time.monotonic() - send_start < WAIT_S  # it did not run its 1500 tokens
+
+
+def _status_count(web, status: str) -> float:
+    total = 0.0
+    for line in web.http.get("/metrics").text.splitlines():
+        if line.startswith("lmserve_requests_total{") and f'status="{status}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_json_mode_gives_parseable_json(web, browser):
+    d = browser
+    open_playground(d, web)
+    fill(d, "p-temperature", "0")
+    fill(d, "p-max_tokens", "64")
+    from selenium.webdriver.support.ui import Select
+
+    Select(by_id(d, "p-format")).select_by_value("json_object")
+    fill(d, "composer-input", "Describe a cat as a JSON object with its name and age.")
+    send_and_wait(d)
+    assert "finish: eos" in by_id(d, "stats-a").text or "finish: stop" in by_id(d, "stats-a").text
+    value = json.loads(by_id(d, "out-a-0").get_attribute("textContent"))
+    assert isinstance(value, dict) and value
+
+
+def test_side_by_side_streams_two_columns_at_once_with_choices_as_tabs(web, browser):
+    d = browser
+    open_playground(d, web)
+    from selenium.webdriver.support.ui import Select
+
+    by_id(d, "compare").click()
+    Select(by_id(d, "model-b")).select_by_value(PRICED)
+    fill(d, "overrides-b", '{"temperature": 0}')
+    fill(d, "p-max_tokens", "16")
+    fill(d, "p-n", "2")
+    fill(d, "p-extra", '{"ignore_eos": true}')
+    by_id(d, "p-logprobs").click()
+    fill(d, "p-top_logprobs", "3")
+    fill(d, "composer-input", "Write a haiku about the sea.")
+    watch_output(d)
+    send_and_wait(d, columns=("a", "b"))
+    steps = d.execute_script("return window.__steps")
+    for c in ("a", "b"):
+        for i in (0, 1):
+            assert by_id(d, f"out-{c}-{i}").get_attribute("textContent"), (c, i)
+        stats = by_id(d, f"stats-{c}").text
+        assert "TTFT" in stats and "tok/s" in stats and "32 tokens" in stats, stats  # n=2 x 16
+    tokens = by_id(d, "out-b-0").find_elements("css selector", "span.tok")
+    assert tokens, "logprobs asked for: the tokens are coloured by probability"
+    p = float(tokens[0].get_attribute("data-p"))
+    assert 0 < p <= 1 and "logprob" in tokens[0].get_attribute("title") and "top:" in tokens[0].get_attribute("title")
+    screenshot(d, "playground-side-by-side.png")
+    a, b = steps["out-a-0"], steps["out-b-0"]
+    assert a[0][1] < b[-1][1] and b[0][1] < a[-1][1], (a, b)  # the two streams overlapped in time
+    assert not by_id(d, "out-a-1").is_displayed()
+    by_id(d, "tab-a-1").click()  # the second choice, in its tab
+    assert by_id(d, "out-a-1").is_displayed() and not by_id(d, "out-a-0").is_displayed()
+
+
+def test_api_errors_are_shown_as_the_apis_message(web, browser):
+    d = browser
+    bad = "sk-not-a-real-key"
+    open_page(d, web, "/playground", bad)
+    expected = web.http.get("/v1/models", headers={"Authorization": f"Bearer {bad}"}).json()["error"]["message"]
+    wait_for(d, lambda d: d.find_element("id", "banner").is_displayed(), "the 401 message")
+    assert by_id(d, "banner").text == f"401: {expected}"
+
+    open_playground(d, web)
+    fill(d, "p-top_p", "5")
+    fill(d, "composer-input", "Hi")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "top_p": 5, "stream": True}
+    expected = web.http.post("/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {web.key}"}).json()["error"]["message"]
+    send_and_wait(d, status="error")
+    assert by_id(d, "error-a").text == f"400: {expected}"
+    assert by_id(d, "composer-input").get_attribute("value") == "Hi"  # kept for a corrected resend
+
+    limited = web.http.post("/admin/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                            json={"account": "web-limited", "balance": "1", "rpm": 1}).json()["key"]
+    open_playground(d, web, limited)
+    fill(d, "p-max_tokens", "1")
+    fill(d, "composer-input", "Hi")
+    send_and_wait(d)
+    fill(d, "composer-input", "Hi again")
+    send_and_wait(d, status="error")
+    shown = by_id(d, "error-a").text
+    assert shown.startswith("429: ") and "RPM" in shown.upper(), shown
+
+
+def test_keyboard_phone_width_and_dark_mode(web, browser):
+    d = browser
+    from selenium.webdriver.common.keys import Keys
+
+    d.set_window_size(390, 844)
+    d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        open_playground(d, web)
+        fill(d, "p-max_tokens", "6")
+        box = by_id(d, "composer-input")
+        box.send_keys("Hello!")
+        box.send_keys(Keys.CONTROL, Keys.ENTER)  # sends from the keyboard
+        wait_for(d, lambda d: d.find_element("id", "column-a").get_attribute("data-status") == "done", "the reply")
+        assert by_id(d, "out-a-0").get_attribute("textContent")
+        overflow = d.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1, f"the page is {overflow}px wider than a phone screen"
+        bg = d.execute_script("return getComputedStyle(document.body).backgroundColor")
+        rgb = [int(x) for x in bg[bg.index("(") + 1:bg.index(")")].split(",")[:3]]
+        assert sum(rgb) < 200, f"dark mode asked for, background is {bg}"
+        unlabelled = d.execute_script("""
+            return [...document.querySelectorAll('input, select, textarea')]
+              .filter(e => !e.labels || !e.labels.length).map(e => e.id);""")
+        assert unlabelled == [], unlabelled
+        screenshot(d, "playground-phone-dark.png")
+    finally:
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        d.set_window_size(1280, 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# the console
+
+
+def test_console_charts_engine_metrics_usage_and_admin_tables(web, browser):
+    d = browser
+    d.set_window_size(1280, 1700)
+    try:
+        open_page(d, web, "/console?interval=1", web.key)
+        wait_for(d, lambda d: int(d.find_element("tag name", "body").get_attribute("data-scrapes") or 0) >= 1,
+                 "the first scrape")
+        from selenium.webdriver.support.ui import Select
+
+        Select(by_id(d, "deployment")).select_by_value(PRICED)  # the deployment the traffic goes to
+
+        def traffic():  # a stream while the console watches: tokens/s above zero, a cost today
+            body = {"model": PRICED, "messages": [{"role": "user", "content": "Tell me a story."}],
+                    "max_tokens": 48, "ignore_eos": True, "stream": True}
+            with web.http.stream("POST", "/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {web.key}"}) as r:
+                r.read()
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            for chart in ("chart-requests", "chart-throughput", "chart-ttft", "chart-itl"):
+                wait_for(d, lambda d, c=chart: float(d.find_element("id", c).get_attribute("data-max") or 0) > 0,
+                         f"{chart} above zero")
+        finally:
+            thread.join(timeout=WAIT_S)
+        assert "ms" in by_id(d, "stat-ttft").text and "ms" in by_id(d, "stat-itl").text
+        assert by_id(d, "chart-requests").find_elements("css selector", "path.line")
+
+        # the key: usage per day, balance, limits (once the ledger has the request's row)
+        deadline = time.monotonic() + 15
+        while not web.http.get("/v1/user/usage", headers={"Authorization": f"Bearer {web.key}"}).json()["data"]:
+            assert time.monotonic() < deadline, "no usage row for the console's request"
+            time.sleep(0.2)
+        by_id(d, "refresh-usage").click()
+        wait_for(d, lambda d: float(d.find_element("id", "chart-usage-cost").get_attribute("data-max") or 0) > 0,
+                 "the usage charts")
+        assert float(by_id(d, "chart-usage-tokens").get_attribute("data-max")) > 0
+        assert by_id(d, "chart-usage-tokens").get_attribute("data-points") == "14"
+        info = web.http.get("/v1/user/info", headers={"Authorization": f"Bearer {web.key}"}).json()["data"]
+        assert info["totalBalance"] in by_id(d, "stat-balance").text and float(info["totalBalance"]) < 5
+        rows = [r.text for r in by_id(d, "limits-table").find_elements("css selector", "tbody tr")]
+        assert any(r.startswith(MODEL) and "600" in r for r in rows), rows
+        assert "admin key" in by_id(d, "admin-note").text
+        screenshot(d, "console.png")
+
+        enter_key(d, ADMIN_KEY)
+        wait_for(d, lambda d: d.find_element("id", "accounts-table").is_displayed(), "the accounts table")
+        accounts = by_id(d, "accounts-table").text
+        assert "web" in accounts and "bootstrap" in accounts
+        assert web.key[:6] in by_id(d, "keys-table").text and web.key not in d.page_source
+    finally:
+        d.set_window_size(1280, 1000)
