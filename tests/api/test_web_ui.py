@@ -183,6 +183,13 @@ def send_and_wait(driver, columns=("a",), status="done") -> None:
         assert got == status, f"column {c}: {got}: {by_id(driver, f'error-{c}').text}"
 
 
+def assert_no_script_errors(driver) -> None:
+    """No JavaScript error and no content-security-policy violation in the page's console (the
+    API's own 4xx answers show there as network errors; those are expected)."""
+    bad = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and e.get("source") != "network"]
+    assert not bad, bad
+
+
 def screenshot(driver, name: str) -> Path:
     path = ARTIFACTS / name
     driver.save_screenshot(str(path))
@@ -237,6 +244,7 @@ def test_chat_streams_and_ends_with_the_apis_greedy_answer(web, browser):
     assert "What is the capital of France?" in transcript
     code_tab(d, "python")
     screenshot(d, "playground.png")
+    assert_no_script_errors(d)
 
 
 def test_stop_mid_stream_frees_the_request(web, browser):
@@ -268,7 +276,7 @@ def _status_count(web, status: str) -> float:
     return total
 
 
-def test_json_mode_gives_parseable_json(web, browser):
+def test_json_modes_and_tools(web, browser):
     d = browser
     open_playground(d, web)
     fill(d, "p-temperature", "0")
@@ -281,6 +289,29 @@ def test_json_mode_gives_parseable_json(web, browser):
     assert "finish: eos" in by_id(d, "stats-a").text or "finish: stop" in by_id(d, "stats-a").text
     value = json.loads(by_id(d, "out-a-0").get_attribute("textContent"))
     assert isinstance(value, dict) and value
+
+    # the schema editor starts with an example (name, age); the reply follows it
+    by_id(d, "clear").click()
+    Select(by_id(d, "p-format")).select_by_value("json_schema")
+    schema = json.loads(by_id(d, "p-schema").get_attribute("value"))
+    assert schema["required"] == ["name", "age"]
+    fill(d, "composer-input", "Describe a cat as a JSON object with its name and age.")
+    send_and_wait(d)
+    value = json.loads(by_id(d, "out-a-0").get_attribute("textContent"))
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int), value
+
+    # tools: the example, a forced call, shown as the call
+    by_id(d, "clear").click()
+    Select(by_id(d, "p-format")).select_by_value("text")
+    by_id(d, "tools-example").click()
+    assert json.loads(by_id(d, "p-tools").get_attribute("value"))[0]["function"]["name"] == "get_weather"
+    Select(by_id(d, "p-tool_choice")).select_by_value("required")
+    fill(d, "composer-input", "What is the weather in Paris?")
+    send_and_wait(d)
+    call = by_id(d, "out-a-0").find_element("css selector", "pre.tool-calls").text
+    assert call.startswith("tool call get_weather(") and "finish: tool_calls" in by_id(d, "stats-a").text, call
+    json.loads(call[len("tool call get_weather("):-1])  # the arguments are JSON
+    assert_no_script_errors(d)
 
 
 def test_side_by_side_streams_two_columns_at_once_with_choices_as_tabs(web, browser):
@@ -431,5 +462,6 @@ def test_console_charts_engine_metrics_usage_and_admin_tables(web, browser):
         accounts = by_id(d, "accounts-table").text
         assert "web" in accounts and "bootstrap" in accounts
         assert web.key[:6] in by_id(d, "keys-table").text and web.key not in d.page_source
+        assert_no_script_errors(d)
     finally:
         d.set_window_size(1280, 1000)

@@ -223,7 +223,9 @@ function limitsText(limits) {
   return set.length ? set.map(([k, v]) => `${k.toUpperCase()} ${compact(v)}`).join(", ") : "-";
 }
 
-async function loadPlatform() {
+let adminRefusedFor = null;
+
+async function loadPlatform(force = false) {
   if (!getKey()) {
     $("account-note").textContent = "Enter an API key to see its usage, balance and limits.";
     $("admin-note").textContent = "An admin key shows the accounts and keys.";
@@ -253,8 +255,15 @@ async function loadPlatform() {
       [(r) => r[0], (r) => r[1].rpm, (r) => r[1].rpd, (r) => r[1].tpm, (r) => r[1].tpd]);
     $("account-note").textContent = usage.unlimited ? "This key belongs to the unlimited bootstrap account." : "";
   } catch (e) {
+    $("account-stats").textContent = "";
     $("account-note").textContent = e.describe ? e.describe() : String(e);
   }
+  // A key refused once (403: not an admin key) is not asked again on every refresh.
+  if (force || adminRefusedFor !== getKey()) await loadAdmin();
+  document.body.dataset.platform = String(Number(document.body.dataset.platform || 0) + 1);
+}
+
+async function loadAdmin() {
   try {
     const [accounts, keys] = await Promise.all([apiJson("/admin/accounts"), apiJson("/admin/keys")]);
     fillTable($("accounts-table"), accounts.data, ["name", "tier", "status", "balance", "charge_balance",
@@ -264,10 +273,10 @@ async function loadPlatform() {
     $("admin-note").textContent = "";
   } catch (e) {
     $("accounts-table").hidden = $("keys-table").hidden = true;
+    if (e.status === 403) adminRefusedFor = getKey();
     $("admin-note").textContent = e.status === 403 ? "An admin key shows the accounts and keys here."
       : (e.describe ? e.describe() : String(e));
   }
-  document.body.dataset.platform = String(Number(document.body.dataset.platform || 0) + 1);
 }
 
 function init() {
@@ -279,12 +288,12 @@ function init() {
     loadPlatform();
   });
   $("deployment").addEventListener("change", () => { engine.selected = $("deployment").value; showEngine(); });
-  $("usage-days").addEventListener("change", loadPlatform);
-  $("refresh-usage").addEventListener("click", loadPlatform);
+  $("usage-days").addEventListener("change", () => loadPlatform());
+  $("refresh-usage").addEventListener("click", () => loadPlatform(true));
   scrape();
   setInterval(scrape, SCRAPE_S * 1000);
   loadPlatform();
-  setInterval(loadPlatform, PLATFORM_REFRESH_S * 1000);
+  setInterval(() => loadPlatform(), PLATFORM_REFRESH_S * 1000);
 }
 
 init();

@@ -73,6 +73,7 @@ async function loadModels() {
     selects.forEach((s) => { s.textContent = ""; });
     showBanner(e.describe ? e.describe() : String(e));
     document.body.dataset.models = "error";
+    if (e.status === 503) setTimeout(loadModels, 3000);  // still loading its models: ask again shortly
     return;
   }
   showBanner(state.models.length ? "" : "This key may not use any deployed model.");
@@ -188,6 +189,7 @@ class Column {
     this.stats.setAttribute("aria-live", "polite");
     root.appendChild(this.stats);
     root.dataset.status = "streaming";
+    root.setAttribute("aria-busy", "true");
     this.choice(0);
   }
 
@@ -276,6 +278,7 @@ class Column {
   finish(status, error) {
     this.status = status;
     this.root.dataset.status = status;
+    this.root.setAttribute("aria-busy", "false");
     if (error) {
       this.error.textContent = error;
       this.error.hidden = false;
