@@ -51,7 +51,7 @@ def test_model_cards_carry_the_deployment_defaults(api):
     assert one["defaults"] == cards[PRO_MODEL]["defaults"] and one["max_model_len"] == PRO_MAX_MODEL_LEN
 
 
-def test_web_ui_is_served_from_the_package(server):
+def test_web_ui_is_served_from_the_package(server, checks):
     """The pages and their modules come from the installed package, under a policy that allows
     this origin only (the browser tests in test_web_ui.py drive them)."""
     for page in ("/playground", "/console"):
@@ -64,7 +64,9 @@ def test_web_ui_is_served_from_the_package(server):
         assert r.status_code == 200 and r.text, asset
         assert r.headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript", "text/css")
         assert "https://" not in r.text, asset
-    assert httpx.get(f"{server.url}/ui/nope.js").status_code == 404
+    checks.error_body(httpx.get(f"{server.url}/ui/nope.js"), 404)
+    checks.error_body(httpx.get(f"{server.url}/ui/../conftest.py"), 404)
+    checks.error_body(httpx.post(f"{server.url}/playground"), 405)
     root = httpx.get(server.url + "/")
     assert root.status_code == 307 and root.headers["location"] == "/playground"
 

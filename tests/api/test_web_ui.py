@@ -402,6 +402,10 @@ def test_keyboard_phone_width_and_dark_mode(web, browser):
               .filter(e => !e.labels || !e.labels.length).map(e => e.id);""")
         assert unlabelled == [], unlabelled
         screenshot(d, "playground-phone-dark.png")
+        open_page(d, web, "/console", web.key)
+        wait_for(d, lambda d: d.find_element("tag name", "body").get_attribute("data-platform"), "the console")
+        overflow = d.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1, f"the console is {overflow}px wider than a phone screen"
     finally:
         d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
         d.set_window_size(1280, 1000)
