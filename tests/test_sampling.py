@@ -168,3 +168,70 @@ def test_masked_tokens_never_win_the_race():
             s.sampling_key = 1000 * step + i
         tokens = sampler(logits.clone(), seqs).token_ids
         assert set(tokens) <= {7, 40000}
+
+
+def _draw_many(logits_row: torch.Tensor, params: SamplingParams, rows: int = 4000) -> torch.Tensor:
+    """Token counts over `rows` independent draws (one row per stream key) of one distribution."""
+    seqs = _seqs([[]] * rows, params)
+    for i, s in enumerate(seqs):
+        s.sampling_key = 7919 * i + 17
+    tokens = Sampler()(logits_row.expand(rows, -1).clone(), seqs).token_ids
+    return torch.bincount(torch.tensor(tokens), minlength=logits_row.shape[-1]).float()
+
+
+def _assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
+    """Empirical frequencies within 5 standard errors of the expected probabilities, and tokens of
+    probability 0 never drawn."""
+    n = counts.sum()
+    expected = probs * n
+    assert (counts[probs == 0] == 0).all()
+    se = (n * probs * (1 - probs)).sqrt().clamp(min=1.0)
+    assert ((counts - expected).abs() <= 5 * se).all(), (counts, expected)
+
+
+def test_temperature_only_sampling_draws_from_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.5, float("-inf"), 0.0, -1.0, float("-inf"), 1.5]])
+    counts = _draw_many(logits[0], SamplingParams(temperature=0.7))
+    _assert_matches(counts, torch.softmax(logits[0] / 0.7, dim=-1))
+
+
+def test_top_k_then_top_p_draws_from_the_renormalized_nucleus():
+    logits = torch.log(torch.tensor([0.30, 0.25, 0.20, 0.15, 0.06, 0.04]))
+    # top_k 4 keeps 0.30..0.15 (mass 0.9), renormalized 1/3, 0.278, 0.222, 0.167; top_p 0.7 then
+    # keeps the first three (mass before the third is 0.611 < 0.7, before the fourth 0.833).
+    counts = _draw_many(logits, SamplingParams(temperature=1.0, top_k=4, top_p=0.7))
+    kept = torch.tensor([0.30, 0.25, 0.20, 0, 0, 0])
+    _assert_matches(counts, kept / kept.sum())
+
+
+def test_nucleus_outside_the_first_candidates_widens_to_the_whole_vocabulary():
+    # A nearly flat distribution over 3,000 tokens: top_p 0.95 needs ~2,800 of them, more than
+    # any candidate width short of a full sort, and the draws still follow the nucleus.
+    vocab = 3000
+    logits = -torch.arange(vocab) * 1e-4
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    counts = _draw_many(logits, params, rows=6000)
+    probs = torch.softmax(logits, dim=-1)
+    order = probs.argsort(descending=True)
+    nucleus = order[(probs[order].cumsum(0) - probs[order]) < 0.95]
+    assert counts[nucleus].sum() == counts.sum()
+    assert len(counts.nonzero()) > 2000  # drawn across the nucleus, not only the first candidates
+
+
+def test_sparse_penalties_equal_the_dense_rule():
+    torch.manual_seed(0)
+    vocab = 300
+    logits = torch.randn(3, vocab) * 3
+    outputs = [[5, 5, 9, 299, 5], [], [1, 2, 3, 2]]
+    params = SamplingParams(temperature=0.0, frequency_penalty=0.4, presence_penalty=0.7, repetition_penalty=1.3)
+    seqs = _seqs(outputs, params, prompt=(9, 10, 11))
+    got = Sampler._apply_penalties(logits, seqs, vocab)
+    expected = logits.clone()
+    for i, out in enumerate(outputs):
+        counts = torch.bincount(torch.tensor(out, dtype=torch.int64), minlength=vocab).float()
+        expected[i] = expected[i] - 0.4 * counts - 0.7 * (counts > 0).float()
+        seen = torch.tensor([9, 10, 11] + out)
+        vals = expected[i, seen]
+        expected[i, seen] = torch.where(vals > 0, vals / 1.3, vals * 1.3)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, logits)  # the caller's logits are left alone

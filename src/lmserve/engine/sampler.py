@@ -1,11 +1,15 @@
 """Batched sampling: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
 
-Randomness is counter-based: the draw for a token is a hash of (the choice's stream key, its
-output position, the token id), turned into an exponential race (argmax p / E with E ~ Exp(1),
-which samples exactly from p). So a seeded request gets the same tokens whatever else is in the
+Randomness is counter-based: every draw is a hash of (the choice's stream key, its output
+position[, the token id]), so a seeded request gets the same tokens whatever else is in the
 batch, after preemption and recompute too, and the whole batch is sampled with tensor ops,
-without a Python loop over rows or a generator object per request. Tokens a mask removed
-(probability 0) can never win.
+without a Python loop over rows or a generator object per request. Two exact ways to draw, by
+what a row needs:
+- temperature only: one uniform per row against the cumulative probabilities (inverse CDF);
+- top-k / top-p / min-p: the candidates are cut first (a top-k of the logits, widened only when
+  the nucleus is not inside it; never a sort of the vocabulary in the usual case), then an
+  exponential race over them (argmax p / E with E ~ Exp(1) per token, exact for p).
+Tokens a mask removed (probability 0) can never be drawn either way.
 """
 
 from __future__ import annotations
@@ -140,31 +144,27 @@ class Sampler:
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> torch.Tensor:
-        device = logits.device
+        """Penalties touch only the tokens a sequence has seen: one scatter over (row, token)
+        pairs instead of [B, V] count tensors (at batch 32 over a 49k vocabulary the dense
+        version cost more than the rest of the sampler)."""
+        logits = logits.clone()  # the caller's logits stay as the model gave them
+        flat = logits.view(-1)
         params = [s.params for s in seqs]
-        outputs = [s.output_token_ids for s in seqs]
-        width = max((len(o) for o in outputs), default=0)
-        if width:
-            # Pad with an extra "vocab" column that is dropped after counting.
-            padded = torch.full((len(seqs), width), vocab, dtype=torch.int64, device=device)
-            for i, o in enumerate(outputs):
-                if o:
-                    padded[i, :len(o)] = torch.tensor(o, dtype=torch.int64)
-            counts = torch.zeros(len(seqs), vocab + 1, device=device).scatter_add_(
-                1, padded, torch.ones_like(padded, dtype=torch.float32))[:, :vocab]
-            freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
-            pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
-            logits = logits - freq * counts - pres * (counts > 0).float()
-        if any(p.repetition_penalty != 1.0 for p in params):
-            # transformers' rule over prompt and output: divide positive logits, multiply negative.
-            seen = torch.zeros(len(seqs), vocab + 1, dtype=torch.bool, device=device)
-            for i, s in enumerate(seqs):
-                if params[i].repetition_penalty != 1.0:
-                    seen[i, torch.tensor(s.token_ids, dtype=torch.int64, device=device)] = True
-            seen = seen[:, :vocab]
-            rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
-            penalized = torch.where(logits > 0, logits / rep, logits * rep)
-            logits = torch.where(seen, penalized, logits)
+        # Frequency and presence: per output occurrence, l - freq * count - presence.
+        ids, counts = _seen(seqs, vocab, lambda p: p.frequency_penalty != 0.0 or p.presence_penalty != 0.0,
+                            lambda s: s.output_token_ids, logits.device)
+        if ids is not None:
+            rows = ids // vocab
+            freq = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[rows]
+            pres = torch.tensor([p.presence_penalty for p in params], device=logits.device)[rows]
+            flat[ids] = flat[ids] - freq * counts - pres
+        # Repetition (transformers' rule over prompt and output): divide positive logits,
+        # multiply negative ones.
+        ids, _ = _seen(seqs, vocab, lambda p: p.repetition_penalty != 1.0, lambda s: s.token_ids, logits.device)
+        if ids is not None:
+            rep = torch.tensor([p.repetition_penalty for p in params], device=logits.device)[ids // vocab]
+            vals = flat[ids]
+            flat[ids] = torch.where(vals > 0, vals / rep, vals * rep)
         return logits
 
     def _hold_end_tokens(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
@@ -184,37 +184,108 @@ class Sampler:
     def _sample_random(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
         params = [s.params for s in seqs]
-        vocab = logits.shape[1]
         temps = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
         logits = logits / temps
         keys = torch.tensor([s.sampling_key for s in seqs], dtype=torch.int64, device=device)
         steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device)
+        truncated = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1.0 or p.min_p > 0.0]
+        if not truncated:
+            return sample_inverse_cdf(torch.softmax(logits, dim=-1), row_uniforms(keys, steps))
+        if len(truncated) == len(seqs):
+            return _sample_truncated(logits, params, keys, steps)
+        # A mixed batch: the rows without truncation sample from the whole vocabulary.
+        kept = set(truncated)
+        plain = [i for i in range(len(seqs)) if i not in kept]
+        tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
+        tokens[plain] = sample_inverse_cdf(torch.softmax(logits[plain], dim=-1),
+                                           row_uniforms(keys[plain], steps[plain]))
+        tokens[truncated] = _sample_truncated(logits[truncated], [params[i] for i in truncated], keys[truncated],
+                                              steps[truncated])
+        return tokens
 
-        top_ks = [p.top_k for p in params]
-        truncate = any(top_ks) or any(p.top_p < 1.0 or p.min_p > 0.0 for p in params)
-        if not truncate:
-            probs = torch.softmax(logits, dim=-1)
-            exp_noise = exponential_noise(keys, steps, torch.arange(vocab, device=device))
-            return argmax_rows(probs.div_(exp_noise))
 
-        # Work on the candidates only: the top max(k) when every row has a top_k, else all, sorted.
-        k_max = max(top_ks) if all(top_ks) else vocab
-        if k_max < vocab:
-            vals, ids = logits.topk(k_max, dim=-1)
-        else:
-            vals, ids = logits.sort(dim=-1, descending=True)
+def _seen(seqs: list[Sequence], vocab: int, wanted, tokens_of,
+          device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The distinct (row, token) pairs of the rows `wanted` selects, as flat indices
+    row * vocab + token into [B, V] logits, with how often each occurs (float); (None, None)
+    when there are none. Token ids past the LM head (special tokens of a prompt) are skipped."""
+    parts = []
+    for i, s in enumerate(seqs):
+        if wanted(s.params):
+            toks = torch.tensor(tokens_of(s), dtype=torch.int64)
+            parts.append(toks[toks < vocab] + i * vocab)
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+    if not len(flat):
+        return None, None
+    ids, counts = torch.unique(flat, return_counts=True)
+    return ids.to(device), counts.float().to(device)
+
+
+def row_uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One draw in (0, 1) per row, float64, from (stream key, output position)."""
+    x = mix32(mix32(keys ^ mix32(steps * 0x9E3779B9)) + 0x27D4EB2F)
+    return (x.double() + 0.5) / 4294967296.0
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Exact sampling from each row of probs [B, V] with one uniform per row: the first token
+    whose cumulative probability passes u * total. A token of probability 0 adds nothing to the
+    running sum, so it can never be the first to pass (the earlier token with the same sum
+    passes before it). One cumulative sum over the vocabulary costs ~20x less than drawing a
+    race variable per token, which is what a temperature-only request would otherwise need."""
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1].double()).float().unsqueeze(1)
+    chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    past = chosen >= probs.shape[1]
+    if bool(past.any()):  # rounding put the target at a row's very end: its last possible token
+        rows = past.nonzero().squeeze(1)
+        chosen[rows] = (probs[rows] > 0).cumsum(dim=-1).argmax(dim=-1)
+    return chosen
+
+
+# Candidate widths tried for nucleus / min-p rows before sorting the whole vocabulary: a real
+# model's top 64 tokens almost always hold the top_p mass; the full sort is ~100x dearer.
+_CANDIDATE_WIDTHS = (64, 1024)
+
+
+def _sample_truncated(logits: torch.Tensor, params: list, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """top-k, then top-p over what is left (renormalized, as transformers' warpers), then min-p,
+    then the exponential race over the kept candidates only."""
+    device = logits.device
+    vocab = logits.shape[1]
+    top_ks = [p.top_k for p in params]
+    k = torch.tensor([kk or vocab for kk in top_ks], device=device).unsqueeze(1)
+    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
+    has_k = k < vocab
+    # Rows without top_k measure top_p against the whole vocabulary's probabilities.
+    log_total = None if all(top_ks) else logits.logsumexp(dim=-1, keepdim=True)
+
+    def candidates(width: int):
+        vals, ids = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
         col = torch.arange(vals.shape[1], device=device)
-        if any(top_ks):
-            k = torch.tensor([kk if kk else vals.shape[1] for kk in top_ks], device=device).unsqueeze(1)
-            vals = vals.masked_fill(col >= k, float("-inf"))
+        vals = vals.masked_fill(col >= k, float("-inf"))
         probs = torch.softmax(vals, dim=-1)
-        top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-        min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
-        # Nucleus: drop a token once the mass before it already reaches top_p (the best one stays).
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop |= probs < min_p * probs[:, :1]
-        vals = vals.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(vals, dim=-1)
-        exp_noise = exponential_noise(keys, steps, ids)
-        choice = argmax_rows(probs.div_(exp_noise)).unsqueeze(1)
-        return ids.gather(1, choice).squeeze(1)
+        if log_total is not None:
+            probs = torch.where(has_k, probs, (vals - log_total).exp())
+        return vals, ids, probs
+
+    k_max = max(top_ks) if all(top_ks) else 0
+    for width in (*(w for w in _CANDIDATE_WIDTHS if w > k_max), vocab):
+        vals, ids, probs = candidates(min(max(width, k_max), vocab))
+        if vals.shape[1] == vocab:
+            break
+        # Wide enough when every row's kept set must lie inside: top_k rows always; otherwise
+        # the candidates already hold the top_p mass, or their last one is below min_p's cut.
+        enough = has_k | ((top_p < 1.0) & (probs.sum(dim=-1, keepdim=True) >= top_p))
+        enough |= (min_p > 0.0) & (probs[:, -1:] < min_p * probs[:, :1])
+        if bool(enough.all()):
+            break
+    # Nucleus: drop a token once the mass before it already reaches top_p (the best one stays).
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p
+    drop |= probs < min_p * probs[:, :1]
+    # The race needs weights only up to a per-row factor: exp(v - best) of the kept candidates,
+    # with no sum over the row, so the draw does not depend on how wide the candidate set was.
+    weights = (vals - vals[:, :1]).exp().masked_fill_(drop, 0.0)
+    choice = argmax_rows(weights.div_(exponential_noise(keys, steps, ids))).unsqueeze(1)
+    return ids.gather(1, choice).squeeze(1)
