@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +102,49 @@ def test_layers_the_kernels_cannot_take_stay_dense():
     model = torch.nn.Sequential(Linear(48, 64), Linear(64, 24), Linear(64, 64))
     assert quantize_model(model, "int4") == 1  # 48 inputs: not whole groups of 32; 24 rows
     assert model[2].weight is None and model[0].weight is not None and model[1].weight is not None
+
+
+def test_int4_from_a_q4_1_gguf_keeps_the_files_codes(quantized_engines):
+    """The bundled GGUF is Q4_1: int4 takes each block's codes, d and m as they are (scale d,
+    zero m + 8d, rounded to bf16), rather than requantizing a dequantized copy."""
+    from gguf import GGUFReader
+
+    from lmserve.models.gguf import q4_1_grid, undo_rope_permute
+    from lmserve.models.loader import bundled_model_path
+
+    reader = GGUFReader(str(bundled_model_path()))
+    model = quantized_engines["int4"].engine.model
+    config = quantized_engines["int4"].engine.model_config
+    checked = 0
+    for gguf_name, layer, heads, rows in [("blk.3.ffn_down.weight", model.layers[3].mlp.down_proj, None, None),
+                                          ("blk.5.attn_k.weight", model.layers[5].self_attn.qkv_proj,
+                                           config.num_kv_heads, slice(576, 768))]:
+        t = next(t for t in reader.tensors if t.name == gguf_name)
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        grid = q4_1_grid(t.data, shape)
+        if heads:
+            grid = grid.permute_rows(torch.from_numpy(undo_rope_permute(np.arange(shape[0]), heads)))
+        expected = ((grid.codes.float() - 8).reshape(shape[0], -1, INT4_GROUP)
+                    * grid.scale.bfloat16().float()[..., None] + grid.zero.bfloat16().float()[..., None])
+        got = _dequantized(layer, "int4")[rows if rows else slice(None)]
+        torch.testing.assert_close(got, expected.reshape(shape), atol=1e-6, rtol=0)
+        checked += 1
+    assert checked == 2
+
+
+def test_quantized_max_rows_sends_big_products_to_the_kept_dense_weight():
+    torch.manual_seed(0)
+    hybrid = torch.nn.Sequential(Linear(128, 64))
+    with torch.no_grad():
+        hybrid[0].weight.normal_(0, 0.05)
+    dense_w = hybrid[0].weight.detach().clone()
+    only = torch.nn.Sequential(Linear(128, 64))
+    with torch.no_grad():
+        only[0].weight.copy_(dense_w)
+    quantize_model(hybrid, "int4", dense_above_rows=2)
+    quantize_model(only, "int4")
+    assert hybrid[0].weight is not None and only[0].weight is None
+    small, big = torch.randn(2, 128), torch.randn(5, 128)
+    assert torch.equal(hybrid[0](small), only[0](small))  # the int4 kernel for 2 rows
+    torch.testing.assert_close(hybrid[0](big), F.linear(big, dense_w))  # the dense weight for 5
+    assert not torch.allclose(only[0](big), F.linear(big, dense_w), atol=1e-4)

@@ -151,6 +151,7 @@ class EngineOptions(_Section):
     enable_prefix_caching: bool | None = None
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] | None = None
     quantization: Quantization | None = None  # weight-only int8/int4 on CPU
+    quantized_max_rows: Annotated[int, Field(ge=0)] | None = None  # more rows: a kept bf16 copy
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments for LLMEngine: only what was set."""
@@ -254,7 +255,8 @@ class DeploymentConfig(_Section):
 # Flags that set engine/model fields of every deployment (flag name -> where it goes).
 _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
-                "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization")}
+                "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization"),
+                "quantized_max_rows": ("engine", "quantized_max_rows")}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format")
 
 
@@ -263,7 +265,8 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
     """The file (if any) with the command-line flags applied on top, validated as a whole.
 
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
-    max_model_len, kv_cache_memory, max_num_seqs, quantization, chat_template (applied to every deployment),
+    max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, chat_template
+    (applied to every deployment),
     log_level, log_format (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"

@@ -84,6 +84,9 @@ def register(sub) -> None:
                         help="most sequences decoded together (default 256)")
     engine.add_argument("--quantization", choices=["none", "int8", "int4"],
                         help="weight-only quantization on CPU (default none)")
+    engine.add_argument("--quantized-max-rows", type=int, metavar="N",
+                        help="with --quantization: products of more than N rows (prefill, large batches) use a "
+                             "bf16 copy kept beside the quantized weights (default: no copy)")
 
     logs = serve.add_argument_group("logging")
     logs.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir, served_model_name=args.served_model_name, dtype=args.dtype,
             chat_template=args.chat_template, max_model_len=args.max_model_len,
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
+            quantized_max_rows=args.quantized_max_rows,
             log_level=args.log_level,
             log_format=args.log_format)
     except ConfigError as e:

@@ -52,6 +52,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "auto"
     quantization: str = "none"  # weight-only int8 / int4 on CPU (layers/quantization.py)
+    # Products of more rows than this (prefill, big decode batches) run on a bf16 copy kept beside
+    # the quantized weights: the quantized kernels win only for a few rows. None: no copy.
+    quantized_max_rows: int | None = None
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -61,12 +64,14 @@ _SHARED_WEIGHTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _SHARED_TOKENIZERS: dict[tuple, object] = {}
 
 
-def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantization: str):
-    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device), quantization)
+def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantization: str,
+                 quantized_max_rows: int | None):
+    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device), quantization,
+           quantized_max_rows)
     model = _SHARED_WEIGHTS.get(key)
     if model is None:
         started = time.perf_counter()
-        model = load_model(ckpt, config, dtype, device, quantization)
+        model = load_model(ckpt, config, dtype, device, quantization, quantized_max_rows)
         _SHARED_WEIGHTS[key] = model
         log.info("weights of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
     tok_key = key[:2]
@@ -91,7 +96,7 @@ class LLMEngine:
         self.model_config = read_config(self.checkpoint)
         started = time.perf_counter()
         self.model, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
-                                                 cfg.quantization)
+                                                 cfg.quantization, cfg.quantized_max_rows)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
 
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()

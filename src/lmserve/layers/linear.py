@@ -121,6 +121,7 @@ class Linear(nn.Module):
         self.output_size = sum(self.shard_sizes) if self.shard_sizes else int(output_size)
         self.has_bias = bias
         self.packed = None
+        self.checkpoint_grids: dict | None = None  # shard id -> checkpoint int4 grid, until quantized
         self.quant_method = quant_method or DenseLinearMethod()
         self.quant_method.create_weights(self, dtype)
         for param in self.parameters(recurse=False):
@@ -132,6 +133,13 @@ class Linear(nn.Module):
         return list(range(len(self.shard_sizes))) if self.shard_sizes else [None]
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None = None) -> None:
+        grid = getattr(tensor, "int4_grid", None)
+        if grid is not None and param is self.weight:
+            # A checkpoint's own quantization grid of this shard (GGUF Q4_1): an int4 method uses
+            # its codes instead of requantizing the dense copy (layers/quantization.py).
+            if self.checkpoint_grids is None:
+                self.checkpoint_grids = {}
+            self.checkpoint_grids[shard_id] = grid
         if self.shard_sizes is None:
             return default_weight_loader(param, tensor, shard_id)
         if shard_id is None:  # a checkpoint that already packs the shards (e.g. one qkv tensor)

@@ -7,7 +7,17 @@ compute dtype. Weights are quantized at load from the dense checkpoint tensors:
 
 - int8: symmetric, one scale per output channel (w ~ q * s, q in [-127, 127]).
 - int4: asymmetric, one scale and zero per group of 32 inputs (w ~ (q - 8) * s + zero, q in
-  [0, 15]), the layout the int4 kernel reads; llama.cpp's Q4_1 blocks are the same grid.
+  [0, 15]), the layout the int4 kernel reads. llama.cpp's Q4_1 blocks are the same grid
+  (w = d * q + m, so s = d and zero = m + 8d): a GGUF Q4_1 tensor arrives with its grid
+  (`Int4Grid`, attached by the GGUF reader) and its codes are used as they are, not requantized
+  from a dequantized copy.
+
+The quantized kernels pay only for few rows: they stream 4 or 8 bits per weight, but work row by
+row, so from ~4 rows on the oneDNN bf16 kernel wins (int4 is ~3x slower at 32+ rows: measured in
+docs/benchmarks.md). `dense_above_rows=N` keeps the bf16 (packed) weight beside the quantized one
+and sends products of more than N rows (prefill, large decode batches) to it: fastest at every
+batch size, at the price of the dense weight's memory. Without it only the quantized weight is
+kept (the memory mode).
 
 The kernels take bf16 activations: their float32 paths are reference loops about 100x slower
 (measured: 576 ms vs 4 ms for a 180 x 576 x 1536 product), so a float32 model's quantized layers
@@ -19,17 +29,53 @@ tokens in the study behind this; see docs/benchmarks.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from lmserve.layers.linear import Linear, LinearMethod
+from lmserve.layers.linear import DenseLinearMethod, Linear, LinearMethod
 
 QUANTIZATION_CHOICES = ("none", "int8", "int4")
 INT4_GROUP = 32
 KERNEL_DTYPE = torch.bfloat16
 
 
-class Int8LinearMethod(LinearMethod):
+@dataclass
+class Int4Grid:
+    """An int4 group-32 grid a checkpoint already holds for one tensor:
+    w[r, c] = (codes[r, c] - 8) * scale[r, c // 32] + zero[r, c // 32]."""
+
+    codes: torch.Tensor  # uint8 [rows, k], values 0..15
+    scale: torch.Tensor  # float32 [rows, k // 32]
+    zero: torch.Tensor  # float32 [rows, k // 32]
+
+    def permute_rows(self, order: torch.Tensor) -> Int4Grid:
+        return Int4Grid(self.codes[order], self.scale[order], self.zero[order])
+
+
+class QuantizedLinearMethod(LinearMethod):
+    """Shared by the weight-only methods: optionally keep the dense weight for big products."""
+
+    def __init__(self, dense_above_rows: int | None = None):
+        self.dense_above_rows = dense_above_rows
+
+    def finish(self, layer: Linear) -> None:
+        if self.dense_above_rows is None:
+            _drop_dense(layer)  # the memory the method saves
+        elif getattr(layer, "packed", None) is None:
+            DenseLinearMethod().process_weights_after_loading(layer)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_above_rows is not None and x.numel() > self.dense_above_rows * x.shape[-1]:
+            return DenseLinearMethod().apply(layer, x)
+        return self.apply_quantized(layer, x)
+
+    def apply_quantized(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8LinearMethod(QuantizedLinearMethod):
     @staticmethod
     def supports(layer: Linear) -> bool:
         # The int8 kernel crashes the process (segfault) on inputs whose width is not a
@@ -41,35 +87,57 @@ class Int8LinearMethod(LinearMethod):
         scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).to(KERNEL_DTYPE)
         layer.qweight = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
         layer.scales = scale
-        _drop_dense(layer)
+        self.finish(layer)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply_quantized(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return _run(torch.ops.aten._weight_int8pack_mm, x, layer.bias, layer.qweight, layer.scales)
 
 
-class Int4LinearMethod(LinearMethod):
+class Int4LinearMethod(QuantizedLinearMethod):
     @staticmethod
     def supports(layer: Linear) -> bool:
         # The packed int4 layout needs whole groups of inputs and rows in multiples of 16.
         return layer.input_size % INT4_GROUP == 0 and layer.output_size % 16 == 0
     def process_weights_after_loading(self, layer: Linear) -> None:
-        n, k = layer.weight.shape
+        k = layer.input_size
         if k % INT4_GROUP:
             raise ValueError(f"int4 needs input sizes divisible by {INT4_GROUP}, got {k}")
-        w = layer.weight.detach().float().reshape(n, k // INT4_GROUP, INT4_GROUP)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        # The kernel computes (q - 8) * scale + zero per group, so zero = lo + 8 * scale; both are
-        # rounded to the kernel's dtype first and the grid is taken against the rounded values.
-        scale = ((hi - lo) / 15.0).clamp_(min=1e-12).to(KERNEL_DTYPE).float()
-        zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
-        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.int32).reshape(n, k)
-        layer.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        layer.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
-        _drop_dense(layer)
+        grid = checkpoint_grid(layer)
+        if grid is None:
+            grid = _int4_grid_of(layer.weight.detach().float())
+        # The kernel reads scale and zero in its dtype: round them, keep the codes.
+        layer.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes.to(torch.int32), 1)
+        layer.scales_zeros = torch.stack([grid.scale, grid.zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+        self.finish(layer)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply_quantized(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return _run(torch.ops.aten._weight_int4pack_mm_for_cpu, x, layer.bias, layer.qweight, INT4_GROUP,
                     layer.scales_zeros)
+
+
+def _int4_grid_of(w: torch.Tensor) -> Int4Grid:
+    """Min/max grid per group of 32 for a dense [n, k] weight. The kernel computes
+    (q - 8) * scale + zero, so zero = lo + 8 * scale; both are rounded to the kernel's dtype first
+    and the codes are taken against the rounded values."""
+    n, k = w.shape
+    w = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp_(min=1e-12).to(KERNEL_DTYPE).float()
+    zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
+    codes = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return Int4Grid(codes, scale, zero)
+
+
+def checkpoint_grid(layer: Linear) -> Int4Grid | None:
+    """The layer's whole int4 grid from the checkpoint, when every shard of its weight came with
+    one (shards stacked in output order); else None."""
+    grids = getattr(layer, "checkpoint_grids", None) or {}
+    if None in grids:
+        return grids[None]
+    if layer.shard_sizes is None or not all(i in grids for i in range(len(layer.shard_sizes))):
+        return None
+    parts = [grids[i] for i in range(len(layer.shard_sizes))]
+    return Int4Grid(*(torch.cat([getattr(g, f) for g in parts]) for f in ("codes", "scale", "zero")))
 
 
 def _run(kernel, x: torch.Tensor, bias: torch.Tensor | None, *weights) -> torch.Tensor:
@@ -89,10 +157,20 @@ def _drop_dense(layer: Linear) -> None:
 _METHODS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod}
 
 
-def quantize_model(model: nn.Module, quantization: str, skip: tuple[str, ...] = ("lm_head",)) -> int:
+def quantize_model(model: nn.Module, quantization: str, skip: tuple[str, ...] = ("lm_head",),
+                   dense_above_rows: int | None = None) -> int:
     """Convert every loaded dense `Linear` (but the LM head, and layers whose shape the kernel
     cannot take) to the chosen method; returns how many were converted. Weights shared with
-    another module (a tied head) stay dense."""
+    another module (a tied head) stay dense. Checkpoint grids are released either way."""
+    try:
+        return _quantize(model, quantization, skip, dense_above_rows)
+    finally:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.checkpoint_grids = None
+
+
+def _quantize(model: nn.Module, quantization: str, skip: tuple[str, ...], dense_above_rows: int | None) -> int:
     if quantization in (None, "none"):
         return 0
     if quantization not in _METHODS:
@@ -104,7 +182,7 @@ def quantize_model(model: nn.Module, quantization: str, skip: tuple[str, ...] = 
         method = _METHODS[quantization]
         if (isinstance(module, Linear) and not any(name == s or name.endswith("." + s) for s in skip)
                 and method.supports(module)):
-            module.quant_method = method()
+            module.quant_method = method(dense_above_rows)
             module.quant_method.process_weights_after_loading(module)
             converted += 1
     return converted

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmserve.errors import CheckpointError
+from lmserve.layers.quantization import Int4Grid
 from lmserve.models.config import DecoderConfig
 
 
@@ -101,8 +102,11 @@ class GGUFFile:
             qkv_bias=self.arch.qkv_bias,
         )
 
-    def tensors(self, config: DecoderConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """(Hugging Face name, fp32 tensor, file name), dequantized one at a time."""
+    def tensors(self, config: DecoderConfig, int4_grids: bool = False) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """(Hugging Face name, fp32 tensor, file name), dequantized one at a time. With
+        `int4_grids`, a Q4_1 tensor also carries its own grid as `tensor.int4_grid` (rows in the
+        same order as the tensor) for an int4 method to use as is."""
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         for t in tqdm(self.reader.tensors, desc=f"Loading {self.path.name}", unit="tensor", disable=None,
@@ -114,11 +118,38 @@ class GGUFFile:
                 array = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
             except Exception as e:
                 raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
-            if self.arch.permuted_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
-                array = undo_rope_permute(array, config.num_heads)
-            elif self.arch.permuted_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
-                array = undo_rope_permute(array, config.num_kv_heads)
-            yield name, torch.from_numpy(np.array(array, dtype=np.float32)), self.path.name  # a writable copy
+            grid = q4_1_grid(t.data, array.shape) if int4_grids and t.tensor_type == GGMLQuantizationType.Q4_1 else None
+            heads = self._permuted_heads(name, config)
+            if heads:
+                array = undo_rope_permute(array, heads)
+            tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+            if grid is not None:
+                tensor.int4_grid = grid if not heads else grid.permute_rows(
+                    torch.from_numpy(undo_rope_permute(np.arange(array.shape[0]), heads)))
+            yield name, tensor, self.path.name
+
+    def _permuted_heads(self, name: str, config: DecoderConfig) -> int | None:
+        """The head count to undo llama.cpp's q/k row permutation with, or None."""
+        if self.arch.permuted_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+            return config.num_heads
+        if self.arch.permuted_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+            return config.num_kv_heads
+        return None
+
+
+_Q4_1_BLOCK = 32  # values per block; 20 bytes: fp16 d, fp16 m, 16 bytes of 4-bit codes
+
+
+def q4_1_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
+    """A Q4_1 tensor's own grid (w = d * q + m per block of 32, low nibbles first) in the int4
+    kernel's terms: scale = d, zero = m + 8d, codes unchanged."""
+    rows, k = shape
+    blocks = np.ascontiguousarray(data).reshape(rows, k // _Q4_1_BLOCK, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 4:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, k)
+    return Int4Grid(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m + 8 * d))
 
 
 @functools.lru_cache(maxsize=2)

@@ -108,7 +108,7 @@ def read_config(ckpt: Checkpoint) -> ModelConfig:
 
 
 def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               quantization: str = "none") -> torch.nn.Module:
+               quantization: str = "none", dense_above_rows: int | None = None) -> torch.nn.Module:
     try:
         cls = get_model_class(config.architecture)
     except UnsupportedArchitecture as e:
@@ -116,11 +116,14 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
     with torch.device(device), _skip_random_init():
         model = cls(config, dtype)
     model.to(dtype)
-    tensors = ckpt.gguf.tensors(config) if ckpt.format == "gguf" else _safetensors(ckpt.path)
+    if ckpt.format == "gguf":
+        tensors = ckpt.gguf.tensors(config, int4_grids=quantization == "int4")
+    else:
+        tensors = _safetensors(ckpt.path)
     with torch.no_grad():
         load_weights(model, tensors)
     process_weights_after_loading(model)
-    quantize_model(model, quantization, skip=("lm_head", *model.dense_modules))
+    quantize_model(model, quantization, skip=("lm_head", *model.dense_modules), dense_above_rows=dense_above_rows)
     # The rope tables were built in the compute dtype; the buffers must not be recast.
     return model.eval()
 
