@@ -163,3 +163,4 @@ def process_weights_after_loading(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)
+            module.checkpoint_grids = None  # consumed (or unused) once the weight is final

@@ -159,30 +159,32 @@ _METHODS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod}
 
 def quantize_model(model: nn.Module, quantization: str, skip: tuple[str, ...] = ("lm_head",),
                    dense_above_rows: int | None = None) -> int:
-    """Convert every loaded dense `Linear` (but the LM head, and layers whose shape the kernel
-    cannot take) to the chosen method; returns how many were converted. Weights shared with
-    another module (a tied head) stay dense. Checkpoint grids are released either way."""
-    try:
-        return _quantize(model, quantization, skip, dense_above_rows)
-    finally:
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.checkpoint_grids = None
+    """Quantize a loaded model's linear layers now (see `choose_quant_methods`); returns how many
+    were converted."""
+    layers = choose_quant_methods(model, quantization, skip, dense_above_rows)
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)
+        layer.checkpoint_grids = None
+    return len(layers)
 
 
-def _quantize(model: nn.Module, quantization: str, skip: tuple[str, ...], dense_above_rows: int | None) -> int:
+def choose_quant_methods(model: nn.Module, quantization: str, skip: tuple[str, ...] = ("lm_head",),
+                         dense_above_rows: int | None = None) -> list[Linear]:
+    """Give every dense `Linear` (but the LM head, and layers whose shape the kernel cannot take)
+    the chosen method, to be applied by `process_weights_after_loading`; returns those layers.
+    Weights shared with another module (a tied head) stay dense. Choosing before the weights are
+    processed means a quantized layer's dense weight is never packed, only freed."""
     if quantization in (None, "none"):
-        return 0
+        return []
     if quantization not in _METHODS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {quantization!r}")
     if next(model.parameters()).device.type != "cpu":
         raise ValueError(f"{quantization} weight-only quantization runs on the CPU only")
-    converted = 0
+    method = _METHODS[quantization]
+    chosen = []
     for name, module in model.named_modules():
-        method = _METHODS[quantization]
         if (isinstance(module, Linear) and not any(name == s or name.endswith("." + s) for s in skip)
                 and method.supports(module)):
             module.quant_method = method(dense_above_rows)
-            module.quant_method.process_weights_after_loading(module)
-            converted += 1
-    return converted
+            chosen.append(module)
+    return chosen

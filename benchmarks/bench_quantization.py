@@ -1,0 +1,116 @@
+"""Weight-only quantization on the bundled model, each mode in its own process, side by side:
+resident memory after loading, offline tokens/s for 32 chat prompts x 64 tokens one request at a
+time (batch 1) and all at once (batch 32), the time of one 1,024-token prefill, perplexity of
+tests/data/perplexity_text.txt (one prefill: the kernel of large products), and greedy agreement
+with the first mode on the batch-1 runs (share of positions before the first difference, and of
+whole sequences equal).
+
+    .venv/bin/python benchmarks/bench_quantization.py [--modes none int4 int4:2 int8] [--threads N]
+
+A mode is `none`, `int8` or `int4`, optionally `:N` for quantized_max_rows=N (a bf16 copy serves
+products of more than N rows). The first mode is the reference for agreement and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "perplexity_text.txt"
+_QUESTIONS = ["Write a haiku about the sea.", "What is the capital of Japan?", "Explain recursion simply.",
+              "Give three tips for sleeping well.", "Translate 'good morning' into Spanish.",
+              "What is 17 times 23?", "Name a famous painter and one work.", "Describe a cat in one sentence.",
+              "Why is the sky blue?", "Write a Python function that reverses a string."]
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_mode(mode: str, threads: int | None) -> dict:
+    import torch
+
+    from lmserve import LLM, SamplingParams
+    from lmserve.engine.scoring import perplexity
+
+    if threads:
+        torch.set_num_threads(threads)
+    quant, _, rows = mode.partition(":")
+    llm = LLM(dtype="bfloat16", quantization=quant, quantized_max_rows=int(rows) if rows else None,
+              num_kv_blocks=1024)
+    out = {"rss_mib": _rss_mib()}
+    from lmserve.engine.tokenizer import render_chat
+
+    prompts = [llm.engine.encode(render_chat(llm.tokenizer, [{"role": "user", "content": f"{q} (#{i})"}]),
+                                 add_special_tokens=False) for i in range(4) for q in _QUESTIONS[:8]]
+    greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm
+    # One request at a time: what a single user gets, and the decode rows the int4 kernel takes.
+    start = time.perf_counter()
+    out["tokens"] = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    out["decode_b1"] = len(prompts) * 64 / (time.perf_counter() - start)
+    start = time.perf_counter()
+    llm.generate(prompts, greedy)
+    out["decode_b32"] = len(prompts) * 64 / (time.perf_counter() - start)
+    ids = llm.engine.tokenizer.encode(TEXT.read_text())
+    out["perplexity"] = perplexity(llm.engine, ids)
+    long_prompt = (ids * 4)[:1024]
+    llm.generate([long_prompt[:64]], SamplingParams(max_tokens=1))
+    start = time.perf_counter()
+    llm.generate([long_prompt], SamplingParams(max_tokens=1))
+    out["prefill_1024_s"] = time.perf_counter() - start
+    return out
+
+
+def agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float]:
+    """(share of positions before the first difference, share of identical sequences)."""
+    prefix = 0
+    for a, b in zip(ref, got):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix += n
+    return prefix / sum(len(a) for a in ref), sum(a == b for a, b in zip(ref, got)) / len(ref)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=["none", "int4", "int4:2", "int8:2"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # run one mode in this process, print JSON
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_mode(args.one, args.threads)))
+        return
+    results = {}
+    for mode in args.modes:
+        cmd = [sys.executable, __file__, "--one", mode] + (["--threads", str(args.threads)] if args.threads else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        if proc.returncode:
+            sys.exit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    import platform
+
+    import torch
+
+    ref = results[args.modes[0]]
+    print(f"# {platform.machine()}, torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, "
+          f"bf16 compute, bundled SmolLM2-135M (Q4_1 GGUF); reference mode {args.modes[0]}")
+    print("| mode | RSS MiB | decode b1 tok/s | decode b32 tok/s | prefill 1024 s | perplexity "
+          "| greedy prefix agree | sequences equal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, r in results.items():
+        prefix, whole = agreement(ref["tokens"], r["tokens"])
+        print(f"| {mode} | {r['rss_mib']:.0f} | {r['decode_b1']:.1f} ({r['decode_b1'] / ref['decode_b1']:.2f}x) "
+              f"| {r['decode_b32']:.0f} ({r['decode_b32'] / ref['decode_b32']:.2f}x) | {r['prefill_1024_s']:.2f} "
+              f"| {r['perplexity']:.2f} | {prefix:.0%} | {whole:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
