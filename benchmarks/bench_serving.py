@@ -1,15 +1,19 @@
-"""Serving benchmark: real `lmserve serve` processes driven by a streaming load generator,
-a baseline and a candidate side by side in one run.
+"""Serving benchmark: real servers driven by a streaming load generator, side by side in one run.
 
-Each configuration gets its own server (started here, on a free port, stopped after); for every
-concurrency level the generator keeps that many streamed chat requests in flight until the
-level's request count is done, and reports output tokens/s over the level's wall time, time to
-first token (TTFT) and time per output token after the first (TPOT) percentiles. The last
-column is candidate / baseline. Compare only numbers from one run: machines differ.
+Each configuration gets its own server (started here, on a free port, stopped after): lmserve
+as `--baseline` and `--candidate` (engine options, plus `threads=N` for the server's CPU
+threads), and optionally llama.cpp's `llama-server` on the same GGUF (`--llama-server PATH`).
+For every concurrency level the generator keeps that many streamed chat requests in flight until
+the level's request count is done, and reports output tokens/s over the level's wall time, time
+to first token (TTFT) and time per output token after the first (TPOT) percentiles. Ratio
+columns divide by the baseline (and by llama.cpp when it ran). `--offline` adds the offline
+engine beside transformers' `generate` (benchmarks/bench_engine.py) in the same run. Compare
+only numbers from one run: machines differ.
 
     .venv/bin/python benchmarks/bench_serving.py --candidate quantization=int4
     .venv/bin/python benchmarks/bench_serving.py --concurrency 1 16 64 --max-tokens 128 \\
-        --baseline quantization=none --candidate quantization=int8
+        --baseline quantization=none --candidate quantization=int4 quantized_max_rows=2 \\
+        --llama-server /path/to/llama-server --offline
 """
 
 from __future__ import annotations
@@ -45,18 +49,33 @@ def _engine_options(pairs: list[str]) -> dict:
     return out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lmserve_command(model: str, dtype: str, options: dict, work: Path, name: str, port: int) -> list[str]:
+    engine = {k: v for k, v in options.items() if k != "threads"}
+    server = {"api_keys": [KEY], **({"threads": options["threads"]} if "threads" in options else {})}
+    cfg = {"server": server, "models": [{"id": "bench", "path": model, "dtype": dtype, "engine": engine}]}
+    path = work / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return [sys.executable, "-m", "lmserve", "serve", "--config", str(path), "--host", "127.0.0.1",
+            "--port", str(port)]
+
+
+def llama_server_command(binary: str, gguf: str, threads: int, slots: int, max_tokens: int, port: int) -> list[str]:
+    """llama.cpp's server on the same file: one slot per concurrent request, each with room for
+    a prompt and the output."""
+    return [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+            "-np", str(slots), "-c", str(slots * (256 + max_tokens)), "--no-webui", "--api-key", KEY]
+
+
 class Server:
-    def __init__(self, model: str, dtype: str, engine: dict, work: Path, name: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        cfg = {"server": {"api_keys": [KEY]},
-               "models": [{"id": "bench", "path": model, "dtype": dtype, "engine": engine}]}
-        path = work / f"{name}.yaml"
-        path.write_text(json.dumps(cfg))  # JSON is YAML
+    def __init__(self, cmd: list[str], port: int, work: Path, name: str):
+        self.port = port
         self.log = open(work / f"{name}.log", "wb")
-        cmd = [sys.executable, "-m", "lmserve", "serve", "--config", str(path), "--host", "127.0.0.1",
-               "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, HF_HUB_OFFLINE="1"))
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,7 +106,7 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     start = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = chunks = 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
                              headers={"Authorization": f"Bearer {KEY}"}) as r:
         r.raise_for_status()
@@ -98,9 +117,11 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                chunks += 1
                 last = time.perf_counter()
                 first = first or last
     first = first or time.perf_counter()
+    tokens = tokens or chunks  # a server that does not report usage: one token per content chunk
     tpot = (last - first) / (tokens - 1) if last and tokens > 1 else 0.0
     return first - start, tpot, tokens
 
@@ -128,7 +149,7 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
 
 
 def main() -> None:
-    from lmserve.models.loader import DEFAULT_MODEL_ID
+    from lmserve.models.loader import DEFAULT_MODEL_ID, bundled_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL_ID)
@@ -138,26 +159,55 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--baseline", nargs="*", default=[], metavar="OPTION=VALUE", help="engine options")
     ap.add_argument("--candidate", nargs="*", default=[], metavar="OPTION=VALUE", help="engine options")
+    ap.add_argument("--llama-server", metavar="PATH", help="also run llama.cpp's llama-server on the GGUF")
+    ap.add_argument("--llama-gguf", help="the GGUF for llama-server (default: the bundled model's file)")
+    ap.add_argument("--llama-threads", type=int, default=os.cpu_count(), help="llama-server -t")
+    ap.add_argument("--offline", action="store_true", help="also run bench_engine.py (offline vs transformers)")
     args = ap.parse_args()
     configs = {"baseline": _engine_options(args.baseline), "candidate": _engine_options(args.candidate)}
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    print(f"# model {args.model}, dtype {args.dtype}, {args.max_tokens} output tokens, streamed, greedy")
+    print(f"# model {args.model}, dtype {args.dtype}, {args.max_tokens} output tokens, streamed, greedy, ignore_eos")
     for name, engine in configs.items():
         print(f"# {name}: {engine or 'defaults'}")
+    gguf = args.llama_gguf or str(bundled_model_path())
+    if args.llama_server:
+        print(f"# llama.cpp: {args.llama_server} -m {Path(gguf).name} -t {args.llama_threads} "
+              f"-np {max(args.concurrency)}")
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, engine in configs.items():
-            server = Server(args.model, args.dtype, engine, Path(tmp), name)
+        runs = {name: lambda port, name=name, engine=engine: lmserve_command(
+            args.model, args.dtype, engine, Path(tmp), name, port) for name, engine in configs.items()}
+        if args.llama_server:
+            runs["llama.cpp"] = lambda port: llama_server_command(args.llama_server, gguf, args.llama_threads,
+                                                                  max(args.concurrency), args.max_tokens, port)
+        for name, command in runs.items():
+            port = _free_port()
+            server = Server(command(port), port, Path(tmp), name)
             try:
                 results[name] = {c: asyncio.run(run_level(server.url, c, args.requests or max(8, 2 * c),
                                                           args.max_tokens)) for c in args.concurrency}
             finally:
                 server.stop()
-    print(f"{'concurrency':>11} | {'metric':<12} | {'baseline':>10} | {'candidate':>10} | {'ratio':>6}")
+    names = list(results)
+    header = f"{'concurrency':>11} | {'metric':<12} | " + " | ".join(f"{n:>10}" for n in names)
+    header += " | cand/base" + (" | base/llama | cand/llama" if "llama.cpp" in results else "")
+    print(header)
     for c in args.concurrency:
         for metric in results["baseline"][c]:
-            b, k = results["baseline"][c][metric], results["candidate"][c][metric]
-            print(f"{c:>11} | {metric:<12} | {b:>10.1f} | {k:>10.1f} | {k / b if b else float('nan'):>6.2f}")
+            vals = {n: results[n][c][metric] for n in names}
+            row = f"{c:>11} | {metric:<12} | " + " | ".join(f"{vals[n]:>10.1f}" for n in names)
+            row += f" | {_ratio(vals['candidate'], vals['baseline']):>9.2f}"
+            if "llama.cpp" in vals:
+                row += (f" | {_ratio(vals['baseline'], vals['llama.cpp']):>10.2f}"
+                        f" | {_ratio(vals['candidate'], vals['llama.cpp']):>10.2f}")
+            print(row)
+    if args.offline:
+        print("\n# offline engine vs transformers' generate (benchmarks/bench_engine.py)", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_engine.py"))], check=True)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,7 @@ class ServerSettings(_Section):
     log_format: LogFormat = "text"
     log_health_probes: bool = False  # /health, /ready, /live and /metrics in the request log
     stats_interval_s: Annotated[float, Field(ge=0.0)] = 10.0  # stats line while busy; 0: off
+    threads: Positive | None = None  # torch intra-op threads on CPU; default: the physical cores
     # Connection hygiene (docs/operations.md): request heads larger than this are refused, and a
     # connection that has not sent a whole request head within header_timeout_s is closed.
     max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
@@ -257,7 +258,7 @@ _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
                 "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization"),
                 "quantized_max_rows": ("engine", "quantized_max_rows")}
-_SERVER_FLAGS = ("host", "port", "log_level", "log_format")
+_SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 
 def load_config(path: str | None, cli_models: list[str] | None = None, host: str | None = None,
@@ -267,7 +268,7 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
     max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, chat_template
     (applied to every deployment),
-    log_level, log_format (server settings), data_dir (platform.data_dir)."""
+    log_level, log_format, threads (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"
     flags.update(host=host, port=port)

@@ -63,6 +63,8 @@ def register(sub) -> None:
                              "With none, a key is made up and printed")
     server.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
                         help="allow browser calls from this origin (repeatable; '*' for any). Default: none")
+    server.add_argument("--threads", type=_positive, metavar="N",
+                        help="CPU threads for the model's math (default: the physical cores)")
     server.add_argument("--data-dir", metavar="DIR", help="where lmserve keeps state (default ~/.local/share/lmserve)")
 
     model = serve.add_argument_group("model")
@@ -104,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
             chat_template=args.chat_template, max_model_len=args.max_model_len,
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
             quantized_max_rows=args.quantized_max_rows,
-            log_level=args.log_level,
-            log_format=args.log_format)
+            log_level=args.log_level, log_format=args.log_format, threads=args.threads)
     except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)
         return 2

@@ -62,6 +62,9 @@ def serve(config: DeploymentConfig) -> int:
     from lmserve.server.shutdown import draining_server
 
     setup_logging(server.log_level, server.log_format)
+    from lmserve.device import set_cpu_threads
+
+    log.info("CPU threads for the model: %d", set_cpu_threads(server.threads))
     # The database next: a wrong URL fails in a second, not after the models have loaded.
     platform = Platform(config.platform, {d.id: d for d in config.models}, config.server.api_keys)
     log.info("platform database: %s", _redacted(config.platform.db_url))
