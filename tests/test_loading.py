@@ -70,3 +70,25 @@ def test_dtype_choice():
     assert choose_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
         choose_dtype("int8", torch.device("cpu"))
+
+
+def test_default_cpu_threads_are_the_physical_cores_this_process_may_use():
+    import os
+    import subprocess
+    import sys
+
+    from lmserve.device import physical_cores
+
+    cores = physical_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    # Against lscpu's own view of the same CPUs: distinct (socket, core) pairs.
+    allowed = os.sched_getaffinity(0)
+    rows = [line.split(",") for line in subprocess.run(["lscpu", "-p=CPU,CORE,SOCKET"], capture_output=True,
+                                                       text=True, check=True).stdout.splitlines()
+            if not line.startswith("#")]
+    assert cores == len({(core, socket) for cpu, core, socket in rows if int(cpu) in allowed})
+    # Set in a fresh process, as the server does before its engines start.
+    code = "import torch; from lmserve.device import set_cpu_threads; n = set_cpu_threads(None); " \
+           "print(n, torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(cores), str(cores)]

@@ -24,7 +24,7 @@ def test_loading_state_then_ctrl_c_is_one_line(tmp_path):
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", LMSERVE_DATA_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "lmserve", "serve", "--port", str(port), "--api-key", "sk-t",
-                             "--log-format", "json"],
+                             "--log-format", "json", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -57,6 +57,7 @@ def test_loading_state_then_ctrl_c_is_one_line(tmp_path):
         # --log-format json: every log line before it is one JSON object with structured fields
         records = [json.loads(line) for line in lines[:-1] if line.strip()]
         assert any(r["logger"] == "lmserve.server" and "listening" in r["message"] for r in records), err
+        assert any(r["message"] == "CPU threads for the model: 1" for r in records), err
         access = [r for r in records if r["logger"] == "lmserve.access"]
         assert access and access[-1]["path"] == "/v1/chat/completions" and access[-1]["status"] == 503
         assert not any(r.get("path") == "/health" for r in access)  # probes are not logged
