@@ -116,16 +116,18 @@ def test_engine_options_mirror_engine_config():
 def test_flags_override_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv("LMSERVE_API_KEYS", raising=False)
     f = tmp_path / "c.yaml"
-    f.write_text("server: {api_keys: [k0]}\nmodels:\n  - {id: a, path: a.gguf, engine: {max_num_seqs: 8}}\n")
+    f.write_text("server: {api_keys: [k0]}\n"
+                 "models:\n  - {id: a, path: a.gguf, engine: {max_num_seqs: 8, compile: true}}\n")
     cfg = load_config(str(f), None, "0.0.0.0", 9001, api_keys=["k1"], served_model_name="mine",
                       kv_cache_memory="512MiB", max_num_seqs=4, max_model_len=1024, dtype="float32",
-                      quantization="int8", quantized_max_rows=2, threads=3)
+                      quantization="int8", quantized_max_rows=2, threads=3, compile=False)
     assert (cfg.server.host, cfg.server.port, cfg.server.api_keys) == ("0.0.0.0", 9001, ["k0", "k1"])
     assert cfg.server.threads == 3
     m = cfg.models[0]
     assert (m.id, m.source, m.dtype) == ("mine", "a.gguf", "float32")
     assert m.engine.options() == {"kv_cache_memory": 512 << 20, "max_num_seqs": 4, "max_model_len": 1024,
-                                  "quantization": "int8", "quantized_max_rows": 2}
+                                  "quantization": "int8", "quantized_max_rows": 2,
+                                  "compile": False}
     with pytest.raises(ConfigError, match="threads"):
         load_config(None, threads=0)
     assert load_config(None, ["cat/id=w.gguf"]).models[0].source == "w.gguf"

@@ -152,6 +152,7 @@ class EngineOptions(_Section):
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] | None = None
     quantization: Quantization | None = None  # weight-only int8/int4 on CPU
     quantized_max_rows: Annotated[int, Field(ge=0)] | None = None  # more rows: a kept bf16 copy
+    compile: bool | None = None  # decode-only steps through a torch.compile'd forward (docs/compile.md)
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments for LLMEngine: only what was set."""
@@ -257,7 +258,8 @@ class DeploymentConfig(_Section):
 _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
                 "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization"),
-                "quantized_max_rows": ("engine", "quantized_max_rows")}
+                "quantized_max_rows": ("engine", "quantized_max_rows"),
+                "compile": ("engine", "compile")}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 
@@ -266,7 +268,7 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
     """The file (if any) with the command-line flags applied on top, validated as a whole.
 
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
-    max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, chat_template
+    max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, compile, chat_template
     (applied to every deployment),
     log_level, log_format, threads (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}

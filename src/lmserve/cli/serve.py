@@ -89,6 +89,9 @@ def register(sub) -> None:
     engine.add_argument("--quantized-max-rows", type=int, metavar="N",
                         help="with --quantization: products of more than N rows (prefill, large batches) use a "
                              "bf16 copy kept beside the quantized weights (default: no copy)")
+    engine.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="run decode steps through a torch.compile'd forward, compiled in the background "
+                             "after start (kernels cached in the data directory); default off")
 
     logs = serve.add_argument_group("logging")
     logs.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir, served_model_name=args.served_model_name, dtype=args.dtype,
             chat_template=args.chat_template, max_model_len=args.max_model_len,
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
-            quantized_max_rows=args.quantized_max_rows,
+            quantized_max_rows=args.quantized_max_rows, compile=args.compile,
             log_level=args.log_level, log_format=args.log_format, threads=args.threads)
     except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)

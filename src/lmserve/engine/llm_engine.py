@@ -55,6 +55,9 @@ class EngineConfig:
     # Products of more rows than this (prefill, big decode batches) run on a bf16 copy kept beside
     # the quantized weights: the quantized kernels win only for a few rows. None: no copy.
     quantized_max_rows: int | None = None
+    # Decode-only steps through a torch.compile'd forward, compiled in the background after
+    # start (engine/compiled_decode.py); off: every step eager, the exact-parity path.
+    compile: bool = False
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -101,7 +104,8 @@ class LLMEngine:
 
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
         started = time.perf_counter()
-        self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device,
+                                  compile_decode=cfg.compile)
         log.info("KV cache: %d blocks of %d tokens allocated in %.1fs", num_blocks, cfg.block_size,
                  time.perf_counter() - started)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)

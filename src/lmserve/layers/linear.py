@@ -63,7 +63,9 @@ class DenseLinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         packed = layer.packed
-        if packed is not None:
+        if packed is not None and not torch.compiler.is_compiling():
+            # Not traced: the version check is data-dependent, and a compiled graph (frozen
+            # weights) lays the weight out for oneDNN itself.
             weight, source, version = packed
             if source is layer.weight and source._version == version:
                 return _linear_pointwise(x, weight, layer.bias, "none", [], "")

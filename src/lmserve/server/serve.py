@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from lmserve.config import DeploymentConfig
 
@@ -77,6 +78,11 @@ def serve(config: DeploymentConfig) -> int:
         print(f"lmserve serve: cannot use {what}: {reason}", file=sys.stderr, flush=True)
         return 2
 
+    if any(m.engine.compile for m in config.models):
+        from lmserve.engine.compiled_decode import use_cache_dir
+
+        # Compiled kernels persist next to the database, so a restart compiles in seconds.
+        use_cache_dir(Path(config.platform.data_dir).expanduser() / "compile-cache")
     backends: dict = {}
     lifecycle = Lifecycle(total_models=len(config.models))
     app = create_app(config, backends, platform, lifecycle)

@@ -1,0 +1,77 @@
+"""Decode attention as one opaque operator, for the torch.compile'd decode forward.
+
+Inside a compiled graph the eager backend's Python (decode groups, per-window masks built on
+first use, a dict cache) cannot be traced without graph breaks, and a functionalized cache write
+would copy the whole KV cache every layer. So a decode step's attention is a custom op that
+mutates the cache in place (`mutates_args`), which Inductor calls as an extern kernel: the new
+K/V rows go into the paged cache, the sequences' pages are gathered and SDPA runs, exactly what
+the eager CPU backend does for a decode group. The additive mask is built once per step inside
+the compiled graph (from the positions and the block-table width) and shared by every layer.
+
+Only plain attention layers take this path (no sliding window, no softcap, no MLA): the compiled
+decode is offered for models made of those alone (lmserve.engine.compiled_decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("lmserve::paged_decode_attention", mutates_args=("k_cache", "v_cache"))
+def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                           mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D], k/v [B, Hkv, D] (one new token per sequence, already rotated); caches
+    [blocks, block_size, Hkv, D]; block_tables [B, W]; mask [B, 1, 1, W * block_size] additive.
+    Returns [B, Hq, D], contiguous (the fake kernel below promises that layout)."""
+    blocks, block_size, kvh, d = k_cache.shape
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+    b, width = block_tables.shape
+    flat = block_tables.reshape(-1)
+    keys = k_cache.index_select(0, flat).view(b, width * block_size, kvh, d).transpose(1, 2)
+    values = v_cache.index_select(0, flat).view(b, width * block_size, kvh, d).transpose(1, 2)
+    hq = q.shape[1]
+    # GQA folding as in the eager backend: the query heads sharing a KV head are its "query length".
+    out = F.scaled_dot_product_attention(q.reshape(b, kvh, hq // kvh, d), keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, d).contiguous()
+
+
+@paged_decode_attention.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, mask, scale):
+    return q.new_empty(q.shape)
+
+
+@dataclass
+class CompiledDecodeMetadata:
+    """A decode-only step's metadata, as tensors the compiled graph takes as inputs."""
+
+    backend: CompiledDecodeBackend
+    slot_mapping: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, W]
+    mask: torch.Tensor  # [B, 1, 1, W * block_size], 0 / -inf in the compute dtype
+
+
+class CompiledDecodeBackend:
+    """The attention backend the compiled decode forward hands its layers (same interface as
+    CpuSdpaBackend.forward)."""
+
+    def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: CompiledDecodeMetadata) -> torch.Tensor:
+        return torch.ops.lmserve.paged_decode_attention(q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                                                        meta.block_tables, meta.mask, layer.scale)
+
+    def forward_mla(self, *args, **kwargs):
+        raise NotImplementedError("MLA layers run the eager backend (no compiled decode for them)")
+
+
+def decode_mask(positions: torch.Tensor, width: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, 1, width * block_size] mask hiding every cache slot past each position
+    (pages padded onto a short table, slots not yet written)."""
+    span = torch.arange(width * block_size, device=positions.device).unsqueeze(0)
+    hidden = span > positions.unsqueeze(1)
+    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(
+        hidden, float("-inf")).view(positions.shape[0], 1, 1, -1)
