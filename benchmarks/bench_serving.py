@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -162,6 +163,7 @@ def main() -> None:
     ap.add_argument("--llama-server", metavar="PATH", help="also run llama.cpp's llama-server on the GGUF")
     ap.add_argument("--llama-gguf", help="the GGUF for llama-server (default: the bundled model's file)")
     ap.add_argument("--llama-threads", type=int, default=os.cpu_count(), help="llama-server -t")
+    ap.add_argument("--logs", metavar="DIR", help="keep the servers' configs and logs here")
     ap.add_argument("--offline", action="store_true", help="also run bench_engine.py (offline vs transformers)")
     args = ap.parse_args()
     configs = {"baseline": _engine_options(args.baseline), "candidate": _engine_options(args.candidate)}
@@ -174,7 +176,7 @@ def main() -> None:
         print(f"# llama.cpp: {args.llama_server} -m {Path(gguf).name} -t {args.llama_threads} "
               f"-np {max(args.concurrency)}")
     results: dict[str, dict[int, dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(args.logs) if args.logs else tempfile.TemporaryDirectory()) as tmp:
         runs = {name: lambda port, name=name, engine=engine: lmserve_command(
             args.model, args.dtype, engine, Path(tmp), name, port) for name, engine in configs.items()}
         if args.llama_server:
@@ -186,6 +188,8 @@ def main() -> None:
             try:
                 results[name] = {c: asyncio.run(run_level(server.url, c, args.requests or max(8, 2 * c),
                                                           args.max_tokens)) for c in args.concurrency}
+            except httpx.HTTPError as e:
+                raise SystemExit(f"{name}: {type(e).__name__}: {e}; its log: {Path(tmp) / (name + '.log')}") from None
             finally:
                 server.stop()
     names = list(results)
