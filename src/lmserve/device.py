@@ -54,12 +54,18 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def default_cpu_threads() -> int:
+    """One intra-op thread per physical core but one, which is left to the server's own
+    thread (the event loop: HTTP, tokenizing, streaming). OpenMP threads wait for each other at
+    the end of every op, so one that shares its core with a busy thread stalls the whole step
+    for a scheduler time slice: on a 2-core host, 2 threads served 64 streams at 107 tok/s and
+    1 thread at 564 (docs/benchmarks.md); SMT siblings do not count for the same reason."""
+    return max(1, physical_cores() - 1)
+
+
 def set_cpu_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (default: the physical cores) before the engines start, so
-    every thread that runs the model uses it; returns the number set. More threads than cores is
-    the costly mistake: OpenMP threads that share a core with another busy thread wait for each
-    other at every op (measured 4-8x slower steps on a 2-core host), which is why SMT siblings
-    do not count."""
-    threads = threads or physical_cores()
+    """Set torch's intra-op threads (default: `default_cpu_threads`) before the engines start,
+    so every thread that runs the model uses it; returns the number set."""
+    threads = threads or default_cpu_threads()
     torch.set_num_threads(threads)
     return threads
