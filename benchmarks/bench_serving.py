@@ -2,12 +2,13 @@
 
 Each configuration gets its own server (started here, on a free port, stopped after): lmserve
 as `--baseline` and `--candidate` (engine options, plus `threads=N` for the server's CPU
-threads), and optionally llama.cpp's `llama-server` on the same GGUF (`--llama-server PATH`).
-For every concurrency level the generator keeps that many streamed chat requests in flight until
-the level's request count is done, and reports output tokens/s over the level's wall time, time
-to first token (TTFT) and time per output token after the first (TPOT) percentiles. Ratio
-columns divide by the baseline (and by llama.cpp when it ran). `--offline` adds the offline
-engine beside transformers' `generate` (benchmarks/bench_engine.py) in the same run. Compare
+threads and `src=DIR` to run another checkout's code), and optionally llama.cpp's
+`llama-server` on the same GGUF (`--llama-server PATH`). For every concurrency level the
+generator keeps that many streamed chat requests in flight until the level's request count is
+done, and reports output tokens/s over the level's wall time, time to first token (TTFT) and
+time per output token after the first (TPOT) percentiles. Ratio columns divide by the baseline
+(and by llama.cpp when it ran). `--offline` adds the offline engine beside transformers'
+`generate` (benchmarks/bench_engine.py) in the same run. Compare
 only numbers from one run: machines differ.
 
     .venv/bin/python benchmarks/bench_serving.py --candidate quantization=int4
@@ -57,7 +58,7 @@ def _free_port() -> int:
 
 
 def lmserve_command(model: str, dtype: str, options: dict, work: Path, name: str, port: int) -> list[str]:
-    engine = {k: v for k, v in options.items() if k != "threads"}
+    engine = {k: v for k, v in options.items() if k not in ("threads", "src")}
     server = {"api_keys": [KEY], **({"threads": options["threads"]} if "threads" in options else {})}
     cfg = {"server": server, "models": [{"id": "bench", "path": model, "dtype": dtype, "engine": engine}]}
     path = work / f"{name}.yaml"
@@ -74,11 +75,13 @@ def llama_server_command(binary: str, gguf: str, threads: int, slots: int, max_t
 
 
 class Server:
-    def __init__(self, cmd: list[str], port: int, work: Path, name: str):
+    def __init__(self, cmd: list[str], port: int, work: Path, name: str, src: str | None = None):
         self.port = port
         self.log = open(work / f"{name}.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        if src:  # another checkout's code (e.g. main before a change) as this server
+            env["PYTHONPATH"] = str(Path(src) / "src")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 300
         while True:
@@ -184,7 +187,7 @@ def main() -> None:
                                                                   max(args.concurrency), args.max_tokens, port)
         for name, command in runs.items():
             port = _free_port()
-            server = Server(command(port), port, Path(tmp), name)
+            server = Server(command(port), port, Path(tmp), name, configs.get(name, {}).get("src"))
             try:
                 results[name] = {c: asyncio.run(run_level(server.url, c, args.requests or max(8, 2 * c),
                                                           args.max_tokens)) for c in args.concurrency}
