@@ -63,9 +63,11 @@ class DenseLinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         packed = layer.packed
-        if packed is not None and not torch.compiler.is_compiling():
-            # Not traced: the version check is data-dependent, and a compiled graph (frozen
-            # weights) lays the weight out for oneDNN itself.
+        # Not traced: the version check is data-dependent, and a compiled graph (frozen weights)
+        # lays the weight out for oneDNN itself. (is_dynamo_compiling, not is_compiling: the
+        # latter is a process-wide flag, true for the eager engine thread too while a background
+        # compile runs.)
+        if packed is not None and not torch.compiler.is_dynamo_compiling():
             weight, source, version = packed
             if source is layer.weight and source._version == version:
                 return _linear_pointwise(x, weight, layer.bias, "none", [], "")
