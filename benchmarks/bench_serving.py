@@ -139,7 +139,9 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
             i = queue.pop()
             results.append(await _one(client, url, PROMPTS[i % len(PROMPTS)], max_tokens))
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A fresh connection per request: llama.cpp's server closes a kept-alive connection after a
+    # stream, and a client that reuses it fails; on loopback a connect costs well under 1 ms.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await _one(client, url, PROMPTS[0], 4)  # warm-up: first-request costs are not serving costs
         start = time.perf_counter()

@@ -72,7 +72,7 @@ def test_dtype_choice():
         choose_dtype("int8", torch.device("cpu"))
 
 
-def test_default_cpu_threads_leave_one_of_the_physical_cores_this_process_may_use():
+def test_default_cpu_threads_are_the_physical_cores_this_process_may_use():
     import os
     import subprocess
     import sys
@@ -91,4 +91,4 @@ def test_default_cpu_threads_leave_one_of_the_physical_cores_this_process_may_us
     code = "import torch; from lmserve.device import set_cpu_threads; n = set_cpu_threads(None); " \
            "print(n, torch.get_num_threads())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(max(1, cores - 1))] * 2
+    assert out == [str(cores)] * 2

@@ -199,7 +199,7 @@ class ServerSettings(_Section):
     log_format: LogFormat = "text"
     log_health_probes: bool = False  # /health, /ready, /live and /metrics in the request log
     stats_interval_s: Annotated[float, Field(ge=0.0)] = 10.0  # stats line while busy; 0: off
-    threads: Positive | None = None  # torch intra-op threads on CPU; default: physical cores - 1
+    threads: Positive | None = None  # torch intra-op threads on CPU; default: the physical cores
     # Connection hygiene (docs/operations.md): request heads larger than this are refused, and a
     # connection that has not sent a whole request head within header_timeout_s is closed.
     max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024

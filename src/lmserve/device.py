@@ -55,12 +55,14 @@ def physical_cores() -> int:
 
 
 def default_cpu_threads() -> int:
-    """One intra-op thread per physical core but one, which is left to the server's own
-    thread (the event loop: HTTP, tokenizing, streaming). OpenMP threads wait for each other at
-    the end of every op, so one that shares its core with a busy thread stalls the whole step
-    for a scheduler time slice: on a 2-core host, 2 threads served 64 streams at 107 tok/s and
-    1 thread at 564 (docs/benchmarks.md); SMT siblings do not count for the same reason."""
-    return max(1, physical_cores() - 1)
+    """One intra-op thread per physical core. Measured on a quiet 2-core host (docs/benchmarks.md),
+    2 threads beat 1 at every concurrency (64 streams: 886 vs 631 tok/s) even with the server's
+    own thread (HTTP, tokenizing, streaming) busy beside them. SMT siblings do not count: OpenMP
+    threads wait for each other at the end of every op, so a thread that shares its core with a
+    busy one stalls the whole step for a scheduler time slice. The same happens when another
+    process keeps a core busy (2 threads then served 64 streams at 107 tok/s and 1 thread at
+    564): on a shared host, set fewer threads than cores (`--threads`)."""
+    return physical_cores()
 
 
 def set_cpu_threads(threads: int | None) -> int:

@@ -64,7 +64,7 @@ def register(sub) -> None:
     server.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
                         help="allow browser calls from this origin (repeatable; '*' for any). Default: none")
     server.add_argument("--threads", type=_positive, metavar="N",
-                        help="CPU threads for the model's math (default: the physical cores but one, min 1)")
+                        help="CPU threads for the model's math (default: the physical cores; fewer on a shared host)")
     server.add_argument("--data-dir", metavar="DIR", help="where lmserve keeps state (default ~/.local/share/lmserve)")
 
     model = serve.add_argument_group("model")
