@@ -39,7 +39,8 @@ def measure(batch: int, vocab: int, repeats: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(batch, vocab, generator=gen) * 2
     logits[:, :30] += 10
-    logits = logits[:, torch.randperm(vocab, generator=gen)]
+    # bf16, as a bf16 model's LM head returns them (the sampler's float32 copy is part of the cost)
+    logits = logits[:, torch.randperm(vocab, generator=gen)].bfloat16()
     prompt = torch.randint(0, vocab, (200,), generator=gen).tolist()
     outputs = torch.randint(0, vocab, (batch, 100), generator=gen).tolist()
     sampler = Sampler()

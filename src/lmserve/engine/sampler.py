@@ -99,6 +99,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V], row i belongs to seqs[i] (a sequence may appear more than once when
         its n choices are sampled from one prefill)."""
+        owned = logits.dtype != torch.float32  # .float() below makes a copy this call may edit
         logits = logits.float()
         b, vocab = logits.shape
         device = logits.device
@@ -108,7 +109,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
 
         if any(p.has_penalties for p in params):
-            logits = self._apply_penalties(logits, seqs, vocab)
+            logits = self._apply_penalties(logits if owned else logits.clone(), seqs, vocab)
         young = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
         if young:
             logits = self._hold_end_tokens(logits, seqs, young, vocab)
@@ -144,10 +145,9 @@ class Sampler:
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> torch.Tensor:
-        """Penalties touch only the tokens a sequence has seen: one scatter over (row, token)
-        pairs instead of [B, V] count tensors (at batch 32 over a 49k vocabulary the dense
-        version cost more than the rest of the sampler)."""
-        logits = logits.clone()  # the caller's logits stay as the model gave them
+        """Penalties touch only the tokens a sequence has seen, in place: one scatter over
+        (row, token) pairs instead of [B, V] count tensors (at batch 32 over a 49k vocabulary the
+        dense version cost more than the rest of the sampler)."""
         flat = logits.view(-1)
         params = [s.params for s in seqs]
         # Frequency and presence: per output occurrence, l - freq * count - presence.
@@ -185,22 +185,21 @@ class Sampler:
         device = logits.device
         params = [s.params for s in seqs]
         temps = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-        logits = logits / temps
         keys = torch.tensor([s.sampling_key for s in seqs], dtype=torch.int64, device=device)
         steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device)
         truncated = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1.0 or p.min_p > 0.0]
         if not truncated:
-            return sample_inverse_cdf(torch.softmax(logits, dim=-1), row_uniforms(keys, steps))
+            return sample_inverse_cdf(torch.softmax(logits / temps, dim=-1), row_uniforms(keys, steps))
         if len(truncated) == len(seqs):
-            return _sample_truncated(logits, params, keys, steps)
+            return _sample_truncated(logits, temps, params, keys, steps)
         # A mixed batch: the rows without truncation sample from the whole vocabulary.
         kept = set(truncated)
         plain = [i for i in range(len(seqs)) if i not in kept]
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
-        tokens[plain] = sample_inverse_cdf(torch.softmax(logits[plain], dim=-1),
+        tokens[plain] = sample_inverse_cdf(torch.softmax(logits[plain] / temps[plain], dim=-1),
                                            row_uniforms(keys[plain], steps[plain]))
-        tokens[truncated] = _sample_truncated(logits[truncated], [params[i] for i in truncated], keys[truncated],
-                                              steps[truncated])
+        tokens[truncated] = _sample_truncated(logits[truncated], temps[truncated], [params[i] for i in truncated],
+                                              keys[truncated], steps[truncated])
         return tokens
 
 
@@ -248,9 +247,11 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 _CANDIDATE_WIDTHS = (64, 1024)
 
 
-def _sample_truncated(logits: torch.Tensor, params: list, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def _sample_truncated(logits: torch.Tensor, temps: torch.Tensor, params: list, keys: torch.Tensor,
+                      steps: torch.Tensor) -> torch.Tensor:
     """top-k, then top-p over what is left (renormalized, as transformers' warpers), then min-p,
-    then the exponential race over the kept candidates only."""
+    then the exponential race over the kept candidates only. A temperature does not reorder a
+    row, so the candidates are cut from the raw logits and only they are divided by it."""
     device = logits.device
     vocab = logits.shape[1]
     top_ks = [p.top_k for p in params]
@@ -259,10 +260,11 @@ def _sample_truncated(logits: torch.Tensor, params: list, keys: torch.Tensor, st
     min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
     has_k = k < vocab
     # Rows without top_k measure top_p against the whole vocabulary's probabilities.
-    log_total = None if all(top_ks) else logits.logsumexp(dim=-1, keepdim=True)
+    log_total = None if all(top_ks) else (logits / temps).logsumexp(dim=-1, keepdim=True)
 
     def candidates(width: int):
         vals, ids = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
+        vals = vals / temps
         col = torch.arange(vals.shape[1], device=device)
         vals = vals.masked_fill(col >= k, float("-inf"))
         probs = torch.softmax(vals, dim=-1)
