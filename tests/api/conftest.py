@@ -335,6 +335,15 @@ def check_trace_headers(r: httpx.Response) -> str:
     return trace
 
 
+def metric_total(http: httpx.Client, name: str, **labels: str) -> float:
+    """The sum of a Prometheus counter's samples on /metrics whose labels include `labels`."""
+    total = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @pytest.fixture(scope="session")
 def checks():
     """The assertion helpers, as a fixture (test modules do not import conftest)."""
@@ -342,6 +351,7 @@ def checks():
     class C:
         error_body = staticmethod(check_error_body)
         trace_headers = staticmethod(check_trace_headers)
+        metric_total = staticmethod(metric_total)
 
     return C
 

@@ -338,13 +338,13 @@ def _until_refused(plat, key: str, attempts: int = 12, **body) -> httpx.Response
 
 def test_rpm_429_with_a_retry_after_that_works(plat, checks):
     key = new_key(plat, "rpm-co", rpm=3)  # a burst of 3, then one request per 20 s
-    before = _rate_limited(plat, "RPM")
+    before = checks.metric_total(plat.http, "lmserve_rate_limited_total", limit="RPM")
     r = _until_refused(plat, key)
     body = checks.error_body(r, 429, "rate_limit_error")
     assert "RPM" in body["error"]["message"] and body["code"] == 20029
     wait = int(r.headers["retry-after"])
     assert 1 <= wait <= 20
-    assert _rate_limited(plat, "RPM") == before + 1
+    assert checks.metric_total(plat.http, "lmserve_rate_limited_total", limit="RPM") == before + 1
     time.sleep(wait)
     assert chat(plat, key).status_code == 200  # waiting Retry-After is enough
 
@@ -411,14 +411,6 @@ def test_account_wide_limit_spans_its_keys_and_disabling_locks_them_out(plat, ch
     assert admin(plat, "PATCH", "/accounts/team", json={"status": "disabled"}).status_code == 200
     assert "disabled" in checks.error_body(chat(plat, a), 401)["error"]["message"]
     checks.error_body(admin(plat, "PATCH", "/accounts/team", json={"status": "paused"}), 400, param="status")
-
-
-def _rate_limited(plat, limit: str) -> float:
-    total = 0.0
-    for line in plat.http.get("/metrics").text.splitlines():
-        if line.startswith("lmserve_rate_limited_total{") and f'limit="{limit}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_per_model_token_counters(plat):

@@ -247,13 +247,13 @@ def test_chat_streams_and_ends_with_the_apis_greedy_answer(web, browser):
     assert_no_script_errors(d)
 
 
-def test_stop_mid_stream_frees_the_request(web, browser):
+def test_stop_mid_stream_frees_the_request(web, browser, checks):
     d = browser
     open_playground(d, web)
     fill(d, "p-max_tokens", "1500")
     fill(d, "p-extra", '{"ignore_eos": true}')
     fill(d, "composer-input", "Count from one to one thousand in words.")
-    before = _status_count(web, "499")
+    before = checks.metric_total(web.http, "lmserve_requests_total", status="499")
     send_start = time.monotonic()
     by_id(d, "send").click()
     wait_for(d, lambda d: int(d.find_element("id", "out-a-0").get_attribute("data-updates")) >= 3, "a few tokens")
@@ -264,16 +264,9 @@ def test_stop_mid_stream_frees_the_request(web, browser):
     assert by_id(d, "out-a-0").get_attribute("textContent")
     assert by_id(d, "send").is_enabled() and not by_id(d, "stop").is_enabled()
     # the server saw the client leave: the request counts as 499 and its blocks are freed
-    wait_for(d, lambda _: _status_count(web, "499") == before + 1, "the 499 in /metrics", timeout=20)
+    wait_for(d, lambda _: checks.metric_total(web.http, "lmserve_requests_total", status="499") == before + 1,
+             "the 499 in /metrics", timeout=20)
     assert time.monotonic() - send_start < WAIT_S  # it did not run its 1500 tokens
-
-
-def _status_count(web, status: str) -> float:
-    total = 0.0
-    for line in web.http.get("/metrics").text.splitlines():
-        if line.startswith("lmserve_requests_total{") and f'status="{status}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_json_modes_and_tools(web, browser):
