@@ -238,3 +238,18 @@ def test_sparse_penalties_equal_the_dense_rule():
     before = logits.clone()
     Sampler()(logits, seqs)
     assert torch.equal(logits, before)
+
+
+def test_a_wide_top_k_beside_a_nucleus_row_keeps_all_its_candidates():
+    # In one batch with a top_p-only row, a top_k row wider than the first candidate width (64)
+    # still draws from all of its k tokens, and from none beyond.
+    vocab, rows = 1000, 3000
+    logits = -torch.arange(vocab, dtype=torch.float32) * 1e-3  # nearly flat, distinct
+    wide = SamplingParams(temperature=1.0, top_k=200)
+    seqs = _seqs([[]] * (rows + 1), wide)
+    seqs[-1].request.params = SamplingParams(temperature=1.0, top_p=0.05)  # a nucleus of ~50 tokens
+    for i, s in enumerate(seqs):
+        s.sampling_key = 7919 * i + 3
+    tokens = torch.tensor(Sampler()(logits.expand(rows + 1, -1).clone(), seqs).token_ids[:rows])
+    assert tokens.max() < 200
+    assert (tokens >= 64).sum() > rows // 2  # the top 64 hold a third of the top-200 mass

@@ -272,7 +272,7 @@ def _sample_truncated(logits: torch.Tensor, temps: torch.Tensor, params: list, k
             probs = torch.where(has_k, probs, (vals - log_total).exp())
         return vals, ids, probs
 
-    k_max = max(top_ks) if all(top_ks) else 0
+    k_max = max(top_ks)  # every width holds each top_k row's k candidates
     for width in (*(w for w in _CANDIDATE_WIDTHS if w > k_max), vocab):
         vals, ids, probs = candidates(min(max(width, k_max), vocab))
         if vals.shape[1] == vocab:
