@@ -161,10 +161,14 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.shard_sizes or self.output_size}, bias={self.has_bias}"
 
+    def process_weights(self) -> None:
+        """Let the quant method finish the loaded weight (pack, quantize)."""
+        self.quant_method.process_weights_after_loading(self)
+        self.checkpoint_grids = None  # consumed (or unused) once the weight is final
+
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Let every linear layer's quant method finish its weights (pack, quantize)."""
+    """Finish every linear layer's weights."""
     for module in model.modules():
         if isinstance(module, Linear):
-            module.quant_method.process_weights_after_loading(module)
-            module.checkpoint_grids = None  # consumed (or unused) once the weight is final
+            module.process_weights()

@@ -59,16 +59,17 @@ class QuantizedLinearMethod(LinearMethod):
 
     def __init__(self, dense_above_rows: int | None = None):
         self.dense_above_rows = dense_above_rows
+        self.dense = DenseLinearMethod() if dense_above_rows is not None else None
 
     def finish(self, layer: Linear) -> None:
-        if self.dense_above_rows is None:
+        if self.dense is None:
             _drop_dense(layer)  # the memory the method saves
         elif getattr(layer, "packed", None) is None:
-            DenseLinearMethod().process_weights_after_loading(layer)
+            self.dense.process_weights_after_loading(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_above_rows is not None and x.numel() > self.dense_above_rows * x.shape[-1]:
-            return DenseLinearMethod().apply(layer, x)
+        if self.dense is not None and x.numel() > self.dense_above_rows * x.shape[-1]:
+            return self.dense.apply(layer, x)
         return self.apply_quantized(layer, x)
 
     def apply_quantized(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +164,7 @@ def quantize_model(model: nn.Module, quantization: str, skip: tuple[str, ...] = 
     were converted."""
     layers = choose_quant_methods(model, quantization, skip, dense_above_rows)
     for layer in layers:
-        layer.quant_method.process_weights_after_loading(layer)
-        layer.checkpoint_grids = None
+        layer.process_weights()
     return len(layers)
 
 
