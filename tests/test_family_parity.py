@@ -375,6 +375,16 @@ def _serve_and_capture(engine: LLMEngine, prompts: list[list[int]]):
     return [(tokens[r], captured[r], cached.get(r, 0)) for r in ids]
 
 
+def _greedy_tokens(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
+    """One greedy request (EOS ignored) stepped to its end; its tokens."""
+    engine.add_request("q", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.outputs[0].token_ids
+    return tokens
+
+
 @pytest.mark.parametrize("spec", FAMILIES, ids=lambda s: s.name)
 def test_family_matches_transformers(spec: FamilySpec, tmp_path):
     built = spec.build(tmp_path)
@@ -463,11 +473,7 @@ def test_deepseek_v2_quantized_keeps_the_latent_up_projection_dense(tmp_path):
     engine = LLMEngine(str(tmp_path), dtype="float32", num_kv_blocks=32, block_size=4, quantization="int8")
     attn = engine.model.layers[1].self_attn
     assert attn.kv_b_proj.weight is not None and attn.q_b_proj.weight is None
-    engine.add_request("q", _BASE[:10], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-    tokens = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens += out.outputs[0].token_ids
+    tokens = _greedy_tokens(engine, _BASE[:10], 6)
     assert len(tokens) == 6 and engine.num_free_blocks == engine.num_blocks
 
 
@@ -494,9 +500,5 @@ def test_qwen2_moe_int4_keeps_the_shared_expert_gate_dense(tmp_path):
     engine = LLMEngine(str(tmp_path), dtype="float32", num_kv_blocks=32, block_size=4, quantization="int4")
     mlp = engine.model.layers[0].mlp
     assert mlp.shared_expert_gate.weight is not None and mlp.shared_expert.down_proj.weight is None
-    engine.add_request("q", _BASE[:10], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-    tokens = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens += out.outputs[0].token_ids
+    tokens = _greedy_tokens(engine, _BASE[:10], 6)
     assert len(tokens) == 6 and engine.num_free_blocks == engine.num_blocks
