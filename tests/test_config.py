@@ -111,6 +111,10 @@ def test_engine_options_mirror_engine_config():
     from lmserve.layers.quantization import QUANTIZATION_CHOICES
 
     assert Quantization.__args__ == QUANTIZATION_CHOICES
+    from lmserve.config import LoadFormat
+    from lmserve.models.loader import LOAD_FORMATS
+
+    assert LoadFormat.__args__ == LOAD_FORMATS
 
 
 def test_flags_override_the_file(tmp_path, monkeypatch):

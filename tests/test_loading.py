@@ -92,3 +92,56 @@ def test_default_cpu_threads_are_the_physical_cores_this_process_may_use():
            "print(n, torch.get_num_threads())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(cores)] * 2
+
+
+def _dummy_run(path, **options):
+    """Greedy tokens of two prompts and every logits row the sampler saw."""
+    from lmserve import SamplingParams
+
+    engine = LLMEngine(str(path), dtype="float32", load_format="dummy", num_kv_blocks=32, block_size=4, **options)
+    rows = []
+    sampler = engine.sampler
+    engine.sampler = lambda logits, seqs: (rows.append(logits.clone()), sampler(logits, seqs))[1]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine.add_request("a", [5, 6, 7, 8, 9, 10, 11], params)
+    engine.add_request("b", [3, 4], params)
+    tokens = {"a": [], "b": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.outputs[0].token_ids
+    return engine, tokens, torch.cat(rows)
+
+
+def test_dummy_load_format_builds_from_config_json_alone(tmp_path):
+    """vLLM's `load_format="dummy"`: no weight file, no tokenizer; random weights, the same on
+    every load, drawn so the logits are finite and spread; token-id prompts only."""
+    import gc
+
+    from lmserve.errors import InvalidParameter
+    from lmserve.models.loader import load_model, read_config, resolve_checkpoint
+
+    _tiny_config(tmp_path, tie_word_embeddings=False)
+    engine, tokens, logits = _dummy_run(tmp_path)
+    assert engine.tokenizer is None and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert torch.isfinite(logits).all() and logits.std() > 0.01
+    assert len(tokens["a"]) == len(tokens["b"]) == 6 and len(set(tokens["a"] + tokens["b"])) > 2
+    with pytest.raises(InvalidParameter, match="no tokenizer"):
+        engine.add_request("text", "hello", None)
+    del engine
+    gc.collect()  # the next engine loads afresh (engines of one checkpoint share live weights)
+    again, tokens_again, logits_again = _dummy_run(tmp_path)
+    assert tokens_again == tokens and torch.equal(logits_again, logits)
+    # The same draw every time, and nothing like an unset buffer: norms at 1, biases at 0.
+    ckpt = resolve_checkpoint(str(tmp_path))
+    first, second = (load_model(ckpt, read_config(ckpt), torch.float32, torch.device("cpu"), load_format="dummy")
+                     for _ in range(2))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (first.norm.weight == 1).all() and abs(float(first.lm_head.weight.std()) - 0.02) < 0.002
+    del again
+
+    # Quantized layers are built from the drawn weights as from loaded ones.
+    quantized, q_tokens, q_logits = _dummy_run(tmp_path, quantization="int8")
+    assert torch.isfinite(q_logits).all() and len(q_tokens["a"]) == 6
+    with pytest.raises(ValueError, match="load_format must be one of auto, dummy; got 'random'"):
+        LLMEngine(str(tmp_path), load_format="random")

@@ -31,6 +31,7 @@ from lmserve.defaults import DEFAULT_MODEL_ID
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = Dtype.__args__
 Quantization = Literal["none", "int8", "int4"]  # lmserve.layers.quantization.QUANTIZATION_CHOICES
+LoadFormat = Literal["auto", "dummy"]  # lmserve.models.loader.LOAD_FORMATS
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -153,6 +154,7 @@ class EngineOptions(_Section):
     quantization: Quantization | None = None  # weight-only int8/int4 on CPU
     quantized_max_rows: Annotated[int, Field(ge=0)] | None = None  # more rows: a kept bf16 copy
     compile: bool | None = None  # decode-only steps through a torch.compile'd forward (docs/compile.md)
+    load_format: LoadFormat | None = None  # dummy: random weights from config.json (benchmarks)
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments for LLMEngine: only what was set."""

@@ -29,7 +29,7 @@ from lmserve.engine.structured import GrammarBackend, grammar_available
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
 from lmserve.layers.quantization import QUANTIZATION_CHOICES
-from lmserve.models.loader import load_model, read_config, resolve_checkpoint
+from lmserve.models.loader import LOAD_FORMATS, load_model, read_config, resolve_checkpoint
 from lmserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmserve.sampling_params import SamplingParams
 
@@ -58,6 +58,9 @@ class EngineConfig:
     # Decode-only steps through a torch.compile'd forward, compiled in the background after
     # start (engine/compiled_decode.py); off: every step eager, the exact-parity path.
     compile: bool = False
+    # "auto": the checkpoint's weights; "dummy": random weights drawn on the device from
+    # config.json alone (benchmarks and device checks of model shapes we hold no weights for).
+    load_format: str = "auto"
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -68,13 +71,13 @@ _SHARED_TOKENIZERS: dict[tuple, object] = {}
 
 
 def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantization: str,
-                 quantized_max_rows: int | None):
+                 quantized_max_rows: int | None, load_format: str = "auto"):
     key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device), quantization,
-           quantized_max_rows)
+           quantized_max_rows, load_format)
     model = _SHARED_WEIGHTS.get(key)
     if model is None:
         started = time.perf_counter()
-        model = load_model(ckpt, config, dtype, device, quantization, quantized_max_rows)
+        model = load_model(ckpt, config, dtype, device, quantization, quantized_max_rows, load_format)
         _SHARED_WEIGHTS[key] = model
         log.info("weights of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
     tok_key = key[:2]
@@ -93,13 +96,15 @@ class LLMEngine:
         self.engine_config = cfg = EngineConfig(**engine_options)
         if cfg.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {cfg.quantization!r}")
+        if cfg.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {cfg.load_format!r}")
         self.device = choose_device(cfg.device)
         self.dtype = choose_dtype(dtype, self.device)
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = read_config(self.checkpoint)
         started = time.perf_counter()
         self.model, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
-                                                 cfg.quantization, cfg.quantized_max_rows)
+                                                 cfg.quantization, cfg.quantized_max_rows, cfg.load_format)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
 
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()

@@ -3,6 +3,10 @@
 Two formats: a Hugging Face directory (config.json + single or sharded safetensors + tokenizer
 files) and a GGUF file (quantized tensors dequantized to the compute dtype; tokenizer and chat
 template from the same file). Every failure names the file and what is wrong with it.
+
+`load_format="dummy"` (vLLM's meaning) reads only the config and draws random weights on the
+target device: an 8B-shaped model appears in seconds for benchmarks and device checks, from a
+directory holding nothing but config.json.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from lmserve.models.gguf import GGUFFile
 from lmserve.models.registry import UnsupportedArchitecture, get_model_class, resolve_architecture
 
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# "auto": the checkpoint's tensors; "dummy": random weights, no tensor read from disk.
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_WEIGHT_SEED = 0
 
 
 @dataclass
@@ -109,7 +117,10 @@ def read_config(ckpt: Checkpoint) -> ModelConfig:
 
 
 def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               quantization: str = "none", dense_above_rows: int | None = None) -> torch.nn.Module:
+               quantization: str = "none", dense_above_rows: int | None = None,
+               load_format: str = "auto") -> torch.nn.Module:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
     try:
         cls = get_model_class(config.architecture)
     except UnsupportedArchitecture as e:
@@ -117,17 +128,41 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
     with torch.device(device), _skip_random_init():
         model = cls(config, dtype)
     model.to(dtype)
-    if ckpt.format == "gguf":
-        tensors = ckpt.gguf.tensors(config, int4_grids=quantization == "int4")
+    if load_format == "dummy":
+        fill_dummy_weights(model, device)
     else:
-        tensors = _safetensors(ckpt.path)
-    with torch.no_grad():
-        load_weights(model, tensors)
+        if ckpt.format == "gguf":
+            tensors = ckpt.gguf.tensors(config, int4_grids=quantization == "int4")
+        else:
+            tensors = _safetensors(ckpt.path)
+        with torch.no_grad():
+            load_weights(model, tensors)
     choose_quant_methods(model, quantization, skip=("lm_head", *model.dense_modules), dense_above_rows=dense_above_rows)
     process_weights_after_loading(model)
     _return_freed_memory()
     # The rope tables were built in the compute dtype; the buffers must not be recast.
     return model.eval()
+
+
+@torch.no_grad()
+def fill_dummy_weights(model: torch.nn.Module, device: torch.device, seed: int = DUMMY_WEIGHT_SEED) -> None:
+    """Random weights drawn on `device` itself (nothing crosses from the host, so 16 GB of an
+    8B model take milliseconds on a GPU), the same on every call for one device: a generator
+    seeded once, parameters in their fixed order. The values keep a deep bf16 model finite and
+    its logits spread: matrices N(0, 0.02) (as transformers' initializer_range), biases 0, norm
+    scales at identity (1; 0 for Gemma's zero-centred (1 + w) scale)."""
+    from lmserve.layers.norm import GemmaRMSNorm
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        owner = modules[name.rpartition(".")[0]]
+        if param.dim() >= 2:
+            param.normal_(0.0, 0.02, generator=generator)
+        elif name.endswith("bias") or isinstance(owner, GemmaRMSNorm):
+            param.zero_()
+        else:
+            param.fill_(1.0)
 
 
 def _return_freed_memory() -> None:
