@@ -44,6 +44,11 @@ def test_env_keys_and_toml(tmp_path, monkeypatch):
     ("server: {port: 99999}\n", r"server.port: Input should be less than or equal to 65535"),
     ("models:\n  - {id: a, chat_template: /nonexistent.jinja}\n", r"models\[0\].chat_template: no such file"),
     ("models:\n  - {id: a, engine: {kv_cache_memory: lots}}\n", r"models\[0\].engine.kv_cache_memory"),
+    ("models:\n  - {id: a, engine: {gpu_memory_utilization: 1.5}}\n",
+     r"models\[0\].engine.gpu_memory_utilization: Input should be less than or equal to 1"),
+    ("models:\n  - {id: a, engine: {gpu_memory_utilization: 0}}\n",
+     r"models\[0\].engine.gpu_memory_utilization: Input should be greater than 0"),
+    ("models:\n  - {id: a, engine: {cuda_graphs: sometimes}}\n", r"models\[0\].engine.cuda_graphs: .*boolean"),
     ("server: [1, 2\n", "not valid YAML"),
     ("platform: {db: x}\n", r"platform.db: unknown key \(allowed: data_dir,"),
     ("platform: {redis_url: 'http://x'}\n", r"platform.redis_url: String should match pattern"),
@@ -121,17 +126,22 @@ def test_flags_override_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv("LMSERVE_API_KEYS", raising=False)
     f = tmp_path / "c.yaml"
     f.write_text("server: {api_keys: [k0]}\n"
-                 "models:\n  - {id: a, path: a.gguf, engine: {max_num_seqs: 8, compile: true}}\n")
+                 "models:\n  - {id: a, path: a.gguf, engine: {max_num_seqs: 8, compile: true, cuda_graphs: true,"
+                 " gpu_memory_utilization: 0.5}}\n")
     cfg = load_config(str(f), None, "0.0.0.0", 9001, api_keys=["k1"], served_model_name="mine",
                       kv_cache_memory="512MiB", max_num_seqs=4, max_model_len=1024, dtype="float32",
-                      quantization="int8", quantized_max_rows=2, threads=3, compile=False)
+                      quantization="int8", quantized_max_rows=2, threads=3, compile=False,
+                      gpu_memory_utilization=0.8, cuda_graphs=False)
     assert (cfg.server.host, cfg.server.port, cfg.server.api_keys) == ("0.0.0.0", 9001, ["k0", "k1"])
     assert cfg.server.threads == 3
     m = cfg.models[0]
     assert (m.id, m.source, m.dtype) == ("mine", "a.gguf", "float32")
     assert m.engine.options() == {"kv_cache_memory": 512 << 20, "max_num_seqs": 4, "max_model_len": 1024,
                                   "quantization": "int8", "quantized_max_rows": 2,
-                                  "compile": False}
+                                  "compile": False, "gpu_memory_utilization": 0.8, "cuda_graphs": False}
+    # Unset flags leave the file's values.
+    kept = load_config(str(f), None).models[0].engine.options()
+    assert (kept["gpu_memory_utilization"], kept["cuda_graphs"]) == (0.5, True)
     with pytest.raises(ConfigError, match="threads"):
         load_config(None, threads=0)
     assert load_config(None, ["cat/id=w.gguf"]).models[0].source == "w.gguf"
@@ -170,6 +180,9 @@ def test_cli_fails_fast_on_unknown_flag_and_bad_config(tmp_path):
     assert bad_port.returncode == 2 and "port must be in 1..65535" in bad_port.stderr
     bad_size = subprocess.run(run + ["--kv-cache-memory", "lots"], capture_output=True, text=True, timeout=60)
     assert bad_size.returncode == 2 and "not a size: 'lots'" in bad_size.stderr
+    bad_fraction = subprocess.run(run + ["--gpu-memory-utilization", "1.5"], capture_output=True, text=True,
+                                  timeout=60)
+    assert bad_fraction.returncode == 2 and "must be a fraction in (0, 1], got 1.5" in bad_fraction.stderr
     import os
     import socket
 

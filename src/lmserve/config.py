@@ -145,6 +145,7 @@ class EngineOptions(_Section):
     block_size: Annotated[int, Field(ge=1, le=1024)] | None = None
     num_kv_blocks: Positive | None = None
     kv_cache_memory: Annotated[ByteSize, Field(ge=1 << 20)] | None = None  # bytes or "4GiB"
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None  # CUDA: weights + peak + KV cache
     max_num_seqs: Positive | None = None
     max_num_batched_tokens: Positive | None = None
     long_prefill_token_threshold: Annotated[int, Field(ge=0)] | None = None  # 0: a prefill may take a whole step
@@ -155,6 +156,7 @@ class EngineOptions(_Section):
     quantized_max_rows: Annotated[int, Field(ge=0)] | None = None  # more rows: a kept bf16 copy
     compile: bool | None = None  # decode-only steps through a torch.compile'd forward (docs/compile.md)
     load_format: LoadFormat | None = None  # dummy: random weights from config.json (benchmarks)
+    cuda_graphs: bool | None = None  # CUDA: decode steps replay graphs captured at start (default on)
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments for LLMEngine: only what was set."""
@@ -261,7 +263,9 @@ _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
                 "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization"),
                 "quantized_max_rows": ("engine", "quantized_max_rows"),
-                "compile": ("engine", "compile")}
+                "compile": ("engine", "compile"),
+                "gpu_memory_utilization": ("engine", "gpu_memory_utilization"),
+                "cuda_graphs": ("engine", "cuda_graphs")}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 
@@ -270,8 +274,8 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
     """The file (if any) with the command-line flags applied on top, validated as a whole.
 
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
-    max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, compile, chat_template
-    (applied to every deployment),
+    max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, compile,
+    gpu_memory_utilization, cuda_graphs, chat_template (applied to every deployment),
     log_level, log_format, threads (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"

@@ -29,6 +29,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
 def _bytes(text: str) -> int:
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
@@ -81,7 +91,11 @@ def register(sub) -> None:
     engine.add_argument("--max-model-len", type=_positive, metavar="TOKENS",
                         help="context length cap (default: the model's own)")
     engine.add_argument("--kv-cache-memory", type=_bytes, metavar="SIZE",
-                        help="KV cache size, e.g. 2GiB (default 1GiB on CPU, 85%% of free memory on GPU)")
+                        help="KV cache size, e.g. 2GiB (default 1GiB on CPU; on a GPU what "
+                             "--gpu-memory-utilization leaves)")
+    engine.add_argument("--gpu-memory-utilization", type=_fraction, metavar="FRACTION",
+                        help="on a GPU: the fraction of its total memory for weights, activations and the KV "
+                             "cache, which gets the rest (default 0.9)")
     engine.add_argument("--max-num-seqs", type=_positive, metavar="N",
                         help="most sequences decoded together (default 256)")
     engine.add_argument("--quantization", choices=["none", "int8", "int4"],
@@ -92,6 +106,8 @@ def register(sub) -> None:
     engine.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="run decode steps through a torch.compile'd forward, compiled in the background "
                              "after start (kernels cached in the data directory); default off")
+    engine.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="on a GPU: replay decode steps from CUDA graphs captured at start; default on")
 
     logs = serve.add_argument_group("logging")
     logs.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -109,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             chat_template=args.chat_template, max_model_len=args.max_model_len,
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
             quantized_max_rows=args.quantized_max_rows, compile=args.compile,
+            gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
             log_level=args.log_level, log_format=args.log_format, threads=args.threads)
     except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)

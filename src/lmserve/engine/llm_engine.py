@@ -18,9 +18,19 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.device import choose_device, choose_dtype
-from lmserve.engine.batch import build_model_input
+from lmserve.engine.batch import ModelInput, build_model_input
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_ids
+from lmserve.engine.memory import (
+    GiB,
+    blocks_for,
+    check_utilization,
+    kv_cache_blocks,
+    kv_cache_bytes,
+    measure_peak,
+    peak_in_use,
+    profile_sequence_lengths,
+)
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
@@ -42,7 +52,10 @@ class EngineConfig:
 
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit cache size; else from kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, 85% of free memory on GPU
+    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, from gpu_memory_utilization on CUDA
+    # On CUDA without num_kv_blocks / kv_cache_memory: the fraction of the device's total memory
+    # for weights + activation peak + KV cache, the cache getting the rest (engine/memory.py).
+    gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     # Most tokens one prompt's prefill takes per step, so decodes and short prompts share every
@@ -61,6 +74,9 @@ class EngineConfig:
     # "auto": the checkpoint's weights; "dummy": random weights drawn on the device from
     # config.json alone (benchmarks and device checks of model shapes we hold no weights for).
     load_format: str = "auto"
+    # CUDA: decode steps replay CUDA graphs captured at start for a ladder of batch sizes; off:
+    # every step eager.
+    cuda_graphs: bool = True
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -98,6 +114,7 @@ class LLMEngine:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {cfg.quantization!r}")
         if cfg.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {cfg.load_format!r}")
+        check_utilization(cfg.gpu_memory_utilization)
         self.device = choose_device(cfg.device)
         self.dtype = choose_dtype(dtype, self.device)
         self.checkpoint = resolve_checkpoint(model)
@@ -107,6 +124,8 @@ class LLMEngine:
                                                  cfg.quantization, cfg.quantized_max_rows, cfg.load_format)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
 
+        self.max_model_len = min(cfg.max_model_len or self.model_config.context_length,
+                                 self.model_config.context_length)
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
         started = time.perf_counter()
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device,
@@ -117,8 +136,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.long_prefill_token_threshold)
         self.sampler = Sampler()
-        self.max_model_len = min(cfg.max_model_len or self.model_config.context_length,
-                                 self.model_config.context_length)
         # A sequence also can never outgrow the whole cache.
         self.max_seq_len = min(self.max_model_len, self.block_manager.capacity_tokens)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -152,14 +169,46 @@ class LLMEngine:
     def _auto_num_blocks(self) -> int:
         cfg = self.engine_config
         per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
-        budget = cfg.kv_cache_memory
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.85)
-            else:
-                budget = 1 << 30
+        if cfg.kv_cache_memory is None and self.device.type == "cuda":
+            started = time.perf_counter()
+            reading = measure_peak(self.device, self._profile_step)
+            in_use = peak_in_use(reading)
+            budget = kv_cache_bytes(reading.total, cfg.gpu_memory_utilization, in_use)
+            log.info("memory profile in %.1fs: peak step %.2f GiB in use of %.2f GiB; KV cache gets %.2f GiB "
+                     "(gpu_memory_utilization %g)", time.perf_counter() - started, in_use / GiB,
+                     reading.total / GiB, budget / GiB, cfg.gpu_memory_utilization)
+            return kv_cache_blocks(budget, per_block, cfg.gpu_memory_utilization)
+        budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else 1 << 30
         return max(budget // per_block, 1)
+
+    def _profile_step(self) -> int:
+        """The largest step the scheduler can hand out, run once before the real cache exists so
+        its activation peak can be measured: `max_num_batched_tokens` prefill tokens through the
+        model and a runner whose temporary cache holds just them, then the sampler's heaviest
+        path (nucleus sampling with top logprobs, a full-vocabulary sort on a GPU) over up to
+        `max_num_seqs` rows. Returns the temporary cache's bytes; nothing it made outlives it."""
+        cfg = self.engine_config
+        lengths = profile_sequence_lengths(cfg.max_num_batched_tokens, self.max_model_len)
+        num_blocks = blocks_for(lengths, cfg.block_size)
+        runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
+        tables, next_block = [], 0
+        for n in lengths:
+            used = -(-n // cfg.block_size)
+            tables.append(list(range(next_block, next_block + used)))
+            next_block += used
+        total = sum(lengths)
+        rows = min(cfg.max_num_seqs, total)
+        vocab = self.model_config.vocab_size
+        batch = ModelInput(token_ids=[i % vocab for i in range(total)], query_lens=lengths,
+                           context_lens=[0] * len(lengths), block_tables=tables, num_decodes=0,
+                           logit_rows=list(range(total - rows, total)))
+        params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, logprobs=True, top_logprobs=20)
+        request = Request("memory-profile", [0], params, time.monotonic(), seed=0)
+        seqs = [Sequence(seq_id=-1 - i, request=request, index=i, token_ids=[0], sampling_key=i, detok=None)
+                for i in range(rows)]
+        logits = runner.execute(batch)
+        Sampler()(logits, seqs)
+        return num_blocks * ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
 
     # ---- requests -------------------------------------------------------------------------
 
