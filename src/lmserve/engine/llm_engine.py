@@ -74,8 +74,11 @@ class EngineConfig:
     # "auto": the checkpoint's weights; "dummy": random weights drawn on the device from
     # config.json alone (benchmarks and device checks of model shapes we hold no weights for).
     load_format: str = "auto"
-    # CUDA: decode steps replay CUDA graphs captured at start for a ladder of batch sizes; off:
-    # every step eager.
+    # Attention kernels: "auto" (Triton over the paged cache on CUDA, else the reference),
+    # "reference" (the CPU SDPA backend, any device) or "triton" (attention/selector.py).
+    attention_backend: str = "auto"
+    # CUDA: decode steps replay graphs captured at start for a ladder of batch sizes
+    # (engine/cuda_graphs.py); off: every step eager.
     cuda_graphs: bool = True
 
 
@@ -129,7 +132,9 @@ class LLMEngine:
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
         started = time.perf_counter()
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device,
-                                  compile_decode=cfg.compile)
+                                  compile_decode=cfg.compile, attention_backend=cfg.attention_backend,
+                                  use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
+                                  max_model_len=self.max_model_len)
         log.info("KV cache: %d blocks of %d tokens allocated in %.1fs", num_blocks, cfg.block_size,
                  time.perf_counter() - started)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -190,7 +195,8 @@ class LLMEngine:
         cfg = self.engine_config
         lengths = profile_sequence_lengths(cfg.max_num_batched_tokens, self.max_model_len)
         num_blocks = blocks_for(lengths, cfg.block_size)
-        runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
+        runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device,
+                             attention_backend=cfg.attention_backend)
         tables, next_block = [], 0
         for n in lengths:
             used = -(-n // cfg.block_size)

@@ -2,8 +2,10 @@
 
 The cache is allocated from the KV specs the model's attention layers declare (one pair of
 tensors per layer, shaped by that layer's spec). Per step it builds the flattened token ids and
-positions, lets the device's attention backend build its metadata once for all layers, and
-sends only the rows that need a next token through the LM head.
+positions (copied to the device in one transfer), lets the device's attention backend build its
+metadata once for all layers, and sends only the rows that need a next token through the LM head.
+Decode-only steps may instead replay a CUDA graph (engine/cuda_graphs.py, on CUDA) or run a
+torch.compile'd forward (engine/compiled_decode.py, the CPU option).
 """
 
 from __future__ import annotations
@@ -13,34 +15,64 @@ import logging
 import torch
 
 from lmserve.attention import KVCacheSpec, get_attention_backend
+from lmserve.attention.cpu_sdpa import CpuSdpaBackend
 from lmserve.attention.spec import kv_bytes_per_block
+from lmserve.engine import cuda_graphs
 from lmserve.engine.batch import ModelInput
 from lmserve.engine.compiled_decode import CompiledDecode, unsupported_reason
 from lmserve.models.config import ModelConfig
+from lmserve.staging import HostStaging
 
 log = logging.getLogger("lmserve.engine")
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, compile_decode: bool = False):
+                 dtype: torch.dtype, device: torch.device, compile_decode: bool = False,
+                 attention_backend: str = "auto", use_cuda_graphs: bool = False, max_num_seqs: int = 256,
+                 max_model_len: int | None = None):
         self.model = model
         self.config = config
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        self.staging = HostStaging(device)
         self.kv_specs: list[KVCacheSpec] = model.kv_cache_specs()
+        self.attention_backend = get_attention_backend(device, self.kv_specs, attention_backend)
         self.compiled: CompiledDecode | None = None
+        self.graphs: cuda_graphs.DecodeGraphs | None = None
+        graphs_reason = self._graphs_unavailable(use_cuda_graphs)
+        if use_cuda_graphs and graphs_reason is not None and device.type == "cuda":
+            log.warning("CUDA graphs: not for this model (%s); decode stays eager", graphs_reason)
+        use_cuda_graphs = use_cuda_graphs and graphs_reason is None
+        compile_decode = compile_decode and not use_cuda_graphs  # one decode fast path at a time
         reason = unsupported_reason(model) if compile_decode else None
         if reason is not None:
             log.warning("compile: not for this model (%s); decode stays eager", reason)
-        # The compiled path's warm-up writes to one scratch block past the block manager's.
-        extra = 1 if compile_decode and reason is None else 0
+        # The compiled path's warm-up and the graphs' padding rows write to one scratch block past
+        # the block manager's.
+        extra = 1 if use_cuda_graphs or (compile_decode and reason is None) else 0
         self.kv_caches = [spec.allocate(num_blocks + extra, block_size, dtype, device) for spec in self.kv_specs]
-        self.attention_backend = get_attention_backend(device)
-        if extra:
+        if use_cuda_graphs:
+            max_len = max_model_len or config.context_length
+            self.graphs = cuda_graphs.DecodeGraphs(
+                model, self.kv_caches, self.attention_backend, block_size, max_num_seqs,
+                max_blocks_per_seq=-(-max_len // block_size), scratch_block=num_blocks, device=device,
+                capture=device.type == "cuda")
+            self.graphs.capture_all()
+        elif extra:
             self.compiled = CompiledDecode(model, self.kv_caches, block_size, scratch_block=num_blocks)
             self.compiled.start()
+
+    def _graphs_unavailable(self, wanted: bool) -> str | None:
+        """Why decode cannot run from CUDA graphs here (None: it can). Graphs need the Triton
+        backend's static-shape metadata; on CPU that backend runs only under Triton's
+        interpreter, where the same padded path runs without capture."""
+        if not wanted:
+            return "off"
+        if isinstance(self.attention_backend, CpuSdpaBackend):
+            return "they need the Triton attention backend"
+        return cuda_graphs.unsupported_reason(self.model)
 
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -49,8 +81,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src, dst = self.staging.to_device([s for s, _ in copies], [d for _, d in copies])
         for cache in self.kv_caches:
             for part in cache:
                 part[dst] = part[src]
@@ -64,11 +95,13 @@ class ModelRunner:
             logits = self.compiled.run(batch, dev)
             if logits is not None:
                 return logits
-        ids = torch.tensor(batch.token_ids, dtype=torch.int64, device=dev)
-        positions = torch.tensor(batch.positions, dtype=torch.int64, device=dev)
+        if self.graphs is not None:
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
+        ids, positions, rows = self.staging.to_device(batch.token_ids, batch.positions, batch.logit_rows)
         meta = self.attention_backend.build_metadata(batch, positions, self.block_size, self.dtype)
         hidden = self.model(ids, positions, self.kv_caches, meta)
         if not batch.logit_rows:
             return hidden.new_empty(0, self.config.vocab_size)
-        rows = torch.tensor(batch.logit_rows, device=dev)
         return self.model.compute_logits(hidden[rows])

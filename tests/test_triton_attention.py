@@ -1,0 +1,191 @@
+"""The Triton paged-attention kernels against the reference backend, on CPU.
+
+Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before Triton is imported) runs the very kernels
+the CUDA backend launches, program by program, on CPU tensors. Each case lays a batch's
+sequences over scattered cache pages (decodes, prefill chunks with and without a cached prefix),
+runs one layer through both backends on copies of the same cache, and compares the outputs and
+the written caches: GQA groups that are not powers of two, a head dim that is not one, sliding
+windows shorter than the context, softcaps, split keys for decode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.attention import Attention
+from lmserve.attention.cpu_sdpa import CpuSdpaBackend
+from lmserve.attention.selector import get_attention_backend
+from lmserve.attention.triton_backend import TritonPagedBackend, choose_num_splits
+from lmserve.engine.batch import ModelInput
+
+PAGE = 4
+NUM_BLOCKS = 96
+
+
+def _batch(decode_contexts: list[int], prefills: list[tuple[int, int]], generator: torch.Generator) -> ModelInput:
+    """Decodes (cached context each) first, then prefill chunks (cached context, chunk length);
+    every sequence gets its own random pages."""
+    free = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
+    query_lens, context_lens, tables = [], [], []
+    for context, length in [(c, 1) for c in decode_contexts] + prefills:
+        pages = -(-(context + length) // PAGE)
+        tables.append([free.pop() for _ in range(pages)])
+        query_lens.append(length)
+        context_lens.append(context)
+    tokens = sum(query_lens)
+    return ModelInput([0] * tokens, query_lens, context_lens, tables, len(decode_contexts), list(range(tokens)))
+
+
+def _run_both(batch: ModelInput, layer: Attention, dtype: torch.dtype, num_splits: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    cache = [torch.randn(NUM_BLOCKS, PAGE, hkv, d, generator=g).to(dtype) for _ in range(2)]
+    t = len(batch.token_ids)
+    q = torch.randn(t, hq, d, generator=g).to(dtype)
+    k = torch.randn(t, hkv, d, generator=g).to(dtype)
+    v = torch.randn(t, hkv, d, generator=g).to(dtype)
+    positions = torch.tensor(batch.positions)
+    outs, caches = [], []
+    for backend in (CpuSdpaBackend(), TritonPagedBackend([layer.kv_spec], torch.device("cpu"))):
+        kv = tuple(c.clone() for c in cache)
+        meta = backend.build_metadata(batch, positions, PAGE, dtype)
+        if num_splits is not None and isinstance(backend, TritonPagedBackend):
+            meta.num_splits = num_splits
+        outs.append(backend.forward(layer, q, k, v, kv, meta))
+        caches.append(kv)
+    for ref, got in zip(*caches):
+        assert torch.equal(ref, got), "both backends write the same slots"
+    return outs
+
+
+CASES = [
+    # name, heads, kv heads, head dim, window, softcap
+    ("mha", 2, 2, 16, None, None),
+    ("gqa-3", 6, 2, 32, None, None),
+    ("gqa-4-dim24", 8, 2, 24, None, None),
+    ("window", 4, 2, 16, 5, None),
+    ("softcap", 4, 1, 32, None, 30.0),
+    ("window-softcap", 4, 2, 16, 6, 20.0),
+]
+
+
+@pytest.mark.parametrize("name, hq, hkv, d, window, softcap", CASES, ids=[c[0] for c in CASES])
+def test_mixed_batch_matches_reference(name, hq, hkv, d, window, softcap):
+    layer = Attention(hq, hkv, d, d**-0.5, window, softcap)
+    g = torch.Generator().manual_seed(1)
+    # Two decodes (one with a single cached token), a fresh prompt, a chunk after a cached
+    # prefix, and a chunk longer than one prefill tile.
+    batch = _batch([1, 13], [(0, 7), (9, 6), (3, 70)], g)
+    ref, got = _run_both(batch, layer, torch.float32)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_batch_with_split_keys_matches_reference(splits, window):
+    layer = Attention(6, 2, 32, 0.2, window, None)
+    g = torch.Generator().manual_seed(2)
+    batch = _batch([0, 3, 16, 41, 77], [], g)
+    ref, got = _run_both(batch, layer, torch.float32, num_splits=splits)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_half_precision_within_rounding():
+    layer = Attention(4, 2, 64, 0.125, None, None)
+    batch = _batch([20, 33], [(5, 11)], torch.Generator().manual_seed(3))
+    ref, got = _run_both(batch, layer, torch.float16)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_splits_fill_the_multiprocessors_only_for_small_batches():
+    assert choose_num_splits(1, 8, 132) == 16  # batch 1 of an 8-KV-head model: 128 programs
+    assert choose_num_splits(4, 8, 132) == 8  # 256 programs: about two waves
+    assert choose_num_splits(32, 8, 132) == 1  # 256 programs already cover 132 SMs
+    assert choose_num_splits(256, 8, 132) == 1
+
+
+def test_selector_keeps_the_reference_for_mla_and_plain_cpu():
+    from lmserve.attention.spec import KVCacheSpec, MLAKVCacheSpec
+
+    cpu = torch.device("cpu")
+    assert isinstance(get_attention_backend(cpu, [KVCacheSpec(2, 16)]), CpuSdpaBackend)
+    assert isinstance(get_attention_backend(cpu, [KVCacheSpec(2, 16)], "triton"), TritonPagedBackend)
+    with pytest.raises(ValueError, match="MLA"):
+        get_attention_backend(cpu, [MLAKVCacheSpec(16, 8)], "triton")
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        get_attention_backend(cpu, [KVCacheSpec(2, 16)], "flash")
+
+
+# ---- the whole engine on the Triton backend, CUDA-graph padding path included -----------------
+
+STEPS = 8  # the interpreter runs every kernel program in Python: keep the engine runs short
+
+
+def _engine_run(source, **options):
+    """Greedy tokens and the logits of every sampled step, per request, over two waves (chunked
+    prefill with a 16-token budget; the second wave hits the prefix cache)."""
+    from test_family_parity import WAVES
+
+    from lmserve import SamplingParams
+    from lmserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16,
+                       max_num_seqs=6, **options)
+    logits: dict[str, list[torch.Tensor]] = {}
+    sampler = engine.sampler
+
+    def recording_sampler(rows, seqs):
+        for row, seq in zip(rows, seqs):
+            logits.setdefault(seq.request.request_id, []).append(row.clone())
+        return sampler(rows, seqs)
+
+    engine.sampler = recording_sampler
+    tokens: dict[str, list[int]] = {}
+    cached = 0
+    for w, wave in enumerate(WAVES):
+        for i, prompt in enumerate(wave):
+            engine.add_request(f"w{w}p{i}", prompt, SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished():
+            for out in engine.step():
+                cached = max(cached, out.num_cached_tokens)
+                for o in out.outputs:
+                    tokens.setdefault(out.request_id, []).extend(o.token_ids)
+    assert cached >= 16, "the second wave should have hit the prefix cache"
+    assert engine.num_free_blocks == engine.num_blocks
+    return engine, [(tokens[r], logits[r]) for r in sorted(tokens)]
+
+
+@pytest.mark.parametrize("family, paths", [("llama", ("eager", "graphs")), ("gemma2", ("graphs",))])
+def test_engine_on_triton_backend_matches_reference(family, paths, tmp_path):
+    """The tiny Llama (GQA, llama3 rope) and Gemma-2 (sliding window shorter than the prompts,
+    attention softcap) checkpoints, served by the reference backend and by the Triton kernels,
+    eager and through the CUDA-graph path's padded static buffers (no capture on CPU): the same
+    greedy tokens and logits at every step, chunked prefill and prefix hits included."""
+    import test_family_parity
+
+    getattr(test_family_parity, f"build_{family}")(tmp_path)
+    _, reference = _engine_run(tmp_path, attention_backend="reference")
+    for path in paths:
+        engine, got = _engine_run(tmp_path, attention_backend="triton", cuda_graphs=path == "graphs")
+        assert isinstance(engine.runner.attention_backend, TritonPagedBackend)
+        if path == "graphs":
+            assert engine.runner.graphs is not None and engine.runner.graphs.steps > 0, "decodes took the padded path"
+        else:
+            assert engine.runner.graphs is None
+        for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, got):
+            assert tokens == ref_tokens and len(tokens) == STEPS
+            for ref_row, row in zip(ref_logits, logits):
+                torch.testing.assert_close(row, ref_row, atol=1e-4, rtol=1e-4)
+
+
+def test_graph_ladder_and_padding():
+    from lmserve.engine.cuda_graphs import graph_batch_sizes, padded_size
+
+    assert graph_batch_sizes(256)[:5] == [1, 2, 4, 8, 16] and graph_batch_sizes(256)[-1] == 256
+    assert len(graph_batch_sizes(256)) == 35
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 24]  # the last size holds max_num_seqs
+    assert graph_batch_sizes(3) == [1, 2, 3]
+    assert graph_batch_sizes(1) == [1]
+    sizes = graph_batch_sizes(64)
+    assert [padded_size(n, sizes) for n in (1, 3, 5, 8, 9, 63, 64, 65)] == [1, 4, 8, 8, 16, 64, 64, None]
