@@ -49,6 +49,8 @@ def test_env_keys_and_toml(tmp_path, monkeypatch):
     ("models:\n  - {id: a, engine: {gpu_memory_utilization: 0}}\n",
      r"models\[0\].engine.gpu_memory_utilization: Input should be greater than 0"),
     ("models:\n  - {id: a, engine: {cuda_graphs: sometimes}}\n", r"models\[0\].engine.cuda_graphs: .*boolean"),
+    ("models:\n  - {id: a, engine: {attention_backend: flash}}\n",
+     r"models\[0\].engine.attention_backend: .*auto.*reference.*triton"),
     ("server: [1, 2\n", "not valid YAML"),
     ("platform: {db: x}\n", r"platform.db: unknown key \(allowed: data_dir,"),
     ("platform: {redis_url: 'http://x'}\n", r"platform.redis_url: String should match pattern"),

@@ -123,37 +123,20 @@ STEPS = 8  # the interpreter runs every kernel program in Python: keep the engin
 
 
 def _engine_run(source, **options):
-    """Greedy tokens and the logits of every sampled step, per request, over two waves (chunked
-    prefill with a 16-token budget; the second wave hits the prefix cache)."""
-    from test_family_parity import WAVES
+    """Per request of two waves (chunked prefill with a 16-token budget; the second wave hits the
+    prefix cache): greedy tokens and the logits of every sampled step."""
+    from family_checkpoints import WAVES, serve_and_capture
 
     from lmserve import SamplingParams
     from lmserve.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16,
                        max_num_seqs=6, **options)
-    logits: dict[str, list[torch.Tensor]] = {}
-    sampler = engine.sampler
-
-    def recording_sampler(rows, seqs):
-        for row, seq in zip(rows, seqs):
-            logits.setdefault(seq.request.request_id, []).append(row.clone())
-        return sampler(rows, seqs)
-
-    engine.sampler = recording_sampler
-    tokens: dict[str, list[int]] = {}
-    cached = 0
-    for w, wave in enumerate(WAVES):
-        for i, prompt in enumerate(wave):
-            engine.add_request(f"w{w}p{i}", prompt, SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
-        while engine.has_unfinished():
-            for out in engine.step():
-                cached = max(cached, out.num_cached_tokens)
-                for o in out.outputs:
-                    tokens.setdefault(out.request_id, []).extend(o.token_ids)
-    assert cached >= 16, "the second wave should have hit the prefix cache"
+    params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
+    results = [r for wave in WAVES for r in serve_and_capture(engine, wave, params)]
+    assert sum(cached for _, _, cached in results) >= 16, "the second wave should have hit the prefix cache"
     assert engine.num_free_blocks == engine.num_blocks
-    return engine, [(tokens[r], logits[r]) for r in sorted(tokens)]
+    return engine, [(tokens, logits) for tokens, logits, _ in results]
 
 
 @pytest.mark.parametrize("family, paths", [("llama", ("eager", "graphs")), ("gemma2", ("graphs",))])
@@ -162,9 +145,9 @@ def test_engine_on_triton_backend_matches_reference(family, paths, tmp_path):
     attention softcap) checkpoints, served by the reference backend and by the Triton kernels,
     eager and through the CUDA-graph path's padded static buffers (no capture on CPU): the same
     greedy tokens and logits at every step, chunked prefill and prefix hits included."""
-    import test_family_parity
+    import family_checkpoints
 
-    getattr(test_family_parity, f"build_{family}")(tmp_path)
+    getattr(family_checkpoints, f"build_{family}")(tmp_path)
     _, reference = _engine_run(tmp_path, attention_backend="reference")
     for path in paths:
         engine, got = _engine_run(tmp_path, attention_backend="triton", cuda_graphs=path == "graphs")

@@ -32,6 +32,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = Dtype.__args__
 Quantization = Literal["none", "int8", "int4"]  # lmserve.layers.quantization.QUANTIZATION_CHOICES
 LoadFormat = Literal["auto", "dummy"]  # lmserve.models.loader.LOAD_FORMATS
+AttentionBackend = Literal["auto", "reference", "triton"]  # lmserve.attention.selector.ATTENTION_BACKENDS
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -157,6 +158,7 @@ class EngineOptions(_Section):
     compile: bool | None = None  # decode-only steps through a torch.compile'd forward (docs/compile.md)
     load_format: LoadFormat | None = None  # dummy: random weights from config.json (benchmarks)
     cuda_graphs: bool | None = None  # CUDA: decode steps replay graphs captured at start (default on)
+    attention_backend: AttentionBackend | None = None  # auto: Triton kernels on CUDA, else the reference
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments for LLMEngine: only what was set."""
@@ -265,7 +267,8 @@ _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "quantized_max_rows": ("engine", "quantized_max_rows"),
                 "compile": ("engine", "compile"),
                 "gpu_memory_utilization": ("engine", "gpu_memory_utilization"),
-                "cuda_graphs": ("engine", "cuda_graphs")}
+                "cuda_graphs": ("engine", "cuda_graphs"),
+                "attention_backend": ("engine", "attention_backend")}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 
@@ -275,7 +278,7 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
 
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
     max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, compile,
-    gpu_memory_utilization, cuda_graphs, chat_template (applied to every deployment),
+    gpu_memory_utilization, cuda_graphs, attention_backend, chat_template (applied to every deployment),
     log_level, log_format, threads (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"

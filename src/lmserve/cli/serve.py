@@ -108,6 +108,9 @@ def register(sub) -> None:
                              "after start (kernels cached in the data directory); default off")
     engine.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="on a GPU: replay decode steps from CUDA graphs captured at start; default on")
+    engine.add_argument("--attention-backend", choices=("auto", "reference", "triton"), default=None,
+                        help="attention kernels: auto (Triton over the paged cache on a GPU, else the reference), "
+                             "reference (PyTorch SDPA, any device) or triton")
 
     logs = serve.add_argument_group("logging")
     logs.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
             quantized_max_rows=args.quantized_max_rows, compile=args.compile,
             gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
+            attention_backend=args.attention_backend,
             log_level=args.log_level, log_format=args.log_format, threads=args.threads)
     except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)
