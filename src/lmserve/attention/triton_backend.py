@@ -21,7 +21,7 @@ import torch
 from lmserve.attention.cpu_sdpa import write_kv_cache
 from lmserve.attention.spec import KVCacheSpec
 from lmserve.attention.triton_paged import paged_attention, prefill_block_q, split_buffer_sizes
-from lmserve.staging import HostStaging
+from lmserve.staging import HostStaging, padded_rows
 
 if TYPE_CHECKING:
     from lmserve.engine.batch import ModelInput
@@ -79,7 +79,7 @@ class TritonPagedBackend:
                        dtype: torch.dtype) -> TritonAttentionMetadata:
         n = len(batch.query_lens)
         width = max(len(t) for t in batch.block_tables)
-        tables = [t + [0] * (width - len(t)) for t in batch.block_tables]
+        tables = padded_rows(batch.block_tables, width, 0)
         slots, starts, seq_lens, row = [], [0], [], 0
         for table, start, q_len in zip(batch.block_tables, batch.context_lens, batch.query_lens):
             slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + q_len)]

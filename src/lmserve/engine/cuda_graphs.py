@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmserve.engine.batch import ModelInput
-from lmserve.staging import HostStaging
+from lmserve.staging import HostStaging, padded_rows
 
 if TYPE_CHECKING:  # the Triton modules import Triton, which a CPU install may lack
     from lmserve.attention.triton_backend import TritonPagedBackend
@@ -148,10 +148,10 @@ class DecodeGraphs:
         pad = size - n
         positions = list(batch.context_lens)  # a decode token sits right after its cached context
         slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.block_tables, positions)]
-        tables = [t + [self.scratch_block] * (width - len(t)) for t in batch.block_tables]
+        tables = padded_rows(batch.block_tables + [[]] * pad, width, self.scratch_block)
         ids, positions, slots, lens, tables = self.staging.to_device(
             list(batch.token_ids) + [0] * pad, positions + [0] * pad, slots + [scratch_slot] * pad,
-            [p + 1 for p in batch.context_lens] + [0] * pad, tables + [[self.scratch_block] * width] * pad)
+            [p + 1 for p in batch.context_lens] + [0] * pad, tables)
         self.ids[:size].copy_(ids)
         self.positions[:size].copy_(positions)
         self.slots[:size].copy_(slots)
