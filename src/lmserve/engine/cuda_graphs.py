@@ -125,7 +125,8 @@ class DecodeGraphs:
             self._forward(n)  # compiles the Triton kernels for this shape outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: another engine of this process may use the device from its own thread.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.outputs[n] = self._forward(n)
             pool = graph.pool()
             self.graphs[n] = graph
