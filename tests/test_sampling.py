@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import chat_ids
 
 from lmserve import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDetokenizer
-from lmserve.engine.sampler import Sampler
+from lmserve.engine.sampler import Sampler, sample_inverse_cdf
 from lmserve.engine.sequence import Request, Sequence
 
 STORY = "Write a short poem about the moon."
@@ -253,3 +254,72 @@ def test_a_wide_top_k_beside_a_nucleus_row_keeps_all_its_candidates():
     tokens = torch.tensor(Sampler()(logits.expand(rows + 1, -1).clone(), seqs).token_ids[:rows])
     assert tokens.max() < 200
     assert (tokens >= 64).sum() > rows // 2  # the top 64 hold a third of the top-200 mass
+
+
+# On an accelerator the sampler avoids reading tensors back mid-step (`sync_free`). These tests
+# force that path on CPU tensors and hold it to the CPU path's exact draws.
+
+def _spread_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Odd seeds: rows from nearly flat (a nucleus far wider than the first candidate width) to
+    peaked; even seeds: all peaked (the CPU path stops at its first candidate width)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.05 if seed % 2 else 5.0, 8.0, rows).unsqueeze(1)
+    logits = torch.randn(rows, vocab, generator=gen) * scale
+    logits[::7, -vocab // 10:] = float("-inf")  # masked tails
+    return logits
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8),
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=0.7, top_k=20),
+    SamplingParams(temperature=1.3, top_k=100, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.05),
+    SamplingParams(temperature=0.9, top_p=0.95, min_p=0.01, logprobs=True, top_logprobs=5),
+])
+def test_sync_free_sampling_draws_what_the_cpu_path_draws(params):
+    vocab, rows = 3000, 48
+    for trial in range(6):
+        seqs = _seqs([[3, 5] * trial] * rows, params)
+        for i, s in enumerate(seqs):
+            s.sampling_key = 1009 * trial + 31 * i
+        logits = _spread_logits(rows, vocab, seed=trial)
+        cpu = Sampler(sync_free=False)(logits.clone(), seqs)
+        free = Sampler(sync_free=True)(logits.clone(), seqs)
+        assert free.token_ids == cpu.token_ids
+        assert free.logprobs == cpu.logprobs
+
+
+def test_sync_free_mixed_batch_matches_and_each_row_is_batch_invariant():
+    vocab = 2000
+    kinds = [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3),
+             SamplingParams(temperature=0.9, seed=1),
+             SamplingParams(temperature=1.0, top_p=0.85, presence_penalty=0.5, frequency_penalty=0.3),
+             SamplingParams(temperature=1.1, top_k=80, repetition_penalty=1.2, logprobs=True),
+             SamplingParams(temperature=1.0, min_p=0.02, min_tokens=4, stop_token_ids=[7, 8]),
+             SamplingParams(temperature=0.6, top_k=5, top_p=0.5)]
+    rows = 4 * len(kinds)
+    seqs = _seqs([[7, 9, 9, 11][:i % 5] for i in range(rows)], kinds[0])
+    for i, s in enumerate(seqs):
+        s.request.params = kinds[i % len(kinds)]
+        s.sampling_key = 7919 * i + 5
+    sampler = Sampler(sync_free=True)
+    sampler.eos_token_ids = [0]
+    for trial in range(4):
+        logits = _spread_logits(rows, vocab, seed=100 + trial)
+        expected = Sampler(sync_free=False)
+        expected.eos_token_ids = [0]
+        cpu = expected(logits.clone(), seqs)
+        free = sampler(logits.clone(), seqs)
+        assert free.token_ids == cpu.token_ids and free.logprobs == cpu.logprobs
+        for i in range(0, rows, 5):  # the same row alone draws the same token
+            assert sampler(logits[i:i + 1].clone(), seqs[i:i + 1]).token_ids == [free.token_ids[i]]
+
+
+def test_inverse_cdf_target_past_the_end_takes_the_last_possible_token_on_both_paths():
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.3, 0.5]])
+    uniforms = torch.tensor([1 - 1e-12, 0.25, 1 - 1e-12], dtype=torch.float64)
+    # Row 0's target rounds to the total in float32 and no cumulative value passes it.
+    assert torch.searchsorted(probs[:1].cumsum(-1), torch.tensor([[1.0]]), right=True)[0, 0] == 4
+    assert sample_inverse_cdf(probs, uniforms).tolist() == [1, 0, 3]
+    assert sample_inverse_cdf(probs, uniforms, no_sync=True).tolist() == [1, 0, 3]

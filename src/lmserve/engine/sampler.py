@@ -10,6 +10,11 @@ what a row needs:
   the nucleus is not inside it; never a sort of the vocabulary in the usual case), then an
   exponential race over them (argmax p / E with E ~ Exp(1) per token, exact for p).
 Tokens a mask removed (probability 0) can never be drawn either way.
+
+On an accelerator the step waits for the device once, when it reads the sampled ids (and the
+logprobs, in the same transfer): the CPU's data-dependent shortcuts (a Python `if` on a tensor)
+would each be one more wait, so there the same draws are made without them (`sync_free`), and
+every small tensor built from Python values is sent from pinned host memory without waiting.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.device import host_to_device
 from lmserve.engine.sequence import Sequence
 from lmserve.outputs import TokenLogprob
 
@@ -69,6 +75,19 @@ def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.
     return u.log_().neg_().float()  # >= 1.2e-10, so p / E is never NaN
 
 
+def sync_free(device: torch.device) -> bool:
+    """Whether sampling on `device` must avoid reading tensors back mid-step. CPU tensors are
+    already on the host, so the CPU keeps its data-dependent shortcuts; elsewhere every read
+    would stall the host until the device has finished all the work queued before it."""
+    return device.type != "cpu"
+
+
+def _index(rows: list[int], device: torch.device) -> list[int] | torch.Tensor:
+    """Row indices for advanced indexing: a list on CPU (as fast as it gets there), a device
+    tensor elsewhere (a list index is copied to the device synchronously)."""
+    return rows if device.type == "cpu" else host_to_device(rows, torch.int64, device)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(dim=-1) for [B, V], same indices (first maximum; NaN counts as the maximum).
 
@@ -95,6 +114,10 @@ class Sampler:
     grammar = None  # the engine's GrammarBackend, once a request asked for structured output
     eos_token_ids: list[int] = []  # the model's end tokens (set by the engine)
 
+    def __init__(self, sync_free: bool | None = None):
+        # None: by the logits' device (`sync_free(device)`); tests force either path on CPU.
+        self.sync_free = sync_free
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V], row i belongs to seqs[i] (a sequence may appear more than once when
@@ -104,9 +127,13 @@ class Sampler:
         b, vocab = logits.shape
         device = logits.device
         params = [s.params for s in seqs]
+        no_sync = self.sync_free if self.sync_free is not None else sync_free(device)
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs]
-        raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+        raw_logprobs = None
+        if logprob_rows:
+            raw_logprobs = torch.log_softmax(logits if len(logprob_rows) == b else logits[_index(logprob_rows, device)],
+                                             dim=-1)
 
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits if owned else logits.clone(), seqs, vocab)
@@ -123,24 +150,35 @@ class Sampler:
         if not rand:
             tokens = argmax_rows(logits)
         elif not greedy:
-            tokens = self._sample_random(logits, seqs)
+            tokens = self._sample_random(logits, seqs, no_sync)
         else:
             tokens = torch.empty(b, dtype=torch.int64, device=device)
-            tokens[greedy] = argmax_rows(logits[greedy])
-            tokens[rand] = self._sample_random(logits[rand], [seqs[i] for i in rand])
+            greedy_idx, rand_idx = _index(greedy, device), _index(rand, device)
+            tokens[greedy_idx] = argmax_rows(logits[greedy_idx])
+            tokens[rand_idx] = self._sample_random(logits[rand_idx], [seqs[i] for i in rand], no_sync)
 
-        token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * b
-        if logprob_rows:
-            max_top = max(params[i].top_logprobs for i in logprob_rows)
-            chosen = raw_logprobs.gather(1, tokens[logprob_rows].unsqueeze(1)).squeeze(1).tolist()
-            if max_top:
-                top_vals, top_ids = raw_logprobs.topk(max_top, dim=-1)
-                top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-            for j, i in enumerate(logprob_rows):
-                k = params[i].top_logprobs
-                top = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
-                logprobs[i] = TokenLogprob(token_list[i], chosen[j], top)
+        if not logprob_rows:
+            return SamplerOutput(tokens.tolist(), logprobs)
+        # Everything the host needs in one transfer (one wait for the device): the ids, the chosen
+        # logprobs and the top ones, as float64, which holds token ids and float32 values exactly.
+        max_top = max(params[i].top_logprobs for i in logprob_rows)
+        chosen = raw_logprobs.gather(1, (tokens if len(logprob_rows) == b
+                                         else tokens[_index(logprob_rows, device)]).unsqueeze(1))
+        parts = [tokens.double(), chosen.double().flatten()]
+        if max_top:
+            top_vals, top_ids = raw_logprobs.topk(max_top, dim=-1)
+            parts += [top_vals.double().flatten(), top_ids.double().flatten()]
+        host = torch.cat(parts).tolist()
+        token_list = [int(t) for t in host[:b]]
+        n = len(logprob_rows)
+        chosen_list = host[b:b + n]
+        vals_at, ids_at = b + n, b + n + n * max_top
+        for j, i in enumerate(logprob_rows):
+            k = params[i].top_logprobs
+            row = j * max_top
+            top = [(int(host[ids_at + row + c]), host[vals_at + row + c]) for c in range(k)]
+            logprobs[i] = TokenLogprob(token_list[i], chosen_list[j], top)
         return SamplerOutput(token_list, logprobs)
 
     @staticmethod
@@ -149,20 +187,21 @@ class Sampler:
         (row, token) pairs instead of [B, V] count tensors (at batch 32 over a 49k vocabulary the
         dense version cost more than the rest of the sampler)."""
         flat = logits.view(-1)
+        device = logits.device
         params = [s.params for s in seqs]
         # Frequency and presence: per output occurrence, l - freq * count - presence.
         ids, counts = _seen(seqs, vocab, lambda p: p.frequency_penalty != 0.0 or p.presence_penalty != 0.0,
-                            lambda s: s.output_token_ids, logits.device)
+                            lambda s: s.output_token_ids, device)
         if ids is not None:
             rows = ids // vocab
-            freq = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[rows]
-            pres = torch.tensor([p.presence_penalty for p in params], device=logits.device)[rows]
+            freq = host_to_device([p.frequency_penalty for p in params], torch.float32, device)[rows]
+            pres = host_to_device([p.presence_penalty for p in params], torch.float32, device)[rows]
             flat[ids] = flat[ids] - freq * counts - pres
         # Repetition (transformers' rule over prompt and output): divide positive logits,
         # multiply negative ones.
-        ids, _ = _seen(seqs, vocab, lambda p: p.repetition_penalty != 1.0, lambda s: s.token_ids, logits.device)
+        ids, _ = _seen(seqs, vocab, lambda p: p.repetition_penalty != 1.0, lambda s: s.token_ids, device)
         if ids is not None:
-            rep = torch.tensor([p.repetition_penalty for p in params], device=logits.device)[ids // vocab]
+            rep = host_to_device([p.repetition_penalty for p in params], torch.float32, device)[ids // vocab]
             vals = flat[ids]
             flat[ids] = torch.where(vals > 0, vals / rep, vals * rep)
         return logits
@@ -172,34 +211,36 @@ class Sampler:
         """min_tokens: a sequence that has not reached it cannot pick an end token (EOS unless
         ignore_eos, or one of its stop_token_ids)."""
         logits = logits.clone()
+        flat = []  # row * vocab + token, so every row is masked by one indexed write
         for i in rows:
             params = seqs[i].params
-            ends = [t for t in (*([] if params.ignore_eos else self.eos_token_ids), *params.stop_token_ids)
-                    if 0 <= t < vocab]
-            if ends:
-                logits[i, ends] = float("-inf")
+            flat += [i * vocab + t for t in (*([] if params.ignore_eos else self.eos_token_ids),
+                                             *params.stop_token_ids) if 0 <= t < vocab]
+        if flat:
+            logits.view(-1)[host_to_device(flat, torch.int64, logits.device)] = float("-inf")
         return logits
 
     @staticmethod
-    def _sample_random(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample_random(logits: torch.Tensor, seqs: list[Sequence], no_sync: bool = False) -> torch.Tensor:
         device = logits.device
         params = [s.params for s in seqs]
-        temps = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-        keys = torch.tensor([s.sampling_key for s in seqs], dtype=torch.int64, device=device)
-        steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device)
+        temps = host_to_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
+        keys = host_to_device([s.sampling_key for s in seqs], torch.int64, device)
+        steps = host_to_device([s.num_output_tokens for s in seqs], torch.int64, device)
         truncated = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1.0 or p.min_p > 0.0]
         if not truncated:
-            return sample_inverse_cdf(torch.softmax(logits / temps, dim=-1), row_uniforms(keys, steps))
+            return sample_inverse_cdf(torch.softmax(logits / temps, dim=-1), row_uniforms(keys, steps), no_sync)
         if len(truncated) == len(seqs):
-            return _sample_truncated(logits, temps, params, keys, steps)
+            return _sample_truncated(logits, temps, params, keys, steps, no_sync)
         # A mixed batch: the rows without truncation sample from the whole vocabulary.
         kept = set(truncated)
-        plain = [i for i in range(len(seqs)) if i not in kept]
+        plain = _index([i for i in range(len(seqs)) if i not in kept], device)
+        cut = _index(truncated, device)
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
         tokens[plain] = sample_inverse_cdf(torch.softmax(logits[plain] / temps[plain], dim=-1),
-                                           row_uniforms(keys[plain], steps[plain]))
-        tokens[truncated] = _sample_truncated(logits[truncated], temps[truncated], [params[i] for i in truncated],
-                                              keys[truncated], steps[truncated])
+                                           row_uniforms(keys[plain], steps[plain]), no_sync)
+        tokens[cut] = _sample_truncated(logits[cut], temps[cut], [params[i] for i in truncated],
+                                        keys[cut], steps[cut], no_sync)
         return tokens
 
 
@@ -217,7 +258,13 @@ def _seen(seqs: list[Sequence], vocab: int, wanted, tokens_of,
     if not len(flat):
         return None, None
     ids, counts = torch.unique(flat, return_counts=True)
-    return ids.to(device), counts.float().to(device)
+    if device.type == "cpu":
+        return ids, counts.float()
+    both = torch.stack([ids, counts])  # one copy to the device, not two
+    if device.type == "cuda":
+        both = both.pin_memory()
+    both = both.to(device, non_blocking=True)
+    return both[0], both[1].float()
 
 
 def row_uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -226,7 +273,7 @@ def row_uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return (x.double() + 0.5) / 4294967296.0
 
 
-def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, no_sync: bool = False) -> torch.Tensor:
     """Exact sampling from each row of probs [B, V] with one uniform per row: the first token
     whose cumulative probability passes u * total. A token of probability 0 adds nothing to the
     running sum, so it can never be the first to pass (the earlier token with the same sum
@@ -236,6 +283,9 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     target = (uniforms * cdf[:, -1].double()).float().unsqueeze(1)
     chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
     past = chosen >= probs.shape[1]
+    if no_sync:  # the same fallback for every row, kept only where the target ran past the end
+        last = (probs > 0).cumsum(dim=-1, dtype=torch.int32).argmax(dim=-1)
+        return torch.where(past, last, chosen)
     if bool(past.any()):  # rounding put the target at a row's very end: its last possible token
         rows = past.nonzero().squeeze(1)
         chosen[rows] = (probs[rows] > 0).cumsum(dim=-1).argmax(dim=-1)
@@ -248,16 +298,21 @@ _CANDIDATE_WIDTHS = (64, 1024)
 
 
 def _sample_truncated(logits: torch.Tensor, temps: torch.Tensor, params: list, keys: torch.Tensor,
-                      steps: torch.Tensor) -> torch.Tensor:
+                      steps: torch.Tensor, no_sync: bool = False) -> torch.Tensor:
     """top-k, then top-p over what is left (renormalized, as transformers' warpers), then min-p,
     then the exponential race over the kept candidates only. A temperature does not reorder a
-    row, so the candidates are cut from the raw logits and only they are divided by it."""
+    row, so the candidates are cut from the raw logits and only they are divided by it.
+
+    The winner does not depend on how many candidates were cut (the race's noise is a function
+    of the token id, its weights need no sum over the row), which is what lets `no_sync` skip
+    the check whether a width was enough: a batch of top_k rows takes the width the check would
+    accept first, any other batch the whole vocabulary (one sort, cheap on a GPU)."""
     device = logits.device
     vocab = logits.shape[1]
     top_ks = [p.top_k for p in params]
-    k = torch.tensor([kk or vocab for kk in top_ks], device=device).unsqueeze(1)
-    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-    min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
+    k = host_to_device([kk or vocab for kk in top_ks], torch.int64, device).unsqueeze(1)
+    top_p = host_to_device([p.top_p for p in params], torch.float32, device).unsqueeze(1)
+    min_p = host_to_device([p.min_p for p in params], torch.float32, device).unsqueeze(1)
     has_k = k < vocab
     # Rows without top_k measure top_p against the whole vocabulary's probabilities.
     log_total = None if all(top_ks) else (logits / temps).logsumexp(dim=-1, keepdim=True)
@@ -273,9 +328,12 @@ def _sample_truncated(logits: torch.Tensor, temps: torch.Tensor, params: list, k
         return vals, ids, probs
 
     k_max = max(top_ks)  # every width holds each top_k row's k candidates
-    for width in (*(w for w in _CANDIDATE_WIDTHS if w > k_max), vocab):
+    widths = (*(w for w in _CANDIDATE_WIDTHS if w > k_max), vocab)
+    if no_sync:
+        widths = widths[:1] if all(top_ks) else (vocab,)
+    for width in widths:
         vals, ids, probs = candidates(min(max(width, k_max), vocab))
-        if vals.shape[1] == vocab:
+        if vals.shape[1] == vocab or no_sync:
             break
         # Wide enough when every row's kept set must lie inside: top_k rows always; otherwise
         # the candidates already hold the top_p mass, or their last one is below min_p's cut.

@@ -26,5 +26,6 @@ def perplexity(engine, token_ids: list[int]) -> float:
     batch = ModelInput(list(token_ids), [len(token_ids)], [0], [free[:needed]], num_decodes=0,
                        logit_rows=list(range(len(token_ids) - 1)))
     logits = engine.runner.execute(batch).float()
-    nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(token_ids[1:]).unsqueeze(1)).mean()
+    targets = torch.tensor(token_ids[1:], device=logits.device).unsqueeze(1)
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, targets).mean()
     return math.exp(float(nll))

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lmserve.device import host_to_device
 from lmserve.errors import BackendError, InvalidParameter
 
 log = logging.getLogger("lmserve.structured")
@@ -183,14 +184,26 @@ class GrammarBackend:
     def matcher(self, spec: StructuredOutput):
         return self._xgr.GrammarMatcher(self.compile(spec))
 
-    def allocate_bitmask(self, rows: int) -> torch.Tensor:
-        return self._xgr.allocate_token_bitmask(rows, self.vocab_size)
+    def allocate_bitmask(self, rows: int, pinned: bool = False) -> torch.Tensor:
+        """The host bitmask the matchers fill; pinned when it goes on to a GPU, so the copy is
+        queued behind the step's work instead of waiting for it."""
+        if not pinned:
+            return self._xgr.allocate_token_bitmask(rows, self.vocab_size)
+        return torch.full(self._xgr.get_bitmask_shape(rows, self.vocab_size), -1, dtype=self._xgr.bitmask_dtype,
+                          pin_memory=True)
 
     def apply(self, logits: torch.Tensor, matchers: list, rows: list[int]) -> None:
-        """Mask, in place, every token each row's grammar does not allow next."""
-        bitmask = self.allocate_bitmask(len(rows))
+        """Mask, in place, every token each row's grammar does not allow next. The matchers fill
+        the bitmask on the host; it is applied on the logits' device (xgrammar's kernel for
+        that device), so the logits never leave it."""
+        device = logits.device
+        bitmask = self.allocate_bitmask(len(rows), pinned=device.type == "cuda")
         for i, m in enumerate(matchers):
             m.fill_next_token_bitmask(bitmask, i)
-        sub = logits[rows]
+        index = rows
+        if device.type != "cpu":
+            bitmask = bitmask.to(device, non_blocking=True)
+            index = host_to_device(rows, torch.int64, device)
+        sub = logits[index]
         self._xgr.apply_token_bitmask_inplace(sub, bitmask)
-        logits[rows] = sub
+        logits[index] = sub
