@@ -1,0 +1,783 @@
+"""The device check of issue 11, in one run: correctness of every family on the GPU, then speed
+of a Llama-3.1-8B-shaped model against the HBM roofline and transformers' `generate`.
+
+Written for a lent H100/H200 that has torch, triton, transformers, numpy, safetensors and
+tokenizers but no network, no model files and maybe no pytest/gguf/fastapi/xgrammar: every model
+is built here (tiny random checkpoints from tests/family_checkpoints.py; the 8B shape from a
+config.json alone with `load_format="dummy"`), lmserve is imported from this repo's src/, and
+only what truly needs a missing package is skipped (and said so).
+
+    python benchmarks/gpu_check.py                  # on the device: everything, well inside 10 min
+    python benchmarks/gpu_check.py --quick          # a smaller offline-throughput run
+    python benchmarks/gpu_check.py --device cpu --quick   # smoke mode: the whole script on CPU,
+                                                          # with a tiny speed model
+
+Parts (--parts):
+  env          device, versions, measured copy bandwidth (bytes read + written / time)
+  correctness  per family, float32: lmserve on the device == transformers on the device ==
+               lmserve on CPU, greedy, 32 steps, through the batched paged engine (chunked
+               prefill, a second wave hitting the prefix cache), for every attention backend and
+               CUDA-graph setting the engine accepts; bfloat16 within a logit tolerance; seeded
+               sampling reproducible and equal to CPU in float32
+  speed        8B shape in bf16: transformers' generate at batch 1 and 32 (the baseline, freed
+               before lmserve starts), lmserve batch-1 decode (fraction of the roofline) and
+               offline throughput (N x 1,024 in / 1,024 out, ignore_eos), with and without graphs
+
+Results go to $OUT (default ./gpu_check_out): gpu_check.json (every number) and gpu_check.md
+(the table for docs/benchmarks.md), rewritten after every check so a run cut short still
+returns what it measured. Exit status 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# This checkout's lmserve (not an installed one) and the test checkpoints, which import no pytest.
+sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+
+import torch  # noqa: E402
+from family_checkpoints import FAMILIES, STEPS, WAVES, FamilySpec, serve_and_capture  # noqa: E402
+
+from lmserve import SamplingParams  # noqa: E402
+from lmserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+
+PROMPTS = [p for wave in WAVES for p in wave]
+
+# Published anchor for the same shape and workload (SGLang on one H200, request rate 16,
+# 1,024 in / 1,024 out) and the issue's targets.
+SGLANG_H200_TOK_S = 5355
+TARGET_ROOFLINE_FRACTION = 0.80
+TARGET_THROUGHPUT = {"H200": 5000, "H100": 3500}
+
+# Llama-3.1-8B's config.json (the keys lmserve and transformers read).
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "tie_word_embeddings": False,
+    "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16"}
+# Smoke mode's stand-in: the same family and rope, small enough for a CPU.
+TINY_SPEED_MODEL = {**LLAMA_8B, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256,
+                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "bos_token_id": 1, "eos_token_id": 2}
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+class CheckFailed(Exception):
+    """A check ran and found a difference (as opposed to crashing)."""
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    deadline_s: float
+    command: str
+    started: float = field(default_factory=time.perf_counter)
+    checks: list[dict] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def time_left(self) -> float:
+        return self.deadline_s - self.elapsed()
+
+    def check(self, name: str, fn, needs_s: float = 0.0):
+        """Run one check: PASS (fn returns a detail line), FAIL (CheckFailed or any exception,
+        reported with where it came from), or SKIP when the deadline leaves no room. Never
+        raises, so one failure does not stop the others. Returns fn's value (None unless PASS)."""
+        if self.time_left() < needs_s:
+            return self.skip(name, f"{self.time_left():.0f}s left before the deadline, needs ~{needs_s:.0f}s")
+        started = time.perf_counter()
+        value, status = None, "PASS"
+        try:
+            value = fn()
+            detail = value if isinstance(value, str) else (value or {}).get("detail", "")
+        except CheckFailed as e:
+            status, detail = "FAIL", str(e)
+        except Exception as e:  # a crash is a failure of this check, not of the run
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            status = "FAIL"
+            detail = f"{type(e).__name__}: {e} (at {Path(frame.filename).name}:{frame.lineno})"
+            traceback.print_exc()
+        took = time.perf_counter() - started
+        self._record(name, status, detail, took)
+        return value if status == "PASS" else None
+
+    def skip(self, name: str, why: str) -> None:
+        self._record(name, "SKIP", why, 0.0)
+
+    def _record(self, name: str, status: str, detail: str, took: float) -> None:
+        self.checks.append({"name": name, "status": status, "detail": detail, "seconds": round(took, 2)})
+        print(f"{status} {name} ({took:.1f}s, at {self.elapsed():.0f}s): {detail}", flush=True)
+        self.save()
+
+    @property
+    def failed(self) -> list[dict]:
+        return [c for c in self.checks if c["status"] == "FAIL"]
+
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        data = {"command": self.command, "elapsed_s": round(self.elapsed(), 1), "numbers": self.numbers,
+                "checks": self.checks}
+        (self.out_dir / "gpu_check.json").write_text(json.dumps(data, indent=2, default=str))
+        (self.out_dir / "gpu_check.md").write_text(markdown(self))
+
+
+# ---- engine options the engine of this checkout accepts -------------------------------------
+
+ENGINE_FIELDS = set(EngineConfig.__dataclass_fields__)
+
+
+def accepted(**options) -> dict:
+    """Only the options this engine has (attention_backend, cuda_graphs and
+    gpu_memory_utilization land with issue 11), so the script runs before and after them."""
+    return {k: v for k, v in options.items() if v is not None and k in ENGINE_FIELDS}
+
+
+def engine_variants(device: torch.device) -> list[dict]:
+    """Every attention backend x CUDA-graph setting worth proving on this device."""
+    backends: list[str | None] = [None]
+    if "attention_backend" in ENGINE_FIELDS:
+        backends = ["triton", "reference"] if device.type == "cuda" else ["reference"]
+    graphs: list[bool | None] = [None]
+    if "cuda_graphs" in ENGINE_FIELDS and device.type == "cuda":
+        graphs = [True, False]
+    return [accepted(attention_backend=b, cuda_graphs=g) for b in backends for g in graphs]
+
+
+def variant_label(options: dict) -> str:
+    parts = [f"backend={options['attention_backend']}"] if "attention_backend" in options else []
+    if "cuda_graphs" in options:
+        parts.append("graphs=" + ("on" if options["cuda_graphs"] else "off"))
+    return " ".join(parts) or "defaults"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ---- part a: environment --------------------------------------------------------------------
+
+def part_env(report: Report, device: torch.device, quick: bool) -> None:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", "numpy", "safetensors", "tokenizers", "gguf", "pytest"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+        versions["cuda"] = torch.version.cuda
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    report.numbers["device"] = name
+    report.numbers["versions"] = versions
+    print(f"device: {name}\nversions: {versions}", flush=True)
+    if versions.get("transformers") and not str(versions["transformers"]).startswith(("5", "6")):
+        print("note: the family checkpoints are written with transformers 5's config API (rope_parameters); "
+              "an older transformers may build references with a different rope", flush=True)
+
+    def bandwidth():
+        gbs = measure_copy_bandwidth(device, quick)
+        report.numbers["copy_bandwidth_GBps"] = round(gbs, 1)
+        return f"{gbs:.0f} GB/s (device-to-device copy, bytes read + written / time)"
+
+    report.check("env: copy bandwidth", bandwidth)
+
+
+def measure_copy_bandwidth(device: torch.device, quick: bool) -> float:
+    """Bytes read + written per second by a large device-to-device copy: the memory speed
+    decode can reach at best (the roofline divides weight bytes by it)."""
+    size = (2 << 30) if device.type == "cuda" else (128 << 20)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):  # warm-up: allocation, clocks
+        dst.copy_(src)
+    iters = 20 if device.type == "cuda" else 5
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    sync(device)
+    took = time.perf_counter() - started
+    del src, dst
+    free_device_memory(device)
+    return 2 * size * iters / took / 1e9
+
+
+# ---- part b: correctness per family ---------------------------------------------------------
+
+@dataclass
+class Served:
+    """One engine's answer to WAVES: per prompt its tokens and the logits of each step."""
+
+    tokens: list[list[int]]
+    logits: list[torch.Tensor]  # [STEPS, vocab] per prompt, on the CPU in float32
+    cached_tokens: int  # prompt tokens found in the prefix cache (the second wave's, resumed preemptions')
+
+
+def serve_waves(engine: LLMEngine, params: SamplingParams | None = None) -> Served:
+    tokens, logits, cached = [], [], 0
+    for wave in WAVES:
+        for toks, rows, hits in serve_and_capture(engine, wave, params):
+            tokens.append(toks)
+            logits.append(torch.stack(rows).float().cpu() if rows else torch.empty(0))
+            cached += hits
+    if engine.num_free_blocks != engine.num_blocks:
+        raise CheckFailed(f"{engine.num_blocks - engine.num_free_blocks} KV blocks still held after the waves")
+    return served_ok(Served(tokens, logits, cached))
+
+
+def served_ok(served: Served) -> Served:
+    for i, toks in enumerate(served.tokens):
+        if len(toks) != STEPS:
+            raise CheckFailed(f"prompt {i}: {len(toks)} tokens generated, expected {STEPS}")
+    return served
+
+
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return step
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+
+
+def token_problem(what: str, prompt: int, ours: list[int], theirs: list[int]) -> list[str]:
+    """[] if the token lists agree, else one line naming the first differing step."""
+    step = first_difference(ours, theirs)
+    if step is None:
+        return []
+    a = ours[step] if step < len(ours) else "-"
+    b = theirs[step] if step < len(theirs) else "-"
+    return [f"prompt {prompt}: tokens differ from {what} first at step {step} ({a} vs {b})"]
+
+
+def compare_tokens(what: str, ours: list[list[int]], theirs: list[list[int]]) -> list[str]:
+    return [p for i, (a, b) in enumerate(zip(ours, theirs)) for p in token_problem(what, i, a, b)]
+
+
+class Reference:
+    """transformers' model of one family's checkpoint on the device, teacher-forced on the
+    tokens lmserve generated: row `step` holds the logits lmserve's step `step` must match."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        self.device = device
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def logits(self, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+        key = (tuple(prompt), tuple(tokens))
+        if key not in self._cache:
+            ids = torch.tensor([prompt + tokens], device=self.device)
+            full = self.model(ids).logits[0].float().cpu()
+            self._cache[key] = full[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+        return self._cache[key]
+
+
+def family_engine(source: str, spec: FamilySpec, device: torch.device, dtype: str, **options) -> LLMEngine:
+    """The engine setup of tests/test_family_parity.py: a small token budget (chunked prefill),
+    block size 4, few sequences (a short CUDA-graph ladder)."""
+    base = {"num_kv_blocks": 96, "block_size": 4, "max_num_batched_tokens": 16, "max_num_seqs": 8}
+    return LLMEngine(source, dtype=dtype, device=str(device), **{**base, **spec.engine_options, **options})
+
+
+# Seeded sampling: the same stream must come out of every run and every device.
+SEEDED = SamplingParams(max_tokens=STEPS, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
+# bf16: lmserve's logit error (against float32 transformers) may be this many times
+# transformers' own bf16 error (calibrated on CPU: see _bfloat16_greedy).
+BF16_ERROR_RATIO = 3.0
+FLOAT32_ATOL = 1e-3
+
+
+def check_family(report: Report, spec: FamilySpec, device: torch.device, workdir: Path) -> None:
+    missing = [p for p in spec.needs if importlib.util.find_spec(p) is None]
+    if missing:
+        report.skip(f"{spec.name}", f"needs the {', '.join(missing)} package, not installed here")
+        return
+    directory = workdir / spec.name
+    directory.mkdir()
+    state: dict = {}
+
+    def build():
+        torch.manual_seed(0)
+        built = spec.build(directory)
+        state["hf"], source = built if isinstance(built, tuple) else (built, directory)
+        state["source"] = str(source)
+        cpu = family_engine(state["source"], spec, torch.device("cpu"), "float32")
+        state["cpu"] = serve_waves(cpu)
+        state["cpu_sampled"] = served_ok(Served(*_sampled(cpu)))
+        del cpu
+        state["ref32"] = Reference(state["hf"], device, torch.float32)
+        return f"checkpoint built, lmserve on CPU served {len(PROMPTS)} prompts x {STEPS} steps"
+
+    if report.check(f"{spec.name}: build + CPU reference", build, needs_s=20) is None:
+        return
+    cpu: Served = state["cpu"]
+    for options in engine_variants(device):
+        label = variant_label(options)
+        report.check(f"{spec.name} [{label}] float32 greedy",
+                     lambda o=options: _float32_greedy(spec, state, device, o), needs_s=10)
+        report.check(f"{spec.name} [{label}] seeded sampling",
+                     lambda o=options: _seeded_sampling(spec, state, device, o), needs_s=10)
+        report.check(f"{spec.name} [{label}] bfloat16 greedy",
+                     lambda o=options: _bfloat16_greedy(spec, state, device, o), needs_s=10)
+    del cpu
+    state.clear()
+    free_device_memory(device)
+
+
+def _float32_greedy(spec: FamilySpec, state: dict, device: torch.device, options: dict) -> str:
+    engine = family_engine(state["source"], spec, device, "float32", **options)
+    ours = serve_waves(engine)
+    preempted = engine.scheduler.num_preemptions
+    del engine
+    problems = compare_tokens("lmserve on CPU", ours.tokens, state["cpu"].tokens)
+    worst_hf = worst_cpu = 0.0
+    for i, prompt in enumerate(PROMPTS):
+        ref = state["ref32"].logits(prompt, ours.tokens[i])
+        problems += token_problem("transformers", i, ours.tokens[i], ref.argmax(-1).tolist())
+        worst_hf = max(worst_hf, float((ours.logits[i] - ref).abs().max()))
+        worst_cpu = max(worst_cpu, float((ours.logits[i] - state["cpu"].logits[i]).abs().max()))
+    if worst_hf > max(FLOAT32_ATOL, spec.atol):
+        problems.append(f"logits differ from transformers by up to {worst_hf:.2e} (> {FLOAT32_ATOL:g})")
+    if ours.cached_tokens < 16:
+        problems.append(f"the prefix cache served {ours.cached_tokens} prompt tokens (expected >= 16)")
+    if (preempted > 0) != spec.preempts:
+        problems.append(f"{preempted} preemptions ({'expected some' if spec.preempts else 'expected none'})")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return (f"{len(PROMPTS)} prompts x {STEPS} steps: tokens == transformers == lmserve-CPU; "
+            f"max |dlogit| vs transformers {worst_hf:.1e}, vs CPU {worst_cpu:.1e}; "
+            f"prefix hit {ours.cached_tokens} tokens" + (f"; {preempted} preemptions" if preempted else ""))
+
+
+def _sampled(engine: LLMEngine) -> tuple[list[list[int]], list[torch.Tensor], int]:
+    served = [r for wave in WAVES for r in serve_and_capture(engine, wave, SEEDED)]
+    return [t for t, _, _ in served], [torch.empty(0)] * len(served), 0
+
+
+def _seeded_sampling(spec: FamilySpec, state: dict, device: torch.device, options: dict) -> str:
+    engine = family_engine(state["source"], spec, device, "float32", **options)
+    first, _, _ = _sampled(engine)
+    second, _, _ = _sampled(engine)  # prefix cache warm now: other chunking, same stream
+    del engine
+    problems = compare_tokens("the first run", second, first)
+    problems += compare_tokens("lmserve on CPU", first, state["cpu_sampled"].tokens)
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return (f"temperature 0.8, top_p 0.9, seed 1234: two runs identical, equal to CPU "
+            f"({len(PROMPTS)} prompts x {STEPS} tokens)")
+
+
+def _bfloat16_greedy(spec: FamilySpec, state: dict, device: torch.device, options: dict) -> str:
+    """bf16 rounds differently in every implementation, so tokens may flip at near-ties: the
+    measure is the error against float32 transformers (on lmserve's own tokens), which must
+    stay within BF16_ERROR_RATIO x the error of transformers' own bf16 run on the device."""
+    if "ref16" not in state:
+        state["ref16"] = Reference(state["hf"], device, torch.bfloat16)
+    engine = family_engine(state["source"], spec, device, "bfloat16", **options)
+    ours = serve_waves(engine)
+    del engine
+    ours_err = hf_err = 0.0
+    same = 0
+    for i, prompt in enumerate(PROMPTS):
+        truth = state["ref32"].logits(prompt, ours.tokens[i])
+        ours_err = max(ours_err, float((ours.logits[i] - truth).abs().max()))
+        hf_err = max(hf_err, float((state["ref16"].logits(prompt, ours.tokens[i]) - truth).abs().max()))
+        same += int((truth.argmax(-1) == torch.tensor(ours.tokens[i])).sum())
+    ratio = ours_err / max(hf_err, 1e-6)
+    line = (f"max |dlogit| vs float32 transformers {ours_err:.3f}, transformers' own bf16 {hf_err:.3f} "
+            f"({ratio:.2f}x); greedy tokens = float32 argmax at {same}/{len(PROMPTS) * STEPS} steps")
+    if ratio > BF16_ERROR_RATIO:
+        raise CheckFailed(f"bf16 error above {BF16_ERROR_RATIO:g}x transformers': {line}")
+    return line
+
+
+def part_correctness(report: Report, device: torch.device, names: list[str] | None) -> None:
+    families = [f for f in FAMILIES if names is None or f.name in names]
+    unknown = set(names or ()) - {f.name for f in FAMILIES}
+    if unknown:
+        report.skip("correctness: families", f"unknown family name(s) {sorted(unknown)}; "
+                    f"known: {[f.name for f in FAMILIES]}")
+    print(f"correctness: {len(families)} families x variants {[variant_label(v) for v in engine_variants(device)]}",
+          flush=True)
+    first = len(report.checks)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_families_") as tmp:
+        for spec in families:
+            check_family(report, spec, device, Path(tmp))
+    counts = {s: sum(c["status"] == s for c in report.checks[first:]) for s in ("PASS", "FAIL", "SKIP")}
+    report.numbers["correctness"] = counts
+
+
+# ---- part c: speed ----------------------------------------------------------------------------
+
+@dataclass
+class SpeedShape:
+    config: dict
+    decode_prompt: int
+    decode_new: int
+    requests: int
+    input_len: int
+    output_len: int
+    hf_new: int
+    hf_batches: tuple[int, ...] = (1, 32)
+
+
+def speed_shape(device: torch.device, quick: bool, requests: int | None) -> SpeedShape:
+    if device.type == "cpu":  # smoke mode: the same steps on a model a CPU runs in seconds
+        return SpeedShape(TINY_SPEED_MODEL, 16, 32, requests or 8, 64, 32, 16, (1, 4))
+    return SpeedShape(LLAMA_8B, 128, 256, requests or (64 if quick else 256), 1024, 1024, 64 if quick else 128)
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1000 if vocab > 4096 else 3, vocab, (count, length), generator=g).tolist()
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except an input embedding
+    table not shared with the LM head (a step reads one row of it)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    others = {m.weight.data_ptr() for m in model.modules()
+              if not isinstance(m, torch.nn.Embedding) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() not in others:
+            total -= m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def hf_generate_speed(model, device: torch.device, batch: int, prompt_len: int, new_tokens: int):
+    """transformers' generate, greedy, exactly `new_tokens` new tokens per row: output tok/s."""
+    ids = torch.tensor(random_prompts(batch, prompt_len, model.config.vocab_size, seed=batch), device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+        sync(device)
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        sync(device)
+    took = time.perf_counter() - started
+    if out.shape[1] != prompt_len + new_tokens:
+        raise CheckFailed(f"generate returned {out.shape[1] - prompt_len} new tokens, expected {new_tokens}")
+    return batch * new_tokens / took, took
+
+
+def build_hf_model(config_dir: Path, device: torch.device):
+    """transformers' model of the same shape with its own random init, built on the device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(config_dir))
+    with torch.device(device):
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        except TypeError:  # transformers 4.x spells it torch_dtype
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    return model.to(torch.bfloat16).eval()
+
+
+def lmserve_engine(config_dir: Path, device: torch.device, graphs: bool | None, extra: dict) -> LLMEngine:
+    options = accepted(cuda_graphs=graphs, gpu_memory_utilization=0.85 if device.type == "cuda" else None)
+    if device.type == "cpu":
+        options["kv_cache_memory"] = 256 << 20
+    return LLMEngine(str(config_dir), dtype="bfloat16", device=str(device), load_format="dummy",
+                     **options, **extra)
+
+
+def decode_speed(engine: LLMEngine, shape: SpeedShape, vocab: int) -> dict:
+    """Batch-1 greedy decode: tokens per second between the first and the last token (the
+    prefill excluded), plus the time to the first token."""
+    prompt = random_prompts(1, shape.decode_prompt, vocab, seed=11)[0]
+    engine.add_request("decode", prompt, SamplingParams(max_tokens=shape.decode_new, temperature=0.0,
+                                                        ignore_eos=True))
+    started = time.perf_counter()
+    stamps, count = [], 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            count += len(out.outputs[0].token_ids) if out.outputs else 0
+            stamps.append(time.perf_counter())
+    if count != shape.decode_new:
+        raise CheckFailed(f"{count} tokens generated, expected {shape.decode_new}")
+    return {"decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "ttft_s": stamps[0] - started}
+
+
+def offline_throughput(engine: LLMEngine, shape: SpeedShape, vocab: int, budget_s: float) -> dict:
+    """All requests queued at once (the offline LLM.generate workload), EOS ignored. Output
+    tokens per second over the run; cut at `budget_s` (then over what was generated, marked
+    partial) so one slow configuration cannot eat the device time of the rest."""
+    prompts = random_prompts(shape.requests, shape.input_len, vocab, seed=13)
+    params = SamplingParams(max_tokens=shape.output_len, temperature=0.0, ignore_eos=True)
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"t{i}", prompt, params)
+    tokens = done = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += sum(len(o.token_ids) for o in out.outputs)
+            done += int(out.finished)
+        if time.perf_counter() - started > budget_s:
+            engine.abort_all()
+            break
+    took = time.perf_counter() - started
+    return {"output_tok_s": tokens / took, "total_s": took, "output_tokens": tokens, "requests_done": done,
+            "partial": done < shape.requests}
+
+
+def warm_up(engine: LLMEngine, vocab: int, device: torch.device) -> dict:
+    """First requests outside the timings (kernel compilation, allocator), and a look at the
+    logits: a random 32-layer bf16 model must stay finite."""
+    rows = []
+    sampler = engine.sampler
+
+    def recording(logits, seqs):
+        rows.append(logits.float().cpu())
+        return sampler(logits, seqs)
+
+    engine.sampler = recording
+    try:
+        for prompt in random_prompts(4, 300 if device.type == "cuda" else 24, vocab, seed=5):
+            engine.add_request(f"w{len(rows)}-{prompt[0]}", prompt,
+                               SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.sampler = sampler
+    logits = torch.cat(rows)
+    if not torch.isfinite(logits).all():
+        raise CheckFailed("the dummy-weight model produced non-finite logits")
+    return {"logit_std": float(logits.std())}
+
+
+def part_speed(report: Report, device: torch.device, args) -> None:
+    shape = speed_shape(device, args.quick, args.requests)
+    numbers = report.numbers.setdefault("speed", {})
+    numbers["shape"] = {k: shape.config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                     "num_key_value_heads", "intermediate_size", "vocab_size")}
+    numbers["workload"] = {"decode": f"prompt {shape.decode_prompt}, {shape.decode_new} new tokens",
+                           "offline": f"{shape.requests} x {shape.input_len} in / {shape.output_len} out",
+                           "transformers": f"prompt {shape.decode_prompt}, {shape.hf_new} new tokens"}
+    config_dir = Path(tempfile.mkdtemp(prefix="gpu_check_8b_"))
+    (config_dir / "config.json").write_text(json.dumps(shape.config))  # nothing else: load_format dummy
+
+    # transformers first, freed before lmserve sizes its KV cache from free memory.
+    hf = {"model": None}
+
+    def hf_build():
+        started = time.perf_counter()
+        hf["model"] = build_hf_model(config_dir, device).to(device)
+        return f"random init on {device.type} in {time.perf_counter() - started:.1f}s"
+
+    if report.check("speed: transformers model", hf_build, needs_s=30):
+        for batch in shape.hf_batches:
+            def run(b=batch):
+                tok_s, took = hf_generate_speed(hf["model"], device, b, shape.decode_prompt, shape.hf_new)
+                numbers[f"transformers_b{b}_tok_s"] = round(tok_s, 1)
+                return f"batch {b}: {tok_s:.1f} output tok/s ({took:.1f}s)"
+
+            report.check(f"speed: transformers generate batch {batch}", run, needs_s=20)
+    hf.clear()
+    free_device_memory(device)
+
+    # CUDA graphs first: the numbers the targets are about, should the deadline cut the rest.
+    graph_settings = [True, False] if "cuda_graphs" in ENGINE_FIELDS and device.type == "cuda" else [None]
+    extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+    for graphs in graph_settings:
+        speed_of_engine(report, device, shape, config_dir, graphs, extra, args.throughput_budget_s)
+        free_device_memory(device)
+
+
+def speed_of_engine(report: Report, device: torch.device, shape: SpeedShape, config_dir: Path, graphs: bool | None,
+                    extra: dict, throughput_budget_s: float) -> None:
+    """One lmserve engine (CUDA graphs on, off, or the engine's default): load, warm up,
+    batch-1 decode, offline throughput."""
+    label = {True: "cuda graphs", False: "eager", None: "default"}[graphs]
+    key = {True: "graphs", False: "eager", None: "default"}[graphs]
+    numbers = report.numbers["speed"]
+    vocab = shape.config["vocab_size"]
+    state: dict = {}
+
+    def load():
+        started = time.perf_counter()
+        state["engine"] = engine = lmserve_engine(config_dir, device, graphs, extra)
+        loaded = time.perf_counter() - started
+        warm = warm_up(engine, vocab, device)
+        wbytes = weight_bytes_per_token(engine.model)
+        numbers["weight_bytes_per_token"] = wbytes
+        numbers[f"{key}_load_s"] = round(loaded, 1)
+        return (f"engine up in {loaded:.1f}s (dummy weights, {wbytes / 1e9:.3g} GB read per token, "
+                f"{engine.num_blocks} KV blocks), warm-up logits finite (std {warm['logit_std']:.2f})")
+
+    if not report.check(f"speed: lmserve {label} load + warm-up", load, needs_s=40):
+        return
+    engine = state.pop("engine")
+
+    def batch1():
+        r = decode_speed(engine, shape, vocab)
+        numbers[f"{key}_decode_tok_s"] = round(r["decode_tok_s"], 1)
+        numbers[f"{key}_ttft_s"] = round(r["ttft_s"], 3)
+        line = f"batch-1 decode {r['decode_tok_s']:.1f} tok/s, first token {r['ttft_s'] * 1000:.0f} ms"
+        roof = roofline(report)
+        if roof:
+            numbers[f"{key}_roofline_fraction"] = round(r["decode_tok_s"] / roof, 3)
+            line += f", {r['decode_tok_s'] / roof:.0%} of the {roof:.0f} tok/s roofline"
+        hf_b1 = numbers.get(f"transformers_b{shape.hf_batches[0]}_tok_s")
+        if hf_b1:
+            line += f", {r['decode_tok_s'] / hf_b1:.1f}x transformers"
+        return line
+
+    report.check(f"speed: lmserve {label} batch-1 decode", batch1, needs_s=15)
+
+    def throughput():
+        budget = min(throughput_budget_s, max(report.time_left() - 30, 10))
+        r = offline_throughput(engine, shape, vocab, budget)
+        numbers[f"{key}_offline"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
+        line = (f"offline {r['output_tok_s']:.0f} output tok/s, {r['requests_done']}/{shape.requests} requests "
+                f"in {r['total_s']:.1f}s" + (" (cut at the time budget: partial)" if r["partial"] else ""))
+        hf_big = numbers.get(f"transformers_b{shape.hf_batches[-1]}_tok_s")
+        if hf_big:
+            line += f", {r['output_tok_s'] / hf_big:.1f}x transformers batch {shape.hf_batches[-1]}"
+        if device.type == "cuda":
+            line += f", {r['output_tok_s'] / SGLANG_H200_TOK_S:.2f}x SGLang's H200 anchor ({SGLANG_H200_TOK_S})"
+            target = throughput_target(report)
+            if target:
+                line += f", {r['output_tok_s'] / target:.2f}x the {target} tok/s target"
+        return line
+
+    report.check(f"speed: lmserve {label} offline throughput", throughput, needs_s=40)
+
+
+def throughput_target(report: Report) -> int | None:
+    return next((v for k, v in TARGET_THROUGHPUT.items() if k in report.numbers.get("device", "")), None)
+
+
+def roofline(report: Report) -> float | None:
+    """Batch-1 decode tokens/s if every step only streamed the weights at the copy bandwidth."""
+    bw = report.numbers.get("copy_bandwidth_GBps")
+    wbytes = report.numbers.get("speed", {}).get("weight_bytes_per_token")
+    return bw * 1e9 / wbytes if bw and wbytes else None
+
+
+# ---- part d: the table -------------------------------------------------------------------------
+
+def markdown(report: Report) -> str:
+    n = report.numbers
+    s = n.get("speed", {})
+    versions = n.get("versions", {})
+    roof = roofline(report)
+    device = n.get("device", "?")
+    target = throughput_target(report)
+    lines = [f"Device check on {device}: torch {versions.get('torch')}, triton {versions.get('triton')}, "
+             f"transformers {versions.get('transformers')}; `{report.command}` "
+             f"({report.elapsed():.0f} s).", ""]
+    if n.get("copy_bandwidth_GBps"):
+        lines.append(f"Measured copy bandwidth {n['copy_bandwidth_GBps']:.0f} GB/s"
+                     + (f"; {s['weight_bytes_per_token'] / 1e9:.3g} GB of weights per token gives a batch-1 "
+                        f"roofline of {roof:.0f} tok/s." if roof else "."))
+        lines.append("")
+    if s:
+        w = s.get("workload", {})
+        lines += ["| measurement | output tok/s | roofline fraction | vs transformers | target |",
+                  "|---|---:|---:|---:|---|"]
+        hf_runs = sorted((int(k.split("_")[1][1:]), v) for k, v in s.items() if k.startswith("transformers_b"))
+        for key, label in (("graphs", "CUDA graphs"), ("eager", "eager"), ("default", "engine defaults")):
+            if f"{key}_decode_tok_s" in s:
+                v = s[f"{key}_decode_tok_s"]
+                frac = s.get(f"{key}_roofline_fraction")
+                vs = f"{v / hf_runs[0][1]:.1f}x (b{hf_runs[0][0]})" if hf_runs else "-"
+                goal = f">= {TARGET_ROOFLINE_FRACTION:.0%} of the roofline" if key != "eager" else ""
+                lines.append(f"| lmserve batch-1 decode, {label} ({w.get('decode')}) | {v:.1f} | "
+                             f"{f'{frac:.0%}' if frac else '-'} | {vs} | {goal} |")
+            off = s.get(f"{key}_offline")
+            if off:
+                tok_s = off["output_tok_s"]
+                vs = f"{tok_s / hf_runs[-1][1]:.1f}x (b{hf_runs[-1][0]})" if hf_runs else "-"
+                goal = (f">= {target} ({tok_s / target:.2f}x); SGLang H200 {SGLANG_H200_TOK_S} "
+                        f"({tok_s / SGLANG_H200_TOK_S:.2f}x)") if target else "-"
+                lines.append(f"| lmserve offline {w.get('offline')}, {label}: {off['total_s']:.0f} s"
+                             f"{' (partial)' if off.get('partial') else ''} | {tok_s:.0f} | - | {vs} | {goal} |")
+        for batch, v in hf_runs:
+            lines.append(f"| transformers generate batch {batch} ({w.get('transformers')}) | {v:.1f} | - | 1.0x | |")
+        lines.append("")
+    counts = n.get("correctness")
+    if counts:
+        fails = [c["name"] for c in report.checks if c["status"] == "FAIL"]
+        lines.append(f"Correctness: {counts['PASS']} checks passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
+                     + (f" (failed: {', '.join(fails)})" if fails else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda (the device check) or cpu (smoke mode)")
+    ap.add_argument("--quick", action="store_true", help="fewer offline requests, shorter transformers runs")
+    ap.add_argument("--parts", default="env,correctness,speed", help="comma-separated: env,correctness,speed")
+    ap.add_argument("--families", default=None, help="comma-separated family names (default: all)")
+    ap.add_argument("--requests", type=int, default=None, help="offline requests (default 256; --quick 64)")
+    ap.add_argument("--throughput-budget-s", type=float, default=None,
+                    help="most seconds one offline-throughput run may take, then reported as partial "
+                         "(default 60; --quick 30)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the speed engines' per-step token budget (default: the engine's)")
+    ap.add_argument("--deadline-s", type=float, default=360.0,
+                    help="checks that would start after this many seconds are skipped: a lent device has 15 "
+                         "minutes in all, so a run must leave room for its start and one rerun")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="results folder (default $OUT)")
+    args = ap.parse_args()
+    if args.throughput_budget_s is None:
+        args.throughput_budget_s = 30.0 if args.quick else 60.0
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu --quick for the smoke mode", file=sys.stderr)
+        return 2
+    parts = set(args.parts.split(","))
+    command = "python benchmarks/gpu_check.py" + "".join(f" {a}" for a in sys.argv[1:])
+    report = Report(Path(args.out), args.deadline_s, command)
+    torch.manual_seed(0)
+
+    if "env" in parts:
+        part_env(report, device, args.quick)
+    if "correctness" in parts:
+        names = args.families.split(",") if args.families else None
+        part_correctness(report, device, names)
+    if "speed" in parts:
+        part_speed(report, device, args)
+
+    report.save()
+    print("\n" + markdown(report))
+    print(f"results in {report.out_dir}/gpu_check.json and gpu_check.md; {len(report.checks)} checks, "
+          f"{len(report.failed)} failed, {report.elapsed():.0f}s")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

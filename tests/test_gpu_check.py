@@ -1,0 +1,34 @@
+"""benchmarks/gpu_check.py (the device check a lent GPU runs once) in its CPU smoke mode, so the
+script cannot rot between the rare sessions that have a GPU: two families' correctness checks
+and the speed part on its tiny model, end to end, as a subprocess (as the device runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_smoke_mode_passes_end_to_end(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--parts", "correctness,speed",
+                           "--families", "llama,qwen2-moe", "--requests", "4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    for family in ("llama", "qwen2-moe"):
+        for check in ("build + CPU reference", "[defaults] float32 greedy", "[defaults] seeded sampling",
+                      "[defaults] bfloat16 greedy"):
+            name = f"{family}: {check}" if check.startswith("build") else f"{family} {check}"
+            assert statuses.get(name) == "PASS", (name, statuses)
+    assert set(statuses.values()) == {"PASS"}
+    speed = report["numbers"]["speed"]
+    assert speed["default_decode_tok_s"] > 0 and speed["default_offline"]["requests_done"] == 4
+    assert speed["transformers_b1_tok_s"] > 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| lmserve batch-1 decode" in table and "Correctness: 8 checks passed, 0 failed" in table
