@@ -163,6 +163,18 @@ def engine_variants(device: torch.device) -> list[dict]:
     return [accepted(attention_backend=b, cuda_graphs=g) for b in backends for g in graphs]
 
 
+def backend_unavailable(options: dict, device: torch.device, kv_specs: list) -> str | None:
+    """Why the asked attention backend cannot serve this model here (the selector's own
+    reason, e.g. MLA layers for Triton), or None."""
+    if options.get("attention_backend") != "triton":
+        return None
+    try:
+        from lmserve.attention.selector import triton_unavailable_reason
+    except ImportError:  # a selector without the function: let the engine say it
+        return None
+    return triton_unavailable_reason(device, kv_specs)
+
+
 def variant_label(options: dict) -> str:
     parts = [f"backend={options['attention_backend']}"] if "attention_backend" in options else []
     if "cuda_graphs" in options:
@@ -334,6 +346,7 @@ def check_family(report: Report, spec: FamilySpec, device: torch.device, workdir
         cpu = family_engine(state["source"], spec, torch.device("cpu"), "float32")
         state["cpu"] = serve_waves(cpu)
         state["cpu_sampled"] = served_ok(Served(*_sampled(cpu)))
+        state["kv_specs"] = cpu.model.kv_cache_specs()
         del cpu
         state["ref32"] = Reference(state["hf"], device, torch.float32)
         return f"checkpoint built, lmserve on CPU served {len(PROMPTS)} prompts x {STEPS} steps"
@@ -343,6 +356,10 @@ def check_family(report: Report, spec: FamilySpec, device: torch.device, workdir
     cpu: Served = state["cpu"]
     for options in engine_variants(device):
         label = variant_label(options)
+        why_not = backend_unavailable(options, device, state["kv_specs"])
+        if why_not:
+            report.skip(f"{spec.name} [{label}]", why_not)
+            continue
         report.check(f"{spec.name} [{label}] float32 greedy",
                      lambda o=options: _float32_greedy(spec, state, device, o), needs_s=10)
         report.check(f"{spec.name} [{label}] seeded sampling",
@@ -504,7 +521,10 @@ def build_hf_model(config_dir: Path, device: torch.device):
 
 
 def lmserve_engine(config_dir: Path, device: torch.device, graphs: bool | None, extra: dict) -> LLMEngine:
-    options = accepted(cuda_graphs=graphs, gpu_memory_utilization=0.85 if device.type == "cuda" else None)
+    # The fraction is of the device's total memory and the engine measures what is in use
+    # (transformers' model is freed and torch's cache emptied before), so leftovers could only
+    # shrink the KV cache, never overflow it.
+    options = accepted(cuda_graphs=graphs, gpu_memory_utilization=0.9 if device.type == "cuda" else None)
     if device.type == "cpu":
         options["kv_cache_memory"] = 256 << 20
     return LLMEngine(str(config_dir), dtype="bfloat16", device=str(device), load_format="dummy",

@@ -22,10 +22,10 @@ def test_gpu_check_smoke_mode_passes_end_to_end(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     statuses = {c["name"]: c["status"] for c in report["checks"]}
     for family in ("llama", "qwen2-moe"):
-        for check in ("build + CPU reference", "[defaults] float32 greedy", "[defaults] seeded sampling",
-                      "[defaults] bfloat16 greedy"):
-            name = f"{family}: {check}" if check.startswith("build") else f"{family} {check}"
-            assert statuses.get(name) == "PASS", (name, statuses)
+        # On CPU one variant: the reference attention backend (named once the engine has the option).
+        ran = sorted(name.split("] ")[-1] for name in statuses if name.startswith(f"{family} ["))
+        assert ran == ["bfloat16 greedy", "float32 greedy", "seeded sampling"], statuses
+        assert statuses[f"{family}: build + CPU reference"] == "PASS"
     assert set(statuses.values()) == {"PASS"}
     speed = report["numbers"]["speed"]
     assert speed["default_decode_tok_s"] > 0 and speed["default_offline"]["requests_done"] == 4
