@@ -176,7 +176,13 @@ class LLMEngine:
         per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
         if cfg.kv_cache_memory is None and self.device.type == "cuda":
             started = time.perf_counter()
-            reading = measure_peak(self.device, self._profile_step)
+            try:
+                reading = measure_peak(self.device, self._profile_step)
+            except torch.cuda.OutOfMemoryError:
+                raise ValueError(
+                    f"the memory profiling step ({cfg.max_num_batched_tokens} tokens, up to {cfg.max_num_seqs} sampled "
+                    "rows) ran out of GPU memory after the weights loaded; lower max_num_batched_tokens or "
+                    "max_num_seqs") from None
             in_use = peak_in_use(reading)
             budget = kv_cache_bytes(reading.total, cfg.gpu_memory_utilization, in_use)
             log.info("memory profile in %.1fs: peak step %.2f GiB in use of %.2f GiB; KV cache gets %.2f GiB "
