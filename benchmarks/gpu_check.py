@@ -92,12 +92,13 @@ class Report:
     started: float = field(default_factory=time.perf_counter)
     checks: list[dict] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)
+    part_deadline_s: float | None = None  # the running part's own limit, so one part cannot starve the next
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def time_left(self) -> float:
-        return self.deadline_s - self.elapsed()
+        return min(self.deadline_s, self.part_deadline_s or self.deadline_s) - self.elapsed()
 
     def check(self, name: str, fn, needs_s: float = 0.0):
         """Run one check: PASS (fn returns a detail line), FAIL (CheckFailed or any exception,
@@ -196,7 +197,7 @@ def free_device_memory(device: torch.device) -> None:
 
 # ---- part a: environment --------------------------------------------------------------------
 
-def part_env(report: Report, device: torch.device, quick: bool) -> None:
+def part_env(report: Report, device: torch.device) -> None:
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("triton", "transformers", "numpy", "safetensors", "tokenizers", "gguf", "pytest"):
         try:
@@ -217,14 +218,14 @@ def part_env(report: Report, device: torch.device, quick: bool) -> None:
               "an older transformers may build references with a different rope", flush=True)
 
     def bandwidth():
-        gbs = measure_copy_bandwidth(device, quick)
+        gbs = measure_copy_bandwidth(device)
         report.numbers["copy_bandwidth_GBps"] = round(gbs, 1)
         return f"{gbs:.0f} GB/s (device-to-device copy, bytes read + written / time)"
 
     report.check("env: copy bandwidth", bandwidth)
 
 
-def measure_copy_bandwidth(device: torch.device, quick: bool) -> float:
+def measure_copy_bandwidth(device: torch.device) -> float:
     """Bytes read + written per second by a large device-to-device copy: the memory speed
     decode can reach at best (the roofline divides weight bytes by it)."""
     size = (2 << 30) if device.type == "cuda" else (128 << 20)
@@ -351,7 +352,7 @@ def check_family(report: Report, spec: FamilySpec, device: torch.device, workdir
         state["ref32"] = Reference(state["hf"], device, torch.float32)
         return f"checkpoint built, lmserve on CPU served {len(PROMPTS)} prompts x {STEPS} steps"
 
-    if report.check(f"{spec.name}: build + CPU reference", build, needs_s=20) is None:
+    if report.check(f"{spec.name}: build + CPU reference", build, needs_s=10) is None:
         return
     cpu: Served = state["cpu"]
     for options in engine_variants(device):
@@ -438,7 +439,7 @@ def _bfloat16_greedy(spec: FamilySpec, state: dict, device: torch.device, option
     return line
 
 
-def part_correctness(report: Report, device: torch.device, names: list[str] | None) -> None:
+def part_correctness(report: Report, device: torch.device, names: list[str] | None, budget_s: float) -> None:
     families = [f for f in FAMILIES if names is None or f.name in names]
     unknown = set(names or ()) - {f.name for f in FAMILIES}
     if unknown:
@@ -447,9 +448,11 @@ def part_correctness(report: Report, device: torch.device, names: list[str] | No
     print(f"correctness: {len(families)} families x variants {[variant_label(v) for v in engine_variants(device)]}",
           flush=True)
     first = len(report.checks)
+    report.part_deadline_s = report.elapsed() + budget_s
     with tempfile.TemporaryDirectory(prefix="gpu_check_families_") as tmp:
         for spec in families:
             check_family(report, spec, device, Path(tmp))
+    report.part_deadline_s = None
     counts = {s: sum(c["status"] == s for c in report.checks[first:]) for s in ("PASS", "FAIL", "SKIP")}
     report.numbers["correctness"] = counts
 
@@ -767,6 +770,9 @@ def main() -> int:
                          "(default 60; --quick 30)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the speed engines' per-step token budget (default: the engine's)")
+    ap.add_argument("--correctness-budget-s", type=float, default=170.0,
+                    help="correctness checks that would start after this many seconds of the part are skipped, "
+                         "leaving the rest of the deadline to the speed part")
     ap.add_argument("--deadline-s", type=float, default=360.0,
                     help="checks that would start after this many seconds are skipped: a lent device has 15 "
                          "minutes in all, so a run must leave room for its start and one rerun")
@@ -785,10 +791,12 @@ def main() -> int:
     torch.manual_seed(0)
 
     if "env" in parts:
-        part_env(report, device, args.quick)
+        part_env(report, device)
+        print(f"== env done at {report.elapsed():.0f}s", flush=True)
     if "correctness" in parts:
         names = args.families.split(",") if args.families else None
-        part_correctness(report, device, names)
+        part_correctness(report, device, names, args.correctness_budget_s)
+        print(f"== correctness done at {report.elapsed():.0f}s", flush=True)
     if "speed" in parts:
         part_speed(report, device, args)
 
