@@ -6,18 +6,30 @@ import functools
 
 import torch.nn.functional as F
 
-_ACTIVATIONS = {
+# Config name -> the function it means: "silu", "gelu" (erf) or "gelu_tanh" (tanh approximation).
+# The fused gated kernel (layers/triton_ops.py) takes these kinds.
+_KINDS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+}
+_FUNCTIONS = {
     "silu": F.silu,
-    "swish": F.silu,
     "gelu": F.gelu,
-    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
 }
 
 
-def get_activation(name: str):
+def activation_kind(name: str) -> str:
+    """The canonical kind of a config's activation name ("gelu_new" -> "gelu_tanh")."""
     try:
-        return _ACTIVATIONS[name]
+        return _KINDS[name]
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r} (supported: {', '.join(sorted(_ACTIVATIONS))})") from None
+        raise ValueError(f"unsupported activation {name!r} (supported: {', '.join(sorted(_KINDS))})") from None
+
+
+def get_activation(name: str):
+    return _FUNCTIONS[activation_kind(name)]

@@ -1,11 +1,15 @@
-"""The gated MLP every catalog family uses: down(act(gate(x)) * up(x))."""
+"""The gated MLP every catalog family uses: down(act(gate(x)) * up(x)).
+
+On CUDA, act(gate) * up is one fused Triton kernel with PyTorch's roundings (layers/fused.py).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmserve.layers.activation import get_activation
+from lmserve.layers import fused
+from lmserve.layers.activation import activation_kind, get_activation
 from lmserve.layers.linear import Linear
 
 
@@ -19,8 +23,11 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias=bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
         self.act = get_activation(activation)
+        self.act_kind = activation_kind(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if fused.use_fused(gate_up):
+            return self.down_proj(fused.ops().gated_act(gate_up, self.intermediate, self.act_kind))
         gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
         return self.down_proj(self.act(gate) * up)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.layers.activation import get_activation
+from lmserve.layers import fused
+from lmserve.layers.activation import activation_kind, get_activation
 from lmserve.layers.linear import Linear, check_shape, set_weight_loader
 from lmserve.layers.mlp import GatedMLP
 
@@ -61,6 +62,7 @@ class FusedExperts(nn.Module):
             set_weight_loader(param, self.weight_loader)
             param.shard_ids = [(e, s) for e in range(num_experts) for s in shards]
         self.act = get_activation(activation)
+        self.act_kind = activation_kind(activation)
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id) -> None:
         if not isinstance(shard_id, tuple):
@@ -91,10 +93,16 @@ class FusedExperts(nn.Module):
                 continue
             rows = slice(start, start + n)
             start += n
-            gate, up = F.linear(inputs[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            y = F.linear(self._gated(F.linear(inputs[rows], self.gate_up_proj[expert])), self.down_proj[expert])
             out.index_add_(0, tokens[rows], (y * weights[rows, None]).to(out.dtype))
         return out
+
+    def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up: one fused kernel on CUDA (layers/fused.py), PyTorch's two ops elsewhere."""
+        if fused.use_fused(gate_up):
+            return fused.ops().gated_act(gate_up, self.intermediate, self.act_kind)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, intermediate={self.intermediate}"

@@ -7,7 +7,8 @@ catalog (linear, Llama-3.1, dynamic NTK, YaRN).
 
 Every layer shares one table per model: `lookup` runs once per step, `apply` once per layer.
 Numerics follow transformers: frequencies in fp32, cos/sin (times YaRN's attention factor) cast
-to the activation dtype before use.
+to the activation dtype before use. On CUDA `apply` is one fused Triton kernel with the same
+roundings (layers/fused.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lmserve.layers import fused
 
 ROPE_STYLES = ("neox", "interleaved")
 SCALING_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
@@ -168,6 +171,8 @@ class RotaryEmbedding(nn.Module):
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, head_dim] -> rotated copy. The same products and sums, in the same dtype, as
         transformers' x * cos + rotate(x) * sin (a + (-b) * s equals a - b * s exactly)."""
+        if fused.use_fused(x):
+            return fused.ops().rotary(x, cos, sin, self.rotary_dim, self.style)
         if self.rotary_dim < self.head_dim:
             rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
             return torch.cat((self._rotate(rot, cos, sin), rest), dim=-1)

@@ -1,0 +1,213 @@
+"""The fused Triton kernels (layers/triton_ops.py) against the PyTorch code they replace on CUDA.
+
+Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) runs the very kernels on CPU
+tensors. float32 and float16 only: the interpreter cannot do bfloat16 arithmetic. In float16 the
+rotary kernel is bit-equal to PyTorch's ops; the norms' rounded value may differ by one ulp (the
+fp32 sum of squares is reduced in another order); the activations use exp/erf from another math library than
+PyTorch's CPU kernels (and on the GPU, another again), so a rounding can land one way or the
+other: silu is held to bit equality on moderate inputs, the gelus to two ulps on few elements.
+Inputs are strided views where the models pass views (the q/k heads of a packed qkv projection).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmserve.layers import fused, triton_ops
+from lmserve.layers.moe import FusedExperts
+from lmserve.layers.norm import GemmaRMSNorm, RMSNorm
+from lmserve.layers.rotary import get_rope
+
+# Far below zero e^-x overflows to inf (act = x / inf = -0, the right limit); numpy warns.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def _ulp(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of v's dtype at |v| (as float32)."""
+    a = v.abs()
+    return (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).float()
+
+
+def _ulps_apart(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    return (ref.float() - got.float()).abs() / torch.maximum(_ulp(ref), _ulp(got))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [72, 200, 4096])
+@pytest.mark.parametrize("norm_class", [RMSNorm, GemmaRMSNorm])
+def test_rms_norm_matches_module(norm_class, hidden, dtype):
+    g = torch.Generator().manual_seed(hidden)
+    norm = norm_class(hidden, 1e-6)
+    with torch.no_grad():
+        mean = 0.0 if norm_class is GemmaRMSNorm else 1.0
+        norm.weight.copy_(mean + 0.5 * torch.randn(hidden, generator=g))
+    norm = norm.to(dtype)
+    # A column slice of a wider activation: rows strided, as a split projection output is.
+    wide = (3 * torch.randn(9, 3 * hidden, generator=g)).to(dtype)
+    x = wide[:, hidden:2 * hidden]
+    ref = norm(x)
+    got = triton_ops.rms_norm(x, norm.weight, norm.eps, gemma=norm_class is GemmaRMSNorm)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    else:
+        # A one-ulp flip of Llama's rounded normalized value is up to two ulps after the scale.
+        apart = _ulps_apart(ref, got)
+        assert apart.max() <= (1 if norm_class is GemmaRMSNorm else 2) and (apart > 0).float().mean() <= 0.01
+    # Leading dims are flattened: a [2, 3, hidden] input gives the same rows.
+    x3 = x[:6].reshape(2, 3, hidden)
+    assert torch.equal(triton_ops.rms_norm(x3, norm.weight, norm.eps, norm_class is GemmaRMSNorm),
+                       got[:6].reshape(2, 3, hidden))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("intermediate", [200, 1100])  # 1100: two column blocks, the second masked
+def test_gated_act_matches_pytorch(activation, intermediate, dtype):
+    g = torch.Generator().manual_seed(intermediate)
+    rows = 6
+    if dtype == torch.float32:
+        gate = 3 * torch.randn(rows, intermediate, generator=g)
+    else:
+        # Moderate gates: far below zero 1 + tanh / 1 + erf cancel, and the libraries' last bits
+        # decide the half-precision rounding.
+        gate = torch.rand(rows, intermediate, generator=g) * 6.5 - 2.5
+    up = torch.randn(rows, intermediate, generator=g)
+    padded = torch.cat([gate, up, torch.randn(rows, 3)], dim=1).to(dtype)  # row stride 2I + 3
+    gate_up = padded[:, :2 * intermediate]
+    ref = ACTIVATIONS[activation](gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+    got = triton_ops.gated_act(gate_up, intermediate, activation)
+    assert got.dtype == dtype and got.shape == (rows, intermediate)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    elif activation == "silu":
+        assert torch.equal(got, ref)
+    else:
+        apart = _ulps_apart(ref, got)
+        assert apart.max() <= 2 and (apart > 0).float().mean() <= 0.02
+
+
+def test_gated_act_rounds_the_activation_before_the_product():
+    """PyTorch materializes act(gate) in the dtype: the kernel rounds it there too, which differs
+    from rounding the fp32 product once on many elements."""
+    g = torch.Generator().manual_seed(7)
+    gate_up = (torch.rand(8, 512, generator=g) * 6.5 - 2.5).to(torch.float16)
+    got = triton_ops.gated_act(gate_up, 256, "silu")
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    once = (F.silu(gate) * up).to(torch.float16)
+    twice = (F.silu(gate).to(torch.float16).float() * up).to(torch.float16)
+    # A few elements may flip on exp's last bit; rounding once would differ on many.
+    assert (got != twice).sum() * 10 < (got != once).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("style", ["neox", "interleaved"])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(64, 64), (64, 32), (24, 12)])
+def test_rotary_matches_apply(head_dim, rotary_dim, style, dtype):
+    g = torch.Generator().manual_seed(head_dim + rotary_dim)
+    heads, kv_heads, t = 6, 2, 5
+    rope = get_rope(head_dim, 256, 10000.0, rotary_dim=rotary_dim, style=style, dtype=dtype)
+    # The q/k heads of a packed qkv projection, as models/llama.py rotates them.
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    x = qkv[:, :(heads + kv_heads) * head_dim].view(t, heads + kv_heads, head_dim)
+    cos, sin = rope.lookup(torch.tensor([0, 3, 17, 100, 255]))
+    ref = rope.apply(x, cos, sin)
+    got = triton_ops.rotary(x, cos, sin, rotary_dim, style)
+    assert got.is_contiguous() and got.dtype == ref.dtype
+    assert torch.equal(got, ref)
+
+
+def test_rotary_promotes_like_pytorch():
+    """A float32 table (kept so, as DeepSeek's) with float16 activations: the products promote to
+    float32 and the passed-through channels are widened, as PyTorch's mul and cat do."""
+    rope = get_rope(32, 64, 10000.0, rotary_dim=16, style="interleaved", dtype=torch.float32)
+    x = torch.randn(3, 4, 32).to(torch.float16)
+    cos, sin = rope.lookup(torch.tensor([1, 9, 60]))
+    ref = rope.apply(x, cos, sin)
+    got = triton_ops.rotary(x, cos, sin, 16, "interleaved")
+    assert got.dtype == ref.dtype == torch.float32
+    assert torch.equal(got, ref)
+
+
+def test_cpu_tensors_keep_the_pytorch_ops():
+    assert not fused.use_fused(torch.zeros(2))
+
+
+def test_layers_dispatch_to_the_kernels(monkeypatch):
+    """With the CUDA condition forced, every layer routes through its kernel (float16 MoE experts
+    with gelu_tanh, a Gemma norm, rotary): same results as the PyTorch path."""
+    g = torch.Generator().manual_seed(3)
+    experts = FusedExperts(4, 32, 24, activation="gelu_pytorch_tanh")
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.3, generator=g)
+        experts.down_proj.normal_(0, 0.3, generator=g)
+    experts = experts.to(torch.float16)
+    x = torch.randn(5, 32, generator=g).to(torch.float16)
+    weights, ids = torch.rand(5, 2, generator=g).to(torch.float16), torch.tensor([[0, 1], [2, 3]] * 2 + [[1, 3]])
+    norm = GemmaRMSNorm(32, 1e-6).to(torch.float16)
+    rope = get_rope(16, 32, 10000.0, dtype=torch.float16)
+    q = torch.randn(5, 2, 16, generator=g).to(torch.float16)
+    cos, sin = rope.lookup(torch.arange(5))
+
+    def run():
+        return experts(x, weights, ids), norm(x), rope.apply(q, cos, sin)
+
+    reference = run()
+    calls = []
+    for name in ("rms_norm", "gated_act", "rotary"):
+        original = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    monkeypatch.setattr(fused, "use_fused", lambda x: True)
+    got = run()
+    assert {"rms_norm", "gated_act", "rotary"} <= set(calls)
+    for ref, out in zip(reference, got):
+        apart = _ulps_apart(ref, out)
+        assert apart.max() <= 2
+
+
+STEPS = 6
+
+
+def _engine_run(source):
+    """Greedy tokens and sampled-step logits of two waves (chunked prefill, a prefix hit)."""
+    from family_checkpoints import WAVES, serve_and_capture
+
+    from lmserve import SamplingParams
+    from lmserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16,
+                       max_num_seqs=6)
+    params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
+    results = [(tokens, logits) for wave in WAVES for tokens, logits, _ in serve_and_capture(engine, wave, params)]
+    assert engine.num_free_blocks == engine.num_blocks
+    return results
+
+
+def test_model_on_the_fused_kernels_matches_the_pytorch_path(tmp_path, monkeypatch):
+    """A whole model with the CUDA dispatch forced on CPU: the tiny GLM (partial interleaved rotary
+    over the packed q/k views, Llama norms, silu) through chunked prefill, a prefix hit and
+    decode. Same greedy tokens, logits within float32 reduction-order noise. (One family keeps
+    the file fast; Gemma's norms and gelu, MoE experts: the tests above.)"""
+    import family_checkpoints
+
+    family_checkpoints.build_glm_hf(tmp_path)
+    reference = _engine_run(tmp_path)
+    calls = set()
+    for name in ("rms_norm", "gated_act", "rotary"):
+        original = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: calls.add(_n) or _f(*a, **k))
+    monkeypatch.setattr(fused, "use_fused", lambda x: True)
+    got = _engine_run(tmp_path)
+    assert calls == {"rms_norm", "gated_act", "rotary"}
+    for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, got):
+        assert tokens == ref_tokens and len(tokens) == STEPS
+        for ref_row, row in zip(ref_logits, logits):
+            torch.testing.assert_close(row, ref_row, atol=1e-4, rtol=1e-4)
