@@ -211,3 +211,49 @@ def test_model_on_the_fused_kernels_matches_the_pytorch_path(tmp_path, monkeypat
         assert tokens == ref_tokens and len(tokens) == STEPS
         for ref_row, row in zip(ref_logits, logits):
             torch.testing.assert_close(row, ref_row, atol=1e-4, rtol=1e-4)
+
+
+# Compiles the kernels for an H100 (sm_90) in bfloat16, which the interpreter cannot run, with the
+# installed Triton's own ptxas: lowering errors show here, without a GPU. A child process, since
+# this one has TRITON_INTERPRET set (its kernels are interpreted functions).
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lmserve.layers import triton_ops as T
+
+def compile_for_sm90(fn, signature, constexprs, **options):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    assert kernel.asm["ptx"], fn.__name__
+
+def ints(*names):
+    return {name: "i32" for name in names}
+
+for gemma in (False, True):
+    compile_for_sm90(T._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+                     **ints("stride_x", "stride_out", "n_cols"), "eps": "fp32"},
+                     {"GEMMA": gemma, "BLOCK": 4096}, num_warps=8)
+for code in (0, 1, 2):
+    compile_for_sm90(T._gated_act_kernel, {"gate_up_ptr": "*bf16", "out_ptr": "*bf16",
+                     **ints("stride_in", "stride_out", "n_cols")}, {"ACTIVATION": code, "BLOCK": 1024})
+for dt, head_dim, half, interleaved in (("bf16", 128, 64, False), ("bf16", 128, 32, True), ("fp32", 64, 32, True)):
+    compile_for_sm90(T._rotary_kernel, {"x_ptr": "*" + dt, "cos_ptr": "*" + dt, "sin_ptr": "*" + dt,
+                     "out_ptr": "*" + dt, **ints("stride_xt", "stride_xh", "stride_cos", "stride_sin", "num_heads")},
+                     {"HEAD_DIM": head_dim, "HALF": half, "INTERLEAVED": interleaved, "BLOCK_H": 32,
+                      "BLOCK_HALF": half, "BLOCK_REST": max(head_dim - 2 * half, 1)}, enable_fp_fusion=False)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_in_bfloat16(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
