@@ -7,8 +7,8 @@ is built here (tiny random checkpoints from tests/family_checkpoints.py; the 8B 
 config.json alone with `load_format="dummy"`), lmserve is imported from this repo's src/, and
 only what truly needs a missing package is skipped (and said so).
 
-    python benchmarks/gpu_check.py                  # on the device: everything, well inside 10 min
-    python benchmarks/gpu_check.py --quick          # a smaller offline-throughput run
+    python3 benchmarks/gpu_check.py                 # on the device: everything, well inside 10 min
+    python3 benchmarks/gpu_check.py --quick         # a smaller offline-throughput run
     python benchmarks/gpu_check.py --device cpu --quick   # smoke mode: the whole script on CPU,
                                                           # with a tiny speed model
 
