@@ -374,6 +374,7 @@ def check_variant(report: Report, spec: FamilySpec, state: dict, device: torch.d
         return
     report.check(f"{spec.name} [{label}] bfloat16 greedy",
                  lambda: _bfloat16_greedy(spec, state, device, options), needs_s=10)
+    free_device_memory(device)  # the variant's engines (and their graph pools) go before the next ones
 
 
 def _float32_greedy(spec: FamilySpec, state: dict, device: torch.device, options: dict) -> str:
