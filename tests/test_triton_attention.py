@@ -172,3 +172,57 @@ def test_graph_ladder_and_padding():
     assert graph_batch_sizes(1) == [1]
     sizes = graph_batch_sizes(64)
     assert [padded_size(n, sizes) for n in (1, 3, 5, 8, 9, 63, 64, 65)] == [1, 4, 8, 8, 16, 64, 64, None]
+
+
+# Compiles both kernels for an H100 (sm_90) in bfloat16 and float32, which the interpreter
+# cannot show: Triton's own ptxas lowers them, so shape rules the interpreter does not enforce
+# (tl.dot's minimum sizes, dtype pairs, the precision modes) fail here without a GPU. A child
+# process, since this one has TRITON_INTERPRET set.
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lmserve.attention import triton_paged as P
+
+def compile_for_sm90(fn, signature, constexprs):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["ptx"], fn.__name__
+
+ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_ptr", "tile_seq_ptr", "tile_first_ptr")
+strides = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kt", "stride_kh",
+           "stride_vb", "stride_vt", "stride_vh", "stride_bt", "num_q_heads", "window")
+# dtype, head dim, GQA group, queries per tile, key splits, window, softcap: decode (split and
+# not), a Llama-8B prefill tile, Gemma-2's 256-wide heads, a non-power-of-two head dim and group.
+for dt, head_dim, group, block_q, splits, window, softcap in (
+        ("bf16", 128, 4, 1, 8, True, False), ("bf16", 128, 4, 16, 1, False, False),
+        ("bf16", 256, 2, 16, 1, True, True), ("bf16", 80, 7, 9, 1, False, True), ("fp32", 64, 4, 1, 1, False, False)):
+    precision = "ieee" if dt == "fp32" else "tf32"
+    block_d = P._next_power_of_2(head_dim)
+    sig = {"q_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "out_ptr": "*" + dt,
+           "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+           **{n: "*i64" for n in ints}, "scale": "fp32", "softcap": "fp32", **{n: "i32" for n in strides}}
+    compile_for_sm90(P._paged_attention_kernel, sig, {
+        "HEAD_DIM": head_dim, "BLOCK_D": block_d, "PAGE_SIZE": 16, "GROUP": group, "BLOCK_Q": block_q,
+        "BLOCK_M": max(16, P._next_power_of_2(block_q * group)), "TILE_N": 64 if block_d <= 128 else 32,
+        "NUM_SPLITS": splits, "USE_SOFTCAP": softcap, "USE_WINDOW": window, "PRECISION": precision})
+    if splits > 1:
+        compile_for_sm90(P._merge_splits_kernel, {
+            "out_ptr": "*" + dt, "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+            "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "i32"},
+            {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "NUM_SPLITS": splits})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
