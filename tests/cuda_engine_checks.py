@@ -1,6 +1,7 @@
-"""Device checks of the engine outside attention: the KV cache sized from GPU memory and the
-sampler's one synchronisation per step. What CPU tests cannot show (the driver's memory
-numbers, torch's sync debug mode) is checked here on a CUDA device.
+"""Device checks of the engine outside attention: the KV cache sized from GPU memory, the
+sampler's one synchronisation per step, and the fused norm/rotary/activation kernels in bfloat16
+inside a CUDA graph. What CPU tests cannot show (the driver's memory numbers, torch's sync debug
+mode, bf16 on the device, kernel counts) is checked here on a CUDA device.
 
 Plain Python, no pytest (the GPU image has none), like tests/family_checkpoints.py: a device
 script imports these functions, or runs this file (a few seconds on an H100):
@@ -119,12 +120,111 @@ def check_memory_sizing(directory: Path, device: str = "cuda") -> dict:
             "memory_refusal": refused}
 
 
+def _ulps_apart(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """|ref - got| in units of the dtype's spacing at the larger of the two."""
+    spacing = [(torch.nextafter(v.abs(), torch.full_like(v, float("inf"))) - v.abs()).float() for v in (ref, got)]
+    return (ref.float() - got.float()).abs() / torch.maximum(*spacing)
+
+
+def check_fused_ops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The fused Triton kernels (layers/triton_ops.py) against the PyTorch ops they replace, through
+    the layers, on Llama-3-8B-shaped inputs: rotary bit-equal; norms and activations within the
+    roundings tests/test_triton_ops.py allows. On CUDA also: the fused ops replayed from a CUDA
+    graph give the eager results, and the kernels launched for a layer's two norms, rotary and
+    MLP, fused vs not (profiler count). On CPU (float16, under TRITON_INTERPRET) the same
+    comparisons, so this check is exercised in CI."""
+    from lmserve.layers import fused
+    from lmserve.layers.activation import activation_kind, get_activation
+    from lmserve.layers.norm import GemmaRMSNorm, RMSNorm
+    from lmserve.layers.rotary import get_rope
+
+    original = fused.use_fused
+    on_cuda = torch.device(device).type == "cuda"
+
+    def run(fused_on: bool, fn):
+        fused.use_fused = lambda x: fused_on  # both paths on the same tensors
+        try:
+            return fn()
+        finally:
+            fused.use_fused = original
+
+    gen = torch.Generator().manual_seed(11)
+    hidden, intermediate, heads, kv_heads, head_dim, tokens = 4096, 14336, 32, 8, 128, 3
+    norm = RMSNorm(hidden, 1e-5)
+    gemma_norm = GemmaRMSNorm(hidden, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.3 * torch.randn(hidden, generator=gen))
+        gemma_norm.weight.copy_(0.3 * torch.randn(hidden, generator=gen))
+    norm, gemma_norm = norm.to(device, dtype), gemma_norm.to(device, dtype)
+    rope = get_rope(head_dim, 8192, 500000.0, dtype=dtype).to(device)
+    x = (2 * torch.randn(tokens, 2 * hidden, generator=gen)).to(device, dtype)[:, :hidden]  # strided rows
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(device, dtype)
+    qk = qkv[:, :(heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
+    cos, sin = rope.lookup(torch.tensor([0, 1000, 8000], device=device))
+    gate = torch.rand(tokens, intermediate, generator=gen) * 6.5 - 2.5  # see test_triton_ops
+    gate_up = torch.cat([gate, torch.randn(tokens, intermediate, generator=gen)], 1).to(device, dtype)
+
+    def gated(name: str) -> torch.Tensor:  # GatedMLP.forward between its two matmuls
+        if fused.use_fused(gate_up):
+            return fused.ops().gated_act(gate_up, intermediate, activation_kind(name))
+        return get_activation(name)(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+
+    def ops():
+        return {"norm": norm(x), "gemma_norm": gemma_norm(x), "rotary": rope.apply(qk, cos, sin),
+                **{name: gated(name) for name in ("silu", "gelu_pytorch_tanh", "gelu")}}
+
+    ref, got = run(False, ops), run(True, ops)
+    results = {}
+    for name in ref:
+        apart = _ulps_apart(ref[name], got[name])
+        results[f"fused_{name}_max_ulps"] = apart.max().item()
+        results[f"fused_{name}_mismatch"] = round((apart > 0).float().mean().item(), 5)
+    assert torch.equal(ref["rotary"], got["rotary"]), "rotary is bit-equal to the PyTorch ops"
+    for name, ulps, share in (("norm", 2, 0.01), ("gemma_norm", 1, 0.01), ("silu", 2, 0.02),
+                              ("gelu_pytorch_tanh", 2, 0.02), ("gelu", 2, 0.02)):
+        max_ulps, mismatch = results[f"fused_{name}_max_ulps"], results[f"fused_{name}_mismatch"]
+        assert max_ulps <= ulps and mismatch <= share, f"{name}: {max_ulps} ulps, {mismatch} of elements differ"
+    if not on_cuda:
+        return results
+
+    # Replayed from a graph: static inputs refilled, the same results as eager.
+    run(True, ops)  # kernels compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(True, ops)
+    fresh = torch.randn(x.shape, generator=gen).to(device, dtype)
+    x.copy_(fresh)
+    qk.copy_(torch.randn(qk.shape, generator=gen).to(device, dtype))
+    graph.replay()
+    eager = run(True, ops)
+    for name in eager:
+        assert torch.equal(captured[name], eager[name]), f"{name} replayed differs from eager"
+
+    # Kernels launched for one layer's small ops: two norms, rotary, act(gate) * up.
+    from torch.profiler import ProfilerActivity, profile
+
+    def layer_ops():
+        return norm(x), rope.apply(qk, cos, sin), norm(x), gated("silu")
+
+    for label, fused_on in (("unfused", False), ("fused", True)):
+        run(fused_on, layer_ops)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(fused_on, layer_ops)
+            torch.cuda.synchronize()
+        results[f"layer_small_op_kernels_{label}"] = sum(
+            1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return results
+
+
 def main() -> int:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in (("sampler", lambda: check_sampler_syncs_once()),
-                            ("memory", lambda: check_memory_sizing(Path(tmp) / "llama"))):
+                            ("memory", lambda: check_memory_sizing(Path(tmp) / "llama")),
+                            ("fused_ops", lambda: check_fused_ops())):
             try:
                 results.update(check())
             except Exception as e:  # noqa: BLE001 - report every check, then fail

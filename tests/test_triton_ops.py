@@ -257,3 +257,12 @@ def test_kernels_compile_for_sm90_in_bfloat16(tmp_path):
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_device_check_of_the_fused_ops_runs_here():
+    """tests/cuda_engine_checks.py's check (bf16, CUDA graph, kernel count on a GPU) in its CPU form:
+    float16 under the interpreter, so the script a device run calls cannot rot unseen."""
+    from cuda_engine_checks import check_fused_ops
+
+    results = check_fused_ops("cpu", torch.float16)
+    assert results["fused_rotary_max_ulps"] == 0
