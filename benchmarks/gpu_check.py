@@ -14,6 +14,7 @@ only what truly needs a missing package is skipped (and said so).
 
 Parts (--parts):
   env          device, versions, measured copy bandwidth (bytes read + written / time)
+  engine       the check_* functions of tests/cuda_engine_checks.py (sampler syncs, memory sizing)
   correctness  per family, float32: lmserve on the device == transformers on the device ==
                lmserve on CPU, greedy, 32 steps, through the batched paged engine (chunked
                prefill, a second wave hitting the prefix cache), for every attention backend and
@@ -246,6 +247,37 @@ def measure_copy_bandwidth(device: torch.device) -> float:
     del src, dst
     free_device_memory(device)
     return 2 * size * iters / took / 1e9
+
+
+# ---- the engine's own device checks (tests/cuda_engine_checks.py) ---------------------------
+
+def part_engine_checks(report: Report, device: torch.device) -> None:
+    """Every `check_*` function of tests/cuda_engine_checks.py (the sampler's one sync per step,
+    the KV cache sized by gpu_memory_utilization, and whatever is added there), so the one device
+    run covers them; each returns a dict of numbers, a `directory` argument gets a fresh folder."""
+    import inspect
+
+    try:
+        import cuda_engine_checks
+    except ImportError as e:
+        report.skip("engine checks", f"tests/cuda_engine_checks.py cannot be imported here ({e})")
+        return
+    checks = [(name, fn) for name, fn in vars(cuda_engine_checks).items()
+              if name.startswith("check_") and inspect.isfunction(fn) and fn.__module__ == cuda_engine_checks.__name__]
+    if device.type != "cuda":
+        report.skip("engine checks", f"{len(checks)} checks of tests/cuda_engine_checks.py need a CUDA device")
+        return
+    results = report.numbers.setdefault("engine_checks", {})
+    for name, fn in checks:
+        def run(name=name, fn=fn):
+            with tempfile.TemporaryDirectory(prefix="gpu_check_engine_") as tmp:
+                kwargs = {"directory": Path(tmp)} if "directory" in inspect.signature(fn).parameters else {}
+                out = fn(**kwargs)
+            free_device_memory(device)
+            results[name] = out
+            return json.dumps(out, default=str)[:300]
+
+        report.check(f"engine: {name}", run, needs_s=10)
 
 
 # ---- part b: correctness per family ---------------------------------------------------------
@@ -867,7 +899,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (the device check) or cpu (smoke mode)")
     ap.add_argument("--quick", action="store_true", help="fewer offline requests, shorter transformers runs")
-    ap.add_argument("--parts", default="env,correctness,speed", help="comma-separated: env,correctness,speed")
+    ap.add_argument("--parts", default="env,engine,correctness,speed",
+                    help="comma-separated: env,engine,correctness,speed")
     ap.add_argument("--families", default=None, help="comma-separated family names (default: all)")
     ap.add_argument("--backends", default=None,
                     help="attention backends to prove (default: triton,reference on CUDA, reference on CPU; "
@@ -901,6 +934,8 @@ def main() -> int:
     if "env" in parts:
         part_env(report, device)
         print(f"== env done at {report.elapsed():.0f}s", flush=True)
+    if "engine" in parts:
+        part_engine_checks(report, device)
     if "correctness" in parts:
         names = args.families.split(",") if args.families else None
         backends = args.backends.split(",") if args.backends else None
