@@ -1,15 +1,16 @@
 """Fused Triton kernels for a decoder layer's small ops on CUDA: RMSNorm, rotary, act(gate) * up.
 
 Batch-1 decode of a large model launches a few dozen tiny kernels per layer besides the matmuls
-(an RMSNorm in PyTorch is four: upcast, norm, downcast, scale; a rotary apply six; the gated
-activation two), and on a GPU each launch costs about as much as it computes. Each op here is one
-launch.
+(an RMSNorm in PyTorch is four: upcast, norm, downcast, scale; a rotary apply seven: four
+products, a difference, a sum, a concatenation; the gated activation two), and on a GPU each
+launch costs about as much as it computes. Each op here is one launch.
 
 They reproduce the PyTorch modules' numerics (layers/norm.py, rotary.py, mlp.py) rounding for
 rounding: every intermediate that PyTorch materializes in the activation dtype is rounded to that
 dtype here too (`.to(dt).to(tl.float32)`), and products/sums are done in float32 as PyTorch's
 kernels do for half types. The product of two bf16/fp16 values is exact in float32, so one
-rounding of it equals PyTorch's. Only the order of the RMSNorm's fp32 sum of squares may differ.
+rounding of it equals PyTorch's. What may differ: the order of the RMSNorm's fp32 sum of squares,
+and the last bits of exp/erf (another math library than PyTorch's kernels).
 
 Called only for CUDA tensors (layers/fused.py decides) and, in tests, on CPU tensors under
 Triton's interpreter (TRITON_INTERPRET=1). Every wrapper allocates its output and launches with a
