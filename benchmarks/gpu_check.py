@@ -24,9 +24,11 @@ Parts (--parts):
                before lmserve starts), lmserve batch-1 decode (fraction of the roofline) and
                offline throughput (N x 1,024 in / 1,024 out, ignore_eos), with and without graphs
 
-Results go to $OUT (default ./gpu_check_out): gpu_check.json (every number) and gpu_check.md
-(the table for docs/benchmarks.md), rewritten after every check so a run cut short still
-returns what it measured. Exit status 1 if any check failed.
+Results go to $OUT (default ./gpu_check_out): gpu_check.json (every number), gpu_check.md (the
+table for docs/benchmarks.md) and gpu_check_profile.txt, rewritten after every check so a run
+cut short still returns what it measured. Each part runs in a process of its own (--no-isolate:
+all in this one), so a poisoned CUDA context, a crash or a hang costs one part, not the run.
+Exit status 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Report:
     checks: list[dict] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)
     part_deadline_s: float | None = None  # the running part's own limit, so one part cannot starve the next
+    child_json: Path | None = None  # a part's process reports here, to the parent that runs the parts
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -140,6 +143,9 @@ class Report:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         data = {"command": self.command, "elapsed_s": round(self.elapsed(), 1), "numbers": self.numbers,
                 "checks": self.checks}
+        if self.child_json is not None:
+            self.child_json.write_text(json.dumps(data, default=str))
+            return
         (self.out_dir / "gpu_check.json").write_text(json.dumps(data, indent=2, default=str))
         (self.out_dir / "gpu_check.md").write_text(markdown(self))
 
@@ -895,6 +901,64 @@ def markdown(report: Report) -> str:
 
 # ---- main ---------------------------------------------------------------------------------------
 
+PARTS = ("env", "engine", "correctness", "speed")
+
+
+def run_parts_isolated(report: Report, args, parts: list[str]) -> None:
+    """Each part in a process of its own: a CUDA error that poisons the context (an illegal
+    address in a kernel), a crash or a hang then costs that part only, the next part starts on
+    a clean device, and every byte a part held is back. A part that outlives its time is killed;
+    what it reported until then is kept (it saves after every check)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check_parts_") as tmp:
+        for part in parts:
+            remaining = report.time_left()
+            if remaining < 15:
+                report.skip(f"part {part}", f"{remaining:.0f}s left before the deadline")
+                continue
+            numbers_in, child_json = Path(tmp) / f"{part}.in.json", Path(tmp) / f"{part}.json"
+            numbers_in.write_text(json.dumps(report.numbers, default=str))
+            argv = [sys.executable, str(Path(__file__).resolve()), "--no-isolate", "--device", args.device,
+                    "--parts", part, "--out", str(args.out), "--deadline-s", str(args.deadline_s),
+                    "--correctness-budget-s", str(args.correctness_budget_s),
+                    "--throughput-budget-s", str(args.throughput_budget_s), "--child-json", str(child_json),
+                    "--numbers-in", str(numbers_in), "--clock-offset", f"{report.elapsed():.1f}"]
+            argv += ["--quick"] if args.quick else []
+            for name in ("families", "backends", "requests", "max_num_batched_tokens"):
+                if getattr(args, name) is not None:
+                    argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            # A check already running at the deadline finishes its work (grace); a part that
+            # hangs is stopped at its own limit so the parts after it still run.
+            own_limit = {"env": 60, "engine": 120, "correctness": args.correctness_budget_s + 60}
+            limit = min(remaining + 60, own_limit.get(part, remaining + 60))
+            try:
+                rc = subprocess.run(argv, timeout=limit).returncode
+                problem = None if rc in (0, 1) else f"the process exited with status {rc} (a crash)"
+            except subprocess.TimeoutExpired:
+                problem = f"killed after {limit:.0f}s (a hang?)"
+            if child_json.is_file():
+                data = json.loads(child_json.read_text())
+                report.checks += data["checks"]
+                report.numbers = data["numbers"]
+            if problem:
+                report._record(f"part {part}", "FAIL", problem, 0.0)
+            print(f"== {part} done at {report.elapsed():.0f}s", flush=True)
+
+
+def run_parts(report: Report, args, device: torch.device, parts: list[str]) -> None:
+    if "env" in parts:
+        part_env(report, device)
+    if "engine" in parts:
+        part_engine_checks(report, device)
+    if "correctness" in parts:
+        names = args.families.split(",") if args.families else None
+        backends = args.backends.split(",") if args.backends else None
+        part_correctness(report, device, names, args.correctness_budget_s, backends)
+    if "speed" in parts:
+        part_speed(report, device, args)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (the device check) or cpu (smoke mode)")
@@ -918,6 +982,12 @@ def main() -> int:
                     help="checks that would start after this many seconds are skipped: a lent device has 15 "
                          "minutes in all, so a run must leave room for its start and one rerun")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="results folder (default $OUT)")
+    ap.add_argument("--no-isolate", action="store_true",
+                    help="run the parts in this process (default: one process per part)")
+    # Internal: how the parent hands a part to its own process.
+    ap.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--numbers-in", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--clock-offset", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.throughput_budget_s is None:
         args.throughput_budget_s = 30.0 if args.quick else 60.0
@@ -926,23 +996,24 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: run with --device cpu --quick for the smoke mode", file=sys.stderr)
         return 2
-    parts = set(args.parts.split(","))
-    command = "python benchmarks/gpu_check.py" + "".join(f" {a}" for a in sys.argv[1:])
-    report = Report(Path(args.out), args.deadline_s, command)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown part(s) {sorted(unknown)}; parts: {','.join(PARTS)}")
+    parts = [p for p in PARTS if p in args.parts.split(",")]
+    command = "python3 benchmarks/gpu_check.py" + "".join(f" {a}" for a in sys.argv[1:])
+    report = Report(Path(args.out), args.deadline_s, command, started=time.perf_counter() - args.clock_offset,
+                    child_json=args.child_json)
+    if args.numbers_in is not None:
+        report.numbers = json.loads(args.numbers_in.read_text())
     torch.manual_seed(0)
 
-    if "env" in parts:
-        part_env(report, device)
-        print(f"== env done at {report.elapsed():.0f}s", flush=True)
-    if "engine" in parts:
-        part_engine_checks(report, device)
-    if "correctness" in parts:
-        names = args.families.split(",") if args.families else None
-        backends = args.backends.split(",") if args.backends else None
-        part_correctness(report, device, names, args.correctness_budget_s, backends)
-        print(f"== correctness done at {report.elapsed():.0f}s", flush=True)
-    if "speed" in parts:
-        part_speed(report, device, args)
+    if args.child_json is None and not args.no_isolate:
+        run_parts_isolated(report, args, parts)
+    else:
+        run_parts(report, args, device, parts)
+    if args.child_json is not None:
+        report.save()
+        return 1 if report.failed else 0
 
     report.save()
     print("\n" + markdown(report))
