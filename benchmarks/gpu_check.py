@@ -975,12 +975,13 @@ def main() -> int:
                          "(default 60; --quick 30)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the speed engines' per-step token budget (default: the engine's)")
-    ap.add_argument("--correctness-budget-s", type=float, default=170.0,
+    ap.add_argument("--correctness-budget-s", type=float, default=None,
                     help="correctness checks that would start after this many seconds of the part are skipped, "
-                         "leaving the rest of the deadline to the speed part")
-    ap.add_argument("--deadline-s", type=float, default=360.0,
+                         "leaving the rest of the deadline to the speed part (default 170; --quick 110)")
+    ap.add_argument("--deadline-s", type=float, default=None,
                     help="checks that would start after this many seconds are skipped: a lent device has 15 "
-                         "minutes in all, so a run must leave room for its start and one rerun")
+                         "minutes in all, so a run must leave room for its start and one rerun "
+                         "(default 360; --quick 250)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="results folder (default $OUT)")
     ap.add_argument("--no-isolate", action="store_true",
                     help="run the parts in this process (default: one process per part)")
@@ -991,6 +992,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.throughput_budget_s is None:
         args.throughput_budget_s = 30.0 if args.quick else 60.0
+    if args.correctness_budget_s is None:
+        args.correctness_budget_s = 110.0 if args.quick else 170.0
+    if args.deadline_s is None:
+        args.deadline_s = 250.0 if args.quick else 360.0
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
