@@ -635,9 +635,10 @@ def offline_throughput(engine: LLMEngine, shape: SpeedShape, vocab: int, budget_
             "partial": done < shape.requests}
 
 
-def warm_up(engine: LLMEngine, vocab: int, device: torch.device) -> dict:
-    """First requests outside the timings (kernel compilation, allocator), and a look at the
-    logits: a random 32-layer bf16 model must stay finite."""
+def warm_up(engine: LLMEngine, shape: SpeedShape) -> dict:
+    """First requests outside the timings, shaped like the offline workload's (its prompt
+    length, so the chunked prefills compile the same kernels), and a look at the logits: a
+    random 32-layer bf16 model must stay finite."""
     rows = []
     sampler = engine.sampler
 
@@ -647,9 +648,8 @@ def warm_up(engine: LLMEngine, vocab: int, device: torch.device) -> dict:
 
     engine.sampler = recording
     try:
-        for prompt in random_prompts(4, 300 if device.type == "cuda" else 24, vocab, seed=5):
-            engine.add_request(f"w{len(rows)}-{prompt[0]}", prompt,
-                               SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        for i, prompt in enumerate(random_prompts(4, shape.input_len, shape.config["vocab_size"], seed=5)):
+            engine.add_request(f"warm{i}", prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
         while engine.has_unfinished():
             engine.step()
     finally:
@@ -716,7 +716,7 @@ def speed_of_engine(report: Report, device: torch.device, shape: SpeedShape, con
         numbers[f"{key}_engine_log"] = engine_log.lines
         for line in engine_log.lines:
             print(f"    engine: {line}", flush=True)
-        warm = warm_up(engine, vocab, device)
+        warm = warm_up(engine, shape)
         wbytes = weight_bytes_per_token(engine.model)
         numbers["weight_bytes_per_token"] = wbytes
         numbers[f"{key}_load_s"] = round(loaded, 1)
