@@ -720,7 +720,7 @@ def speed_of_engine(report: Report, device: torch.device, shape: SpeedShape, con
         wbytes = weight_bytes_per_token(engine.model)
         numbers["weight_bytes_per_token"] = wbytes
         numbers[f"{key}_load_s"] = round(loaded, 1)
-        return (f"engine up in {loaded:.1f}s (dummy weights, {wbytes / 1e9:.3g} GB read per token, "
+        return (f"engine up in {loaded:.1f}s (dummy weights, {wbytes / 1e9:.4g} GB read per token, "
                 f"{engine.num_blocks} KV blocks), warm-up logits finite (std {warm['logit_std']:.2f})")
 
     if not report.check(f"speed: lmserve {label} load + warm-up", load, needs_s=40):
@@ -864,7 +864,7 @@ def markdown(report: Report) -> str:
              f"({report.elapsed():.0f} s).", ""]
     if n.get("copy_bandwidth_GBps"):
         lines.append(f"Measured copy bandwidth {n['copy_bandwidth_GBps']:.0f} GB/s"
-                     + (f"; {s['weight_bytes_per_token'] / 1e9:.3g} GB of weights per token gives a batch-1 "
+                     + (f"; {s['weight_bytes_per_token'] / 1e9:.4g} GB of weights per token gives a batch-1 "
                         f"roofline of {roof:.0f} tok/s." if roof else "."))
         lines.append("")
     if s:
