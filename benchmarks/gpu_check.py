@@ -828,7 +828,8 @@ def profile_decode(engine: LLMEngine, device: torch.device, vocab: int, batch: i
         def device_time(e):  # microseconds; the attribute was renamed in torch 2.4
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         kernels = [e for e in events if device_time(e) > 0]
-        sort_key = "self_cuda_time_total"
+        # The sort key by its name in this torch (self_cuda_time_total is gone in newer ones).
+        sort_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     else:
         def device_time(e):
             return e.self_cpu_time_total

@@ -323,13 +323,3 @@ def test_inverse_cdf_target_past_the_end_takes_the_last_possible_token_on_both_p
     assert torch.searchsorted(probs[:1].cumsum(-1), torch.tensor([[1.0]]), right=True)[0, 0] == 4
     assert sample_inverse_cdf(probs, uniforms).tolist() == [1, 0, 3]
     assert sample_inverse_cdf(probs, uniforms, no_sync=True).tolist() == [1, 0, 3]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_sampling_waits_for_the_device_once():
-    # The whole sampler on a GPU (penalties, min_tokens, greedy, inverse CDF, truncation,
-    # logprobs) reads back once, repeats itself and stays batch-invariant (the device script
-    # runs the same check from tests/cuda_engine_checks.py).
-    from cuda_engine_checks import check_sampler_syncs_once
-
-    assert check_sampler_syncs_once()["sampler_syncs_per_call"] == 1
