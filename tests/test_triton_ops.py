@@ -213,20 +213,9 @@ def test_model_on_the_fused_kernels_matches_the_pytorch_path(tmp_path, monkeypat
             torch.testing.assert_close(row, ref_row, atol=1e-4, rtol=1e-4)
 
 
-# Compiles the kernels for an H100 (sm_90) in bfloat16, which the interpreter cannot run, with the
-# installed Triton's own ptxas: lowering errors show here, without a GPU. A child process, since
-# this one has TRITON_INTERPRET set (its kernels are interpreted functions).
+# Every kernel compiled for an H100 in bfloat16 (tests/sm90_compile.py says why).
 _COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from lmserve.layers import triton_ops as T
-
-def compile_for_sm90(fn, signature, constexprs, **options):
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-    assert kernel.asm["ptx"], fn.__name__
 
 def ints(*names):
     return {name: "i32" for name in names}
@@ -243,20 +232,13 @@ for dt, head_dim, half, interleaved in (("bf16", 128, 64, False), ("bf16", 128, 
                      "out_ptr": "*" + dt, **ints("stride_xt", "stride_xh", "stride_cos", "stride_sin", "num_heads")},
                      {"HEAD_DIM": head_dim, "HALF": half, "INTERLEAVED": interleaved, "BLOCK_H": 32,
                       "BLOCK_HALF": half, "BLOCK_REST": max(head_dim - 2 * half, 1)}, enable_fp_fusion=False)
-print("compiled")
 """
 
 
 def test_kernels_compile_for_sm90_in_bfloat16(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from sm90_compile import compile_for_sm90_in_child
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    compile_for_sm90_in_child(_COMPILE_FOR_SM90, tmp_path)
 
 
 def test_device_check_of_the_fused_ops_runs_here():
