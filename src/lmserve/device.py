@@ -36,18 +36,6 @@ def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor of Python values on `device`. `torch.tensor(values, device=cuda)` copies
-    from pageable memory and waits for the device; built on the host, pinned and sent with
-    non_blocking, the copy is queued behind the step's work instead."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return t
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
 def physical_cores() -> int:
     """Physical cores among the CPUs this process may run on (SMT siblings count once): the
     matmul kernels saturate a core's vector units with one thread, and a second thread on its

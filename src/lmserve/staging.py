@@ -1,15 +1,11 @@
-"""Host-to-device copies of a step's integer inputs, in one transfer.
+"""Host-to-device copies of a step's small inputs, without waiting for the device.
 
-A step's inputs (token ids, positions, cache slots, block tables) are Python ints. Creating
-each tensor on a GPU from a list is a synchronous copy from pageable memory, and every one of
-them waits for the GPU to finish the work queued before it. Packing the lists into one int64
-array in a page-locked buffer and copying it with non_blocking=True makes it one asynchronous
-copy that the host does not wait for; the device tensors are views of it.
-
-A page-locked buffer must not be refilled while its last copy may still be pending, so each
-staging object cycles through a few buffers, each with an event recorded after its copy, and
-waits on that event before reusing one (by then the copy has long finished: a step reads its
-sampled tokens back before the next begins).
+A step's inputs (token ids, positions, cache slots, block tables, sampling parameters) are Python
+values. Creating a tensor on a GPU from a list copies from pageable memory and waits for the
+device to finish the work queued before it. Built on the host, pinned and sent with
+non_blocking=True, the copy is queued behind that work instead, and the host goes on. The pinned
+memory comes from PyTorch's caching host allocator, which records each copy's event and hands the
+block out again only once that copy is done, so nothing here has to keep it alive.
 """
 
 from __future__ import annotations
@@ -17,44 +13,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_RING = 4
+
+def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Python values, a numpy array or a CPU tensor -> a tensor on `device` (CPU: as it is)."""
+    t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
-class HostStaging:
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._cuda = device.type == "cuda"
-        self._buffers: list[torch.Tensor | None] = [None] * _RING
-        self._events: list[torch.cuda.Event | None] = [None] * _RING
-        self._next = 0
-
-    def to_device(self, *arrays) -> list[torch.Tensor]:
-        """Each argument (a list of ints, a list of equal-length int lists, or an int array) ->
-        a flat int64 tensor on the device."""
-        parts = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]
-        flat = self._copy(np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
-        out, offset = [], 0
-        for p in parts:
-            out.append(flat[offset:offset + len(p)])
-            offset += len(p)
-        return out
-
-    def _copy(self, values: np.ndarray) -> torch.Tensor:
-        if not self._cuda:
-            return torch.from_numpy(values)
-        i = self._next
-        self._next = (i + 1) % _RING
-        if self._events[i] is not None:
-            self._events[i].synchronize()
-        buffer = self._buffers[i]
-        if buffer is None or buffer.numel() < len(values):
-            size = max(len(values), 1024, 2 * (buffer.numel() if buffer is not None else 0))
-            buffer = self._buffers[i] = torch.empty(size, dtype=torch.int64).pin_memory()
-        buffer.numpy()[:len(values)] = values
-        flat = buffer[:len(values)].to(self.device, non_blocking=True)
-        event = self._events[i] = self._events[i] or torch.cuda.Event()
-        event.record()
-        return flat
+def ints_to_device(device: torch.device, *arrays) -> list[torch.Tensor]:
+    """Each argument (a list of ints, a list of equal-length int lists, or an int array) -> a
+    flat int64 tensor on the device, all of them in one transfer (views of one tensor)."""
+    parts = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]
+    flat = host_to_device(np.concatenate(parts), torch.int64, device)
+    out, offset = [], 0
+    for p in parts:
+        out.append(flat[offset:offset + len(p)])
+        offset += len(p)
+    return out
 
 
 def padded_rows(rows: list[list[int]], width: int, fill: int) -> np.ndarray:

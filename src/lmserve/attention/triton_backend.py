@@ -21,7 +21,7 @@ import torch
 from lmserve.attention.cpu_sdpa import write_kv_cache
 from lmserve.attention.spec import KVCacheSpec
 from lmserve.attention.triton_paged import paged_attention, prefill_block_q, split_buffer_sizes
-from lmserve.staging import HostStaging, padded_rows
+from lmserve.staging import ints_to_device, padded_rows
 
 if TYPE_CHECKING:
     from lmserve.engine.batch import ModelInput
@@ -62,14 +62,13 @@ class TritonAttentionMetadata:
                 for first in range(0, n, block_q):
                     seqs.append(i)
                     firsts.append(first)
-            self._tiles[block_q] = tuple(self.backend.staging.to_device(seqs, firsts))
+            self._tiles[block_q] = tuple(ints_to_device(self.backend.device, seqs, firsts))
         return self._tiles[block_q]
 
 
 class TritonPagedBackend:
     def __init__(self, kv_specs: list[KVCacheSpec], device: torch.device, num_sms: int | None = None):
         self.device = device
-        self.staging = HostStaging(device)
         self.num_kv_heads = max(s.num_kv_heads for s in kv_specs)
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -86,7 +85,7 @@ class TritonPagedBackend:
             row += q_len
             starts.append(row)
             seq_lens.append(start + q_len)
-        slot_mapping, table_flat, lens, query_start = self.staging.to_device(slots, tables, seq_lens, starts)
+        slot_mapping, table_flat, lens, query_start = ints_to_device(self.device, slots, tables, seq_lens, starts)
         decode_only = batch.num_decodes == n
         meta = TritonAttentionMetadata(self, slot_mapping, table_flat.view(n, width), lens, query_start,
                                        list(batch.query_lens), row, decode_only)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmserve.engine.batch import ModelInput
-from lmserve.staging import HostStaging, padded_rows
+from lmserve.staging import ints_to_device, padded_rows
 
 if TYPE_CHECKING:  # the Triton modules import Triton, which a CPU install may lack
     from lmserve.attention.triton_backend import TritonPagedBackend
@@ -70,7 +70,6 @@ class DecodeGraphs:
         self.block_size, self.scratch_block, self.device = block_size, scratch_block, device
         self.capture = capture
         self.sizes = graph_batch_sizes(max_num_seqs)
-        self.staging = HostStaging(device)
         largest = self.sizes[-1]
         i64 = dict(dtype=torch.int64, device=device)
         self.ids = torch.zeros(largest, **i64)
@@ -150,8 +149,8 @@ class DecodeGraphs:
         positions = list(batch.context_lens)  # a decode token sits right after its cached context
         slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.block_tables, positions)]
         tables = padded_rows(batch.block_tables + [[]] * pad, width, self.scratch_block)
-        ids, positions, slots, lens, tables = self.staging.to_device(
-            list(batch.token_ids) + [0] * pad, positions + [0] * pad, slots + [scratch_slot] * pad,
+        ids, positions, slots, lens, tables = ints_to_device(
+            self.device, list(batch.token_ids) + [0] * pad, positions + [0] * pad, slots + [scratch_slot] * pad,
             [p + 1 for p in batch.context_lens] + [0] * pad, tables)
         self.ids[:size].copy_(ids)
         self.positions[:size].copy_(positions)

@@ -21,7 +21,7 @@ from lmserve.engine import cuda_graphs
 from lmserve.engine.batch import ModelInput
 from lmserve.engine.compiled_decode import CompiledDecode, unsupported_reason
 from lmserve.models.config import ModelConfig
-from lmserve.staging import HostStaging
+from lmserve.staging import ints_to_device
 
 log = logging.getLogger("lmserve.engine")
 
@@ -36,7 +36,6 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
-        self.staging = HostStaging(device)
         self.kv_specs: list[KVCacheSpec] = model.kv_cache_specs()
         self.attention_backend = get_attention_backend(device, self.kv_specs, attention_backend)
         self.compiled: CompiledDecode | None = None
@@ -81,7 +80,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src, dst = self.staging.to_device([s for s, _ in copies], [d for _, d in copies])
+        src, dst = ints_to_device(self.device, [s for s, _ in copies], [d for _, d in copies])
         for cache in self.kv_caches:
             for part in cache:
                 part[dst] = part[src]
@@ -99,7 +98,7 @@ class ModelRunner:
             logits = self.graphs.run(batch)
             if logits is not None:
                 return logits
-        ids, positions, rows = self.staging.to_device(batch.token_ids, batch.positions, batch.logit_rows)
+        ids, positions, rows = ints_to_device(dev, batch.token_ids, batch.positions, batch.logit_rows)
         meta = self.attention_backend.build_metadata(batch, positions, self.block_size, self.dtype)
         hidden = self.model(ids, positions, self.kv_caches, meta)
         if not batch.logit_rows:

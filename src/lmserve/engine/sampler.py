@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.device import host_to_device
 from lmserve.engine.sequence import Sequence
 from lmserve.outputs import TokenLogprob
+from lmserve.staging import host_to_device
 
 _MASK32 = 0xFFFFFFFF
 
@@ -260,10 +260,7 @@ def _seen(seqs: list[Sequence], vocab: int, wanted, tokens_of,
     ids, counts = torch.unique(flat, return_counts=True)
     if device.type == "cpu":
         return ids, counts.float()
-    both = torch.stack([ids, counts])  # one copy to the device, not two
-    if device.type == "cuda":
-        both = both.pin_memory()
-    both = both.to(device, non_blocking=True)
+    both = host_to_device(torch.stack([ids, counts]), torch.int64, device)  # one copy, not two
     return both[0], both[1].float()
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from lmserve.device import host_to_device
 from lmserve.errors import BackendError, InvalidParameter
+from lmserve.staging import host_to_device
 
 log = logging.getLogger("lmserve.structured")
 
