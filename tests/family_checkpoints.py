@@ -385,3 +385,24 @@ def greedy_tokens(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list
         for out in engine.step():
             tokens += out.outputs[0].token_ids
     return tokens
+
+
+def serve_waves_greedy(source, steps: int, **options) -> tuple[LLMEngine, list[tuple[list[int], list[torch.Tensor]]]]:
+    """Both WAVES served greedily for `steps` tokens each, in float32 through chunked prefill (a
+    16-token budget) with the second wave hitting the prefix cache: the engine and, per request,
+    its tokens and the logits of every sampled step. Every KV block is free afterwards."""
+    engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16,
+                       max_num_seqs=6, **options)
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    results = [r for wave in WAVES for r in serve_and_capture(engine, wave, params)]
+    assert sum(cached for _, _, cached in results) >= 16, "the second wave should have hit the prefix cache"
+    assert engine.num_free_blocks == engine.num_blocks
+    return engine, [(tokens, logits) for tokens, logits, _ in results]
+
+
+def assert_same_greedy_run(reference: list, got: list, steps: int, atol: float = 1e-4) -> None:
+    """Two serve_waves_greedy results: the same tokens, `steps` of them, and logits within atol."""
+    for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, got, strict=True):
+        assert tokens == ref_tokens and len(tokens) == steps
+        for ref_row, row in zip(ref_logits, logits):
+            torch.testing.assert_close(row, ref_row, atol=atol, rtol=1e-4)

@@ -122,23 +122,6 @@ def test_selector_keeps_the_reference_for_mla_and_plain_cpu():
 STEPS = 8  # the interpreter runs every kernel program in Python: keep the engine runs short
 
 
-def _engine_run(source, **options):
-    """Per request of two waves (chunked prefill with a 16-token budget; the second wave hits the
-    prefix cache): greedy tokens and the logits of every sampled step."""
-    from family_checkpoints import WAVES, serve_and_capture
-
-    from lmserve import SamplingParams
-    from lmserve.engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16,
-                       max_num_seqs=6, **options)
-    params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
-    results = [r for wave in WAVES for r in serve_and_capture(engine, wave, params)]
-    assert sum(cached for _, _, cached in results) >= 16, "the second wave should have hit the prefix cache"
-    assert engine.num_free_blocks == engine.num_blocks
-    return engine, [(tokens, logits) for tokens, logits, _ in results]
-
-
 @pytest.mark.parametrize("family, paths", [("llama", ("eager", "graphs")), ("gemma2", ("graphs",))])
 def test_engine_on_triton_backend_matches_reference(family, paths, tmp_path):
     """The tiny Llama (GQA, llama3 rope) and Gemma-2 (sliding window shorter than the prompts,
@@ -146,20 +129,18 @@ def test_engine_on_triton_backend_matches_reference(family, paths, tmp_path):
     eager and through the CUDA-graph path's padded static buffers (no capture on CPU): the same
     greedy tokens and logits at every step, chunked prefill and prefix hits included."""
     import family_checkpoints
+    from family_checkpoints import assert_same_greedy_run, serve_waves_greedy
 
     getattr(family_checkpoints, f"build_{family}")(tmp_path)
-    _, reference = _engine_run(tmp_path, attention_backend="reference")
+    _, reference = serve_waves_greedy(tmp_path, STEPS, attention_backend="reference")
     for path in paths:
-        engine, got = _engine_run(tmp_path, attention_backend="triton", cuda_graphs=path == "graphs")
+        engine, got = serve_waves_greedy(tmp_path, STEPS, attention_backend="triton", cuda_graphs=path == "graphs")
         assert isinstance(engine.runner.attention_backend, TritonPagedBackend)
         if path == "graphs":
             assert engine.runner.graphs is not None and engine.runner.graphs.steps > 0, "decodes took the padded path"
         else:
             assert engine.runner.graphs is None
-        for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, got):
-            assert tokens == ref_tokens and len(tokens) == STEPS
-            for ref_row, row in zip(ref_logits, logits):
-                torch.testing.assert_close(row, ref_row, atol=1e-4, rtol=1e-4)
+        assert_same_greedy_run(reference, got, STEPS)
 
 
 def test_graph_ladder_and_padding():

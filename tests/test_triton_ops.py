@@ -176,41 +176,23 @@ def test_layers_dispatch_to_the_kernels(monkeypatch):
 STEPS = 6
 
 
-def _engine_run(source):
-    """Greedy tokens and sampled-step logits of two waves (chunked prefill, a prefix hit)."""
-    from family_checkpoints import WAVES, serve_and_capture
-
-    from lmserve import SamplingParams
-    from lmserve.engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16,
-                       max_num_seqs=6)
-    params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
-    results = [(tokens, logits) for wave in WAVES for tokens, logits, _ in serve_and_capture(engine, wave, params)]
-    assert engine.num_free_blocks == engine.num_blocks
-    return results
-
-
 def test_model_on_the_fused_kernels_matches_the_pytorch_path(tmp_path, monkeypatch):
     """A whole model with the CUDA dispatch forced on CPU: the tiny GLM (partial interleaved rotary
     over the packed q/k views, Llama norms, silu) through chunked prefill, a prefix hit and
     decode. Same greedy tokens, logits within float32 reduction-order noise. (One family keeps
     the file fast; Gemma's norms and gelu, MoE experts: the tests above.)"""
-    import family_checkpoints
+    from family_checkpoints import assert_same_greedy_run, build_glm_hf, serve_waves_greedy
 
-    family_checkpoints.build_glm_hf(tmp_path)
-    reference = _engine_run(tmp_path)
+    build_glm_hf(tmp_path)
+    _, reference = serve_waves_greedy(tmp_path, STEPS)
     calls = set()
     for name in ("rms_norm", "gated_act", "rotary"):
         original = getattr(triton_ops, name)
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: calls.add(_n) or _f(*a, **k))
     monkeypatch.setattr(fused, "use_fused", lambda x: True)
-    got = _engine_run(tmp_path)
+    _, got = serve_waves_greedy(tmp_path, STEPS)
     assert calls == {"rms_norm", "gated_act", "rotary"}
-    for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, got):
-        assert tokens == ref_tokens and len(tokens) == STEPS
-        for ref_row, row in zip(ref_logits, logits):
-            torch.testing.assert_close(row, ref_row, atol=1e-4, rtol=1e-4)
+    assert_same_greedy_run(reference, got, STEPS)
 
 
 # Every kernel compiled for an H100 in bfloat16 (tests/sm90_compile.py says why).
