@@ -120,7 +120,7 @@ def check_memory_sizing(directory: Path, device: str = "cuda") -> dict:
             "memory_refusal": refused}
 
 
-def _ulps_apart(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+def ulps_apart(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     """|ref - got| in units of the dtype's spacing at the larger of the two."""
     spacing = [(torch.nextafter(v.abs(), torch.full_like(v, float("inf"))) - v.abs()).float() for v in (ref, got)]
     return (ref.float() - got.float()).abs() / torch.maximum(*spacing)
@@ -176,7 +176,7 @@ def check_fused_ops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -
     ref, got = run(False, ops), run(True, ops)
     results = {}
     for name in ref:
-        apart = _ulps_apart(ref[name], got[name])
+        apart = ulps_apart(ref[name], got[name])
         results[f"fused_{name}_max_ulps"] = apart.max().item()
         results[f"fused_{name}_mismatch"] = round((apart > 0).float().mean().item(), 5)
     assert torch.equal(ref["rotary"], got["rotary"]), "rotary is bit-equal to the PyTorch ops"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_engine_checks import ulps_apart
 
 from lmserve.layers import fused, triton_ops
 from lmserve.layers.moe import FusedExperts
@@ -28,16 +29,6 @@ ACTIVATIONS = {
     "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
     "gelu": F.gelu,
 }
-
-
-def _ulp(v: torch.Tensor) -> torch.Tensor:
-    """The spacing of v's dtype at |v| (as float32)."""
-    a = v.abs()
-    return (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).float()
-
-
-def _ulps_apart(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
-    return (ref.float() - got.float()).abs() / torch.maximum(_ulp(ref), _ulp(got))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -60,7 +51,7 @@ def test_rms_norm_matches_module(norm_class, hidden, dtype):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     else:
         # A one-ulp flip of Llama's rounded normalized value is up to two ulps after the scale.
-        apart = _ulps_apart(ref, got)
+        apart = ulps_apart(ref, got)
         assert apart.max() <= (1 if norm_class is GemmaRMSNorm else 2) and (apart > 0).float().mean() <= 0.01
     # Leading dims are flattened: a [2, 3, hidden] input gives the same rows.
     x3 = x[:6].reshape(2, 3, hidden)
@@ -91,7 +82,7 @@ def test_gated_act_matches_pytorch(activation, intermediate, dtype):
     elif activation == "silu":
         assert torch.equal(got, ref)
     else:
-        apart = _ulps_apart(ref, got)
+        apart = ulps_apart(ref, got)
         assert apart.max() <= 2 and (apart > 0).float().mean() <= 0.02
 
 
@@ -169,7 +160,7 @@ def test_layers_dispatch_to_the_kernels(monkeypatch):
     got = run()
     assert {"rms_norm", "gated_act", "rotary"} <= set(calls)
     for ref, out in zip(reference, got):
-        apart = _ulps_apart(ref, out)
+        apart = ulps_apart(ref, out)
         assert apart.max() <= 2
 
 
