@@ -98,6 +98,26 @@ def test_half_precision_within_rounding():
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_equals_index_copy(dtype):
+    """Both caches in one launch, from strided views of a packed qkv projection, equal to the
+    reference backend's two index_copy_ calls; slots out of order and across pages."""
+    from lmserve.attention.cpu_sdpa import write_kv_cache
+    from lmserve.attention.triton_paged import write_kv
+
+    g = torch.Generator().manual_seed(3)
+    t, hq, hkv, d, blocks, page = 5, 6, 3, 24, 4, 16
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+    slots = torch.tensor([37, 2, 16, 63, 15])
+    caches = [tuple(torch.randn(blocks, page, hkv, d, generator=g).to(dtype) for _ in range(2)) for _ in range(2)]
+    caches[1] = tuple(c.clone() for c in caches[0])
+    write_kv_cache(k, v, caches[0], slots)
+    write_kv(k, v, caches[1][0], caches[1][1], slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
 def test_splits_fill_the_multiprocessors_only_for_small_batches():
     assert choose_num_splits(1, 8, 132) == 16  # batch 1 of an 8-KV-head model: 128 programs
     assert choose_num_splits(4, 8, 132) == 8  # 256 programs: about two waves
@@ -181,6 +201,11 @@ for dt, head_dim, group, block_q, splits, window, softcap in (
             "out_ptr": "*" + dt, "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
             "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "i32"},
             {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "NUM_SPLITS": splits})
+    compile_for_sm90(P._write_kv_kernel, {
+        "k_ptr": "*" + dt, "v_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "slots_ptr": "*i64",
+        **{n: "i32" for n in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ks", "stride_kch",
+                              "stride_vs", "stride_vch")}},
+        {"NUM_HEADS": group, "HEAD_DIM": head_dim, "BLOCK_H": P._next_power_of_2(group), "BLOCK_D": block_d})
 """
 
 

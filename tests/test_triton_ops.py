@@ -60,6 +60,33 @@ def test_rms_norm_matches_module(norm_class, hidden, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm_class", [RMSNorm, GemmaRMSNorm])
+def test_add_and_norm_fused_equals_add_then_norm(norm_class, dtype):
+    """The residual add in the norm's launch: the sum bit-equal to PyTorch's `x + delta` (one
+    rounding of the fp32 sum), the norm of it as the plain kernel gives it."""
+    hidden = 200
+    g = torch.Generator().manual_seed(7)
+    norm = norm_class(hidden, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 * torch.randn(hidden, generator=g) + (0.0 if norm_class is GemmaRMSNorm else 1.0))
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(9, hidden, generator=g)).to(dtype)
+    wide = torch.randn(9, 3 * hidden, generator=g).to(dtype)
+    delta = wide[:, hidden:2 * hidden]  # a strided view, as an attention output slice may be
+    total, normed = triton_ops.rms_norm(x, norm.weight, norm.eps, gemma=norm.gemma, delta=delta)
+    assert torch.equal(total, x + delta)
+    assert torch.equal(normed, triton_ops.rms_norm(x + delta, norm.weight, norm.eps, gemma=norm.gemma))
+    # The module's CPU path is the reference: the same sum, the norm as close as the plain
+    # kernel's is (test_rms_norm_matches_module: the fp32 sum of squares in another order).
+    ref_total, ref_normed = norm.add_and_norm(x, delta)
+    assert torch.equal(ref_total, total)
+    if dtype == torch.float32:
+        torch.testing.assert_close(normed, ref_normed, atol=1e-6, rtol=1e-6)
+    else:
+        assert ulps_apart(ref_normed, normed).max() <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("intermediate", [200, 1100])  # 1100: two column blocks, the second masked
 def test_gated_act_matches_pytorch(activation, intermediate, dtype):
@@ -194,9 +221,11 @@ def ints(*names):
     return {name: "i32" for name in names}
 
 for gemma in (False, True):
-    compile_for_sm90(T._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
-                     **ints("stride_x", "stride_out", "n_cols"), "eps": "fp32"},
-                     {"GEMMA": gemma, "BLOCK": 4096}, num_warps=8)
+    for add in (False, True):
+        compile_for_sm90(T._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+                         "delta_ptr": "*bf16", "sum_ptr": "*bf16",
+                         **ints("stride_x", "stride_out", "stride_delta", "stride_sum", "n_cols"), "eps": "fp32"},
+                         {"GEMMA": gemma, "ADD": add, "BLOCK": 4096}, num_warps=8)
 for code in (0, 1, 2):
     compile_for_sm90(T._gated_act_kernel, {"gate_up_ptr": "*bf16", "out_ptr": "*bf16",
                      **ints("stride_in", "stride_out", "n_cols")}, {"ACTIVATION": code, "BLOCK": 1024})

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmserve.attention.cpu_sdpa import write_kv_cache
 from lmserve.attention.spec import KVCacheSpec
-from lmserve.attention.triton_paged import paged_attention, prefill_block_q, split_buffer_sizes
+from lmserve.attention.triton_paged import paged_attention, prefill_block_q, split_buffer_sizes, write_kv
 from lmserve.staging import ints_to_device, padded_rows
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ class TritonPagedBackend:
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: TritonAttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         if q.stride(-1) != 1:
             q = q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -28,7 +28,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The block tables' row stride is the batch's longest table: a new value at nearly every
+# prefill. Specialized (Triton's default for ints: ==1, multiple of 16), it would compile the
+# kernel again mid-serving, about a second each time; it only addresses a table row.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, tile_seq_ptr, tile_first_ptr,
@@ -135,6 +138,35 @@ def _merge_splits_kernel(
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
              mask=dims < HEAD_DIM)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_ks, stride_kch, stride_vs, stride_vch,
+                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + heads * stride_kh + dims, mask=mask)
+    tl.store(k_cache_ptr + slot * stride_ks + heads * stride_kch + dims, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + dims, mask=mask)
+    tl.store(v_cache_ptr + slot * stride_vs + heads * stride_vch + dims, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k_cache/v_cache [blocks, page, Hkv, D] at slot_mapping[t] = k[t] / v[t] ([T, Hkv, D], any
+    token and head strides): both caches in one launch, where two index_copy_ calls take two
+    (each as long as the other small kernels of a decode step)."""
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    kc, vc = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    _write_kv_kernel[(t,)](k, v, kc, vc, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+                           NUM_HEADS=hkv, HEAD_DIM=d, BLOCK_H=_next_power_of_2(hkv), BLOCK_D=_next_power_of_2(d))
 
 
 def _next_power_of_2(n: int) -> int:

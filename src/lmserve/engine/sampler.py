@@ -217,7 +217,9 @@ class Sampler:
             flat += [i * vocab + t for t in (*([] if params.ignore_eos else self.eos_token_ids),
                                              *params.stop_token_ids) if 0 <= t < vocab]
         if flat:
-            logits.view(-1)[host_to_device(flat, torch.int64, logits.device)] = float("-inf")
+            # index_fill_, not `x[idx] = -inf`: an indexed write of a Python number copies it to
+            # the device from pageable memory, which waits for the device (a second sync a step).
+            logits.view(-1).index_fill_(0, host_to_device(flat, torch.int64, logits.device), float("-inf"))
         return logits
 
     @staticmethod

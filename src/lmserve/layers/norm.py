@@ -15,6 +15,8 @@ from lmserve.layers import fused
 class RMSNorm(nn.Module):
     """Llama-style: normalize in fp32, cast back to the activation dtype, then scale by `w`."""
 
+    gemma = False  # which numerics the fused kernel reproduces
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
@@ -23,13 +25,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.use_fused(x):
-            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=False)
+            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=self.gemma)
         # torch.rms_norm on the fp32 upcast computes transformers' five ops in one.
         return self.weight * torch.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the norm of it): a decoder layer's residual add and the norm after it, one
+        launch on CUDA instead of two (a batch-1 decode step is bound by such launches)."""
+        if fused.use_fused(x):
+            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=self.gemma, delta=delta)
+        total = x + delta
+        return total, self(total)
 
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma-style: the stored weight is zero-centred; scale by (1 + w) in fp32, then cast back."""
+
+    gemma = True
 
     def __init__(self, dim: int, eps: float):
         super().__init__(dim, eps)
@@ -37,6 +49,6 @@ class GemmaRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.use_fused(x):
-            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=True)
+            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=self.gemma)
         normed = torch.rms_norm(x.float(), self.shape, None, self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype)

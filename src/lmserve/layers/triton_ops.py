@@ -29,12 +29,19 @@ _ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
-                     GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, delta_ptr, sum_ptr, stride_x, stride_out, stride_delta, stride_sum,
+                     n_cols, eps, GEMMA: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        # The residual add before the norm: PyTorch adds in float32 and rounds the sum to the
+        # dtype (a tensor of its own, the next residual), which is what gets normalized.
+        delta = tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (x + delta).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_sum + cols, x, mask=mask)
+        x = x.to(tl.float32)
     mean_sq = tl.sum(x * x, axis=0) / n_cols
     normed = x * (1.0 / tl.sqrt(mean_sq + eps))
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -47,23 +54,37 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along the row."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
+             delta: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, as layers/norm.py's RMSNorm (gemma=False: `weight *
-    rms_norm(x.float()).to(x.dtype)`) or GemmaRMSNorm (gemma=True: scale by 1 + w in fp32)."""
+    rms_norm(x.float()).to(x.dtype)`) or GemmaRMSNorm (gemma=True: scale by 1 + w in fp32).
+
+    With `delta`: the residual add first, in the same launch: returns (x + delta, the norm of it)."""
     shape = x.shape
     n = shape[-1]
-    x2 = x.reshape(-1, n) if x.dim() != 2 else x
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-    if x2.shape[0] == 0:
+    if delta is not None:
+        d2 = _rows(delta)
+        total = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
+    else:
+        d2 = total = x2  # unused
+    if x2.shape[0] != 0:
+        block = triton.next_power_of_2(n)
+        num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, d2, total, x2.stride(0), out.stride(0), d2.stride(0),
+                                         total.stride(0), n, eps, GEMMA=gemma, ADD=delta is not None,
+                                         BLOCK=block, num_warps=num_warps)
+    if delta is None:
         return out.view(shape)
-    block = triton.next_power_of_2(n)
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), n, eps,
-                                     GEMMA=gemma, BLOCK=block, num_warps=num_warps)
-    return out.view(shape)
+    return total.view(shape), out.view(shape)
 
 
 @triton.jit

@@ -161,8 +161,9 @@ class DeepseekV2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, rope, x, kv_cache, meta):
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
+        return x + self.mlp(h)
 
 
 class DeepseekV2ForCausalLM(CausalLM):

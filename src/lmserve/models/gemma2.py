@@ -65,8 +65,9 @@ class Gemma2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, rope, x, kv_cache, meta):
-        x = x + self.post_attention_layernorm(self.self_attn(rope, self.input_layernorm(x), kv_cache, meta))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        attn = self.post_attention_layernorm(self.self_attn(rope, self.input_layernorm(x), kv_cache, meta))
+        x, h = self.pre_feedforward_layernorm.add_and_norm(x, attn)
+        return x + self.post_feedforward_layernorm(self.mlp(h))
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
