@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from family_checkpoints import FAMILIES
 
 from lmserve.device import choose_dtype
 from lmserve.engine.llm_engine import LLMEngine
@@ -145,3 +146,33 @@ def test_dummy_load_format_builds_from_config_json_alone(tmp_path):
     assert torch.isfinite(q_logits).all() and len(q_tokens["a"]) == 6
     with pytest.raises(ValueError, match="load_format must be one of auto, dummy; got 'random'"):
         LLMEngine(str(tmp_path), load_format="random")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in ("llama", "gemma2", "qwen2-moe", "deepseek-v2",
+                                                                     "telechat2", "chatglm", "qwen2-yarn")],
+                         ids=lambda f: f.name)
+def test_parameters_are_created_in_the_compute_dtype(family, tmp_path):
+    """A bf16 load never holds a float32 copy of the weights (an 8B model would need 32 GB for a
+    moment): every parameter is registered in bf16. The model is the one a float32 build cast to
+    bf16 gives, buffers included (the rope tables are computed in float32 either way), and
+    torch's process-wide default dtype is back to float32 afterwards."""
+    from lmserve.models.loader import load_model, read_config, resolve_checkpoint
+    from lmserve.models.registry import get_model_class
+
+    built = family.build(tmp_path)
+    path = built[1] if isinstance(built, tuple) else tmp_path
+    ckpt = resolve_checkpoint(str(path))
+    config = read_config(ckpt)
+    registered = []
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, param: registered.append((name, param.dtype)))
+    try:
+        model = load_model(ckpt, config, torch.bfloat16, torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert torch.get_default_dtype() == torch.float32
+    floating = [(name, dt) for name, dt in registered if dt.is_floating_point]
+    assert floating and all(dt == torch.bfloat16 for _, dt in floating), floating
+    reference = get_model_class(config.architecture)(config, torch.bfloat16).to(torch.bfloat16)
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(buffer, model.get_buffer(name)), name

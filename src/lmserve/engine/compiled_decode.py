@@ -35,6 +35,7 @@ import torch
 from lmserve.attention.compiled_decode import CompiledDecodeBackend, CompiledDecodeMetadata, decode_mask
 from lmserve.attention.layer import Attention, MLAAttention
 from lmserve.engine.batch import ModelInput
+from lmserve.staging import host_to_device
 
 log = logging.getLogger("lmserve.engine")
 
@@ -162,5 +163,5 @@ class CompiledDecode:
                             torch.tensor(tables, dtype=torch.int64, device=device))
         self.steps += 1
         if batch.logit_rows != list(range(len(token_ids))):
-            logits = logits[torch.tensor(batch.logit_rows, device=device)]
+            logits = logits[host_to_device(batch.logit_rows, torch.int64, device)]
         return logits

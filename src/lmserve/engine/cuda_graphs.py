@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmserve.engine.batch import ModelInput
-from lmserve.staging import ints_to_device, padded_rows
+from lmserve.staging import host_to_device, ints_to_device, padded_rows
 
 if TYPE_CHECKING:  # the Triton modules import Triton, which a CPU install may lack
     from lmserve.attention.triton_backend import TritonPagedBackend
@@ -167,4 +167,4 @@ class DecodeGraphs:
         rows = batch.logit_rows
         if rows == list(range(n)):
             return logits[:n]
-        return logits[torch.tensor(rows, device=self.device)]
+        return logits[host_to_device(rows, torch.int64, self.device)]  # torch.tensor(..., device) would sync

@@ -125,9 +125,9 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
         cls = get_model_class(config.architecture)
     except UnsupportedArchitecture as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
-    with torch.device(device), _skip_random_init():
+    with torch.device(device), _skip_random_init(), _default_dtype(dtype):
         model = cls(config, dtype)
-    model.to(dtype)
+    model.to(dtype)  # a no-op for the parameters, which were created in `dtype`
     if load_format == "dummy":
         fill_dummy_weights(model, device)
     else:
@@ -174,6 +174,21 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         pass
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Parameters are created in the compute dtype, not float32 and cast afterwards: a float32
+    build of an 8B model is a 32 GB transient (more than a 24 GB host, or a 72B model's 290 GB on
+    GPUs). Code that needs float32 at construction asks for it (the rope tables are computed in
+    float32 explicitly, then cast). torch's default dtype is process-wide, so it is set only
+    around the model's constructor (vLLM's model loader does the same)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else saved)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 @contextlib.contextmanager
