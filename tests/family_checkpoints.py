@@ -132,6 +132,17 @@ def build_gemma2(directory: Path):
     return model
 
 
+def _renamed(sd: dict[str, torch.Tensor], src: str, dst: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """One layer's tensors under a checkpoint's own names: {transformers' name: its name}, each
+    after the layer's prefix (src in transformers' state dict, dst in the checkpoint)."""
+    return {dst + new: sd[src + old] for old, new in names.items()}
+
+
+def _by_kv_head(weight: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """A q/k/v projection's rows as [KV head, heads of its group, head_dim, in]."""
+    return weight.reshape(kv_heads, -1, head_dim, weight.shape[-1])
+
+
 def _save_converted(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """A remote-code checkpoint: the converted tensors under their real names, its config.json."""
     from safetensors.torch import save_file
@@ -174,11 +185,11 @@ def build_chatglm(directory: Path):
         for kind in ("weight", "bias"):
             out[f"{dst}self_attention.query_key_value.{kind}"] = torch.cat(
                 [sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
-        out[f"{dst}self_attention.dense.weight"] = sd[f"{src}self_attn.o_proj.weight"]
-        out[f"{dst}mlp.dense_h_to_4h.weight"] = sd[f"{src}mlp.gate_up_proj.weight"]
-        out[f"{dst}mlp.dense_4h_to_h.weight"] = sd[f"{src}mlp.down_proj.weight"]
-        out[f"{dst}input_layernorm.weight"] = sd[f"{src}input_layernorm.weight"]
-        out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
+        out.update(_renamed(sd, src, dst, {
+            "self_attn.o_proj.weight": "self_attention.dense.weight",
+            "mlp.gate_up_proj.weight": "mlp.dense_h_to_4h.weight", "mlp.down_proj.weight": "mlp.dense_4h_to_h.weight",
+            "input_layernorm.weight": "input_layernorm.weight",
+            "post_attention_layernorm.weight": "post_attention_layernorm.weight"}))
     _save_converted(directory, out, {
         "architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 3, "hidden_size": 64,
         "num_attention_heads": 4, "multi_query_attention": True, "multi_query_group_num": 2, "kv_channels": 24,
@@ -210,16 +221,12 @@ def build_internlm2(directory: Path):
            "output.weight": sd["lm_head.weight"]}
     for i in range(3):
         src, dst = f"model.layers.{i}.", f"model.layers.{i}."
-        q = sd[f"{src}self_attn.q_proj.weight"].reshape(kv_heads, heads // kv_heads, head_dim, -1)
-        k = sd[f"{src}self_attn.k_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
-        v = sd[f"{src}self_attn.v_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
-        out[f"{dst}attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, 96)
-        out[f"{dst}attention.wo.weight"] = sd[f"{src}self_attn.o_proj.weight"]
-        out[f"{dst}feed_forward.w1.weight"] = sd[f"{src}mlp.gate_proj.weight"]
-        out[f"{dst}feed_forward.w3.weight"] = sd[f"{src}mlp.up_proj.weight"]
-        out[f"{dst}feed_forward.w2.weight"] = sd[f"{src}mlp.down_proj.weight"]
-        out[f"{dst}attention_norm.weight"] = sd[f"{src}input_layernorm.weight"]
-        out[f"{dst}ffn_norm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
+        qkv = [_by_kv_head(sd[f"{src}self_attn.{p}_proj.weight"], kv_heads, head_dim) for p in "qkv"]
+        out[f"{dst}attention.wqkv.weight"] = torch.cat(qkv, dim=1).reshape(-1, 96)
+        out.update(_renamed(sd, src, dst, {
+            "self_attn.o_proj.weight": "attention.wo.weight", "mlp.gate_proj.weight": "feed_forward.w1.weight",
+            "mlp.up_proj.weight": "feed_forward.w3.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+            "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"}))
     _save_converted(directory, out, {
         "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": 96,
         "num_hidden_layers": 3, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
@@ -244,18 +251,15 @@ def build_telechat2(directory: Path):
            "transformer.ln_f.weight": sd["model.norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
     for i in range(3):
         src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
-        k = sd[f"{src}self_attn.k_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
-        v = sd[f"{src}self_attn.v_proj.weight"].reshape(kv_heads, 1, head_dim, -1)
-        out[f"{dst}self_attention.query.weight"] = sd[f"{src}self_attn.q_proj.weight"]
-        out[f"{dst}self_attention.key_value.weight"] = torch.cat([k, v], dim=1).reshape(-1, 96)
-        out[f"{dst}self_attention.dense.weight"] = sd[f"{src}self_attn.o_proj.weight"]
-        out[f"{dst}self_attention.dense.bias"] = sd[f"{src}self_attn.o_proj.bias"]
-        for name in ("gate_proj", "up_proj"):
-            out[f"{dst}mlp.{name}.weight"] = sd[f"{src}mlp.{name}.weight"]
-        out[f"{dst}mlp.down_proj.weight"] = sd[f"{src}mlp.down_proj.weight"]
-        out[f"{dst}mlp.down_proj.bias"] = sd[f"{src}mlp.down_proj.bias"]
-        out[f"{dst}input_layernorm.weight"] = sd[f"{src}input_layernorm.weight"]
-        out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
+        kv = [_by_kv_head(sd[f"{src}self_attn.{p}_proj.weight"], kv_heads, head_dim) for p in "kv"]
+        out[f"{dst}self_attention.key_value.weight"] = torch.cat(kv, dim=1).reshape(-1, 96)
+        out.update(_renamed(sd, src, dst, {
+            "self_attn.q_proj.weight": "self_attention.query.weight",
+            "self_attn.o_proj.weight": "self_attention.dense.weight",
+            "self_attn.o_proj.bias": "self_attention.dense.bias",
+            **{f"mlp.{n}.weight": f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")},
+            "mlp.down_proj.bias": "mlp.down_proj.bias", "input_layernorm.weight": "input_layernorm.weight",
+            "post_attention_layernorm.weight": "post_attention_layernorm.weight"}))
     _save_converted(directory, out, {
         "architectures": ["TeleChat2ForCausalLM"], "model_type": "telechat", "hidden_size": 96, "n_layer": 3,
         "n_head": heads, "num_key_value_heads": kv_heads, "ffn_hidden_size": 160, "layer_norm_epsilon": 1e-5,
