@@ -118,9 +118,7 @@ def gated_act(gate_up: torch.Tensor, intermediate: int, activation: str) -> torc
     lead = gate_up.shape[:-1]
     if gate_up.shape[-1] != 2 * intermediate:
         raise ValueError(f"gate_up's last dim {gate_up.shape[-1]} is not 2 x {intermediate}")
-    x2 = gate_up.reshape(-1, 2 * intermediate) if gate_up.dim() != 2 else gate_up
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(gate_up)
     out = torch.empty((x2.shape[0], intermediate), dtype=gate_up.dtype, device=gate_up.device)
     if x2.shape[0] == 0:
         return out.view(*lead, intermediate)

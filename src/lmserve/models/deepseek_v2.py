@@ -38,6 +38,7 @@ from lmserve.layers.norm import RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding, get_rope, yarn_mscale
 from lmserve.models.base import CausalLM
 from lmserve.models.config import DecoderConfig
+from lmserve.models.llama import PreNormDecoderLayer
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 LATENT_NORM_EPS = 1e-6
@@ -143,7 +144,7 @@ class DeepseekV2Attention(nn.Module):
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
 
-class DeepseekV2DecoderLayer(nn.Module):
+class DeepseekV2DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: DeepseekV2Config, rotary: RotaryEmbedding, index: int):
         super().__init__()
         c = config
@@ -159,11 +160,6 @@ class DeepseekV2DecoderLayer(nn.Module):
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-    def forward(self, rope, x, kv_cache, meta):
-        attn = self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
-        return x + self.mlp(h)
 
 
 class DeepseekV2ForCausalLM(CausalLM):

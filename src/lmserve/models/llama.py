@@ -47,18 +47,24 @@ class DecoderAttention(nn.Module):
         return self.o_proj(out.reshape(t, self.q_size))
 
 
-class LlamaDecoderLayer(nn.Module):
+class PreNormDecoderLayer(nn.Module):
+    """The pre-norm residual block most families share: x + attn(norm(x)), then + mlp(norm(x)).
+    A subclass builds self_attn, mlp, input_layernorm and post_attention_layernorm; the residual
+    add before the second norm is one launch with it on CUDA (RMSNorm.add_and_norm)."""
+
+    def forward(self, rope, x, kv_cache, meta):
+        attn = self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
+        return x + self.mlp(h)
+
+
+class LlamaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: DecoderConfig, rotary: RotaryEmbedding, index: int):
         super().__init__()
         self.self_attn = DecoderAttention(config, rotary)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, rope, x, kv_cache, meta):
-        attn = self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
-        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -12,14 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
 from lmserve.layers.mlp import GatedMLP
 from lmserve.layers.moe import SparseMoE, map_expert_name, qwen2_moe_is_sparse
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding
 from lmserve.models.config import DecoderConfig
-from lmserve.models.llama import DecoderAttention
+from lmserve.models.llama import DecoderAttention, PreNormDecoderLayer
 from lmserve.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 
@@ -47,7 +45,7 @@ class Qwen2MoeConfig(Qwen2Config):
             mlp_only_layers=[int(i) for i in cfg.get("mlp_only_layers") or []], **overrides)
 
 
-class Qwen2MoeDecoderLayer(nn.Module):
+class Qwen2MoeDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: Qwen2MoeConfig, rotary: RotaryEmbedding, index: int):
         super().__init__()
         c = config
@@ -61,11 +59,6 @@ class Qwen2MoeDecoderLayer(nn.Module):
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-    def forward(self, rope, x, kv_cache, meta):
-        attn = self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
-        return x + self.mlp(h)
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
