@@ -23,6 +23,8 @@ Parts (--parts):
   speed        8B shape in bf16: transformers' generate at batch 1 and 32 (the baseline, freed
                before lmserve starts), lmserve batch-1 decode (fraction of the roofline) and
                offline throughput (N x 1,024 in / 1,024 out, ignore_eos), with and without graphs
+  plan         `lmserve plan`'s prediction for the 8B shape (weights, KV bytes per token, KV capacity)
+               against a dummy-weight engine's measured numbers (engine/capacity.py)
 
 Results go to $OUT (default ./gpu_check_out): gpu_check.json (every number), gpu_check.md (the
 table for docs/benchmarks.md) and gpu_check_profile.txt, rewritten after every check so a run
@@ -904,9 +906,98 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- part: the capacity planner against the engine ----------------------------------------------
+
+def part_plan(report: Report, device: torch.device) -> None:
+    """`lmserve plan`'s prediction for the Llama-3.1-8B shape on this device (TP=1, its total
+    memory, the engine's defaults) against a dummy-weight engine's measured numbers: parameter
+    bytes and KV bytes per token must be equal; the KV cache (num_blocks x block_size) is
+    reported as a ratio, the activation estimate against the measured peak. On CPU (smoke
+    mode) the tiny shape, with an explicit kv_cache_memory budget, must give equal blocks."""
+    from lmserve.engine import capacity, llm_engine
+    from lmserve.models.inventory import inventory
+
+    numbers = report.numbers.setdefault("plan", {})
+    config = LLAMA_8B if device.type == "cuda" else TINY_SPEED_MODEL
+    config_dir = Path(tempfile.mkdtemp(prefix="gpu_check_plan_"))
+    (config_dir / "config.json").write_text(json.dumps(config))
+    # Several step budgets: the sampler's rows and the layers' tokens each set the peak (the
+    # activation estimate's two terms).
+    settings = [(2048, 256), (8192, 256), (2048, 32), (16384, 8), (32768, 8)] if device.type == "cuda" \
+        else [(2048, 256)]
+    for tokens, seqs in settings:
+        def check(tokens=tokens, seqs=seqs):
+            readings = []
+            measure = llm_engine.measure_peak
+
+            def recording(*args, **kwargs):
+                readings.append(measure(*args, **kwargs))
+                return readings[-1]
+
+            llm_engine.measure_peak = recording
+            options = {"max_num_batched_tokens": tokens, "max_num_seqs": seqs}
+            if device.type == "cuda":
+                options.update(gpu_memory_utilization=0.9, cuda_graphs=False)  # graphs come after the sizing
+            else:
+                options["kv_cache_memory"] = 256 << 20
+            try:
+                engine = LLMEngine(str(config_dir), dtype="bfloat16", device=str(device), load_format="dummy",
+                                   **accepted(**options))
+            finally:
+                llm_engine.measure_peak = measure
+            inv = inventory(engine.model_config)
+            params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+            buffers = sum(b.numel() * b.element_size() for b in engine.model.buffers())
+            per_block = engine.runner.kv_bytes_per_block(engine.model, engine.engine_config.block_size, engine.dtype)
+            predicted_weights = sum(capacity.weight_bytes(inv, 1, "none", torch.bfloat16).values())
+            predicted_kv = capacity.kv_bytes_per_token(inv, 1, torch.bfloat16)
+            row = {"params_bytes": params, "predicted_weight_bytes": predicted_weights, "buffers_bytes": buffers,
+                   "predicted_rope_bytes": capacity.rope_table_bytes(inv, torch.bfloat16),
+                   "kv_bytes_per_token": per_block // engine.engine_config.block_size,
+                   "predicted_kv_bytes_per_token": predicted_kv, "num_blocks": engine.num_blocks}
+            if (params, per_block) != (predicted_weights, predicted_kv * engine.engine_config.block_size):
+                raise CheckFailed(f"measured {params} parameter bytes, {per_block} KV bytes per block; the planner "
+                                  f"predicts {predicted_weights} and {predicted_kv * engine.engine_config.block_size}")
+            if device.type != "cuda":
+                blocks = capacity.cache_blocks(256 << 20, per_block)
+                numbers[f"t{tokens}_s{seqs}"] = {**row, "predicted_num_blocks": blocks}
+                if blocks != engine.num_blocks:
+                    raise CheckFailed(f"engine {engine.num_blocks} blocks, planner {blocks}")
+                return f"weights, KV bytes and {blocks} blocks as predicted"
+            reading = readings[0]
+            total = reading.total
+            options = capacity.Options(max_num_batched_tokens=tokens, max_num_seqs=seqs,
+                                       max_model_len=engine.max_model_len)
+            plan = capacity.plan(inv, capacity.Hardware(1, total), options, tensor_parallel_size=1)
+            c = plan.candidates[0]
+            in_use = llm_engine.peak_in_use(reading)
+            measured_activation = reading.torch_peak - reading.profile_kv - params - buffers
+            non_torch = max(reading.total - reading.free - reading.torch_allocated, 0)
+            row.update(total_bytes=total, in_use_bytes=in_use, predicted_in_use_bytes=c.in_use,
+                       activation_bytes=measured_activation, predicted_activation_bytes=c.activation,
+                       non_torch_bytes=non_torch, predicted_overhead_bytes=c.overhead,
+                       predicted_num_blocks=c.num_blocks, tokens=engine.num_blocks * engine.engine_config.block_size,
+                       predicted_tokens=c.tokens)
+            numbers[f"t{tokens}_s{seqs}"] = row
+            ratio = c.tokens / row["tokens"]
+            del engine
+            free_device_memory(device)
+            line = (f"{tokens} tokens/{seqs} seqs: KV capacity predicted {c.tokens:,} tokens, engine {row['tokens']:,} "
+                    f"({ratio:.4f}x); activations predicted {c.activation / 2**30:.2f} GiB, measured "
+                    f"{measured_activation / 2**30:.2f} GiB; outside torch predicted {c.overhead / 2**30:.2f} GiB, "
+                    f"measured {non_torch / 2**30:.2f} GiB")
+            if abs(ratio - 1) > 0.03:
+                raise CheckFailed(line)
+            return line
+
+        label = "Llama-3.1-8B shape" if device.type == "cuda" else "tiny Llama shape"
+        report.check(f"plan: {label}, {tokens} tokens / {seqs} seqs", check, needs_s=30)
+        free_device_memory(device)
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
-PARTS = ("env", "engine", "correctness", "speed")
+PARTS = ("env", "engine", "correctness", "speed", "plan")
 
 
 def run_parts_isolated(report: Report, args, parts: list[str]) -> None:
@@ -962,14 +1053,16 @@ def run_parts(report: Report, args, device: torch.device, parts: list[str]) -> N
         part_correctness(report, device, names, args.correctness_budget_s, backends)
     if "speed" in parts:
         part_speed(report, device, args)
+    if "plan" in parts:
+        part_plan(report, device)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (the device check) or cpu (smoke mode)")
     ap.add_argument("--quick", action="store_true", help="fewer offline requests, shorter transformers runs")
-    ap.add_argument("--parts", default="env,engine,correctness,speed",
-                    help="comma-separated: env,engine,correctness,speed")
+    ap.add_argument("--parts", default="env,engine,correctness,speed,plan",
+                    help="comma-separated: env,engine,correctness,speed,plan")
     ap.add_argument("--families", default=None, help="comma-separated family names (default: all)")
     ap.add_argument("--backends", default=None,
                     help="attention backends to prove (default: triton,reference on CUDA, reference on CPU; "

@@ -19,7 +19,8 @@ def test_gpu_check_smoke_mode_passes_end_to_end(tmp_path):
     # stall each other behind other processes (docs: device.default_cpu_threads).
     env = {**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick",
-                           "--parts", "engine,correctness,speed", "--families", "llama,qwen2-moe", "--requests", "4",
+                           "--parts", "engine,correctness,speed,plan", "--families", "llama,qwen2-moe",
+                           "--requests", "4",
                            # the device's time limits are not this test's: a slow host must not skip checks
                            "--correctness-budget-s", "600", "--deadline-s", "600"],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -33,6 +34,7 @@ def test_gpu_check_smoke_mode_passes_end_to_end(tmp_path):
         assert statuses[f"{family}: build + CPU reference"] == "PASS"
     assert statuses.pop("engine checks") == "SKIP"  # tests/cuda_engine_checks.py: CUDA only, found and skipped
     assert set(statuses.values()) == {"PASS"}
+    assert statuses["plan: tiny Llama shape, 2048 tokens / 256 seqs"] == "PASS"  # the planner vs the engine
     speed = report["numbers"]["speed"]
     assert speed["default_decode_tok_s"] > 0 and speed["default_offline"]["requests_done"] == 4
     assert speed["transformers_b1_tok_s"] > 0

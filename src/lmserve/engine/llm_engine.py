@@ -20,12 +20,12 @@ import torch
 from lmserve.device import choose_device, choose_dtype
 from lmserve.engine.batch import ModelInput, build_model_input
 from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.capacity import cache_blocks
 from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_ids
 from lmserve.engine.memory import (
     GiB,
     blocks_for,
     check_utilization,
-    kv_cache_blocks,
     kv_cache_bytes,
     measure_peak,
     peak_in_use,
@@ -188,9 +188,9 @@ class LLMEngine:
             log.info("memory profile in %.1fs: peak step %.2f GiB in use of %.2f GiB; KV cache gets %.2f GiB "
                      "(gpu_memory_utilization %g)", time.perf_counter() - started, in_use / GiB,
                      reading.total / GiB, budget / GiB, cfg.gpu_memory_utilization)
-            return kv_cache_blocks(budget, per_block, cfg.gpu_memory_utilization)
+            return cache_blocks(budget, per_block, cfg.gpu_memory_utilization)
         budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else 1 << 30
-        return max(budget // per_block, 1)
+        return cache_blocks(budget, per_block)  # the planner's arithmetic too (engine/capacity.py)
 
     def _profile_step(self) -> int:
         """The largest step the scheduler can hand out, run once before the real cache exists so
