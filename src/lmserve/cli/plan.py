@@ -146,8 +146,8 @@ def as_text(model: str, source: str, p) -> str:
         lines.append(f"  {'weights':<24} {_gib(detail.weight_total):>12}")
         lines.append(f"  {'rope table':<24} {_gib(detail.rope_table):>12}")
         lines.append(f"  {'activation estimate':<24} {_gib(detail.activation):>12}  "
-                     f"({p.options.max_num_batched_tokens} tokens through the widest layer + sampler over "
-                     f"{min(p.options.max_num_seqs, p.options.max_num_batched_tokens)} rows)")
+                     f"(the larger of {p.options.max_num_batched_tokens} tokens through the widest layer and "
+                     f"the sampler over {min(p.options.max_num_seqs, p.options.max_num_batched_tokens)} rows)")
         lines.append(f"  {'device overhead':<24} {_gib(detail.overhead):>12}  (CUDA context, workspaces"
                      + (", NCCL" if detail.tensor_parallel_size > 1 else "") + ")")
         lines.append(f"  {'usable':<24} {_gib(detail.usable):>12}")
@@ -158,7 +158,8 @@ def as_text(model: str, source: str, p) -> str:
     if p.chosen:
         c = p.chosen
         lines.append(f"Smallest TP that fits: {c.tensor_parallel_size} -- {c.tokens:,} tokens of KV cache, "
-                     f"{c.full_context_requests:,} concurrent {p.max_model_len}-token requests.")
+                     f"{c.full_context_requests:,} concurrent {p.max_model_len}-token request"
+                     + ("s." if c.full_context_requests != 1 else "."))
     else:
         lines.append(f"Nothing fits: {p.reason}.")
     lines += [f"note: {n}" for n in notes(p)]

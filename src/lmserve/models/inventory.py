@@ -145,16 +145,20 @@ def _gated_mlp(group: str, name: str, hidden: int, intermediate: int, count: int
                       quantized_by=quantized_by))
 
 
-def _norms(name: str, dim: int, count: int) -> Tensor:
-    return Tensor("norms", name, (Rows(dim),), count=count)
+def _norms(name: str, dim: int, count: int, group: str = "norms") -> Tensor:
+    return Tensor(group, name, (Rows(dim),), count=count)
 
 
 def _embeddings(c: DecoderConfig) -> list[Tensor]:
-    vocab = (Rows(c.vocab_size, VOCAB),)
-    out = [Tensor("embedding", "embed_tokens.weight", vocab, c.hidden_size)]
+    return [Tensor("embedding", "embed_tokens.weight", (Rows(c.vocab_size, VOCAB),), c.hidden_size)]
+
+
+def _head(c: DecoderConfig) -> list[Tensor]:
+    """The final norm and the LM head (none of its own when tied to the embedding)."""
+    out = [_norms("norm.weight", c.hidden_size, 1)]
     if not c.tie_word_embeddings:
-        out.append(Tensor("lm_head", "lm_head.weight", vocab, c.hidden_size))
-    return out + [_norms("norm.weight", c.hidden_size, 1)]
+        out.append(Tensor("lm_head", "lm_head.weight", (Rows(c.vocab_size, VOCAB),), c.hidden_size))
+    return out
 
 
 def _heads(c: DecoderConfig) -> tuple[Rows, Rows, Rows]:
@@ -200,7 +204,7 @@ def decoder_inventory(c: DecoderConfig) -> Inventory:
     down_bias = True if hasattr(c, "base_seqlen") else None  # TeleChat2: a bias on down_proj only
     tensors = (_embeddings(c) + _attention(c, layers)
                + _gated_mlp("mlp", "mlp", c.hidden_size, c.intermediate_size, layers, c.mlp_bias, down_bias)
-               + [_norms("layer norms", c.hidden_size, norms_per_layer * layers)])
+               + [_norms("layer norms", c.hidden_size, norms_per_layer * layers)] + _head(c))
     layer_types = getattr(c, "layer_types", None)
     windows = [getattr(c, "sliding_window", None) if layer_types and layer_types[i] == "sliding_attention" else None
                for i in range(layers)]
@@ -221,7 +225,7 @@ def qwen2_moe_inventory(c) -> Inventory:
                + _gated_mlp("shared experts", "mlp.shared_expert", c.hidden_size, c.shared_expert_intermediate_size,
                             moe)
                + [Tensor("moe router", "mlp.shared_expert_gate.weight", (Rows(1),), c.hidden_size, count=moe),
-                  _norms("layer norms", c.hidden_size, 2 * c.num_layers)])
+                  _norms("layer norms", c.hidden_size, 2 * c.num_layers)] + _head(c))
     tensors = [t for t in tensors if t.count]
     base = decoder_inventory(c)
     dense_width = _gqa_width(c, c.intermediate_size if dense else 0)
@@ -263,13 +267,13 @@ def deepseek_v2_inventory(c) -> Inventory:
                              layers)
     else:
         attention += (_linear("attention", "self_attn.q_a_proj", Rows(c.q_lora_rank), c.hidden_size, layers, bias)
-                      + [_norms("self_attn.q_a_layernorm.weight", c.q_lora_rank, layers)]
+                      + [_norms("self_attn.q_a_layernorm.weight", c.q_lora_rank, layers, "attention")]
                       + _linear("attention", "self_attn.q_b_proj", Rows(heads * qk_head, HEADS, qk_head),
                                 c.q_lora_rank, layers))
     kv_head = c.qk_nope_head_dim + c.v_head_dim
     attention += (_linear("attention", "self_attn.kv_a_proj_with_mqa", Rows(c.kv_lora_rank + c.qk_rope_head_dim),
                           c.hidden_size, layers, bias)
-                  + [_norms("self_attn.kv_a_layernorm.weight", c.kv_lora_rank, layers)]
+                  + [_norms("self_attn.kv_a_layernorm.weight", c.kv_lora_rank, layers, "attention")]
                   + _linear("attention", "self_attn.kv_b_proj", Rows(heads * kv_head, HEADS, kv_head), c.kv_lora_rank,
                             layers, quantized_by=FP8_ONLY)  # a dense module of lmserve's int8/int4
                   + _linear("attention", "self_attn.o_proj", Rows(c.hidden_size), heads * c.v_head_dim, layers, bias,
@@ -279,7 +283,7 @@ def deepseek_v2_inventory(c) -> Inventory:
                + _gated_mlp("mlp", "mlp", c.hidden_size, c.intermediate_size, dense, c.mlp_bias)
                + (_experts(c.hidden_size, c.n_routed_experts, c.moe_intermediate_size, moe) if moe else [])
                + (_gated_mlp("shared experts", "mlp.shared_experts", c.hidden_size, shared, moe) if shared else [])
-               + [_norms("layer norms", c.hidden_size, 2 * layers)])
+               + [_norms("layer norms", c.hidden_size, 2 * layers)] + _head(c))
     tensors = [t for t in tensors if t.count]
 
     def specs(ranks: int) -> list[MLAKVCacheSpec]:
