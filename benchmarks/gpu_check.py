@@ -78,6 +78,25 @@ LLAMA_8B = {
                      "original_max_position_embeddings": 8192},
     "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "tie_word_embeddings": False,
     "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16"}
+# MoE and MLA shapes for the capacity planner's check: DeepSeek-V2-Lite's and Qwen2-57B-A14B's
+# config.json keys (the engine reads no others).
+DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+    "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 512,
+    "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy",
+    "norm_topk_prob": False, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "max_position_embeddings": 163840,
+    "rope_theta": 10000, "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    "rms_norm_eps": 1e-6, "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": False}
+QWEN2_57B_A14B = {
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 2560,
+    "shared_expert_intermediate_size": 20480, "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "bos_token_id": 151643,
+    "eos_token_id": 151643, "tie_word_embeddings": False}
 # Smoke mode's stand-in: the same family and rope, small enough for a CPU.
 TINY_SPEED_MODEL = {**LLAMA_8B, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256,
                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -909,22 +928,30 @@ def markdown(report: Report) -> str:
 # ---- part: the capacity planner against the engine ----------------------------------------------
 
 def part_plan(report: Report, device: torch.device) -> None:
-    """`lmserve plan`'s prediction for the Llama-3.1-8B shape on this device (TP=1, its total
-    memory, the engine's defaults) against a dummy-weight engine's measured numbers: parameter
-    bytes and KV bytes per token must be equal; the KV cache (num_blocks x block_size) is
-    reported as a ratio, the activation estimate against the measured peak. On CPU (smoke
-    mode) the tiny shape, with an explicit kv_cache_memory budget, must give equal blocks."""
+    """`lmserve plan`'s prediction for the Llama-3.1-8B, DeepSeek-V2-Lite (MLA + MoE) and
+    Qwen2-57B-A14B (MoE) shapes on this device (TP=1, its total memory, several step budgets)
+    against a dummy-weight engine's measured numbers: parameter bytes and KV bytes per token
+    must be equal; the KV capacity (num_blocks x block_size) within 3%, reported as a ratio
+    with the activation estimate against the measured peak. On CPU (smoke mode) the tiny
+    shape, with an explicit kv_cache_memory budget, must give equal blocks."""
+    numbers = report.numbers.setdefault("plan", {})
+    # Several step budgets: the sampler's rows and the layers' tokens each set the peak (the
+    # activation estimate's two terms); few rows leave the layers' widths (dense, MoE, MLA) to show.
+    shapes = [("Llama-3.1-8B shape", LLAMA_8B, [(2048, 256), (8192, 256), (2048, 32), (16384, 8), (32768, 8)]),
+              ("DeepSeek-V2-Lite shape", DEEPSEEK_V2_LITE, [(2048, 8), (8192, 8)]),
+              ("Qwen2-57B-A14B shape", QWEN2_57B_A14B, [(2048, 8), (8192, 8)])]
+    if device.type != "cuda":
+        shapes = [("tiny Llama shape", TINY_SPEED_MODEL, [(2048, 256)])]
+    for label, config, settings in shapes:
+        plan_shape(report, device, label, config, settings, numbers)
+
+
+def plan_shape(report: Report, device: torch.device, label: str, config: dict, settings: list, numbers: dict) -> None:
     from lmserve.engine import capacity, llm_engine
     from lmserve.models.inventory import inventory
 
-    numbers = report.numbers.setdefault("plan", {})
-    config = LLAMA_8B if device.type == "cuda" else TINY_SPEED_MODEL
     config_dir = Path(tempfile.mkdtemp(prefix="gpu_check_plan_"))
     (config_dir / "config.json").write_text(json.dumps(config))
-    # Several step budgets: the sampler's rows and the layers' tokens each set the peak (the
-    # activation estimate's two terms).
-    settings = [(2048, 256), (8192, 256), (2048, 32), (16384, 8), (32768, 8)] if device.type == "cuda" \
-        else [(2048, 256)]
     for tokens, seqs in settings:
         def check(tokens=tokens, seqs=seqs):
             readings = []
@@ -960,7 +987,7 @@ def part_plan(report: Report, device: torch.device) -> None:
                                   f"predicts {predicted_weights} and {predicted_kv * engine.engine_config.block_size}")
             if device.type != "cuda":
                 blocks = capacity.cache_blocks(256 << 20, per_block)
-                numbers[f"t{tokens}_s{seqs}"] = {**row, "predicted_num_blocks": blocks}
+                numbers[f"{label}: t{tokens}_s{seqs}"] = {**row, "predicted_num_blocks": blocks}
                 if blocks != engine.num_blocks:
                     raise CheckFailed(f"engine {engine.num_blocks} blocks, planner {blocks}")
                 return f"weights, KV bytes and {blocks} blocks as predicted"
@@ -978,7 +1005,7 @@ def part_plan(report: Report, device: torch.device) -> None:
                        non_torch_bytes=non_torch, predicted_overhead_bytes=c.overhead,
                        predicted_num_blocks=c.num_blocks, tokens=engine.num_blocks * engine.engine_config.block_size,
                        predicted_tokens=c.tokens)
-            numbers[f"t{tokens}_s{seqs}"] = row
+            numbers[f"{label}: t{tokens}_s{seqs}"] = row
             ratio = c.tokens / row["tokens"]
             del engine
             free_device_memory(device)
@@ -990,7 +1017,6 @@ def part_plan(report: Report, device: torch.device) -> None:
                 raise CheckFailed(line)
             return line
 
-        label = "Llama-3.1-8B shape" if device.type == "cuda" else "tiny Llama shape"
         report.check(f"plan: {label}, {tokens} tokens / {seqs} seqs", check, needs_s=30)
         free_device_memory(device)
 

@@ -50,12 +50,12 @@ def test_qwen25_72b_on_8x80gib_bf16_by_hand(capsys):
     assert candidate(out, 1)["kv_bytes_per_token"] == 4 * 81920 and candidate(out, 8)["kv_bytes_per_token"] == 40960
     # The cache: 0.9 x 80 GiB less weights, rope table (32768 x 128 bf16), the activation
     # estimate (the sampler's 256 rows x 152064 x 56 bytes outweighs 2048 tokens through a layer)
-    # and the overhead (768 MiB + 512 MiB NCCL).
+    # and the overhead (800 MiB + 512 MiB NCCL).
     rope = 32768 * 128 * 2
     activation = 256 * 152064 * 56
     assert 2048 * (max(3 * 8192 + 2560 + 2304 + 2048, 5 * 8192 + 3 * 7392) + 128) * 2 < activation
     assert tp4["activation_bytes"] == activation
-    kv_cache = int(80 * GiB * 0.9) - (weights + rope + activation + 768 * MiB + 512 * MiB)
+    kv_cache = int(80 * GiB * 0.9) - (weights + rope + activation + 800 * MiB + 512 * MiB)
     assert tp4["kv_cache_bytes"] == kv_cache
     blocks = kv_cache // (16 * 81920)
     assert tp4["kv_cache_tokens"] == blocks * 16 and tp4["full_context_requests"] == blocks // (32768 // 16)
@@ -148,6 +148,15 @@ def test_json_shape(capsys):
     assert one["kv_bytes_per_token"] == 28 * 4 * 128 * 2 * 1  # fp8: 1 byte per value
     assert one["weight_bytes"] == sum(one["weight_bytes_by_group"].values())
     assert out["tensor_parallel_size"] == 1 and out["reason"] is None
+
+
+def test_a_checkpoint_directory_is_read_by_its_family(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(FAMILY_CONFIGS["chatglm"]))
+    rc, out = plan_json(capsys, str(tmp_path), "--gpus", "1", "--gpu-memory", "4GiB")
+    assert rc == 0 and out["source"] == str(tmp_path) and out["architecture"] == "ChatGLMModel"
+    assert out["options"]["max_model_len"] == 512  # its seq_length
+    # 3 layers x 2 KV heads (multi_query_group_num) x kv_channels 24 x (K + V) x 2 bytes.
+    assert candidate(out, 1)["kv_bytes_per_token"] == 3 * 2 * 24 * 2 * 2
 
 
 def test_bad_inputs_answer_in_one_line(capsys):

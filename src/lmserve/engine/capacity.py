@@ -35,7 +35,7 @@ INT4_GROUP = 32  # layers/quantization.py's group size
 # The activation estimate's constants (see `activation_bytes`, `overhead_bytes`), calibrated on
 # an H200 against the engine's measured profiling step (docs/capacity_planning.md has the numbers).
 SAMPLER_BYTES_PER_LOGIT = 56
-DEVICE_OVERHEAD = 768 * MiB
+DEVICE_OVERHEAD = 800 * MiB
 NCCL_OVERHEAD = 512 * MiB
 
 
@@ -122,9 +122,9 @@ def activation_bytes(inv: Inventory, tensor_parallel_size: int, max_num_batched_
       at `SAMPLER_BYTES_PER_LOGIT` bytes per logit: float32 logits, log-softmax, a full sort's
       values and int64 indices, probabilities, cumulative sums (the nucleus + top-logprobs path
       the engine's profiling step takes).
-    Measured on an H200 (Llama-3.1-8B shape, docs/capacity_planning.md): the sampler 56 bytes
-    per logit (256 rows); the layers 63,629 values per token (16K and 32K tokens, 8 rows)
-    against the 63,616 of the width rule, plus a constant ~32 MiB counted in `DEVICE_OVERHEAD`."""
+    Measured on an H200 (docs/capacity_planning.md): the sampler 56 bytes per logit (256 rows);
+    the layers of the Llama-3.1-8B shape 63,629 values per token (16K and 32K tokens, 8 rows)
+    against the 63,616 of the width rule, plus a constant 32-59 MiB counted in `DEVICE_OVERHEAD`."""
     size = torch.empty((), dtype=dtype).element_size()
     layer = max_num_batched_tokens * inv.peak_width(tensor_parallel_size) * size
     rows = min(max_num_seqs, max_num_batched_tokens)
@@ -133,9 +133,10 @@ def activation_bytes(inv: Inventory, tensor_parallel_size: int, max_num_batched_
 
 def overhead_bytes(tensor_parallel_size: int) -> int:
     """Device memory the step holds besides weights and activations, per rank: the CUDA
-    context, cuBLAS/Triton workspaces and allocator slack (measured on an H200: 704 MiB outside
-    torch's tensors, ~32 MiB of the step's own); NCCL's buffers when there are several ranks
-    (not measured here: one GPU cannot run NCCL with two ranks)."""
+    context, cuBLAS/Triton workspaces and allocator slack (measured on an H200: 704-745 MiB
+    outside torch's tensors, 32-59 MiB of the step's own, 793 MiB at most together over three
+    shapes); NCCL's buffers when there are several ranks (not measured here: one GPU cannot run
+    NCCL with two ranks)."""
     return DEVICE_OVERHEAD + (NCCL_OVERHEAD if tensor_parallel_size > 1 else 0)
 
 
