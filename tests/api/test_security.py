@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -169,8 +170,6 @@ def test_text_and_json_formats_escape_messages_and_tracebacks():
     try:
         raise ValueError("template error\n" + FORGED)
     except ValueError:
-        import sys
-
         record.exc_info = sys.exc_info()
     text = TextFormatter(colour=False).format(record)
     first, *rest = text.split("\n")
