@@ -37,12 +37,14 @@ from lmserve.platform.keys import Principal
 from lmserve.platform.service import Platform, Ticket
 from lmserve.server.admin import admin_router
 from lmserve.server.admission import Admission
+from lmserve.server.apidocs import mount_api_docs
 from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
 from lmserve.server.completions import collect_text, text_chunks
 from lmserve.server.errors import APIError, bad_request, unknown_model
 from lmserve.server.lifecycle import Lifecycle
 from lmserve.server.logs import PROBE_PATHS, TokenTally, access_line, stats_loop
 from lmserve.server.metrics import Metrics
+from lmserve.server.security import SecurityHeaders
 from lmserve.server.shutdown import Drain
 from lmserve.server.ui import mount_ui
 
@@ -70,7 +72,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         for backend in list(backends.values()):
             await backend.close()
 
-    app = FastAPI(title="lmserve", version=__version__, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+    app = FastAPI(title="lmserve", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   lifespan=lifespan, description="OpenAI-compatible API. `/v1/*`, `/tokenize` and `/detokenize` "
                   "need `Authorization: Bearer <key>`.")
     app.openapi = lambda: _openapi(app)
@@ -79,6 +81,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id", "x-siliconcloud-trace-id"])
     app.add_middleware(TraceMiddleware, log_probes=server.log_health_probes, max_header_bytes=server.max_header_bytes)
+    app.add_middleware(SecurityHeaders)  # outermost: its headers go on every response, errors included
     drain = app.state.drain = Drain()
     metrics = Metrics(backends)
     admission = Admission({m.id: m.max_pending_requests for m in config.models})
@@ -339,6 +342,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
 
     app.include_router(admin_router(platform))
     mount_ui(app)
+    mount_api_docs(app)  # /docs and /redoc, from local files
     return app
 
 

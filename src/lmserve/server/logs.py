@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -19,16 +20,51 @@ _COLOURS = {"DEBUG": "\033[2m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERRO
 _RESET = "\033[0m"
 
 
+# Characters that let text in a log line pose as something else: C0/C1 controls (a newline starts
+# a forged record, ESC drives the terminal that tails the log, NUL cuts it for C tools), DEL, the
+# Unicode line and paragraph separators, and the bidirectional overrides that reorder what a
+# reader sees. Log messages carry client text (paths, model ids, names), so each one is escaped.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match) -> str:
+    c = match.group()
+    return _NAMED_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line with nothing a terminal acts on: `\\n`, `\\r`, `\\t`, `\\x1b`, `\\u2028`
+    as visible escapes (what the JSON format writes for the same characters)."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
 class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, one line per record: the message is escaped (it may hold
+    client text). A traceback follows on lines of its own, each indented, so only a record's first
+    line ever starts at the margin and no exception message can pass for a record."""
+
     def __init__(self, colour: bool):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
         self.colour = colour
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        exc_info, exc_text, stack_info = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None  # formatted below, indented
+        try:
+            line = super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = exc_info, exc_text, stack_info
         if self.colour:
             colour = _COLOURS.get(record.levelname, "")
             line = line.replace(record.levelname, f"{colour}{record.levelname}{_RESET}", 1)
+        extra = [self.formatException(exc_info) if exc_info else exc_text, stack_info and self.formatStack(stack_info)]
+        for block in filter(None, extra):
+            line += "".join("\n    " + escape_controls(part) for part in block.splitlines())
         return line
 
 
@@ -43,7 +79,9 @@ class JSONFormatter(logging.Formatter):
         out.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        # json.dumps escapes C0 controls; DEL, C1 controls and the Unicode separators it leaves as
+        # they are (valid JSON, but a terminal acts on them), so they are escaped here too.
+        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(out, ensure_ascii=False, default=str))
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
