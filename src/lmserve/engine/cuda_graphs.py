@@ -84,7 +84,7 @@ class DecodeGraphs:
         # a time, so they can share it.
         attn = [m for m in model.modules() if hasattr(m, "kv_spec")]
         q_heads = max(m.num_heads for m in attn)
-        head_dim = max(m.head_dim for m in attn)
+        head_dim = max(m.partial_width for m in attn)
         need = [split_buffer_sizes(n, q_heads, head_dim, self._splits(n)) for n in self.sizes]
         f32 = dict(dtype=torch.float32, device=device)
         self.split_acc = torch.empty(max(a for a, _ in need), **f32)
