@@ -53,10 +53,13 @@ def padded_size(n: int, sizes: list[int]) -> int | None:
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why this model's decode cannot be captured (None: it can)."""
+    from lmserve.layers import fused
     from lmserve.layers.moe import FusedExperts
 
-    if any(isinstance(m, FusedExperts) for m in model.modules()):
-        return "MoE layers read expert counts on the host"
+    # The fused-MoE kernels (layers/triton_moe.py) route on the device; the eager experts read
+    # expert counts on the host, which a capture cannot.
+    if any(isinstance(m, FusedExperts) for m in model.modules()) and fused._triton_ops() is None:
+        return "MoE layers read expert counts on the host (the fused Triton kernels are off)"
     return None
 
 
