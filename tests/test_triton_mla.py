@@ -128,7 +128,26 @@ for dt, rank, rope, splits in (("bf16", 512, 64, 8), ("bf16", 512, 64, 1), ("fp3
     kernel = triton.compile(ASTSource(fn=M._mla_decode_kernel, signature=signature, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_stages": 2})
     assert kernel.asm["ptx"] and kernel.metadata.shared <= 227 * 1024, (dt, rank, kernel.metadata.shared)
-    print(dt, rank, splits, "shared bytes", kernel.metadata.shared)
+
+# The expanded prefill: triton_paged's kernel with one KV head per query head and V2's 192-wide
+# q/k (values padded to it), in bf16 and float32.
+from lmserve.attention import triton_paged as P
+
+ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_ptr", "tile_seq_ptr", "tile_first_ptr")
+strides = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kt", "stride_kh",
+           "stride_vb", "stride_vt", "stride_vh", "stride_bt", "num_q_heads", "window")
+for dt in ("bf16", "fp32"):
+    block_q = P.prefill_block_q(1, 192)
+    constexprs = {"HEAD_DIM": 192, "BLOCK_D": 256, "PAGE_SIZE": 16, "GROUP": 1, "BLOCK_Q": block_q,
+                  "BLOCK_M": max(16, P._next_power_of_2(block_q)), "TILE_N": 32, "NUM_SPLITS": 1,
+                  "USE_SOFTCAP": False, "USE_WINDOW": False, "PRECISION": "ieee" if dt == "fp32" else "tf32"}
+    sig = {"q_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "out_ptr": "*" + dt,
+           "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+           **{n: "*i64" for n in ints}, "scale": "fp32", "softcap": "fp32", **{n: "i32" for n in strides},
+           **{n: "constexpr" for n in constexprs}}
+    kernel = triton.compile(ASTSource(fn=P._paged_attention_kernel, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32))
+    assert kernel.asm["ptx"] and kernel.metadata.shared <= 227 * 1024, (dt, kernel.metadata.shared)
 """
 
 
