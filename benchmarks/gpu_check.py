@@ -26,7 +26,8 @@ Parts (--parts):
   deepseek     the MLA decode and fused-MoE kernels against the reference paths at DeepSeek-V2-Lite
                sizes (float32 and bf16 error, time per call vs the reference), then the V2-Lite shape
                (MLA + 64-expert MoE, ~16B, dummy weights) served with CUDA graphs: batch-1 decode,
-               offline throughput (128 x 512 in / 512 out; --quick 64 x 512 / 256), a profile's top kernels
+               offline throughput (256 x 1,024 in / 1,024 out; --quick 128 x 512 / 512), a profile's top
+               kernels at batch 64
 
 Results go to $OUT (default ./gpu_check_out): gpu_check.json (every number), gpu_check.md (the
 table for docs/benchmarks.md) and gpu_check_profile.txt, rewritten after every check so a run
@@ -1079,7 +1080,9 @@ def check_moe_kernel(device: torch.device) -> dict:
 def deepseek_shape(device: torch.device, quick: bool) -> SpeedShape:
     if device.type == "cpu":
         return SpeedShape(TINY_DEEPSEEK_MODEL, 16, 16, 4, 32, 16, 0)
-    return SpeedShape(DEEPSEEK_V2_LITE, 128, 128, 64 if quick else 128, 512, 256 if quick else 512, 0)
+    if quick:
+        return SpeedShape(DEEPSEEK_V2_LITE, 128, 128, 128, 512, 512, 0)
+    return SpeedShape(DEEPSEEK_V2_LITE, 128, 128, 256, 1024, 1024, 0)  # the 8B shape's workload
 
 
 def part_deepseek(report: Report, device: torch.device, args) -> None:
