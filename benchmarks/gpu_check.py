@@ -28,6 +28,8 @@ Parts (--parts):
                (MLA + 64-expert MoE, ~16B, dummy weights) served with CUDA graphs: batch-1 decode,
                offline throughput (256 x 1,024 in / 1,024 out; --quick 128 x 512 / 512), a profile's top
                kernels at batch 64
+  attention    decode attention of the 8B layer shape in one pass vs split keys + merge, by batch size
+               and context (graph-replayed kernel time), and where one pass stops paying
 
 Results go to $OUT (default ./gpu_check_out): gpu_check.json (every number), gpu_check.md (the
 table for docs/benchmarks.md) and gpu_check_profile.txt, rewritten after every check so a run
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -1180,6 +1183,95 @@ def deepseek_markdown(d: dict) -> list[str]:
     return lines
 
 
+# ---- part f: decode attention in one pass vs split keys ----------------------------------------
+
+def time_in_graph(fn, device: torch.device, iters: int = 20) -> float:
+    """Microseconds per call of a launch-bound op as a decode step's graph replays it: `iters`
+    calls captured in one CUDA graph (eager timing would measure Triton's Python launch path)."""
+    if device.type != "cuda":
+        return time_call(fn, device, 2)
+    fn()
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return begin.elapsed_time(end) / (3 * iters) * 1000
+
+
+@torch.inference_mode()
+def check_decode_single_pass(device: torch.device) -> dict:
+    """The paged kernel on decode batches of the Llama-3.1-8B layer shape (32 query heads, 8 KV
+    heads, head dim 128, bf16): split keys + merge (choose_num_splits) against one pass, per batch
+    size and context length, timed as graphs replay them; both must agree. Says up to which
+    context one pass is faster, next to the threshold the backend uses (SINGLE_PASS_MAX_KEYS)."""
+    from lmserve.attention import triton_paged
+    from lmserve.attention.triton_backend import SINGLE_PASS_MAX_KEYS, choose_num_splits
+
+    cuda = device.type == "cuda"
+    hq, hkv, d, page = (32, 8, 128, 16) if cuda else (4, 2, 16, 4)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
+    batches, contexts = ((1, 8, 32), (128, 256, 384, 512, 768, 1024, 2048)) if cuda else ((1, 2), (16, 64))
+    g = torch.Generator().manual_seed(5)
+    blocks = max(batches) * (-(-max(contexts) // page)) + 1
+    k_cache = torch.randn(blocks, page, hkv, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(blocks, page, hkv, d, generator=g).to(device, dtype)
+    results, problems = {}, []
+    for b in batches:
+        splits = choose_num_splits(b, hkv, sms)
+        rows = {}
+        for ctx in contexts:
+            per_seq = -(-ctx // page)
+            tables = torch.arange(b * per_seq, device=device).view(b, per_seq)
+            seq_lens = torch.full((b,), ctx, device=device)
+            query_start = torch.arange(b + 1, device=device)
+            tiles = (torch.arange(b, device=device), torch.zeros(b, dtype=torch.int64, device=device))
+            q = torch.randn(b, hq, d, generator=g).to(device, dtype)
+            acc, scalars = triton_paged.split_buffer_sizes(b, hq, d, splits)
+            buffers = tuple(torch.empty(n, dtype=torch.float32, device=device) for n in (acc, scalars, scalars))
+            run = {s: functools.partial(triton_paged.paged_attention, q, k_cache, v_cache, torch.empty_like(q),
+                                        tables, seq_lens, query_start, *tiles, 1, d ** -0.5, None, None, s,
+                                        buffers if s > 1 else None) for s in (1, splits)}
+            timed = {s: time_in_graph(run[s], device) for s in run}
+            one, split = run[1]().float(), run[splits]().float()
+            if not torch.allclose(one, split, atol=2e-2, rtol=2e-2):
+                problems.append(f"batch {b}, context {ctx}: one pass differs from {splits} splits by "
+                                f"{float((one - split).abs().max()):.3g}")
+            rows[ctx] = {"splits": splits, "split_us": round(timed[splits], 2), "one_pass_us": round(timed[1], 2)}
+        faster = [c for c, r in rows.items() if r["one_pass_us"] <= r["split_us"]]
+        results[b] = {"contexts": rows, "one_pass_faster_up_to": max(faster) if faster else 0}
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    detail = "; ".join(
+        f"batch {b} ({r['contexts'][contexts[0]]['splits']} splits): "
+        + ", ".join(f"{c}: {x['split_us']:.1f}/{x['one_pass_us']:.1f} us" for c, x in r["contexts"].items())
+        for b, r in results.items())
+    return {"numbers": {"single_pass_max_keys": SINGLE_PASS_MAX_KEYS, "batches": results},
+            "detail": f"split+merge/one-pass us per layer by context, {detail}; the backend's one-pass limit "
+                      f"{SINGLE_PASS_MAX_KEYS} tokens"}
+
+
+def part_attention(report: Report, device: torch.device) -> None:
+    name = "attention: decode one pass vs split keys"
+    why_not = deepseek_kernels_unavailable(device)
+    if why_not:
+        report.skip(name, why_not)
+        return
+    result = report.check(name, lambda: check_decode_single_pass(device), needs_s=15)
+    if result:
+        report.numbers["decode_single_pass"] = result["numbers"]
+    free_device_memory(device)
+
+
 # ---- part d: the table -------------------------------------------------------------------------
 
 def markdown(report: Report) -> str:
@@ -1222,6 +1314,12 @@ def markdown(report: Report) -> str:
             lines.append(f"| transformers generate batch {batch} ({w.get('transformers')}) | {v:.1f} | - | 1.0x | |")
         lines.append("")
     lines += deepseek_markdown(n.get("deepseek", {}))
+    single = n.get("decode_single_pass")
+    if single:
+        lines += ["Decode attention, 8B layer shape, bf16: one pass (no split keys, no merge) is as fast or faster "
+                  "up to " + ", ".join(f"{r['one_pass_faster_up_to']} tokens at batch {b}"
+                                       for b, r in single["batches"].items())
+                  + f" (the backend takes one pass up to {single['single_pass_max_keys']}).", ""]
     counts = n.get("correctness")
     if counts:
         lines.append(f"Correctness: {counts['PASS']} checks passed, {counts['FAIL']} failed, {counts['SKIP']} skipped.")
@@ -1233,7 +1331,7 @@ def markdown(report: Report) -> str:
 
 # ---- main ---------------------------------------------------------------------------------------
 
-PARTS = ("env", "engine", "correctness", "speed", "deepseek")
+PARTS = ("env", "engine", "correctness", "speed", "deepseek", "attention")
 
 
 def run_parts_isolated(report: Report, args, parts: list[str]) -> None:
@@ -1292,14 +1390,16 @@ def run_parts(report: Report, args, device: torch.device, parts: list[str]) -> N
         part_speed(report, device, args)
     if "deepseek" in parts:
         part_deepseek(report, device, args)
+    if "attention" in parts:
+        part_attention(report, device)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (the device check) or cpu (smoke mode)")
     ap.add_argument("--quick", action="store_true", help="fewer offline requests, shorter transformers runs")
-    ap.add_argument("--parts", default="env,engine,correctness,speed,deepseek",
-                    help="comma-separated: env,engine,correctness,speed,deepseek")
+    ap.add_argument("--parts", default="env,engine,correctness,speed,deepseek,attention",
+                    help="comma-separated: env,engine,correctness,speed,deepseek,attention")
     ap.add_argument("--families", default=None, help="comma-separated family names (default: all)")
     ap.add_argument("--backends", default=None,
                     help="attention backends to prove (default: triton,reference on CUDA, reference on CPU; "

@@ -15,6 +15,7 @@ as every other family's prefill), both as the reference backend computes them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,13 @@ if TYPE_CHECKING:
     from lmserve.engine.batch import ModelInput
 
 MAX_SPLITS = 16
+# A decode batch whose every sequence has at most this many cached tokens runs in one pass (no
+# split keys, no merge launch): each program then walks at most 8 tiles of 64 keys, about what
+# the split kernel plus the merge kernel cost in launch latency at batch 1 (the H200 profile:
+# 5.9 + 2.1 us per layer at a 128 to 384-token context). MLA keeps its splits: its kernel runs
+# one program per sequence (not one per KV head), so one pass would serialize 8x more work.
+# LMSERVE_DECODE_SINGLE_PASS_KEYS overrides it (0: always split), to compare on a GPU.
+SINGLE_PASS_MAX_KEYS = 512
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -98,6 +106,8 @@ class TritonPagedBackend:
         # sequence: its head blocks, 1 for V2-Lite's 16 heads).
         self.num_kv_heads = max(s.num_kv_heads if isinstance(s, KVCacheSpec) else 1 for s in kv_specs)
         self.mla = any(isinstance(s, MLAKVCacheSpec) for s in kv_specs)
+        override = os.environ.get("LMSERVE_DECODE_SINGLE_PASS_KEYS")
+        self.single_pass_max_keys = int(override) if override else 0 if self.mla else SINGLE_PASS_MAX_KEYS
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.num_sms = num_sms
@@ -118,7 +128,7 @@ class TritonPagedBackend:
         meta = TritonAttentionMetadata(self, slot_mapping, table_flat.view(n, width), lens, query_start,
                                        list(batch.query_lens), row, decode_only, num_decodes=batch.num_decodes)
         if decode_only:
-            meta.num_splits = choose_num_splits(n, self.num_kv_heads, self.num_sms)
+            meta.num_splits = self.decode_splits(n, max(seq_lens))
         elif self.mla:
             meta.mla_prefill = self._mla_prefill(batch, block_size)
         return meta
@@ -139,6 +149,14 @@ class TritonPagedBackend:
                                                          seq_lens, starts)
         return MLAPrefill(pages, local.view(len(tables), width), lens, query_start, list(batch.query_lens[nd:]),
                           self.device)
+
+    def decode_splits(self, num_seqs: int, longest: int) -> int:
+        """Key splits of a decode-only batch whose longest sequence has `longest` cached tokens
+        (this step's included): one pass when that fits, else choose_num_splits (a function of
+        the batch size alone, so a CUDA graph captured for it serves any longer context)."""
+        if longest <= self.single_pass_max_keys:
+            return 1
+        return choose_num_splits(num_seqs, self.num_kv_heads, self.num_sms)
 
     def allocate_split_buffers(self, meta: TritonAttentionMetadata, q_heads: int, head_dim: int) -> None:
         acc, scalars = split_buffer_sizes(meta.num_tokens, q_heads, head_dim, meta.num_splits)
