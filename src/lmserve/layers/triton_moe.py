@@ -4,9 +4,9 @@ The eager path runs a matmul pair per expert that got tokens, after reading the 
 the host: a device sync and up to 2E small launches per MoE layer. Here (vLLM's fused_moe is the
 model) a layer's routed experts are one launch per projection:
 
-- align_by_expert: the (token, slot) pairs are sorted by expert and each expert's run is padded
-  to a multiple of BLOCK_M, all with device ops (no host sync, so a decode step can be captured
-  in a CUDA graph): sorted_pairs lists the pairs expert by expert (padding = an invalid pair),
+- align_by_expert: the (token, slot) pairs are grouped by expert and each expert's run is
+  padded to a multiple of BLOCK_M, all with device ops (no host sync, so a decode step can be
+  captured in a CUDA graph): sorted_pairs lists the pairs expert by expert (padding = an invalid pair),
   block_experts names the expert of every BLOCK_M rows, and num_rows the padded total. Buffers
   are sized by a bound that needs no data (every expert that got pairs pads at most BLOCK_M - 1).
 - _grouped_gemm_kernel: a program owns BLOCK_M sorted rows (one expert) and BLOCK_N output
@@ -81,22 +81,26 @@ def _grouped_gemm_kernel(
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_pairs [R], block_experts [R / block_m], num_rows [1]) for topk_ids [T, k]: pair
     p = t * k + slot, grouped by expert (stable, so a token's pairs keep their order), each
-    expert's run padded with the invalid pair T * k to a multiple of block_m. Device ops only."""
+    expert's run padded with the invalid pair T * k to a multiple of block_m.
+
+    Only elementwise ops, sums, cumsums and scatters (no sort, no bincount, no search): none of
+    them syncs with the host or has a data-dependent size, so a CUDA graph captures them. A pair's
+    place in its expert's run is the count of earlier pairs routed there (a cumsum over the
+    [pairs, experts] one-hot: 3 MB for 2,048 tokens x top-6 of 64 experts)."""
     flat = topk_ids.reshape(-1)
     n = flat.numel()
     dev = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int64))  # bincount would sync on its max
+    onehot = (flat[:, None] == torch.arange(num_experts, device=dev)).to(torch.int32)  # [n, E]
+    counts = onehot.sum(0, dtype=torch.int64)
+    earlier = (onehot.cumsum(0, dtype=torch.int32) - onehot).gather(1, flat[:, None]).squeeze(1)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
-    order = flat.argsort(stable=True)
-    by_expert = flat[order]
-    rank = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[by_expert]
     capacity = triton.cdiv(n + min(n, num_experts) * (block_m - 1), block_m) * block_m
     sorted_pairs = torch.full((capacity,), n, dtype=torch.int64, device=dev)
-    sorted_pairs.scatter_(0, (padded_end - padded)[by_expert] + rank, order)
+    sorted_pairs.scatter_(0, (padded_end - padded)[flat] + earlier, torch.arange(n, device=dev))
     starts = torch.arange(0, capacity, block_m, device=dev)
-    block_experts = torch.searchsorted(padded_end, starts, right=True).clamp_(max=num_experts - 1)
+    # A block's expert: how many experts' padded runs end at or before its first row.
+    block_experts = (padded_end[None, :] <= starts[:, None]).sum(1).clamp_(max=num_experts - 1)
     return sorted_pairs, block_experts, padded_end[-1:]
 
 
