@@ -427,6 +427,9 @@ def _float32_greedy(spec: FamilySpec, state: dict, device: torch.device, options
     engine = family_engine(state["source"], spec, device, "float32", **options)
     ours = serve_waves(engine)
     preempted = engine.scheduler.num_preemptions
+    # What served it: the MLA and MoE families name their kernels' path here.
+    served_by = (f"{type(engine.runner.attention_backend).__name__}, "
+                 f"graphs {'on' if getattr(engine.runner, 'graphs', None) is not None else 'off'}")
     del engine
     problems = compare_tokens("lmserve on CPU", ours.tokens, state["cpu"].tokens)
     worst_hf = worst_cpu = 0.0
@@ -445,7 +448,8 @@ def _float32_greedy(spec: FamilySpec, state: dict, device: torch.device, options
         raise CheckFailed("; ".join(problems))
     return (f"{len(PROMPTS)} prompts x {STEPS} steps: tokens == transformers == lmserve-CPU; "
             f"max |dlogit| vs transformers {worst_hf:.1e}, vs CPU {worst_cpu:.1e}; "
-            f"prefix hit {ours.cached_tokens} tokens" + (f"; {preempted} preemptions" if preempted else ""))
+            f"prefix hit {ours.cached_tokens} tokens" + (f"; {preempted} preemptions" if preempted else "")
+            + f"; {served_by}")
 
 
 def _sampled(engine: LLMEngine) -> tuple[list[list[int]], list[torch.Tensor], int]:
@@ -753,7 +757,7 @@ def speed_of_engine(report: Report, device: torch.device, shape: SpeedShape, con
 
     def throughput():
         budget = min(throughput_budget_s, max(report.time_left() - 30, 10))
-        r = offline_throughput(state["engine"], shape, vocab, budget)
+        r = offline_throughput(engine, shape, vocab, budget)
         numbers[f"{key}_offline"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
         line = (f"offline {r['output_tok_s']:.0f} output tok/s, {r['requests_done']}/{shape.requests} requests "
                 f"in {r['total_s']:.1f}s" + (" (cut at the time budget: partial)" if r["partial"] else ""))
