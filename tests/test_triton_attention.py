@@ -125,14 +125,13 @@ def test_splits_fill_the_multiprocessors_only_for_small_batches():
     assert choose_num_splits(256, 8, 132) == 1
 
 
-def test_selector_keeps_the_reference_for_mla_and_plain_cpu():
+def test_selector_keeps_the_reference_for_plain_cpu():
     from lmserve.attention.spec import KVCacheSpec, MLAKVCacheSpec
 
     cpu = torch.device("cpu")
     assert isinstance(get_attention_backend(cpu, [KVCacheSpec(2, 16)]), CpuSdpaBackend)
+    assert isinstance(get_attention_backend(cpu, [MLAKVCacheSpec(16, 8)]), CpuSdpaBackend)
     assert isinstance(get_attention_backend(cpu, [KVCacheSpec(2, 16)], "triton"), TritonPagedBackend)
-    with pytest.raises(ValueError, match="MLA"):
-        get_attention_backend(cpu, [MLAKVCacheSpec(16, 8)], "triton")
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         get_attention_backend(cpu, [KVCacheSpec(2, 16)], "flash")
 

@@ -186,7 +186,10 @@ def test_layers_dispatch_to_the_kernels(monkeypatch):
     monkeypatch.setattr(fused, "use_fused", lambda x: True)
     got = run()
     assert {"rms_norm", "gated_act", "rotary"} <= set(calls)
-    for ref, out in zip(reference, got):
+    # The experts run as grouped GEMMs (layers/triton_moe.py): float32 accumulation and the
+    # routing weight on the unrounded product, so near-zero outputs may differ by more ulps.
+    torch.testing.assert_close(got[0], reference[0], atol=2e-3, rtol=2e-3)
+    for ref, out in zip(reference[1:], got[1:]):
         apart = ulps_apart(ref, out)
         assert apart.max() <= 2
 

@@ -29,6 +29,11 @@ class Attention(nn.Module):
     def kv_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.num_kv_heads, self.head_dim, self.sliding_window)
 
+    @property
+    def partial_width(self) -> int:
+        """Values per head in a decode split's partial output (the split-key buffers' row)."""
+        return self.head_dim
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]."""
         return meta.backend.forward(self, q, k, v, kv_cache, meta)
@@ -52,6 +57,11 @@ class MLAAttention(Attention):
         super().__init__(num_heads, 1, qk_nope_dim + rope_dim, scale)
         self.qk_nope_dim, self.rope_dim, self.v_head_dim = qk_nope_dim, rope_dim, v_head_dim
         self.kv_lora_rank = kv_lora_rank
+
+    @property
+    def partial_width(self) -> int:
+        """Absorbed decode attends in latent space: a split's partial is a latent."""
+        return self.kv_lora_rank
 
     @property
     def kv_spec(self) -> MLAKVCacheSpec:

@@ -3,9 +3,9 @@
 - "reference": the CPU SDPA backend, correct on every device and for every layer kind; the one
   faster backends are checked against.
 - "triton": Triton kernels straight over the paged cache (attention/triton_backend.py), for
-  CUDA; plain, sliding-window and softcapped layers, not MLA. On CPU it runs only under Triton's
-  interpreter (TRITON_INTERPRET=1), which is how CI tests it.
-- "auto": triton on CUDA when Triton is installed and no layer is MLA, else the reference.
+  CUDA; plain, sliding-window, softcapped and MLA layers (attention/triton_mla.py). On CPU it
+  runs only under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests it.
+- "auto": triton on CUDA when Triton is installed, else the reference.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import torch
 
 from lmserve.attention.cpu_sdpa import CpuSdpaBackend
-from lmserve.attention.spec import KVCacheSpec
+from lmserve.attention.spec import KVCacheSpec, MLAKVCacheSpec
 
 log = logging.getLogger("lmserve.engine")
 
@@ -26,8 +26,8 @@ ATTENTION_BACKENDS = ("auto", "reference", "triton")
 
 def triton_unavailable_reason(device: torch.device, kv_specs: list) -> str | None:
     """Why the Triton backend cannot serve these layers on this device (None: it can)."""
-    if any(not isinstance(s, KVCacheSpec) for s in kv_specs):
-        return "the model has MLA layers, which the Triton kernels do not cover"
+    if any(not isinstance(s, (KVCacheSpec, MLAKVCacheSpec)) for s in kv_specs):
+        return "the model has layers whose KV cache the Triton kernels do not cover"
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -14,7 +14,9 @@ How:
   manager's, so they never touch a live sequence.
 - The attention metadata the graph captured is built from views of the buffers, with tiles and
   key splits fixed per size (attention/triton_backend.py: the grid depends on the batch's shape,
-  never on its lengths), so a replay is right for any context lengths.
+  never on its lengths), so a replay is right for any context lengths. A size whose batch splits
+  keys is captured twice, split and in one pass; the one-pass graph replays while every context
+  is short enough (TritonPagedBackend.decode_splits).
 - Prefill and mixed steps, and batches over the largest size, run eager.
 
 Without a GPU (`capture=False`: CPU under Triton's interpreter) the same padded static-buffer
@@ -53,10 +55,13 @@ def padded_size(n: int, sizes: list[int]) -> int | None:
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why this model's decode cannot be captured (None: it can)."""
+    from lmserve.layers import fused
     from lmserve.layers.moe import FusedExperts
 
-    if any(isinstance(m, FusedExperts) for m in model.modules()):
-        return "MoE layers read expert counts on the host"
+    # The fused-MoE kernels (layers/triton_moe.py) route on the device; the eager experts read
+    # expert counts on the host, which a capture cannot.
+    if any(isinstance(m, FusedExperts) for m in model.modules()) and fused._triton_ops() is None:
+        return "MoE layers read expert counts on the host (the fused Triton kernels are off)"
     return None
 
 
@@ -84,14 +89,16 @@ class DecodeGraphs:
         # a time, so they can share it.
         attn = [m for m in model.modules() if hasattr(m, "kv_spec")]
         q_heads = max(m.num_heads for m in attn)
-        head_dim = max(m.head_dim for m in attn)
+        head_dim = max(m.partial_width for m in attn)
         need = [split_buffer_sizes(n, q_heads, head_dim, self._splits(n)) for n in self.sizes]
         f32 = dict(dtype=torch.float32, device=device)
         self.split_acc = torch.empty(max(a for a, _ in need), **f32)
         self.split_max = torch.empty(max(s for _, s in need), **f32)
         self.split_sum = torch.empty(max(s for _, s in need), **f32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Keyed by (batch size, key splits): a size whose batch splits keys also has a one-pass
+        # graph, replayed while every context is short (TritonPagedBackend.decode_splits).
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.capture_seconds: float | None = None
         self.steps = 0  # decode steps served by this path
 
@@ -100,11 +107,15 @@ class DecodeGraphs:
 
         return choose_num_splits(n, self.backend.num_kv_heads, self.backend.num_sms)
 
-    def _forward(self, n: int) -> torch.Tensor:
+    def _variants(self, n: int) -> list[int]:
+        """The key splits a batch of n is captured with: its own, and one pass if that differs."""
+        splits = self._splits(n)
+        return [splits, 1] if splits > 1 and self.backend.single_pass_max_keys > 0 else [splits]
+
+    def _forward(self, n: int, splits: int) -> torch.Tensor:
         """Logits [n, vocab] of the first n rows of the static buffers."""
         from lmserve.attention.triton_backend import TritonAttentionMetadata
 
-        splits = self._splits(n)
         meta = TritonAttentionMetadata(
             self.backend, self.slots[:n], self.block_tables[:n], self.seq_lens[:n], self.query_start[:n + 1],
             [1] * n, n, decode_only=True, num_splits=splits,
@@ -121,18 +132,20 @@ class DecodeGraphs:
         started = time.perf_counter()
         pool = None
         for n in reversed(self.sizes):
-            self._forward(n)  # compiles the Triton kernels for this shape outside the capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: another engine of this process may use the device from its own thread.
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self.outputs[n] = self._forward(n)
-            pool = graph.pool()
-            self.graphs[n] = graph
+            for splits in self._variants(n):
+                self._forward(n, splits)  # compiles the Triton kernels for this shape outside the capture
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: another engine of this process may use the device from its own thread.
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self.outputs[n, splits] = self._forward(n, splits)
+                pool = graph.pool()
+                self.graphs[n, splits] = graph
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - started
-        log.info("CUDA graphs: %d decode batch sizes (1 to %d) captured in %.1fs", len(self.sizes), self.sizes[-1],
-                 self.capture_seconds)
+        log.info("CUDA graphs: %d decode batch sizes (1 to %d) captured in %.1fs (%d graphs: one-pass variants "
+                 "for contexts up to %d tokens)", len(self.sizes), self.sizes[-1], self.capture_seconds,
+                 len(self.graphs), self.backend.single_pass_max_keys)
 
     def run(self, batch: ModelInput) -> torch.Tensor | None:
         """Logits [len(batch.logit_rows), vocab] of a decode-only batch, or None when it is not
@@ -158,11 +171,12 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(lens)
         # Columns past `width` keep stale pages: a sequence reads only the pages its length covers.
         self.block_tables[:size, :width].copy_(tables.view(size, width))
-        if size in self.graphs:
-            self.graphs[size].replay()
-            logits = self.outputs[size]
+        key = (size, self.backend.decode_splits(size, max(batch.context_lens) + 1))
+        if key in self.graphs:
+            self.graphs[key].replay()
+            logits = self.outputs[key]
         else:
-            logits = self._forward(size)
+            logits = self._forward(*key)
         self.steps += 1
         rows = batch.logit_rows
         if rows == list(range(n)):

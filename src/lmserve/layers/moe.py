@@ -78,6 +78,11 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_weights, topk_ids [T, k] -> [T, H]."""
+        if fused.use_fused(x):  # CUDA: one grouped-GEMM launch per projection, no host sync
+            from lmserve.layers import triton_moe
+
+            return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
+                                            self.act_kind)
         k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1)
         # Group the (token, slot) pairs by expert: one sort, then contiguous runs per expert.
