@@ -39,6 +39,7 @@ class TPGroup:
     cpu_group: object | None = None
     # Expert parallelism: MoE layers hold whole experts per rank instead of a slice of each.
     expert_parallel: bool = False
+    backend: str = "gloo"  # the device group's
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -57,13 +58,15 @@ class TPGroup:
         """The ranks' x concatenated along `dim` on rank 0; None on the other ranks."""
         if self.size == 1:
             return x
-        x = x.contiguous()
+        device = x.device
+        # Gloo gathers host tensors only (it all-reduces CUDA tensors, but not this).
+        x = (x.cpu() if self.backend == "gloo" else x).contiguous()
         options = dist.GatherOptions()
         options.rootRank = 0
         if self.rank == 0:
             parts = [torch.empty_like(x) for _ in range(self.size)]
             self.device_group.gather([parts], [x], options).wait()
-            return torch.cat(parts, dim=dim)
+            return torch.cat(parts, dim=dim).to(device)
         self.device_group.gather([], [x], options).wait()
         return None
 
@@ -146,7 +149,7 @@ def join(store, rank: int, size: int, backend: str, device: torch.device, expert
         device_group.allreduce([torch.zeros(1, device=device)]).wait()
     else:
         device_group = dist.ProcessGroupGloo(dist.PrefixStore("device/", store), rank, size, timeout)
-    return TPGroup(rank, size, device_group, cpu_group, expert_parallel)
+    return TPGroup(rank, size, device_group, cpu_group, expert_parallel, backend)
 
 
 def shard_range(total: int, rank: int, size: int) -> tuple[int, int]:

@@ -193,7 +193,9 @@ class LLMEngine:
                               use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
                               max_model_len=self.max_model_len)
         tp = cfg.tensor_parallel_size
-        if tp == 1 and cfg.nnodes == 1:
+        # An explicit backend at one rank still goes through the executor (a device check of the
+        # NCCL setup on a one-GPU host).
+        if tp == 1 and cfg.nnodes == 1 and cfg.distributed_backend is None:
             weights, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
                                                    cfg.quantization, cfg.quantized_max_rows, cfg.load_format)
             return LocalExecutor(weights, self.model_config, self.dtype, self.device, runner_options)
