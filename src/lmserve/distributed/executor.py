@@ -13,8 +13,7 @@ Failure and lifetime:
   the executor turns dead and every step raises `WorkerDiedError`, which stops the engine: the
   server's /health/live answers 503 and requests in flight fail with a 5xx, nothing hangs.
 - Workers die with their parent: each holds the read end of a pipe whose write end only the
-  parent holds, and exits when it reads end-of-file (the parent exited, however it exited);
-  PR_SET_PDEATHSIG adds a SIGKILL where the kernel offers it.
+  parent holds, and exits when it reads end-of-file (the parent exited, however it exited).
 - `shutdown()` (also at exit and on garbage collection) tells the workers to stop, joins them,
   and kills any that do not stop in time.
 
@@ -26,12 +25,10 @@ and returns when they exit (when node 0 shuts down or dies).
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import logging
 import os
 import pickle
-import signal
 import socket
 import threading
 import time
@@ -49,7 +46,6 @@ log = logging.getLogger("lmserve.engine")
 
 _CONFIG_KEY = "lmserve/worker_config"
 _STOP = ("stop",)
-_PR_SET_PDEATHSIG = 1
 
 
 class WorkerDiedError(RuntimeError):
@@ -142,11 +138,9 @@ class Worker:
 
 
 def _die_with_parent(death_pipe) -> None:
-    """Exit as soon as the parent is gone: its end of the pipe closes, our read sees EOF."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux/glibc: the pipe alone does it
-        pass
+    """Exit as soon as the parent is gone: its end of the pipe closes (however it died, SIGKILL
+    included), our read sees EOF. Not PR_SET_PDEATHSIG: it fires when the parent *thread* that
+    spawned us exits, and the server loads models (so spawns workers) on a thread that ends."""
 
     def watch():
         try:
