@@ -124,6 +124,16 @@ class Worker:
         per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
         return self.group.min_over_ranks(kv_cache_blocks(budget, per_block, utilization))
 
+    def all_reduce_probe(self, repeats: int, shape: tuple[int, ...]) -> None:
+        """`repeats` all-reduces of a tensor of `shape` (benchmarks/bench_tensor_parallel.py
+        times the collectives alone through this)."""
+        x = torch.ones(shape, dtype=self.dtype, device=self.device)
+        for _ in range(repeats):
+            self.group.all_reduce(x)
+
+    def noop(self) -> None:
+        """Nothing: timing it times one command's broadcast."""
+
     def serve(self) -> None:
         """Run rank 0's commands until it says stop (or its end of the group goes away)."""
         while True:
@@ -299,6 +309,10 @@ class MultiprocExecutor:
 
     def execute(self, batch) -> torch.Tensor:
         return self._run_all("execute", batch)
+
+    def run_all(self, name: str, *args):
+        """Every rank runs Worker.<name>(*args) (the probes of benchmarks); rank 0's result."""
+        return self._run_all(name, *args)
 
     def profile(self, batch, num_blocks: int, block_size: int, utilization: float) -> None:
         """Start the workers' share of a memory profile (rank 0 profiles itself, then

@@ -29,6 +29,9 @@ BACKENDS = ("gloo", "nccl")
 # A collective whose peer does not answer for this long fails instead of hanging the engine
 # (a dead peer's closed connection fails it at once; this bounds a peer that hangs).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# Bytes of pickled metadata that go in a broadcast's first (fixed-size) buffer: a decode step of
+# a few dozen sequences fits, so a step costs one broadcast round trip.
+_INLINE_BYTES = 16 << 10
 
 
 @dataclass
@@ -73,21 +76,31 @@ class TPGroup:
     # ---- plain data (the CPU group) --------------------------------------------------------
 
     def broadcast_object(self, obj=None):
-        """Rank 0's `obj` on every rank (pickled through the gloo CPU group: a length, then the
-        bytes)."""
-        if self.rank == 0:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
-                                       dtype=torch.uint8)
-            length = torch.tensor([payload.numel()], dtype=torch.int64)
-        else:
-            length = torch.zeros(1, dtype=torch.int64)
+        """Rank 0's `obj` on every rank, pickled through the gloo CPU group: one broadcast of a
+        fixed-size buffer (an 8-byte length, then the bytes) carries a typical step; a larger
+        payload sends its remainder in a second one."""
         options = dist.BroadcastOptions()
         options.rootRank = 0
-        self.cpu_group.broadcast([length], options).wait()
-        if self.rank != 0:
-            payload = torch.empty(int(length), dtype=torch.uint8)
-        self.cpu_group.broadcast([payload], options).wait()
-        return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
+        head = torch.zeros(_INLINE_BYTES, dtype=torch.uint8)
+        if self.rank == 0:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+            inline = min(len(data), _INLINE_BYTES - 8)
+            if inline:
+                head[8:8 + inline] = torch.frombuffer(bytearray(data[:inline]), dtype=torch.uint8)
+        self.cpu_group.broadcast([head], options).wait()
+        length = int.from_bytes(head[:8].numpy().tobytes(), "little")
+        rest = length - (_INLINE_BYTES - 8)
+        if rest > 0:
+            tail = torch.frombuffer(bytearray(data[_INLINE_BYTES - 8:]), dtype=torch.uint8) if self.rank == 0 \
+                else torch.empty(rest, dtype=torch.uint8)
+            self.cpu_group.broadcast([tail], options).wait()
+        if self.rank == 0:
+            return obj
+        payload = head[8:8 + length].numpy().tobytes()
+        if rest > 0:
+            payload += tail.numpy().tobytes()
+        return pickle.loads(payload)
 
     def min_over_ranks(self, value: int) -> int:
         """The smallest of every rank's `value` (the KV cache is sized by the tightest rank)."""
