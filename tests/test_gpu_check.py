@@ -40,3 +40,16 @@ def test_gpu_check_smoke_mode_passes_end_to_end(tmp_path):
     assert speed["transformers_b1_tok_s"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| lmserve batch-1 decode" in table and "Correctness: 8 checks passed, 0 failed" in table
+
+
+def test_gpu_check_tp_part_smoke(tmp_path):
+    """The `tp` part on CPU: gloo at two ranks against one rank, through the same code the device
+    runs (where it adds NCCL at one rank and gloo over CUDA tensors)."""
+    env = {**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--parts", "tp",
+                           "--deadline-s", "600"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    assert statuses == {"tp: one-rank reference": "PASS", "tp: tp=2 gloo": "PASS"}, report["checks"]
+    assert report["numbers"]["tp"]["tp=2 gloo"]["seconds"] > 0

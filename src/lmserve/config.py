@@ -159,6 +159,13 @@ class EngineOptions(_Section):
     load_format: LoadFormat | None = None  # dummy: random weights from config.json (benchmarks)
     cuda_graphs: bool | None = None  # CUDA: decode steps replay graphs captured at start (default on)
     attention_backend: AttentionBackend | None = None  # auto: Triton kernels on CUDA, else the reference
+    # Tensor parallelism over this many ranks (docs/tensor_parallel.md); MoE experts whole per
+    # rank with enable_expert_parallel; nccl (CUDA) or gloo (CPU) by default.
+    tensor_parallel_size: Positive | None = None
+    enable_expert_parallel: bool | None = None
+    distributed_backend: Literal["nccl", "gloo"] | None = None
+    nnodes: Positive | None = None  # the ranks spread over this many nodes; this one is node 0
+    dist_init_addr: Annotated[str, Field(pattern=r"^[^\s:]+:\d+$")] | None = None  # node 0's HOST:PORT
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments for LLMEngine: only what was set."""
@@ -268,7 +275,11 @@ _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "compile": ("engine", "compile"),
                 "gpu_memory_utilization": ("engine", "gpu_memory_utilization"),
                 "cuda_graphs": ("engine", "cuda_graphs"),
-                "attention_backend": ("engine", "attention_backend")}
+                "attention_backend": ("engine", "attention_backend"),
+                "tensor_parallel_size": ("engine", "tensor_parallel_size"),
+                "enable_expert_parallel": ("engine", "enable_expert_parallel"),
+                "distributed_backend": ("engine", "distributed_backend"),
+                "nnodes": ("engine", "nnodes"), "dist_init_addr": ("engine", "dist_init_addr")}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 

@@ -18,6 +18,17 @@ class LLM:
         self.engine = LLMEngine(model, dtype, **engine_options)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel workers now (otherwise they stop when this object is
+        garbage-collected or the process exits). A no-op for a one-process engine."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

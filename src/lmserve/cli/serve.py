@@ -112,6 +112,21 @@ def register(sub) -> None:
                         help="attention kernels: auto (Triton over the paged cache on a GPU, else the reference), "
                              "reference (PyTorch SDPA, any device) or triton")
 
+    parallel = serve.add_argument_group("parallelism (docs/tensor_parallel.md)")
+    parallel.add_argument("--tensor-parallel-size", "-tp", type=_positive, metavar="N",
+                          help="split the model's layers over N ranks (GPUs, or CPU processes); default 1")
+    parallel.add_argument("--enable-expert-parallel", action="store_true", default=None,
+                          help="MoE models: whole experts per rank instead of a slice of every expert")
+    parallel.add_argument("--distributed-backend", choices=("nccl", "gloo"),
+                          help="collectives: nccl (default on GPUs) or gloo (default on CPU)")
+    parallel.add_argument("--nnodes", type=_positive, metavar="K",
+                          help="the ranks spread over K nodes (tensor-parallel size / K each); default 1")
+    parallel.add_argument("--node-rank", type=int, default=0, metavar="R",
+                          help="this node's number: 0 serves HTTP; the others only run their ranks and exit "
+                               "when node 0 does")
+    parallel.add_argument("--dist-init-addr", metavar="HOST:PORT",
+                          help="with --nnodes: node 0's address for the rendezvous (node 0 listens on it)")
+
     logs = serve.add_argument_group("logging")
     logs.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     logs.add_argument("--log-format", choices=["text", "json"], help="text (colour on a terminal) or json lines")
@@ -121,6 +136,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmserve.config import ConfigError, load_config
 
+    if args.node_rank:
+        return _run_worker_node(args)
     try:
         config = load_config(
             args.config, args.model, args.host, args.port, api_keys=args.api_keys, cors_origins=args.cors_origins,
@@ -129,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
             quantized_max_rows=args.quantized_max_rows, compile=args.compile,
             gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
-            attention_backend=args.attention_backend,
+            attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+            enable_expert_parallel=args.enable_expert_parallel, distributed_backend=args.distributed_backend,
+            nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
             log_level=args.log_level, log_format=args.log_format, threads=args.threads)
     except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)
@@ -137,3 +156,23 @@ def run(args: argparse.Namespace) -> int:
     from lmserve.server.serve import serve
 
     return serve(config)
+
+
+def _run_worker_node(args: argparse.Namespace) -> int:
+    """A node other than 0: no HTTP, no model flags; its ranks take everything from node 0."""
+    import logging
+
+    from lmserve.distributed.executor import run_node_workers
+
+    if not args.nnodes or args.nnodes < 2 or not args.dist_init_addr:
+        print("lmserve serve: --node-rank needs --nnodes (at least 2) and --dist-init-addr HOST:PORT",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return run_node_workers(args.node_rank, args.dist_init_addr, args.nnodes)
+    except (ValueError, RuntimeError) as e:
+        print(f"lmserve serve: node {args.node_rank}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -82,6 +82,7 @@ class AsyncEngine:
         self._stopped = True
         self._commands.put(("stop",))
         self._thread.join(timeout=10)
+        self.engine.shutdown()  # its tensor-parallel workers, once no step runs any more
 
     # ---- the engine thread ----------------------------------------------------------------
 
@@ -124,6 +125,8 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as e:
+                    if not self.engine.alive:
+                        raise  # a tensor-parallel worker died: no later step can run either
                     # A failed step fails the requests in flight, not the server: they get the
                     # error, their blocks are freed, and the loop goes on with new requests.
                     log.exception("engine step failed; failing the requests in flight")

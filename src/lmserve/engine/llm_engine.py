@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.device import choose_device, choose_dtype
+from lmserve.distributed.executor import LocalExecutor, MultiprocExecutor, WorkerConfig
+from lmserve.distributed.group import BACKENDS, default_backend
 from lmserve.engine.batch import ModelInput, build_model_input
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.capacity import cache_blocks
@@ -80,6 +82,16 @@ class EngineConfig:
     # CUDA: decode steps replay graphs captured at start for a ladder of batch sizes
     # (engine/cuda_graphs.py); off: every step eager.
     cuda_graphs: bool = True
+    # Tensor parallelism: the model's layers split over this many ranks (processes), rank 0 in
+    # this process (distributed/executor.py). Expert parallelism gives MoE layers whole experts
+    # per rank instead of a slice of each. Backend: nccl on CUDA, gloo on CPU by default.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_backend: str | None = None
+    # Multi-node: the ranks spread over nnodes nodes; this engine is node 0, hosting the
+    # rendezvous at dist_init_addr (HOST:PORT) that the other nodes' `lmserve serve` join.
+    nnodes: int = 1
+    dist_init_addr: str | None = None
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -99,12 +111,30 @@ def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantiz
         model = load_model(ckpt, config, dtype, device, quantization, quantized_max_rows, load_format)
         _SHARED_WEIGHTS[key] = model
         log.info("weights of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
-    tok_key = key[:2]
-    if tok_key not in _SHARED_TOKENIZERS:
+    return model, _load_shared_tokenizer(ckpt)
+
+
+def _load_shared_tokenizer(ckpt):
+    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns)
+    if key not in _SHARED_TOKENIZERS:
         started = time.perf_counter()
-        _SHARED_TOKENIZERS[tok_key] = load_tokenizer(ckpt)
+        _SHARED_TOKENIZERS[key] = load_tokenizer(ckpt)
         log.info("tokenizer of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
-    return model, _SHARED_TOKENIZERS[tok_key]
+    return _SHARED_TOKENIZERS[key]
+
+
+def check_parallel_options(tp: int, nnodes: int, dist_init_addr: str | None, backend: str,
+                           device: torch.device) -> None:
+    if tp < 1 or nnodes < 1:
+        raise ValueError(f"tensor_parallel_size and nnodes must be at least 1, got {tp} and {nnodes}")
+    if tp % nnodes:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide over {nnodes} nodes")
+    if nnodes > 1 and not dist_init_addr:
+        raise ValueError("a multi-node engine needs dist_init_addr (HOST:PORT of node 0's rendezvous)")
+    if backend not in BACKENDS:
+        raise ValueError(f"distributed_backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("distributed_backend nccl needs CUDA devices; use gloo on CPU")
 
 
 class LLMEngine:
@@ -122,19 +152,19 @@ class LLMEngine:
         self.dtype = choose_dtype(dtype, self.device)
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = read_config(self.checkpoint)
-        started = time.perf_counter()
-        self.model, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
-                                                 cfg.quantization, cfg.quantized_max_rows, cfg.load_format)
-        log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
-
         self.max_model_len = min(cfg.max_model_len or self.model_config.context_length,
                                  self.model_config.context_length)
-        num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
         started = time.perf_counter()
-        self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device,
-                                  compile_decode=cfg.compile, attention_backend=cfg.attention_backend,
-                                  use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
-                                  max_model_len=self.max_model_len)
+        self.executor = self._build_executor(model)
+        self.model = self.executor.model  # rank 0's shard under tensor parallelism
+        log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
+        try:
+            num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+            started = time.perf_counter()
+            self.executor.init_cache(num_blocks, cfg.block_size)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         log.info("KV cache: %d blocks of %d tokens allocated in %.1fs", num_blocks, cfg.block_size,
                  time.perf_counter() - started)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -155,6 +185,47 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
         self._grammar_lock = threading.Lock()
+
+    def _build_executor(self, model: str):
+        """The model on this process (one rank), or split over tensor-parallel ranks."""
+        cfg = self.engine_config
+        runner_options = dict(compile_decode=cfg.compile, attention_backend=cfg.attention_backend,
+                              use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
+                              max_model_len=self.max_model_len)
+        tp = cfg.tensor_parallel_size
+        # An explicit backend at one rank still goes through the executor (a device check of the
+        # NCCL setup on a one-GPU host).
+        if tp == 1 and cfg.nnodes == 1 and cfg.distributed_backend is None:
+            weights, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
+                                                   cfg.quantization, cfg.quantized_max_rows, cfg.load_format)
+            return LocalExecutor(weights, self.model_config, self.dtype, self.device, runner_options)
+        if self.device.type == "cuda" and (cfg.cuda_graphs or cfg.compile):
+            # Graph capture and compiled decode would have to capture the collectives too.
+            log.warning("CUDA graphs and compiled decode are off under tensor parallelism; decode runs eager")
+        runner_options.update(use_cuda_graphs=False, compile_decode=False)
+        backend = cfg.distributed_backend or default_backend(self.device)
+        check_parallel_options(tp, cfg.nnodes, cfg.dist_init_addr, backend, self.device)
+        threads = max(torch.get_num_threads() // tp, 1) if self.device.type == "cpu" else None
+        config = WorkerConfig(str(self.checkpoint.path), str(self.dtype).removeprefix("torch."), self.device.type,
+                              tp, backend, cfg.enable_expert_parallel, cfg.quantization, cfg.quantized_max_rows,
+                              cfg.load_format, cfg.nnodes, threads, runner_options)
+        executor = MultiprocExecutor(config, dist_init_addr=cfg.dist_init_addr)
+        self.tokenizer = _load_shared_tokenizer(self.checkpoint)
+        return executor
+
+    @property
+    def runner(self):
+        """Rank 0's model runner (its KV cache, its attention backend)."""
+        return self.executor.runner
+
+    @property
+    def alive(self) -> bool:
+        """False once a tensor-parallel worker died: no step can run any more."""
+        return self.executor.alive
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op for a one-process engine)."""
+        self.executor.shutdown()
 
     def grammar_backend(self) -> GrammarBackend:
         """The structured-output backend, built on first use (thread-safe: the API validates
@@ -188,7 +259,8 @@ class LLMEngine:
             log.info("memory profile in %.1fs: peak step %.2f GiB in use of %.2f GiB; KV cache gets %.2f GiB "
                      "(gpu_memory_utilization %g)", time.perf_counter() - started, in_use / GiB,
                      reading.total / GiB, budget / GiB, cfg.gpu_memory_utilization)
-            return cache_blocks(budget, per_block, cfg.gpu_memory_utilization)
+            # Under tensor parallelism every rank profiled its own device: the tightest one decides.
+            return self.executor.min_blocks(cache_blocks(budget, per_block, cfg.gpu_memory_utilization))
         budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else 1 << 30
         return cache_blocks(budget, per_block)  # the planner's arithmetic too (engine/capacity.py)
 
@@ -218,6 +290,7 @@ class LLMEngine:
         request = Request("memory-profile", [0], params, time.monotonic(), seed=0)
         seqs = [Sequence(seq_id=-1 - i, request=request, index=i, token_ids=[0], sampling_key=i, detok=None)
                 for i in range(rows)]
+        self.executor.profile(batch, num_blocks, cfg.block_size, cfg.gpu_memory_utilization)  # the other ranks' share
         logits = runner.execute(batch)
         Sampler()(logits, seqs)
         return num_blocks * ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
@@ -317,7 +390,7 @@ class LLMEngine:
                 sample_seqs.append(seq)
                 logit_ids.append(seq.seq_id)
 
-        logits = self.runner.execute(build_model_input(batch, logit_ids))
+        logits = self.executor.execute(build_model_input(batch, logit_ids))
 
         for seq in batch.decodes:
             seq.num_computed_tokens += 1

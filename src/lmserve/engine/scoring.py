@@ -25,7 +25,7 @@ def perplexity(engine, token_ids: list[int]) -> float:
         raise ValueError(f"a text of {len(token_ids)} tokens does not fit this engine's free cache or context")
     batch = ModelInput(list(token_ids), [len(token_ids)], [0], [free[:needed]], num_decodes=0,
                        logit_rows=list(range(len(token_ids) - 1)))
-    logits = engine.runner.execute(batch).float()
+    logits = engine.executor.execute(batch).float()
     targets = torch.tensor(token_ids[1:], device=logits.device).unsqueeze(1)
     nll = -torch.log_softmax(logits, dim=-1).gather(1, targets).mean()
     return math.exp(float(nll))

@@ -2,12 +2,18 @@
 
 Two seams live here, so families never deal with either:
 - Every parameter carries a `weight_loader(param, tensor, shard_id)`. A packed layer (q/k/v in
-  one matmul, gate/up in one) knows which rows each checkpoint shard fills; tensor-parallel
-  column/row splits will narrow the same way, in these loaders, without touching families.
+  one matmul, gate/up in one) knows which rows each checkpoint shard fills, and under tensor
+  parallelism which slice of them its rank keeps: families declare a layer column-parallel
+  (`ColumnParallelLinear`, `QKVParallelLinear`: output rows split over the ranks) or
+  row-parallel (`RowParallelLinear`: input columns split, outputs summed over the ranks) and
+  always hand the loader the whole checkpoint tensor; they never compute a shard.
 - How the weight is stored and multiplied is the layer's `quant_method`: it creates the
   parameters, post-processes them once loading is done, and applies them. Dense weights (with
   the oneDNN pre-packing on CPU) are the first method; int8/int4 weight-only methods plug in the
-  same way.
+  same way, on the rank's slice (quantized after narrowing, so a shard quantizes exactly as
+  that slice of the whole weight would).
+
+vocab_parallel.py holds the embedding and the LM head split over the vocabulary.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmserve.distributed.group import TPGroup, current_group, shard_range
 
 
 class LinearMethod:
@@ -114,15 +122,23 @@ class Linear(nn.Module):
     """y = x W^T + b, with W's output rows optionally packed from several checkpoint tensors.
 
     `shard_sizes` lists the output rows of each packed shard in order (q, k, v or gate, up); the
-    checkpoint tensor of shard i fills rows [sum(sizes[:i]), sum(sizes[:i+1])).
+    checkpoint tensor of shard i fills rows [sum(sizes[:i]), sum(sizes[:i+1])). This class is
+    replicated (every rank holds the whole weight); the parallel subclasses below keep a slice,
+    and then `input_size`, `output_size` and `shard_sizes` are this rank's.
     """
 
     def __init__(self, input_size: int, output_size: int | Sequence[int], bias: bool = False,
                  quant_method: LinearMethod | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        self.shard_sizes = list(output_size) if isinstance(output_size, Sequence) else None
-        self.input_size = input_size
-        self.output_size = sum(self.shard_sizes) if self.shard_sizes else int(output_size)
+        global_shards = list(output_size) if isinstance(output_size, Sequence) else [int(output_size)]
+        self.tp: TPGroup = self.parallel_group()
+        # Per output shard: (checkpoint rows, rows this rank keeps, first row it keeps).
+        self.output_partitions = self.partition_outputs(global_shards)
+        self.global_input_size = input_size
+        self.input_start, self.input_size = self.partition_input(input_size)
+        self.shard_sizes = [local for _, local, _ in self.output_partitions] \
+            if isinstance(output_size, Sequence) else None
+        self.output_size = sum(local for _, local, _ in self.output_partitions)
         self.has_bias = bias
         self.packed = None
         self.checkpoint_grids: dict | None = None  # shard id -> checkpoint int4 grid, until quantized
@@ -131,6 +147,19 @@ class Linear(nn.Module):
         for param in self.parameters(recurse=False):
             param.shard_ids = self.shard_ids  # what the loader checks a checkpoint filled
 
+    # ---- how this rank's slice is cut (the parallel subclasses override) -------------------
+
+    def parallel_group(self) -> TPGroup:
+        from lmserve.distributed.group import SINGLE
+
+        return SINGLE
+
+    def partition_outputs(self, global_shards: list[int]) -> list[tuple[int, int, int]]:
+        return [(n, n, 0) for n in global_shards]
+
+    def partition_input(self, input_size: int) -> tuple[int, int]:
+        return 0, input_size
+
     @property
     def shard_ids(self) -> list:
         """The shard ids a checkpoint must provide for each parameter ([None] when unpacked)."""
@@ -138,33 +167,120 @@ class Linear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None = None) -> None:
         grid = getattr(tensor, "int4_grid", None)
-        if grid is not None and param is self.weight:
+        if grid is not None and param is self.weight and not self.tp.is_parallel:
             # A checkpoint's own quantization grid of this shard (GGUF Q4_1): an int4 method uses
-            # its codes instead of requantizing the dense copy (layers/quantization.py).
+            # its codes instead of requantizing the dense copy (layers/quantization.py). (Sharded
+            # layers requantize their slice: the same grid, since groups never straddle ranks.)
             if self.checkpoint_grids is None:
                 self.checkpoint_grids = {}
             self.checkpoint_grids[shard_id] = grid
-        if self.shard_sizes is None:
-            return default_weight_loader(param, tensor, shard_id)
-        if shard_id is None:  # a checkpoint that already packs the shards (e.g. one qkv tensor)
-            check_shape(param.data, tensor)
-            param.data.copy_(tensor)
+        if shard_id is None and len(self.output_partitions) > 1:
+            # A checkpoint that already packs the shards (one qkv or gate_up tensor).
+            total = sum(rows for rows, _, _ in self.output_partitions)
+            if tensor.shape[0] != total:
+                raise ValueError(f"has shape {tuple(tensor.shape)}, expected {self._checkpoint_shape(param, total)}")
+            for i, part in enumerate(tensor.split([rows for rows, _, _ in self.output_partitions])):
+                self._load_shard(param, part, i)
             return
-        offset = sum(self.shard_sizes[:shard_id])
-        dest = param.data.narrow(0, offset, self.shard_sizes[shard_id])
-        check_shape(dest, tensor)
-        dest.copy_(tensor)
+        if shard_id is not None and self.shard_sizes is None:
+            raise ValueError(f"parameter of shape {tuple(param.shape)} is not packed (shard {shard_id!r})")
+        self._load_shard(param, tensor, shard_id or 0)
+
+    def _checkpoint_shape(self, param: nn.Parameter, rows: int) -> tuple[int, ...]:
+        return (rows, self.global_input_size) if param.dim() == 2 else (rows,)
+
+    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, index: int) -> None:
+        rows, local, start = self.output_partitions[index]
+        expected = self._checkpoint_shape(param, rows)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected}")
+        offset = sum(n for _, n, _ in self.output_partitions[:index])
+        if param.dim() == 2:
+            tensor = tensor.narrow(1, self.input_start, self.input_size)
+        elif self.zero_bias_here():
+            tensor = torch.zeros_like(tensor)
+        param.data.narrow(0, offset, local).copy_(tensor.narrow(0, start, local))
+
+    def zero_bias_here(self) -> bool:
+        """A row-parallel bias is added on one rank only: the outputs are summed over ranks."""
+        return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.shard_sizes or self.output_size}, bias={self.has_bias}"
+        sizes = self.shard_sizes or self.output_size
+        tp = f", tp={self.tp.rank}/{self.tp.size}" if self.tp.is_parallel else ""
+        return f"in={self.input_size}, out={sizes}, bias={self.has_bias}{tp}"
 
     def process_weights(self) -> None:
         """Let the quant method finish the loaded weight (pack, quantize)."""
         self.quant_method.process_weights_after_loading(self)
         self.checkpoint_grids = None  # consumed (or unused) once the weight is final
+
+
+class ColumnParallelLinear(Linear):
+    """Output rows split over the ranks (each packed shard split on its own, so a rank's q/k/v or
+    gate/up stay packed): the output is this rank's slice, no communication. The layers after it
+    (attention over local heads, the act(gate) * up) work on the slice."""
+
+    def parallel_group(self) -> TPGroup:
+        return current_group()
+
+    def partition_outputs(self, global_shards: list[int]) -> list[tuple[int, int, int]]:
+        parts = []
+        for rows in global_shards:
+            start, local = shard_range(rows, self.tp.rank, self.tp.size)
+            parts.append((rows, local, start))
+        return parts
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q/k/v packed, split by heads: each rank keeps num_heads / tp query heads, and its KV heads:
+    num_kv_heads / tp of them, or, with fewer KV heads than ranks, the one KV head its query
+    heads attend to (replicated over tp / num_kv_heads ranks, as in vLLM)."""
+
+    def __init__(self, input_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 quant_method: LinearMethod | None = None, dtype: torch.dtype | None = None):
+        self.head_dim, self.total_heads, self.total_kv_heads = head_dim, num_heads, num_kv_heads
+        super().__init__(input_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                         bias, quant_method, dtype)
+        self.num_heads, self.num_kv_heads = local_heads(num_heads, num_kv_heads, self.tp)
+
+    def partition_outputs(self, global_shards: list[int]) -> list[tuple[int, int, int]]:
+        heads, kv_heads = local_heads(self.total_heads, self.total_kv_heads, self.tp)
+        first_kv = self.tp.rank * self.total_kv_heads // self.tp.size
+        d = self.head_dim
+        return [(global_shards[0], heads * d, self.tp.rank * heads * d),
+                (global_shards[1], kv_heads * d, first_kv * d),
+                (global_shards[2], kv_heads * d, first_kv * d)]
+
+
+def local_heads(num_heads: int, num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
+    """(query heads, KV heads) one rank holds."""
+    if num_heads % tp.size:
+        raise ValueError(f"{num_heads} attention heads do not divide over {tp.size} tensor-parallel ranks")
+    if num_kv_heads % tp.size and tp.size % num_kv_heads:
+        raise ValueError(f"{num_kv_heads} KV heads neither divide over nor replicate onto {tp.size} "
+                         "tensor-parallel ranks")
+    return num_heads // tp.size, max(num_kv_heads // tp.size, 1)
+
+
+class RowParallelLinear(Linear):
+    """Input columns split over the ranks (its input is a column-parallel layer's slice); each
+    rank's partial product is summed over the ranks (one all-reduce), the bias added once."""
+
+    def parallel_group(self) -> TPGroup:
+        return current_group()
+
+    def partition_input(self, input_size: int) -> tuple[int, int]:
+        return shard_range(input_size, self.tp.rank, self.tp.size)
+
+    def zero_bias_here(self) -> bool:
+        return self.tp.rank > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.quant_method.apply(self, x))
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

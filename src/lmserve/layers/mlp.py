@@ -1,5 +1,7 @@
 """The gated MLP every catalog family uses: down(act(gate(x)) * up(x)).
 
+Tensor-parallel like Megatron's: gate/up column-parallel, down row-parallel (one all-reduce).
+
 On CUDA, act(gate) * up is one fused Triton kernel with PyTorch's roundings (layers/fused.py).
 """
 
@@ -10,7 +12,7 @@ from torch import nn
 
 from lmserve.layers import fused
 from lmserve.layers.activation import activation_kind, get_activation
-from lmserve.layers.linear import Linear
+from lmserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 
 
 class GatedMLP(nn.Module):
@@ -19,9 +21,10 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, activation: str = "silu", bias: bool = False,
                  down_bias: bool | None = None):
         super().__init__()
-        self.intermediate = intermediate
-        self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias=bias)
-        self.down_proj = Linear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
+        # Tensor parallelism splits the intermediate: each rank's gate/up rows, down's columns.
+        self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], bias=bias)
+        self.intermediate = self.gate_up_proj.shard_sizes[0]
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
         self.act = get_activation(activation)
         self.act_kind = activation_kind(activation)
 

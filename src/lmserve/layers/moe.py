@@ -16,6 +16,15 @@ remote code where transformers simplifies):
 - shared experts: Qwen2-MoE multiplies its one shared expert by sigmoid(shared_expert_gate(x))
   (one scalar per token), DeepSeek adds its shared experts as they are.
 
+Under tensor parallelism (the router and the shared experts' input are replicated on every rank):
+- by default every rank keeps a slice of every expert's intermediate (gate/up rows, down
+  columns), runs the routed tokens through its slices and the partial outputs are summed over
+  the ranks (one all-reduce), as vLLM's fused MoE does under TP;
+- with expert parallelism (`enable_expert_parallel`) each rank keeps num_experts / tp whole
+  experts. Every rank holds every token (attention's outputs are all-reduced), so dispatch is
+  each rank taking the (token, expert) pairs routed to its own experts, and combine is the same
+  all-reduce of the partial outputs (vLLM's EP over a TP group without data parallelism).
+
 The experts' weights are stacked ([E, 2I, H] for gate/up, [E, H, I] for down) and fill from
 the checkpoint's per-expert tensors through a weight loader per (expert, shard), so checkpoint
 names `mlp.experts.{e}.gate_proj.weight` load through the generic loading loop.
@@ -29,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.distributed.group import current_group, shard_range
 from lmserve.layers import fused
 from lmserve.layers.activation import activation_kind, get_activation
-from lmserve.layers.linear import Linear, check_shape, set_weight_loader
+from lmserve.layers.linear import Linear, set_weight_loader
 from lmserve.layers.mlp import GatedMLP
 
 # Checkpoint name of one expert's projection -> its slot in the stacked parameters.
@@ -55,12 +65,21 @@ class FusedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str = "silu"):
         super().__init__()
-        self.num_experts, self.intermediate = num_experts, intermediate
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+        self.tp = current_group()
+        self.num_experts, self.global_intermediate = num_experts, intermediate
+        if self.tp.expert_parallel:  # whole experts [first_expert, first_expert + local_experts)
+            self.first_expert, self.local_experts = shard_range(num_experts, self.tp.rank, self.tp.size)
+            self.intermediate_start, self.intermediate = 0, intermediate
+        else:  # every expert, a slice of its intermediate
+            self.first_expert, self.local_experts = 0, num_experts
+            self.intermediate_start, self.intermediate = shard_range(intermediate, self.tp.rank, self.tp.size)
+        e, i = self.local_experts, self.intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, hidden, i), requires_grad=False)
+        owned = range(self.first_expert, self.first_expert + e)
         for param, shards in ((self.gate_up_proj, (0, 1)), (self.down_proj, (None,))):
             set_weight_loader(param, self.weight_loader)
-            param.shard_ids = [(e, s) for e in range(num_experts) for s in shards]
+            param.shard_ids = [(e, s) for e in owned for s in shards]
         self.act = get_activation(activation)
         self.act_kind = activation_kind(activation)
 
@@ -70,19 +89,31 @@ class FusedExperts(nn.Module):
         expert, shard = shard_id
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"names expert {expert}, but the config has {self.num_experts} experts")
-        dest = param.data[expert]
-        if shard is not None:  # gate (0) or up (1) half of the expert's gate_up rows
+        hidden, full = self.down_proj.shape[1], self.global_intermediate
+        expected = (full, hidden) if param is self.gate_up_proj else (hidden, full)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected}")
+        local = expert - self.first_expert
+        if not 0 <= local < self.local_experts:
+            return  # another rank's expert (expert parallelism)
+        dest = param.data[local]
+        if shard is not None:  # gate (0) or up (1) half of the expert's gate_up rows: this rank's slice
             dest = dest.narrow(0, shard * self.intermediate, self.intermediate)
-        check_shape(dest, tensor)
+            tensor = tensor.narrow(0, self.intermediate_start, self.intermediate)
+        else:  # down: this rank's columns
+            tensor = tensor.narrow(1, self.intermediate_start, self.intermediate)
         dest.copy_(tensor)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; topk_weights, topk_ids [T, k] -> [T, H]."""
-        if fused.use_fused(x):  # CUDA: one grouped-GEMM launch per projection, no host sync
+        """x [T, H]; topk_weights, topk_ids [T, k] -> [T, H] (summed over the tensor-parallel ranks)."""
+        if fused.use_fused(x) and not self.tp.expert_parallel:
+            # CUDA: one grouped-GEMM launch per projection, no host sync. Under TP every rank holds
+            # every expert's slice of the intermediate, so the kernel runs as is; whole experts
+            # per rank (expert parallelism) take the dispatch below.
             from lmserve.layers import triton_moe
 
-            return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
-                                            self.act_kind)
+            return self.tp.all_reduce(triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights,
+                                                               topk_ids, self.act_kind))
         k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1)
         # Group the (token, slot) pairs by expert: one sort, then contiguous runs per expert.
@@ -90,17 +121,22 @@ class FusedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // k
         weights = topk_weights.reshape(-1)[order]
-        inputs = x.index_select(0, tokens)
         out = torch.zeros_like(x)
+        # Dispatch: this rank runs the pairs routed to its experts (all of them without EP).
+        start = sum(counts[:self.first_expert])
+        mine = counts[self.first_expert:self.first_expert + self.local_experts]
+        end = start + sum(mine)
+        tokens, weights = tokens[start:end], weights[start:end]
+        inputs = x.index_select(0, tokens)
         start = 0
-        for expert, n in enumerate(counts):
+        for local, n in enumerate(mine):
             if n == 0:
                 continue
             rows = slice(start, start + n)
             start += n
-            y = F.linear(self._gated(F.linear(inputs[rows], self.gate_up_proj[expert])), self.down_proj[expert])
+            y = F.linear(self._gated(F.linear(inputs[rows], self.gate_up_proj[local])), self.down_proj[local])
             out.index_add_(0, tokens[rows], (y * weights[rows, None]).to(out.dtype))
-        return out
+        return self.tp.all_reduce(out)  # combine
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         """act(gate) * up: one fused kernel on CUDA (layers/fused.py), PyTorch's two ops elsewhere."""
@@ -110,7 +146,8 @@ class FusedExperts(nn.Module):
         return self.act(gate) * up
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, intermediate={self.intermediate}"
+        return (f"experts={self.num_experts} (holding {self.first_expert}..{self.first_expert + self.local_experts}), "
+                f"intermediate={self.intermediate}")
 
 
 class TopKRouter(nn.Module):

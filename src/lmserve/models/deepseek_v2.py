@@ -31,11 +31,12 @@ from torch import nn
 
 from lmserve.attention import MLAAttention
 from lmserve.chat.tool_parsers.deepseek_v2 import MARKERS as TOOL_CALL_MARKERS
-from lmserve.layers.linear import Linear
+from lmserve.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from lmserve.layers.mlp import GatedMLP
 from lmserve.layers.moe import SparseMoE, deepseek_is_sparse, map_expert_name
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding, get_rope, yarn_mscale
+from lmserve.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from lmserve.models.base import CausalLM
 from lmserve.models.config import DecoderConfig
 from lmserve.models.llama import PreNormDecoderLayer
@@ -107,23 +108,25 @@ class DeepseekV2Attention(nn.Module):
     def __init__(self, config: DeepseekV2Config, rotary: RotaryEmbedding):
         super().__init__()
         c = config
-        self.num_heads = c.num_heads
         self.nope, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
         qk_head_dim = self.nope + self.rope_dim
         bias = c.qkv_bias  # `attention_bias`: q_a, kv_a and o
+        # Tensor parallelism splits the heads (q/q_b and kv_b column-parallel, o row-parallel);
+        # the latent path (q_a, kv_a) is replicated, so every rank caches the whole latent.
         if c.q_lora_rank is None:
-            self.q_proj = Linear(c.hidden_size, c.num_heads * qk_head_dim)
+            self.q_proj = ColumnParallelLinear(c.hidden_size, c.num_heads * qk_head_dim)
         else:
             self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = Linear(c.q_lora_rank, c.num_heads * qk_head_dim)
+            self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, c.num_heads * qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(c.kv_lora_rank, c.num_heads * (self.nope + self.v_dim))
-        self.o_proj = Linear(c.num_heads * self.v_dim, c.hidden_size, bias=bias)
+        self.kv_b_proj = ColumnParallelLinear(c.kv_lora_rank, c.num_heads * (self.nope + self.v_dim))
+        self.o_proj = RowParallelLinear(c.num_heads * self.v_dim, c.hidden_size, bias=bias)
+        self.num_heads = self.kv_b_proj.output_size // (self.nope + self.v_dim)  # this rank's
         self.rotary = rotary
-        self.attn = MLAAttention(c.num_heads, self.nope, self.rope_dim, self.v_dim, c.kv_lora_rank,
+        self.attn = MLAAttention(self.num_heads, self.nope, self.rope_dim, self.v_dim, c.kv_lora_rank,
                                  softmax_scale(c))
 
     def forward(self, rope, x, kv_cache, meta):
@@ -178,10 +181,10 @@ class DeepseekV2ForCausalLM(CausalLM):
         self.config = config
         self.rotary = get_rope(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta,
                                config.rope_scaling, style="interleaved", dtype=torch.float32, keep_dtype=True)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, self.rotary, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -195,5 +198,5 @@ class DeepseekV2ForCausalLM(CausalLM):
             x = layer(rope, x, kv_cache, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)

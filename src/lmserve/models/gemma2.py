@@ -85,7 +85,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         x = self.embed_tokens(input_ids)
         return x * torch.tensor(self.embed_scale, dtype=x.dtype)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head(hidden)
         cap = self.config.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return torch.tanh(logits / cap) * cap if cap and logits is not None else logits

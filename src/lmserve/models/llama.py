@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from lmserve.attention import Attention
-from lmserve.layers.linear import Linear
+from lmserve.layers.linear import QKVParallelLinear, RowParallelLinear
 from lmserve.layers.mlp import GatedMLP
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding, get_rope
+from lmserve.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from lmserve.models.base import CausalLM
 from lmserve.models.config import DecoderConfig
 
@@ -26,12 +27,14 @@ class DecoderAttention(nn.Module):
                  sliding_window: int | None = None, softcap: float | None = None):
         super().__init__()
         c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.qkv_proj = Linear(c.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=c.qkv_bias)
-        self.o_proj = Linear(self.q_size, c.hidden_size, bias=c.o_bias)
+        # Under tensor parallelism the projection keeps this rank's heads; the sizes below are its.
+        self.qkv_proj = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, bias=c.qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = c.head_dim
+        self.q_size, self.kv_size = self.num_heads * c.head_dim, self.num_kv_heads * c.head_dim
+        self.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         self.rotary = rotary
-        self.attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim,
+        self.attn = Attention(self.num_heads, self.num_kv_heads, c.head_dim,
                               scale if scale is not None else c.head_dim**-0.5, sliding_window, softcap)
 
     def forward(self, rope, x, kv_cache, meta):
@@ -76,10 +79,10 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.rotary = self.build_rotary(config, dtype)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.layer_class(config, self.rotary, i) for i in range(config.num_layers))
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -98,5 +101,6 @@ class LlamaForCausalLM(CausalLM):
             x = layer(rope, x, kv_cache, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the rows (on rank 0; None on the other tensor-parallel ranks)."""
         return self.lm_head(hidden)
