@@ -49,6 +49,11 @@ class TPGroup:
     def is_parallel(self) -> bool:
         return self.size > 1
 
+    def __deepcopy__(self, memo) -> TPGroup:
+        # A handle on the process's communicators, not data: a copied layer talks through the
+        # same group (and a lock or a c10d group could not be copied anyway).
+        return self
+
     # ---- tensors (the device group) --------------------------------------------------------
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
