@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 
 MAX_SPLITS = 16
 # A decode batch whose every sequence has at most this many cached tokens runs in one pass (no
-# split keys, no merge launch): each program then walks at most 8 tiles of 64 keys, about what
-# the split kernel plus the merge kernel cost in launch latency at batch 1 (the H200 profile:
-# 5.9 + 2.1 us per layer at a 128 to 384-token context). MLA keeps its splits: its kernel runs
-# one program per sequence (not one per KV head), so one pass would serialize 8x more work.
-# LMSERVE_DECODE_SINGLE_PASS_KEYS overrides it (0: always split), to compare on a GPU.
-SINGLE_PASS_MAX_KEYS = 512
+# split keys, no merge launch). Measured on an H200 (gpu_check's attention part, 8B layer shape,
+# per layer, split+merge / one pass): batch 1 at 128 keys 7.2 / 6.7 us, at 256 keys 7.6 / 10.6 us;
+# batch 8 at 128 keys 8.2 / 7.0 us, at 256 keys 8.8 / 10.9 us. So one pass pays up to 128 keys
+# and loses beyond (the first guess, 512, cost batch-1 decode 198 -> 193 tok/s). MLA keeps its
+# splits: its kernel runs one program per sequence (not one per KV head), so one pass would
+# serialize 8x more work. LMSERVE_DECODE_SINGLE_PASS_KEYS overrides it (0: always split).
+SINGLE_PASS_MAX_KEYS = 128
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
