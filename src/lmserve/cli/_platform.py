@@ -8,16 +8,21 @@ import sys
 
 
 def add_database_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="the deployment config whose platform database to use")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: the config's, else "
-                                               "$LMSERVE_DATA_DIR or ~/.local/share/lmserve/lmserve.db)")
+    group = parser.add_argument_group("platform database (the one `lmserve serve` uses with the same flags)")
+    group.add_argument("--config", metavar="FILE", help="the deployment config whose platform database to use")
+    group.add_argument("--data-dir", metavar="DIR",
+                       help="the data directory of `lmserve serve --data-dir DIR` (its lmserve.db; default "
+                            "$LMSERVE_DATA_DIR or ~/.local/share/lmserve)")
+    group.add_argument("--database-url", metavar="URL",
+                       help="SQLAlchemy URL, e.g. postgresql+psycopg://... (default: the config's, else the "
+                            "data directory's SQLite file)")
 
 
 def open_database(args: argparse.Namespace):
     from lmserve.config import load_config
     from lmserve.platform.db import Database
 
-    url = args.database_url or load_config(args.config).platform.db_url
+    url = args.database_url or load_config(args.config, data_dir=args.data_dir).platform.db_url
     db = Database(url)
     db.migrate()
     return db

@@ -87,7 +87,8 @@ def _list(args: argparse.Namespace) -> int:
         for k in rows:
             limits = " ".join(f"{n}={v}" for n, v in k["limits"].items() if v) or "-"
             table.add_row(str(k["id"]), k["prefix"], k["account"], k["tier"], limits,
-                          " ".join(k["models"] or ["*"]), k["status"] + (" admin" if k["admin"] else ""), k["name"])
+                          " ".join(k["models"] or ["*"]), k["status"] + (" admin" if k["admin"] else ""),
+                          k["name"] + (f" ({k['owner']})" if k.get("owner") else ""))
         Console().print(table)
         return 0
 

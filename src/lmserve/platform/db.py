@@ -95,6 +95,8 @@ class ApiKey(Base):
     models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # glob patterns; None: every model
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     bootstrap: Mapped[bool] = mapped_column(Boolean, default=False)  # from the config / LMSERVE_API_KEYS
+    # a generated key's server instance ("host/pid/start:port", keys.instance_owner); None otherwise
+    owner: Mapped[str | None] = mapped_column(String(300), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
