@@ -25,6 +25,24 @@ def test_migrations_build_the_schema_and_rerun_as_no_ops(db):
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
+def test_servers_starting_together_migrate_one_at_a_time():
+    """Two API servers started at once on an empty PostgreSQL (docs/deployment.md's compose file):
+    both migrations succeed, one after the other, instead of racing to create the same tables."""
+    from platform_services import fresh_postgres_url
+
+    from lmserve.platform.db import Database
+
+    url = fresh_postgres_url()
+    databases = [Database(url) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(len(databases)) as pool:
+            list(pool.map(lambda d: d.migrate(), databases))  # raises if any failed
+        assert {"accounts", "api_keys", "usage"} <= set(inspect(databases[0].engine).get_table_names())
+    finally:
+        for d in databases:
+            d.close()
+
+
 def test_key_lifecycle(db):
     key, row = keys.create_key(db, "alice", tier="pro", limits={"rpm": 5}, models=["Pro/*"], balance="2.5")
     assert key.startswith("sk-") and len(key) > 40

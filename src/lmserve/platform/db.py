@@ -122,6 +122,9 @@ class UsageRecord(Base):
     trace_id: Mapped[str] = mapped_column(String(64), index=True)
 
 
+_MIGRATION_LOCK_ID = 0x6C6D7376  # "lmsv": the advisory lock that serialises schema migrations
+
+
 class Database:
     """An engine plus sessions. Calls are synchronous: the server runs them in worker threads."""
 
@@ -147,6 +150,11 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # Several servers starting at once on one database (docs/deployment.md): one
+                # migrates, the others wait here and then find the schema current. The lock is
+                # the transaction's: released at its commit.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
