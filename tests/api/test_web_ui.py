@@ -3,8 +3,8 @@ through the matching `chromium-driver`), against a real `lmserve serve` with the
 (an admin key, a metered key on a priced model): what a user sees is what the API answered.
 
 One server and one browser for the module. Without Chromium or its driver every test here fails
-and says what to install (.ci/run installs both); nothing skips. Screenshots go to
-$LMSERVE_TEST_ARTIFACTS (default tests/artifacts/, not committed)."""
+and says what to install (`make test` installs both: .ci/browser.sh); nothing skips. Screenshots
+go to $LMSERVE_TEST_ARTIFACTS (default tests/artifacts/, not committed)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def browser():
     driver_path = _find("LMSERVE_CHROMEDRIVER", ("chromedriver",))
     if not chromium or not driver_path:
         pytest.fail("the web UI tests need Chromium and its driver: apt-get install chromium chromium-driver "
-                    "(.ci/run installs them), or set LMSERVE_CHROMIUM / LMSERVE_CHROMEDRIVER", pytrace=False)
+                    "(`make test` installs them as root: .ci/browser.sh), or set LMSERVE_CHROMIUM / "
+                    "LMSERVE_CHROMEDRIVER", pytrace=False)
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
