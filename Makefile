@@ -37,7 +37,10 @@ chat: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# .ci/browser.sh: Chromium + chromedriver for the web UI tests (installed when missing and root,
+# else it says what to install); PostgreSQL and Redis are started by the tests (.ci/services.sh).
 test: lint
+	bash .ci/browser.sh
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -18,13 +18,9 @@ REDIS_PORT=${LMSERVE_TEST_REDIS_PORT:-56379}
 mkdir -p "$SVC_DIR"
 
 _pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+. "$(dirname "$0")/apt.sh"
 if [ -z "$(_pg_bin)" ] || ! command -v redis-server >/dev/null; then
-    echo "lmserve CI: installing postgresql and redis-server (apt-get)" >&2
-    command -v apt-get >/dev/null || _svc_fail "PostgreSQL/Redis missing and no apt-get to install them"
-    export DEBIAN_FRONTEND=noninteractive
-    # once per CI run: .ci/run may have updated the lists already (for chromium)
-    [ -n "${LMSERVE_APT_UPDATED:-}" ] || apt-get update -qq >/dev/null || _svc_fail "apt-get update failed"
-    apt-get install -y -qq postgresql redis-server >/dev/null || _svc_fail "apt-get install postgresql redis-server failed"
+    lmserve_apt_install "the platform tests' PostgreSQL and Redis" postgresql redis-server
 fi
 PG_BIN=$(_pg_bin)
 [ -n "$PG_BIN" ] || _svc_fail "PostgreSQL binaries not found after install"

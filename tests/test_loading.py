@@ -176,3 +176,17 @@ def test_parameters_are_created_in_the_compute_dtype(family, tmp_path):
     reference = get_model_class(config.architecture)(config, torch.bfloat16).to(torch.bfloat16)
     for name, buffer in reference.named_buffers():
         assert torch.equal(buffer, model.get_buffer(name)), name
+
+
+def test_truncated_gguf_is_named_as_such(tmp_path):
+    """A cut-off GGUF (an interrupted download), whether it ends inside the metadata or inside the
+    tensor data, is reported as truncated, not as a reshape error from deep inside the reader."""
+    from family_checkpoints import build_qwen2_gguf
+
+    build_qwen2_gguf(tmp_path)
+    whole = next(tmp_path.rglob("*.gguf")).read_bytes()
+    for cut in (100, 5000, len(whole) // 2, len(whole) - 10):
+        part = tmp_path / f"cut-{cut}.gguf"
+        part.write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError, match=rf"cut-{cut}\.gguf: truncated GGUF file: .* the file has {cut:,}"):
+            LLMEngine(str(part))

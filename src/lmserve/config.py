@@ -319,27 +319,31 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
                     target = m.setdefault(dest[0], {}) if len(dest) == 2 else m
                     if isinstance(target, dict):
                         target[dest[-1]] = flags[flag]
-        if flags.get("served_model_name"):
-            if len(models) != 1:
-                raise ConfigError(f"{where}: --served-model-name names one model, but {len(models)} are deployed "
-                                  "(give each its `id` in the config instead)")
+    # Every problem is reported at once, whichever section or check finds it: the checks that need
+    # more than the schema run on the raw file too, so a schema error elsewhere does not hide them.
+    problems: list[str] = []
+    if isinstance(models, list):
+        if flags.get("served_model_name") and len(models) != 1:
+            problems.append(f"--served-model-name names one model, but {len(models)} are deployed "
+                            "(give each its `id` in the config instead)")
+        elif flags.get("served_model_name"):
             if isinstance(models[0], dict):
                 models[0]["path"] = models[0].get("path") or models[0].get("id")
                 models[0]["id"] = flags["served_model_name"]
 
+        raw_models = [m if isinstance(m, dict) else {} for m in models]
+        ids = [m.get("id") for m in raw_models if isinstance(m.get("id"), str)]
+        for dupe in sorted({i for i in ids if ids.count(i) > 1}):
+            problems.append(f"models: id {dupe!r} is deployed twice")
+        for i, m in enumerate(raw_models):
+            template = m.get("chat_template")
+            if isinstance(template, str) and template and not Path(template).expanduser().is_file():
+                problems.append(f"models[{i}].chat_template: no such file {template!r}")
+
     try:
         config = DeploymentConfig.model_validate(raw)
     except ValidationError as e:
-        problems = [_describe(err) for err in e.errors()]
-        raise ConfigError(_report(where, problems)) from None
-
-    problems = []
-    ids = [m.id for m in config.models]
-    for dupe in sorted({i for i in ids if ids.count(i) > 1}):
-        problems.append(f"models: id {dupe!r} is deployed twice")
-    for i, m in enumerate(config.models):
-        if m.chat_template and not Path(m.chat_template).expanduser().is_file():
-            problems.append(f"models[{i}].chat_template: no such file {m.chat_template!r}")
+        problems = [_describe(err) for err in e.errors()] + problems
     if problems:
         raise ConfigError(_report(where, problems))
 

@@ -8,6 +8,8 @@ import asyncio
 import openai
 import pytest
 
+from .conftest import ALL_MODELS
+
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRO_MODEL = "Pro/HuggingFaceTB/SmolLM2-135M-Instruct"
 PRO_MAX_MODEL_LEN = 256
@@ -146,6 +148,8 @@ def test_unknown_model_is_400_20012(api, checks):
     assert body["code"] == 20012, body
     assert "Model does not exist" in body["message"], body
     assert "Model does not exist" in body["error"]["message"], body
+    # the ids this key may use, so a typo is seen at once (the shape stays the platform's)
+    assert body["message"].endswith(f"Deployed models: {', '.join(ALL_MODELS)}"), body
 
 
 def test_unknown_model_with_pro_prefix_is_400_20012(api, checks):

@@ -3,8 +3,8 @@ through the matching `chromium-driver`), against a real `lmserve serve` with the
 (an admin key, a metered key on a priced model): what a user sees is what the API answered.
 
 One server and one browser for the module. Without Chromium or its driver every test here fails
-and says what to install (.ci/run installs both); nothing skips. Screenshots go to
-$LMSERVE_TEST_ARTIFACTS (default tests/artifacts/, not committed)."""
+and says what to install (`make test` installs both: .ci/browser.sh); nothing skips. Screenshots
+go to $LMSERVE_TEST_ARTIFACTS (default tests/artifacts/, not committed)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def browser():
     driver_path = _find("LMSERVE_CHROMEDRIVER", ("chromedriver",))
     if not chromium or not driver_path:
         pytest.fail("the web UI tests need Chromium and its driver: apt-get install chromium chromium-driver "
-                    "(.ci/run installs them), or set LMSERVE_CHROMIUM / LMSERVE_CHROMEDRIVER", pytrace=False)
+                    "(`make test` installs them as root: .ci/browser.sh), or set LMSERVE_CHROMIUM / "
+                    "LMSERVE_CHROMEDRIVER", pytrace=False)
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -462,3 +463,168 @@ def test_console_charts_engine_metrics_usage_and_admin_tables(web, browser):
         assert_no_script_errors(d)
     finally:
         d.set_window_size(1280, 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# the console's admin actions and the playground's tool results (issue 25)
+
+
+def _admin(web, method: str, path: str, **kwargs):
+    r = web.http.request(method, path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, **kwargs)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _account(web, name: str) -> dict:
+    return next(a for a in _admin(web, "GET", "/admin/accounts")["data"] if a["name"] == name)
+
+
+def test_console_admin_creates_revokes_tops_up_and_edits(web, browser):
+    """What an admin does from the console lands in the platform exactly as the admin API says,
+    and the new key, shown once, is a working key with the limits the form gave it."""
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    open_page(d, web, "/console", ADMIN_KEY)
+    wait_for(d, lambda d: d.find_element("id", "admin-actions").is_displayed(), "the admin actions")
+
+    # create: a key for a new account, its own RPM, one model, granted credit
+    fill(d, "ck-account", "team-ui")
+    fill(d, "ck-name", "made in the console")
+    fill(d, "ck-balance", "1.5")
+    fill(d, "ck-rpm", "42")
+    fill(d, "ck-models", "Pro/*")
+    by_id(d, "ck-submit").click()
+    wait_for(d, lambda d: d.find_element("id", "new-key").is_displayed(), "the new key")
+    key = by_id(d, "new-key-value").text
+    assert key.startswith("sk-") and len(key) > 40
+    row = next(k for k in _admin(web, "GET", "/admin/keys")["data"] if k["account"] == "team-ui")
+    assert (row["name"], row["limits"]["rpm"], row["models"]) == ("made in the console", 42, ["Pro/*"])
+    r = web.http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [PRICED], r.text
+    wait_for(d, lambda d: row["prefix"] in d.find_element("id", "keys-table").text, "the key in the table")
+    assert key not in by_id(d, "keys-table").text  # the table shows its prefix only
+    by_id(d, "new-key-done").click()
+    assert key not in d.page_source  # shown once: gone from the page when done
+
+    # top up (paid), then edit the tier and the account-wide limits
+    wait_for(d, lambda d: "team-ui" in [o.text for o in Select(d.find_element("id", "ac-account")).options],
+             "the account in the form")
+    Select(by_id(d, "ac-account")).select_by_value("team-ui")
+    fill(d, "ac-amount", "2")
+    by_id(d, "ac-topup").click()
+    wait_for(d, lambda d: "total" in d.find_element("id", "ac-note").text, "the top-up")
+    account = _account(web, "team-ui")
+    assert (account["balance"], account["charge_balance"]) == ("1.5", "2"), account
+    assert f"total {account['total_balance']}" in by_id(d, "ac-note").text
+    wait_for(d, lambda d: d.find_element("id", "ac-tier").get_attribute("value") == "free", "the account's values")
+    fill(d, "ac-tier", "pro")
+    fill(d, "ac-tpm", "5000")
+    Select(by_id(d, "ac-status")).select_by_value("active")
+    by_id(d, "ac-save").click()
+    wait_for(d, lambda d: "tier pro" in d.find_element("id", "ac-note").text, "the saved account")
+    account = _account(web, "team-ui")
+    assert account["tier"] == "pro" and account["limits"] == {"rpm": None, "rpd": None, "tpm": 5000, "tpd": None}
+    # cleared in the form, cleared in the account
+    fill(d, "ac-tpm", "")
+    by_id(d, "ac-save").click()
+    wait_for(d, lambda d: "limits -" in d.find_element("id", "ac-note").text, "the limits removed")
+    assert _account(web, "team-ui")["limits"]["tpm"] is None
+
+    # revoke: the first click asks, the second revokes; the key is refused from then on
+    by_id(d, f"revoke-{row['id']}").click()
+    assert by_id(d, f"revoke-{row['id']}").text == "Confirm revoke"
+    assert web.http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    by_id(d, f"revoke-{row['id']}").click()
+    wait_for(d, lambda d: "Revoked key" in d.find_element("id", "keys-note").text, "the revocation")
+    r = web.http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    assert row["prefix"] not in by_id(d, "keys-table").text  # active keys only, by default
+    by_id(d, "show-revoked").click()
+    wait_for(d, lambda d: row["prefix"] in d.find_element("id", "keys-table").text, "the revoked key listed")
+    listed = [r.text for r in by_id(d, "keys-table").find_elements("css selector", "tbody tr")]
+    assert any(row["prefix"] in r and "revoked" in r for r in listed), listed
+
+    # a refused action shows the API's message
+    fill(d, "ck-account", "team-ui")
+    fill(d, "ck-expires", "someday")
+    by_id(d, "ck-submit").click()
+    wait_for(d, lambda d: d.find_element("id", "ck-note").text.startswith("400:"), "the API's 400")
+    assert "someday" in by_id(d, "ck-note").text
+    screenshot(d, "console-admin.png")
+    assert_no_script_errors(d)
+
+
+def test_playground_sends_tool_results_and_the_model_continues(web, browser):
+    """A reply that calls a tool offers a field for each call's result; sending them continues
+    the conversation with `tool` messages, and the reply is the API's own greedy answer to the
+    same messages."""
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    open_playground(d, web)
+    fill(d, "p-temperature", "0")
+    fill(d, "p-max_tokens", "64")
+    by_id(d, "tools-example").click()
+    Select(by_id(d, "p-tool_choice")).select_by_value("required")
+    fill(d, "composer-input", "What is the weather in Paris?")
+    assert not by_id(d, "tool-results").is_displayed()
+    send_and_wait(d)
+    wait_for(d, lambda d: d.find_element("id", "tool-results").is_displayed(), "the tool results form")
+    by_id(d, "view-code").click()
+    sent = json.loads(code_tab(d, "json"))  # the conversation so far, as the next request carries it
+    user, assistant = sent["messages"]
+    call = assistant["tool_calls"][0]
+    assert user["role"] == "user" and call["function"]["name"] == "get_weather" and call["id"]
+    label = d.find_element("css selector", "label[for=tool-result-0]").text
+    assert label == f"Result of get_weather({call['function']['arguments']})"
+
+    by_id(d, "send-tool-results").click()  # empty: asks for it, sends nothing
+    assert "Enter the result of get_weather" in by_id(d, "banner").text
+    result = '{"temperature": 21, "unit": "C", "sky": "sunny"}'
+    fill(d, "tool-result-0", result)
+    Select(by_id(d, "p-tool_choice")).select_by_value("none")
+    fill(d, "p-max_tokens", "24")
+    by_id(d, "send-tool-results").click()
+    wait_for(d, lambda d: d.find_element("id", "column-a").get_attribute("data-status") != "streaming",
+             "the reply after the tool result")
+    assert by_id(d, "column-a").get_attribute("data-status") == "done", by_id(d, "error-a").text
+    shown = by_id(d, "out-a-0").get_attribute("textContent")
+    assert not by_id(d, "tool-results").is_displayed()
+    transcript = by_id(d, "transcript").text
+    assert "tool call get_weather(" in transcript and result in transcript
+
+    body = {"model": MODEL, "messages": [user, assistant, {"role": "tool", "tool_call_id": call["id"],
+                                                         "content": result}],
+            "temperature": 0, "max_tokens": 24, "tools": sent["tools"], "tool_choice": "none"}
+    r = web.http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {web.key}"})
+    assert r.status_code == 200, r.text
+    assert shown == r.json()["choices"][0]["message"]["content"] and shown
+    assert_no_script_errors(d)
+
+
+def test_long_model_ids_fit_the_dropdown(web, browser):
+    """A select narrower than a model id shows it abbreviated in the middle, its start and its
+    distinguishing end kept and the whole label inside the box; the value stays the full id."""
+    d = browser
+    open_playground(d, web)
+    measure = """
+        const s = document.getElementById('model-a');
+        s.style.width = arguments[0];
+        s.style.maxWidth = arguments[0] ? 'none' : '';
+        window.dispatchEvent(new Event('resize'));
+        const st = getComputedStyle(s);
+        const ctx = document.createElement('canvas').getContext('2d');
+        ctx.font = `${st.fontWeight} ${st.fontSize} ${st.fontFamily}`;
+        const label = s.options[s.selectedIndex].text;
+        return [label, s.value, ctx.measureText(label).width,
+                s.clientWidth - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight)];
+    """
+    for width, end in (("", "/SmolLM2-135M-Instruct"), ("150px", "M-Instruct")):  # the page's width, a narrow one
+        label, value, text_px, box_px = d.execute_script(measure, width)
+        assert value == MODEL and label != MODEL and "…" in label, label
+        assert label[0] == MODEL[0] and label.endswith(end) and text_px <= box_px, (label, text_px, box_px)
+        assert by_id(d, "model-a").get_attribute("title") == MODEL
+    assert d.execute_script(measure, "40rem")[0] == MODEL  # room enough: whole
+    d.execute_script(measure, "")
+    assert_no_script_errors(d)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +23,24 @@ def test_migrations_build_the_schema_and_rerun_as_no_ops(db):
     if db.dialect == "sqlite":
         with db.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_servers_starting_together_migrate_one_at_a_time():
+    """Two API servers started at once on an empty PostgreSQL (docs/deployment.md's compose file):
+    both migrations succeed, one after the other, instead of racing to create the same tables."""
+    from platform_services import fresh_postgres_url
+
+    from lmserve.platform.db import Database
+
+    url = fresh_postgres_url()
+    databases = [Database(url) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(len(databases)) as pool:
+            list(pool.map(lambda d: d.migrate(), databases))  # raises if any failed
+        assert {"accounts", "api_keys", "usage"} <= set(inspect(databases[0].engine).get_table_names())
+    finally:
+        for d in databases:
+            d.close()
 
 
 def test_key_lifecycle(db):
@@ -61,11 +83,46 @@ def test_bootstrap_keys_are_imported_once(db):
         keys.authenticate(db, "sk-local-1")
 
 
-def test_bootstrap_keys_dropped_from_the_config_show_as_revoked(db):
-    old = keys.import_bootstrap_keys(db, ["sk-generated-at-start"])
-    keys.import_bootstrap_keys(db, ["sk-configured"])
+def test_a_start_never_revokes_keys_of_another_config(db):
+    """Two servers with different configs share the database: each start imports its own keys
+    and leaves the other's alone (both are accepted, by their own servers)."""
+    a = keys.import_bootstrap_keys(db, ["sk-server-a"])
+    b = keys.import_bootstrap_keys(db, ["sk-server-b"])
     status = {k["id"]: k["status"] for k in keys.list_keys(db, include_revoked=True)}
-    assert status[old["sk-generated-at-start"]] == "revoked"
+    assert status[a["sk-server-a"]] == status[b["sk-server-b"]] == "active"
+
+
+def test_a_generated_key_belongs_to_its_server_instance(db):
+    mine = keys.register_generated_key(db, "sk-generated-here", keys.instance_owner(8000))
+    config = keys.import_bootstrap_keys(db, ["sk-configured"])["sk-configured"]
+    # a second server's start (same host, alive: this process) touches neither
+    other = keys.register_generated_key(db, "sk-generated-there", keys.instance_owner(8001))
+    view = {k["id"]: k for k in keys.list_keys(db, include_revoked=True)}
+    assert view[mine]["status"] == view[other]["status"] == view[config]["status"] == "active"
+    assert view[mine]["owner"].startswith(f"lmserve serve pid {os.getpid()} on ") and view[config]["owner"] is None
+    # the owner stops: its key is revoked, the others stay
+    keys.release_generated_key(db, mine)
+    view = {k["id"]: k for k in keys.list_keys(db, include_revoked=True)}
+    assert (view[mine]["status"], view[other]["status"], view[config]["status"]) == ("revoked", "active", "active")
+
+
+def test_a_killed_servers_generated_key_is_orphaned_then_revoked(db):
+    """A server that died without revoking its key (SIGKILL): `keys list` shows the key is
+    accepted nowhere, and the next start on this host revokes it."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = f"{socket.gethostname()}/{child.pid}/{keys._process_start(child.pid)}:8000"
+        assert keys.owner_alive(owner) is True
+        dead = keys.register_generated_key(db, "sk-generated-by-the-dead", owner)
+    finally:
+        child.kill()
+        child.wait()
+    assert keys.owner_alive(owner) is False
+    assert {k["id"]: k["status"] for k in keys.list_keys(db)}[dead] == "orphaned"
+    keys.register_generated_key(db, "sk-next-start", keys.instance_owner(8000))
+    assert {k["id"]: k["status"] for k in keys.list_keys(db, include_revoked=True)}[dead] == "revoked"
+    # a key owned on another host is never judged from here
+    assert keys.owner_alive("some-other-host/1/1:8000") is None
 
 
 def test_account_settings(db):

@@ -15,7 +15,10 @@ COMMAND_MODULES = ["lmserve.cli.serve", "lmserve.cli.chat", "lmserve.cli.keys", 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmserve import __version__
+
     parser = argparse.ArgumentParser(prog="lmserve", description="Self-hosted LLM serving.")
+    parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

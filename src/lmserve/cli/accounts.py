@@ -6,6 +6,7 @@ import argparse
 import json
 
 from lmserve.cli._platform import add_database_flags, run_command
+from lmserve.cli._types import positive_int
 
 
 def register(sub) -> None:
@@ -25,7 +26,8 @@ def register(sub) -> None:
     update.add_argument("--tier", help="the tier its keys get unless they name their own")
     update.add_argument("--status", choices=["active", "disabled"], help="a disabled account's keys get 401")
     for limit in ("rpm", "tpm", "rpd", "tpd"):
-        update.add_argument(f"--{limit}", type=int, help=f"{limit.upper()} over all the account's keys, per model")
+        update.add_argument(f"--{limit}", type=positive_int,
+                            help=f"{limit.upper()} over all the account's keys, per model")
     update.add_argument("--clear-limits", action="store_true", help="remove the account-wide limits first")
     add_database_flags(update)
     update.set_defaults(func=_set)

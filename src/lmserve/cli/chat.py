@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from lmserve.cli._types import number, positive_int
 from lmserve.defaults import DEFAULT_MODEL_ID
 
 HELP = ("commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops a reply; "
@@ -31,10 +32,10 @@ def register(sub) -> None:
     chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                       help="compute dtype (in-process only)")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--max-tokens", type=int, default=512)
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--top-p", type=float, default=0.7)
-    chat.add_argument("--frequency-penalty", type=float, default=0.5)
+    chat.add_argument("--max-tokens", type=positive_int, default=512)
+    chat.add_argument("--temperature", type=number, default=0.7)
+    chat.add_argument("--top-p", type=number, default=0.7)
+    chat.add_argument("--frequency-penalty", type=number, default=0.5)
     chat.set_defaults(func=run)
 
 

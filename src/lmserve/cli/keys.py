@@ -7,6 +7,7 @@ import argparse
 import json
 
 from lmserve.cli._platform import add_database_flags, run_command
+from lmserve.cli._types import positive_int
 
 
 def register(sub) -> None:
@@ -18,7 +19,7 @@ def register(sub) -> None:
     create.add_argument("--tier", help="free or pro (or a tier of the config); default: the account's (free)")
     create.add_argument("--name", default="", help="a label for listings")
     for limit in ("rpm", "tpm", "rpd", "tpd"):
-        create.add_argument(f"--{limit}", type=_positive, help=f"override the tier's {limit.upper()} for this key")
+        create.add_argument(f"--{limit}", type=positive_int, help=f"override the tier's {limit.upper()} for this key")
     create.add_argument("--models", nargs="+", metavar="GLOB", help="allow only these model ids (globs: 'Pro/*')")
     create.add_argument("--balance", help="granted credit to add to the account, e.g. 10.50")
     create.add_argument("--expires", help="a duration (30d, 12h) or a date (2026-12-31)")
@@ -38,13 +39,6 @@ def register(sub) -> None:
     revoke.add_argument("key", help="the id or the prefix `keys list` shows")
     add_database_flags(revoke)
     revoke.set_defaults(func=_revoke)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -87,7 +81,8 @@ def _list(args: argparse.Namespace) -> int:
         for k in rows:
             limits = " ".join(f"{n}={v}" for n, v in k["limits"].items() if v) or "-"
             table.add_row(str(k["id"]), k["prefix"], k["account"], k["tier"], limits,
-                          " ".join(k["models"] or ["*"]), k["status"] + (" admin" if k["admin"] else ""), k["name"])
+                          " ".join(k["models"] or ["*"]), k["status"] + (" admin" if k["admin"] else ""),
+                          k["name"] + (f" ({k['owner']})" if k.get("owner") else ""))
         Console().print(table)
         return 0
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmserve.cli._types import non_negative_int
+from lmserve.cli._types import positive_int as _positive
+
 
 def _port(text: str) -> int:
     try:
@@ -16,16 +19,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -100,7 +93,7 @@ def register(sub) -> None:
                         help="most sequences decoded together (default 256)")
     engine.add_argument("--quantization", choices=["none", "int8", "int4"],
                         help="weight-only quantization on CPU (default none)")
-    engine.add_argument("--quantized-max-rows", type=int, metavar="N",
+    engine.add_argument("--quantized-max-rows", type=non_negative_int, metavar="N",
                         help="with --quantization: products of more than N rows (prefill, large batches) use a "
                              "bf16 copy kept beside the quantized weights (default: no copy)")
     engine.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

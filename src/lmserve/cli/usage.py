@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmserve.cli._platform import add_database_flags, run_command
+from lmserve.cli._platform import add_database_flags, fit_table, run_command
 
 
 def register(sub) -> None:
@@ -28,13 +28,12 @@ def _usage(args: argparse.Namespace) -> int:
             print(json.dumps(rows))
             return 0
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table("account", "model", "requests", "errors", "prompt tokens", "completion tokens", "cost")
-        for r in rows:
-            table.add_row(r["account"], r["model"], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
-                          str(r["completion_tokens"]), r["cost"])
-        Console().print(table)
+        console = Console()
+        table = fit_table(["account", "model", "requests", "errors", "prompt\ntokens", "completion\ntokens", "cost"],
+                          [[r["account"], r["model"], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
+                            str(r["completion_tokens"]), r["cost"]] for r in rows], squeeze=1, width=console.width)
+        console.print(table)
         return 0
 
     return run_command("usage", args, work)

@@ -156,12 +156,36 @@ def q4_1_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
 def _cached_reader(path: str, mtime_ns: int, size: int):
     """Parsing the metadata takes seconds (every vocabulary entry is a field): engines loading
     the same file version share one parse."""
-    from gguf import GGUFReader
-
     try:
-        return GGUFReader(path)
+        return _bounded_reader()(path)
+    except _Truncated as e:
+        raise CheckpointError(f"{path}: truncated GGUF file: its header describes {e.needed:,} bytes, the file "
+                              f"has {size:,} (an interrupted download or copy?); fetch the file again") from None
     except Exception as e:
         raise CheckpointError(f"{path}: malformed GGUF file ({e})") from None
+
+
+class _Truncated(Exception):
+    def __init__(self, needed: int):
+        self.needed = needed
+
+
+def _bounded_reader():
+    """gguf-py's reader, refusing to read past the end of the file. The stock reader slices its
+    memory map wherever the header points: a cut-off file (an interrupted download) then fails
+    somewhere inside, e.g. as `cannot reshape array of size 399424 into shape (576,960)`. Every
+    read, metadata or tensor data, goes through `_get`, so the check there names the cause."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    class BoundedReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + int(np.dtype(dtype).itemsize) * int(count)
+            if end > len(self.data):
+                raise _Truncated(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    return BoundedReader
 
 
 def hf_name(name: str) -> str | None:

@@ -95,6 +95,8 @@ class ApiKey(Base):
     models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # glob patterns; None: every model
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     bootstrap: Mapped[bool] = mapped_column(Boolean, default=False)  # from the config / LMSERVE_API_KEYS
+    # a generated key's server instance ("host/pid/start:port", keys.instance_owner); None otherwise
+    owner: Mapped[str | None] = mapped_column(String(300), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -118,6 +120,9 @@ class UsageRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     trace_id: Mapped[str] = mapped_column(String(64), index=True)
+
+
+_MIGRATION_LOCK_ID = 0x6C6D7376  # "lmsv": the advisory lock that serialises schema migrations
 
 
 class Database:
@@ -145,6 +150,11 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # Several servers starting at once on one database (docs/deployment.md): one
+                # migrates, the others wait here and then find the schema current. The lock is
+                # the transaction's: released at its commit.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

@@ -5,7 +5,8 @@ A key is `sk-` + 43 random URL-safe characters (256 bits). The database keeps it
 characters (`prefix`, to find the row and to show in listings) and sha256(salt + key) with a
 per-key salt, compared in constant time; the key itself is never stored. Keys from the config
 or LMSERVE_API_KEYS (bootstrap keys, any format) belong to the unlimited `bootstrap` account and
-are matched in memory, so a fresh `lmserve serve` answers with no setup.
+are matched in memory, so a fresh `lmserve serve` answers with no setup; the key a keyless start
+generates belongs to that server instance alone (see `register_generated_key`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import os
 import secrets
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select, update
 
@@ -111,10 +115,13 @@ def list_keys(db: Database, account: str | None = None, include_revoked: bool = 
 def key_view(k: ApiKey, a: Account) -> dict:
     t = now()
     state = ("revoked" if k.revoked_at else "expired" if k.expires_at is not None and k.expires_at <= t
+             # a generated key whose server died without revoking it (killed): no server accepts it
+             else "orphaned" if k.owner and owner_alive(k.owner) is False
              else "active")
     return {"id": k.id, "prefix": k.prefix + "...", "name": k.name, "account": a.name,
             "tier": k.tier or a.tier, "limits": {n: getattr(k, n) for n in LIMIT_NAMES}, "models": k.models,
-            "admin": k.is_admin, "bootstrap": k.bootstrap, "status": state, "created_at": k.created_at,
+            "admin": k.is_admin, "bootstrap": k.bootstrap,
+            "owner": _owner_label(k.owner) if k.owner else None, "status": state, "created_at": k.created_at,
             "expires_at": k.expires_at, "revoked_at": k.revoked_at}
 
 
@@ -191,12 +198,15 @@ def _account_dict(a: Account) -> dict:
 
 def import_bootstrap_keys(db: Database, keys: list[str], admin: bool = False) -> dict[str, int]:
     """Give each config key a row under the unlimited bootstrap account (so usage rows name it).
-    Returns {key: key id}. Matching is by salted hash: the plaintext is never stored."""
+    Returns {key: key id}. Matching is by salted hash: the plaintext is never stored.
+
+    Other rows are left alone: several servers may share the database, each with its own config,
+    so a key missing from this server's config may well be another server's."""
     account = get_or_create_account(db, BOOTSTRAP_ACCOUNT, "pro", unlimited=True)
     ids: dict[str, int] = {}
     with db.session() as s:
         rows = s.scalars(select(ApiKey).where(ApiKey.account_id == account.id, ApiKey.bootstrap.is_(True),
-                                              ApiKey.is_admin.is_(admin))).all()
+                                              ApiKey.is_admin.is_(admin), ApiKey.owner.is_(None))).all()
         for key in keys:
             match = next((r for r in rows if hmac.compare_digest(hash_key(key, r.salt), r.key_hash)), None)
             if match is None:
@@ -206,13 +216,81 @@ def import_bootstrap_keys(db: Database, keys: list[str], admin: bool = False) ->
                                is_admin=admin, bootstrap=True, created_at=now())
                 s.add(match)
                 s.flush()
-            match.revoked_at = None
+            match.revoked_at = None  # the config names it again: whoever revoked it, it is accepted
             ids[key] = match.id
-        # Keys no longer in the config (e.g. the one a keyless start made up) show as revoked.
-        for r in rows:
-            if r.id not in ids.values() and r.revoked_at is None:
-                r.revoked_at = now()
     return ids
+
+
+# ---- the key a keyless `lmserve serve` makes up ----------------------------------------------
+# It belongs to that one server instance: its row is written once the models have loaded (a
+# failed start leaves none), records the instance as `owner`, and is revoked when that server
+# stops. A start touches no other server's key; the one exception is a generated key whose owner
+# process is provably gone (same host, that pid no longer the process that started), which no
+# server can accept any more and is revoked so that `keys list` says so.
+
+
+def instance_owner(port: int) -> str:
+    """This process as a key owner: "host/pid/start-ticks:port" (start ticks tell a reused pid apart)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{_process_start(os.getpid()) or 0}:{port}"
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the owning server still runs: None when this host cannot tell (another host)."""
+    try:
+        host, pid, start_port = owner.split("/", 2)
+        start = int(start_port.split(":", 1)[0])
+        pid_n = int(pid)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    if not Path("/proc").is_dir():
+        try:
+            os.kill(pid_n, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return _process_start(pid_n) == start if start else _process_start(pid_n) is not None
+
+
+def _owner_label(owner: str) -> str:
+    host, _, rest = owner.partition("/")
+    pid, _, start_port = rest.partition("/")
+    port = start_port.partition(":")[2]
+    return f"lmserve serve pid {pid} on {host}:{port}"
+
+
+def register_generated_key(db: Database, key: str, owner: str) -> int:
+    """The row of the key this server instance generated (bootstrap account, `owner` set). Revokes
+    generated keys of servers on this host that are gone first. Returns its id."""
+    account = get_or_create_account(db, BOOTSTRAP_ACCOUNT, "pro", unlimited=True)
+    with db.session() as s:
+        for r in s.scalars(select(ApiKey).where(ApiKey.owner.is_not(None), ApiKey.revoked_at.is_(None))).all():
+            if owner_alive(r.owner) is False:
+                r.revoked_at = now()
+        salt = secrets.token_hex(16)
+        row = ApiKey(account_id=account.id, name="generated (serve)", prefix=_display_prefix(key), salt=salt,
+                     key_hash=hash_key(key, salt), is_admin=False, bootstrap=True, owner=owner, created_at=now())
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def release_generated_key(db: Database, key_id: int) -> None:
+    """The owning server stops: no one accepts its key any more."""
+    with db.session() as s:
+        s.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now()))
 
 
 def authenticate(db: Database, token: str) -> Principal:

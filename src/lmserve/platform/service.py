@@ -51,6 +51,7 @@ class Platform:
                         else MemoryLimiter())
         self._api_keys = api_keys
         self._bootstrap: list[tuple[bytes, keys.Principal]] = []
+        self._generated_key_id: int | None = None
         self._pending: set[asyncio.Task] = set()
         # The database's own threads: waiting on a lock or the network never takes a thread
         # from the default pool that tokenizing and grammar compiling use.
@@ -76,6 +77,23 @@ class Platform:
         for admin, key_list in ((False, self._api_keys), (True, self.settings.admin_keys)):
             for key, key_id in keys.import_bootstrap_keys(self.db, key_list, admin=admin).items():
                 self._bootstrap.append((key.encode(), keys.bootstrap_principal(self.db, key_id)))
+
+    def adopt_generated_key(self, key: str, owner: str) -> None:
+        """Accept the key this server generated, from now on (blocking; called once the models have
+        loaded, so a failed start leaves no key in the database)."""
+        key_id = keys.register_generated_key(self.db, key, owner)
+        self._generated_key_id = key_id
+        # a new list, not an append: the event loop may be iterating the old one
+        self._bootstrap = [*self._bootstrap, (key.encode(), keys.bootstrap_principal(self.db, key_id))]
+
+    def release_generated_key(self) -> None:
+        """The server stops: its generated key is revoked (no other server accepts it)."""
+        key_id, self._generated_key_id = self._generated_key_id, None
+        if key_id is not None:
+            try:
+                keys.release_generated_key(self.db, key_id)
+            except Exception as e:  # the database went away first: `keys list` shows it orphaned
+                log.warning("could not revoke this server's generated key: %s", e)
 
     # ---- per request -------------------------------------------------------------------------
 

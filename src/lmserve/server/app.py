@@ -229,7 +229,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     def tokenizer_backend(principal: Principal, model: str):
         backend = backends.get(model)
         if backend is None:
-            raise unknown_model(model)
+            raise unknown_model(model, [m for m in backends if principal.may_use(m)])
         if not principal.may_use(model):  # tokenizing costs nothing: no balance check
             raise APIError(403, f"this API key may not use model {model!r}", "model", "model_not_allowed")
         if not hasattr(backend, "tokenize"):
@@ -251,7 +251,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
             req = parse(payload)
             backend = backends.get(req.model)
             if backend is None:
-                raise unknown_model(req.model)
+                raise unknown_model(req.model, [m for m in backends if principal.may_use(m)])
             request.state.model = req.model
             platform.authorize(principal, req.model)
             request_id = f"{id_prefix}-{request.state.trace_id}"

@@ -46,5 +46,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, param, code)
 
 
-def unknown_model(model: str) -> APIError:
-    return APIError(400, f"Model does not exist: {model!r}", "model", "model_not_found", 20012)
+_LISTED_MODELS = 20  # beyond this many, the message points to /v1/models instead of growing
+
+
+def unknown_model(model: str, deployed: list[str] | None = None) -> APIError:
+    """The platform's 400 (code 20012), naming the ids this key may use so a typo is seen at once."""
+    message = f"Model does not exist: {model!r}"
+    if deployed is not None:
+        shown = ", ".join(deployed[:_LISTED_MODELS]) or "none for this key"
+        more = f" and {len(deployed) - _LISTED_MODELS} more (GET /v1/models)" if len(deployed) > _LISTED_MODELS else ""
+        message += f". Deployed models: {shown}{more}"
+    return APIError(400, message, "model", "model_not_found", 20012)

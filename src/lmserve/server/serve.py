@@ -67,7 +67,10 @@ def serve(config: DeploymentConfig) -> int:
 
     log.info("CPU threads for the model: %d", set_cpu_threads(server.threads))
     # The database next: a wrong URL fails in a second, not after the models have loaded.
-    platform = Platform(config.platform, {d.id: d for d in config.models}, config.server.api_keys)
+    # A generated key is not imported here but adopted once the models load (_load_all): it belongs
+    # to this run only, and a start that fails leaves no key behind.
+    platform = Platform(config.platform, {d.id: d for d in config.models},
+                        [] if server.generated_key else config.server.api_keys)
     log.info("platform database: %s", _redacted(config.platform.db_url))
     try:
         platform.start()
@@ -90,8 +93,8 @@ def serve(config: DeploymentConfig) -> int:
     uv = draining_server(app, server, log_level=server.log_level if server.log_level != "info" else "warning",
                          access_log=False, log_config=None)
     log.info("listening on http://%s:%d (503 loading until the models are ready)", server.host, server.port)
-    loader = threading.Thread(target=_load_all, args=(config, backends, lifecycle, uv), name="lmserve-loader",
-                              daemon=True)
+    loader = threading.Thread(target=_load_all, args=(config, backends, lifecycle, uv, platform),
+                              name="lmserve-loader", daemon=True)
     loader.start()
     interrupted = None
     try:
@@ -103,6 +106,7 @@ def serve(config: DeploymentConfig) -> int:
             if hasattr(backend, "shutdown"):
                 backend.shutdown()  # the engine threads, also when uvicorn never started
         sock.close()
+        platform.release_generated_key()
     if lifecycle.phase == "failed":
         print(f"lmserve serve: {lifecycle.error}", file=sys.stderr, flush=True)
         return 2
@@ -117,7 +121,7 @@ def serve(config: DeploymentConfig) -> int:
     return 0
 
 
-def _load_all(config: DeploymentConfig, backends: dict, lifecycle, uv) -> None:
+def _load_all(config: DeploymentConfig, backends: dict, lifecycle, uv, platform) -> None:
     from lmserve.backends.local import LocalBackend
     from lmserve.backends.upstream import UpstreamBackend
 
@@ -148,6 +152,19 @@ def _load_all(config: DeploymentConfig, backends: dict, lifecycle, uv) -> None:
         lifecycle.phase = "failed"
         uv.should_exit = True
         return
+    if config.server.generated_key:
+        from lmserve.platform.keys import instance_owner
+
+        try:
+            platform.adopt_generated_key(config.server.api_keys[0], instance_owner(config.server.port))
+        except Exception as e:  # noqa: BLE001 - the database failed between start and now
+            for backend in loaded.values():
+                if hasattr(backend, "shutdown"):
+                    backend.shutdown()
+            lifecycle.error = f"cannot record the generated API key: {e}"
+            lifecycle.phase = "failed"
+            uv.should_exit = True
+            return
     backends.update(loaded)
     lifecycle.phase = "ready"
     log.info("ready in %.1fs", time.monotonic() - lifecycle.started)

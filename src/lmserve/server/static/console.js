@@ -1,6 +1,7 @@
 // The console: the engine of each deployment from /metrics (scraped every few seconds, kept as
 // a rolling history per deployment), and, with a key, its usage per day, balance and limits;
-// with an admin key, the accounts and keys.
+// with an admin key, the accounts and keys, and the admin's actions on them: create a key (shown
+// once), revoke one, top up an account, change its tier, status and limits.
 import { apiJson, getKey, setKey } from "./api.js";
 import { TimeSeriesChart, compact, stackedBars } from "./charts.js";
 
@@ -263,20 +264,199 @@ async function loadPlatform(force = false) {
   document.body.dataset.platform = String(Number(document.body.dataset.platform || 0) + 1);
 }
 
+// ---- admin: the tables and the actions (the /admin API; an admin key only) --------------------
+
+const admin = { accounts: [], keys: [] };
+
 async function loadAdmin() {
   try {
-    const [accounts, keys] = await Promise.all([apiJson("/admin/accounts"), apiJson("/admin/keys")]);
+    const query = $("show-revoked").checked ? "?include_revoked=true" : "";
+    const [accounts, keys] = await Promise.all([apiJson("/admin/accounts"), apiJson("/admin/keys" + query)]);
+    admin.accounts = accounts.data;
+    admin.keys = keys.data;
     fillTable($("accounts-table"), accounts.data, ["name", "tier", "status", "balance", "charge_balance",
       "total_balance", (r) => (r.unlimited ? "unlimited" : limitsText(r.limits))]);
     fillTable($("keys-table"), keys.data, ["id", "prefix", "name", "account", "tier",
       (r) => (r.models ? r.models.join(", ") : "all"), "status", (r) => (r.admin ? "yes" : "")]);
+    addRevokeButtons();
+    fillAccountChoices();
+    $("admin-actions").hidden = $("show-revoked-field").hidden = false;
     $("admin-note").textContent = "";
   } catch (e) {
     $("accounts-table").hidden = $("keys-table").hidden = true;
+    $("admin-actions").hidden = $("show-revoked-field").hidden = true;
     if (e.status === 403) adminRefusedFor = getKey();
     $("admin-note").textContent = e.status === 403 ? "An admin key shows the accounts and keys here."
       : (e.describe ? e.describe() : String(e));
   }
+  document.body.dataset.admin = String(Number(document.body.dataset.admin || 0) + 1);
+}
+
+// A Revoke button on each key that can still be used; the first click asks, the second revokes.
+function addRevokeButtons() {
+  const rows = $("keys-table").querySelectorAll("tbody tr");
+  admin.keys.forEach((k, i) => {
+    const td = document.createElement("td");
+    if (k.status === "active" && !k.bootstrap) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "small";
+      button.id = `revoke-${k.id}`;
+      button.textContent = "Revoke";
+      button.setAttribute("aria-label", `Revoke key ${k.id} (${k.prefix}) of ${k.account}`);
+      button.addEventListener("click", () => revoke(k, button));
+      td.appendChild(button);
+    }
+    rows[i].appendChild(td);
+  });
+}
+
+async function revoke(key, button) {
+  if (button.dataset.armed !== "true") {
+    button.dataset.armed = "true";
+    button.textContent = "Confirm revoke";
+    setTimeout(() => { if (button.isConnected) { button.dataset.armed = "false"; button.textContent = "Revoke"; } }, 5000);
+    return;
+  }
+  button.disabled = true;
+  try {
+    const view = await apiJson(`/admin/keys/${key.id}/revoke`, { method: "POST" });
+    $("keys-note").textContent = `Revoked key ${view.id} (${view.prefix}) of ${view.account}: refused from its next request.`;
+  } catch (e) {
+    $("keys-note").textContent = e.describe ? e.describe() : String(e);
+  }
+  await loadAdmin();
+}
+
+function optionalInt(id, what) {
+  const raw = $(id).value.trim();
+  if (raw === "") return null;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 1) throw new Error(`${what} must be a whole number of at least 1`);
+  return value;
+}
+
+const LIMITS = ["rpm", "tpm", "rpd", "tpd"];
+
+async function createKey(event) {
+  event.preventDefault();
+  const body = { account: $("ck-account").value.trim() };
+  try {
+    const name = $("ck-name").value.trim();
+    const tier = $("ck-tier").value.trim();
+    const balance = $("ck-balance").value.trim();
+    const expires = $("ck-expires").value.trim();
+    const models = $("ck-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+    if (name) body.name = name;
+    if (tier) body.tier = tier;
+    if (balance) body.balance = balance;
+    if (expires) body.expires = expires;
+    if (models.length) body.models = models;
+    for (const limit of LIMITS) {
+      const value = optionalInt(`ck-${limit}`, limit.toUpperCase());
+      if (value !== null) body[limit] = value;
+    }
+    if ($("ck-admin").checked) body.admin = true;
+  } catch (e) {
+    $("ck-note").textContent = e.message;
+    return;
+  }
+  $("ck-submit").disabled = true;
+  try {
+    const created = await apiJson("/admin/keys", { method: "POST", body });
+    $("new-key-value").textContent = created.key;
+    $("new-key").hidden = false;
+    $("ck-note").textContent = `Created key ${created.id} (${created.prefix}) for ${created.account}, tier ${created.tier}.`;
+    for (const id of ["ck-name", "ck-balance", "ck-expires", "ck-models", ...LIMITS.map((l) => `ck-${l}`)]) $(id).value = "";
+    $("ck-admin").checked = false;
+  } catch (e) {
+    $("ck-note").textContent = e.describe ? e.describe() : String(e);
+  } finally {
+    $("ck-submit").disabled = false;
+  }
+  await loadAdmin();
+}
+
+// The account form: the choices, and the chosen account's values filled in.
+function fillAccountChoices() {
+  const select = $("ac-account");
+  const previous = select.value;
+  const names = admin.accounts.map((a) => a.name);
+  if (select.options.length !== names.length || names.some((n, i) => select.options[i].value !== n)) {
+    select.textContent = "";
+    for (const n of names) {
+      const option = document.createElement("option");
+      option.value = option.textContent = n;
+      select.appendChild(option);
+    }
+    const list = $("account-names");
+    list.textContent = "";
+    for (const n of names) {
+      const option = document.createElement("option");
+      option.value = n;
+      list.appendChild(option);
+    }
+  }
+  const tiers = $("tier-names");
+  for (const a of admin.accounts) {
+    if (![...tiers.options].some((o) => o.value === a.tier)) {
+      const option = document.createElement("option");
+      option.value = a.tier;
+      tiers.appendChild(option);
+    }
+  }
+  if (names.includes(previous)) select.value = previous;
+  if (select.value !== select.dataset.shown) showAccount();
+}
+
+function showAccount() {
+  const select = $("ac-account");
+  const a = admin.accounts.find((x) => x.name === select.value);
+  select.dataset.shown = select.value;
+  if (!a) return;
+  $("ac-tier").value = a.tier;
+  $("ac-status").value = a.status;
+  for (const limit of LIMITS) $(`ac-${limit}`).value = a.limits[limit] || "";
+}
+
+async function accountAction(path, init, describe) {
+  const name = $("ac-account").value;
+  if (!name) return;
+  try {
+    const a = await apiJson(`/admin/accounts/${encodeURIComponent(name)}${path}`, init);
+    $("ac-note").textContent = describe(a);
+    $("ac-account").dataset.shown = "";  // show the values as saved
+  } catch (e) {
+    $("ac-note").textContent = e.describe ? e.describe() : String(e);
+  }
+  await loadAdmin();
+}
+
+async function topUp() {
+  const amount = $("ac-amount").value.trim();
+  if (!amount) { $("ac-note").textContent = "Enter the amount to add, e.g. 10.00"; return; }
+  await accountAction("/topup", { method: "POST", body: { amount, granted: $("ac-granted").checked } },
+    (a) => `${a.name}: balance ${a.balance}, paid ${a.charge_balance}, total ${a.total_balance}.`);
+  $("ac-amount").value = "";
+}
+
+// Save writes the form as it stands: the limits shown are the account's limits (empty: none).
+async function saveAccount(event) {
+  event.preventDefault();
+  const body = { status: $("ac-status").value, clear_limits: true };
+  try {
+    const tier = $("ac-tier").value.trim();
+    if (tier) body.tier = tier;
+    for (const limit of LIMITS) {
+      const value = optionalInt(`ac-${limit}`, limit.toUpperCase());
+      if (value !== null) body[limit] = value;
+    }
+  } catch (e) {
+    $("ac-note").textContent = e.message;
+    return;
+  }
+  await accountAction("", { method: "PATCH", body },
+    (a) => `${a.name}: tier ${a.tier}, status ${a.status}, account-wide limits ${limitsText(a.limits)}.`);
 }
 
 function init() {
@@ -290,6 +470,14 @@ function init() {
   $("deployment").addEventListener("change", () => { engine.selected = $("deployment").value; showEngine(); });
   $("usage-days").addEventListener("change", () => loadPlatform());
   $("refresh-usage").addEventListener("click", () => loadPlatform(true));
+  $("show-revoked").addEventListener("change", loadAdmin);
+  $("create-key-form").addEventListener("submit", createKey);
+  $("new-key-copy").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText(
+    $("new-key-value").textContent));
+  $("new-key-done").addEventListener("click", () => { $("new-key-value").textContent = ""; $("new-key").hidden = true; });
+  $("ac-account").addEventListener("change", showAccount);
+  $("ac-topup").addEventListener("click", topUp);
+  $("account-form").addEventListener("submit", saveAccount);
   scrape();
   setInterval(scrape, SCRAPE_S * 1000);
   loadPlatform();

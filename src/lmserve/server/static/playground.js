@@ -27,7 +27,9 @@ const OPENAI_FIELDS = new Set(["model", "messages", "temperature", "top_p", "max
 
 const state = {
   models: [],            // /v1/models entries (with this deployment's defaults)
-  conversation: [],      // {role, content} turns sent so far (the system prompt is added per request)
+  conversation: [],      // the messages sent so far (the system prompt is added per request)
+  pendingCalls: [],      // the tool calls of the last reply, awaiting their results
+  retryCalls: [],        // the calls whose results a failed continuation sent (shown again)
   lastInOutputs: false,  // the last assistant turn is on screen in the output columns
   controllers: [],
   codeLang: "curl",
@@ -89,8 +91,43 @@ async function loadModels() {
     if (ids.includes(previous)) select.value = previous;
     else if (i === 1 && ids.length > 1) select.value = ids[1];
   });
+  fitModelLabels();
   showDefaults();
   document.body.dataset.models = String(state.models.length);
+}
+
+// A long model id does not fit the select's width: the shown label keeps its start and, whole,
+// its distinguishing end (abbreviated in the middle); the value and the tooltip are the full id.
+const labelCanvas = document.createElement("canvas");
+
+function fitModelLabels() {
+  for (const select of [$("model-a"), $("model-b")]) {
+    const style = getComputedStyle(select);
+    const room = select.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 24;  // the arrow
+    if (!(room > 0)) continue;  // not laid out (hidden): fitted when shown
+    const ctx = labelCanvas.getContext("2d");
+    ctx.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+    for (const option of select.options) {
+      option.textContent = abbreviateToWidth(option.value, room, (t) => ctx.measureText(t).width);
+      option.title = option.value;
+    }
+    select.title = select.value;
+  }
+}
+
+export function abbreviateToWidth(text, room, width) {
+  if (width(text) <= room) return text;
+  const tailShare = (n) => Math.max(Math.ceil((2 * n) / 3), Math.min(text.length - text.lastIndexOf("/"), n - 1));
+  let lo = 1;
+  let hi = text.length - 1;
+  let best = text.slice(0, 1) + "…";
+  while (lo <= hi) {  // the most characters that fit, a third of them from the start
+    const n = (lo + hi) >> 1;
+    const tail = Math.min(tailShare(n), n);
+    const label = text.slice(0, n - tail) + "…" + text.slice(text.length - tail);
+    if (width(label) <= room) { best = label; lo = n + 1; } else hi = n - 1;
+  }
+  return best;
 }
 
 function modelInfo(id) {
@@ -110,12 +147,12 @@ function showDefaults() {
 
 // ---- the request ----------------------------------------------------------------------------
 
-function buildBody(model, userText, overrides) {
+// The request for the conversation so far (its last turn: the user's message or tool results).
+function buildBody(model, overrides) {
   const messages = [];
   const system = $("system-prompt").value.trim();
   if (system) messages.push({ role: "system", content: system });
   messages.push(...state.conversation);
-  if (userText) messages.push({ role: "user", content: userText });
   const body = { model, messages };
   document.querySelectorAll("[data-param]").forEach((input) => {
     const raw = input.value.trim();
@@ -327,7 +364,8 @@ function renderTranscript() {
     who.textContent = m.role;
     const text = document.createElement("div");
     text.className = "text";
-    text.textContent = m.content || (m.tool_calls ? JSON.stringify(m.tool_calls) : "");
+    text.textContent = m.content || (m.tool_calls ? m.tool_calls.map((t) =>
+      `tool call ${t.function.name}(${t.function.arguments})`).join("\n") : "");
     item.append(who, text);
     list.appendChild(item);
   }
@@ -338,23 +376,47 @@ async function send(event) {
   if (state.controllers.length) return;
   const text = $("composer-input").value.trim();
   if (!text) { $("composer-input").focus(); return; }
+  await generate(text);
+}
+
+// The results of the tool calls the last reply made, as `tool` messages; then the model goes on
+// from them (no new user message).
+async function sendToolResults(event) {
+  event.preventDefault();
+  if (state.controllers.length || !state.pendingCalls.length) return;
+  const results = state.pendingCalls.map((call, i) => ({ role: "tool", tool_call_id: call.id,
+    content: $(`tool-result-${i}`).value }));
+  const empty = results.findIndex((r) => !r.content.trim());
+  if (empty >= 0) {
+    showBanner(`Enter the result of ${state.pendingCalls[empty].name} (the tool's output, e.g. JSON)`);
+    $(`tool-result-${empty}`).focus();
+    return;
+  }
+  await generate(null, results);
+}
+
+// One turn: `text` is the user's message (null: continue after `toolResults`).
+async function generate(text, toolResults = []) {
   let bodies;
+  const added = text ? [{ role: "user", content: text }] : toolResults;
   try {
-    bodies = [buildBody($("model-a").value, text)];
+    state.conversation.push(...added);
+    bodies = [buildBody($("model-a").value)];
     if ($("compare").checked) {
-      bodies.push(buildBody($("model-b").value, text, parseJsonField("overrides-b", "Fields for B", "object")));
+      bodies.push(buildBody($("model-b").value, parseJsonField("overrides-b", "Fields for B", "object")));
     }
     for (const b of bodies) if (!b.model) throw new ApiError(0, "No model to send to: enter a key that may use one");
   } catch (e) {
+    state.conversation.splice(state.conversation.length - added.length, added.length);
     showBanner(e.describe ? e.describe() : String(e));
     return;
   }
   showBanner("");
   for (const b of bodies) b.stream_options = { include_usage: true };
   state.lastInOutputs = false;
-  state.conversation.push({ role: "user", content: text });
+  showToolResults([]);
   renderTranscript();
-  $("composer-input").value = "";
+  if (text) $("composer-input").value = "";
   const outputs = $("outputs");
   outputs.textContent = "";
   outputs.classList.toggle("two", bodies.length > 1);
@@ -372,16 +434,47 @@ async function send(event) {
   const a = columns[0];
   const choice = a.selected();
   if (a.status !== "error" && (choice.text || choice.toolCalls.length)) {
-    const turn = { role: "assistant", content: choice.text };
+    const turn = { role: "assistant", content: choice.text || null };
+    if (choice.toolCalls.length) {
+      turn.tool_calls = choice.toolCalls.map((t) => ({ id: t.id, type: "function",
+        function: { name: t.name, arguments: t.arguments } }));
+    }
     state.conversation.push(turn);
     state.lastInOutputs = true;
+    showToolResults(choice.toolCalls);
   } else {
-    state.conversation.pop();  // a failed turn is not part of the conversation: edit and resend
-    $("composer-input").value = text;
+    // a failed turn is not part of the conversation: edit and resend
+    state.conversation.splice(state.conversation.length - added.length, added.length);
+    if (text) $("composer-input").value = text;
+    else showToolResults(state.retryCalls, toolResults);
     state.lastInOutputs = false;
   }
   renderTranscript();
   if ($("code-panel").hidden === false) renderCode();
+}
+
+// The form for the results of the reply's tool calls (hidden when it made none).
+function showToolResults(calls, previous = []) {
+  state.retryCalls = state.pendingCalls.length ? state.pendingCalls : calls;
+  state.pendingCalls = calls;
+  const list = $("tool-results-list");
+  list.textContent = "";
+  calls.forEach((call, i) => {
+    const field = document.createElement("div");
+    field.className = "field";
+    const label = document.createElement("label");
+    label.htmlFor = `tool-result-${i}`;
+    label.textContent = `Result of ${call.name}(${call.arguments})`;
+    const input = document.createElement("textarea");
+    input.id = `tool-result-${i}`;
+    input.rows = 2;
+    input.spellcheck = false;
+    input.placeholder = '{"temperature": 21, "unit": "C"}';
+    input.value = previous[i] ? previous[i].content : "";
+    field.append(label, input);
+    list.appendChild(field);
+  });
+  $("tool-results").hidden = calls.length === 0;
 }
 
 function stop() {
@@ -441,7 +534,10 @@ function codeFor(lang, body) {
 function renderCode() {
   let body;
   try {
-    body = buildBody($("model-a").value, $("composer-input").value.trim());
+    body = buildBody($("model-a").value);
+    // what Send would post: the message being written is the request's last
+    const text = $("composer-input").value.trim();
+    if (text) body.messages.push({ role: "user", content: text });
   } catch (e) {
     $("code").textContent = e.describe ? e.describe() : String(e);
     return;
@@ -468,8 +564,9 @@ function init() {
     setKey($("api-key").value.trim());
     loadModels();
   });
-  $("model-a").addEventListener("change", showDefaults);
-  $("compare").addEventListener("change", () => { $("compare-fields").hidden = !$("compare").checked; });
+  $("model-a").addEventListener("change", () => { showDefaults(); fitModelLabels(); });
+  $("model-b").addEventListener("change", fitModelLabels);
+  $("compare").addEventListener("change", () => { $("compare-fields").hidden = !$("compare").checked; fitModelLabels(); });
   $("p-format").addEventListener("change", () => {
     const schema = $("p-format").value === "json_schema";
     $("schema-field").hidden = !schema;
@@ -479,6 +576,8 @@ function init() {
     $("p-tools").value = JSON.stringify(TOOLS_EXAMPLE, null, 2);
   });
   $("composer").addEventListener("submit", send);
+  $("tool-results").addEventListener("submit", sendToolResults);
+  window.addEventListener("resize", fitModelLabels);
   $("composer-input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("composer").requestSubmit();
   });
@@ -487,6 +586,8 @@ function init() {
   $("clear").addEventListener("click", () => {
     state.conversation = [];
     state.lastInOutputs = false;
+    state.pendingCalls = [];
+    showToolResults([]);
     $("outputs").textContent = "";
     renderTranscript();
   });
