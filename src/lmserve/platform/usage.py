@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import BigInteger, case, func, literal, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
@@ -33,9 +35,22 @@ class UsageEntry:
     created_at: float | None = None
 
 
-def record(db: Database, e: UsageEntry) -> None:
+def record(db: Database, e: UsageEntry) -> bool:
+    """Write the row and charge its cost, in one transaction, unless a row with its trace id is
+    there already (a retry after a lost commit confirmation, a spool replay of a row that did
+    land): then nothing changes. Returns whether this call wrote it."""
+    insert = {"postgresql": pg_insert, "sqlite": sqlite_insert}.get(db.dialect)
+    if insert is None:  # pragma: no cover - the platform supports these two
+        raise RuntimeError(f"unsupported database: {db.dialect}")
+    values = dict(created_at=e.created_at or now(), key_id=e.key_id, account_id=e.account_id, model=e.model,
+                  tier=e.tier, prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
+                  cost_nanos=e.cost_nanos, status=e.status, latency_ms=e.latency_ms, ttft_ms=e.ttft_ms,
+                  trace_id=e.trace_id)
     with db.session() as s:
-        if e.charge and e.cost_nanos:
+        table = UsageRecord.__table__  # a Core insert: RETURNING tells whether the row went in
+        landed = s.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[table.c.trace_id])
+                           .returning(table.c.id)).scalar() is not None
+        if landed and e.charge and e.cost_nanos:
             cost = literal(e.cost_nanos)
             # Both SET expressions see the row as it was: take from the granted balance what it
             # has (not below 0), the rest from the paid balance.
@@ -44,10 +59,7 @@ def record(db: Database, e: UsageEntry) -> None:
             s.execute(update(Account).where(Account.id == e.account_id)
                       .values(balance_nanos=Account.balance_nanos - take,
                               charge_balance_nanos=Account.charge_balance_nanos - (cost - take)))
-        s.add(UsageRecord(created_at=e.created_at or now(), key_id=e.key_id, account_id=e.account_id, model=e.model,
-                          tier=e.tier, prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
-                          cost_nanos=e.cost_nanos, status=e.status, latency_ms=e.latency_ms, ttft_ms=e.ttft_ms,
-                          trace_id=e.trace_id))
+        return landed
 
 
 def summary(db: Database, account: str | None = None, model: str | None = None,
