@@ -96,6 +96,16 @@ def test_sigterm_drains_then_ends_long_streams(tmp_path, servers):
             assert error["error"]["type"] == "overloaded_error"
 
         assert srv.proc.wait(timeout=30) == 0, srv.output()[-3000:]
+        # Out, rows written, before a kubelet's SIGKILL at grace + 5 s (the default 25 s of 30 s).
+        exited = time.monotonic() - signalled
+        assert exited <= GRACE_S + 5, f"the process took {exited:.1f} s to exit after SIGTERM"
         assert "Traceback" not in srv.output(), srv.output()[-3000:]
     finally:
         servers.stop(srv)
+
+
+def test_the_default_grace_fits_kubernetes_default_termination_period():
+    from lmserve.config import ServerSettings
+
+    # terminationGracePeriodSeconds defaults to 30 s; what follows the grace takes about 5 s
+    assert ServerSettings().shutdown_grace_s == 25.0

@@ -110,9 +110,9 @@ def test_a_replay_interrupted_by_the_database_resumes(db, tmp_path):
         spool.replay(flaky)
     spool.append(_entry(row.account_id, row.id, "rs-late"))  # arrives while the replay file waits
     assert spool.depth == 3
-    assert spool.replay(lambda e: usage.record(db, e)) == 2  # rs-2, rs-3 (rs-0, rs-1 landed already)
-    assert spool.replay(lambda e: usage.record(db, e)) == 1  # rs-late, from the new spool file
-    assert spool.depth == 0 and _rows_and_balance(db, row.account_id)[0] == 5
+    # a restarted server: the interrupted replay file (rs-0, rs-1 landed already), then the new spool file
+    assert UsageSpool(tmp_path).replay(lambda e: usage.record(db, e)) == 3
+    assert UsageSpool(tmp_path).depth == 0 and _rows_and_balance(db, row.account_id)[0] == 5
 
 
 def test_a_row_the_database_refuses_is_set_aside(tmp_path):
@@ -180,3 +180,15 @@ def test_a_frozen_redis_is_refused_within_the_timeout(tmp_path):
         asyncio.run(scenario())
     finally:
         redis.close()
+
+
+def test_usage_summary_counts_errors_by_status(db):
+    _, row = keys.create_key(db, "statuses")
+    for i, status in enumerate([200, 429, 403, 429, 499, 200]):
+        e = _entry(row.account_id, row.id, f"st-{i}", cost=0)
+        e.status = status
+        usage.record(db, e)
+    [summary] = usage.summary(db, account="statuses")
+    assert summary["requests"] == 6 and summary["errors"] == 4
+    assert summary["errors_by_status"] == {"429": 2, "403": 1, "499": 1}
+    assert list(summary["errors_by_status"])[0] == "429"  # most frequent first

@@ -81,15 +81,24 @@ class UsageSpool:
             self._pending[entry.trace_id] = entry.created_at or time.time()
 
     def replay(self, write: Callable[[UsageEntry], bool]) -> int:
-        """Land every spooled row through `write` (usage.record). Returns the rows it wrote now
-        (rows already in the ledger are skipped by the database). A store error stops the replay
-        and propagates; the rows not landed stay spooled for the next one."""
-        with self._lock, self._flock():
-            if not self.replaying.exists():
-                if not self.path.exists():
-                    return 0
-                os.replace(self.path, self.replaying)
-                _fsync_dir(self.dir)
+        """Land every spooled row through `write` (usage.record): the replay file a replay before
+        left (interrupted, or the process killed), then the rows spooled since. Returns the rows
+        it wrote now (rows already in the ledger are skipped by the database). A store error
+        stops the replay and propagates; the rows not landed stay spooled for the next one."""
+        written = 0
+        for _ in range(3):  # rows keep arriving while the database is away; the next replay takes the rest
+            with self._lock, self._flock():
+                if not self.replaying.exists():
+                    if not self.path.exists():
+                        break
+                    os.replace(self.path, self.replaying)
+                    _fsync_dir(self.dir)
+            written += self._replay_file(write)
+        if written:
+            log.info("usage spool: %d row(s) landed in the ledger", written)
+        return written
+
+    def _replay_file(self, write: Callable[[UsageEntry], bool]) -> int:
         written = 0
         for entry in _read(self.replaying):
             try:
@@ -102,8 +111,6 @@ class UsageSpool:
         with self._lock, self._flock():
             self.replaying.unlink(missing_ok=True)
             _fsync_dir(self.dir)
-        if written:
-            log.info("usage spool: %d row(s) landed in the ledger", written)
         return written
 
     def _reject(self, entry: UsageEntry, error: Exception) -> None:

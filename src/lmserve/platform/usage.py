@@ -64,7 +64,8 @@ def record(db: Database, e: UsageEntry) -> bool:
 
 def summary(db: Database, account: str | None = None, model: str | None = None,
             since: float | None = None) -> list[dict]:
-    """Per account and model: requests, tokens, cost (a currency string)."""
+    """Per account and model: requests, tokens, cost (a currency string), errors (status >= 400)
+    in all and by status."""
     with db.session() as s:
         q = (select(Account.name, UsageRecord.model, func.count(UsageRecord.id),
                     func.sum(UsageRecord.prompt_tokens), func.sum(UsageRecord.completion_tokens),
@@ -78,9 +79,25 @@ def summary(db: Database, account: str | None = None, model: str | None = None,
             q = q.where(UsageRecord.model == model)
         if since is not None:
             q = q.where(UsageRecord.created_at >= since)
-        return [{"account": a, "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
-                 "completion_tokens": int(c or 0), "cost": from_nanos(int(cost or 0)), "errors": int(err or 0)}
+        rows = [{"account": a, "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
+                 "completion_tokens": int(c or 0), "cost": from_nanos(int(cost or 0)), "errors": int(err or 0),
+                 "errors_by_status": {}}
                 for a, m, n, p, c, cost, err in s.execute(q).all()]
+        # The errors of each row by HTTP status ("429": 3), most frequent first.
+        by_row = {(r["account"], r["model"]): r["errors_by_status"] for r in rows}
+        q = (select(Account.name, UsageRecord.model, UsageRecord.status, func.count(UsageRecord.id))
+             .join(Account, Account.id == UsageRecord.account_id).where(UsageRecord.status >= 400)
+             .group_by(Account.name, UsageRecord.model, UsageRecord.status)
+             .order_by(func.count(UsageRecord.id).desc(), UsageRecord.status))
+        if account:
+            q = q.where(Account.name == account)
+        if model:
+            q = q.where(UsageRecord.model == model)
+        if since is not None:
+            q = q.where(UsageRecord.created_at >= since)
+        for a, m, status, n in s.execute(q).all():
+            by_row[(a, m)][str(status)] = int(n)
+        return rows
 
 
 class _UTCDay(FunctionElement):
