@@ -14,6 +14,7 @@ from private_services import PrivateRedis, free_port
 from sqlalchemy import func, select, text
 
 from lmserve.config import PlatformSettings
+from lmserve.errors import Refused
 from lmserve.platform import keys, usage
 from lmserve.platform.db import MIGRATIONS, Account, Database, UsageRecord, to_nanos
 from lmserve.platform.limits import Limit, RedisLimiter
@@ -192,3 +193,33 @@ def test_usage_summary_counts_errors_by_status(db):
     assert summary["requests"] == 6 and summary["errors"] == 4
     assert summary["errors_by_status"] == {"429": 2, "403": 1, "499": 1}
     assert list(summary["errors_by_status"])[0] == "429"  # most frequent first
+
+
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+def test_limiter_unavailable_policy(tmp_path, policy):
+    """Redis unreachable: fail-closed by default (503 limiter_unavailable); `allow` serves the
+    request without limits, counted in lmserve_limiter_bypassed_total."""
+    from lmserve.config import ModelDeployment
+
+    settings = PlatformSettings(data_dir=str(tmp_path), redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                                on_limiter_unavailable=policy, tiers={"free": {"rpm": 10}})
+    platform = Platform(settings, {"m": ModelDeployment(id="m", path="m")}, [])
+    principal = keys.Principal(key_id=1, key_prefix="sk-x", account_id=1, account_name="a", tier="free",
+                               key_limits={}, account_limits={}, models=None, unlimited=False, is_admin=False,
+                               total_balance_nanos=1)
+
+    async def scenario():
+        try:
+            if policy == "deny":
+                with pytest.raises(Refused) as refused:
+                    await platform.admit(principal, "m", 10, 10)
+                assert (refused.value.status, refused.value.code) == (503, "limiter_unavailable")
+            else:
+                ticket = await platform.admit(principal, "m", 10, 10)
+                assert ticket.limits == [] and platform.limiter_bypassed == 1
+                counters = {m.name: m.samples[0].value for m in platform.collect()}
+                assert counters["lmserve_limiter_bypassed"] == 1
+        finally:
+            await platform.close()
+
+    asyncio.run(scenario())
