@@ -184,8 +184,8 @@ class Platform:
 
     def finish(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, status: int, latency_ms: float,
                ttft_ms: float | None, trace_id: str) -> asyncio.Task:
-        """The request ended (however): write its ledger row, then settle its reserved tokens.
-        Returns the task; `settled(task)` waits until the row is in the database or the spool."""
+        """The request ended (however): write its ledger row and settle its reserved tokens.
+        Returns the row's task; `settled(task)` waits until it is in the database or the spool."""
         p = ticket.principal
         entry = usage.UsageEntry(
             key_id=p.key_id, account_id=p.account_id, model=ticket.model, tier=p.tier, prompt_tokens=prompt_tokens,
@@ -193,7 +193,9 @@ class Platform:
             status=status, latency_ms=latency_ms, ttft_ms=ttft_ms,
             trace_id=trace_id, charge=not p.unlimited, created_at=time.time())
         unused = ticket.reserved_tokens - (prompt_tokens + completion_tokens)
-        return self._track(self._record_and_settle(ticket, unused, entry))
+        if unused and ticket.limits:  # beside the row: the answer waits for the row only
+            self._track(self._settle(ticket, unused, trace_id))
+        return self._track(self._land(entry))
 
     def refused(self, principal: keys.Principal, model: str | None, status: int, latency_ms: float,
                 trace_id: str) -> asyncio.Task:
@@ -218,13 +220,12 @@ class Platform:
         if task is not None:
             await asyncio.gather(asyncio.shield(task), return_exceptions=True)
 
-    async def _record_and_settle(self, ticket: Ticket, unused: int, entry: usage.UsageEntry) -> None:
-        await self._land(entry)
+    async def _settle(self, ticket: Ticket, unused: int, trace_id: str) -> None:
+        """Give back the reserved tokens the request did not use (bounded by redis_timeout_s)."""
         try:
-            if unused and ticket.limits:
-                await self.limiter.settle(ticket.limits, unused)
+            await self.limiter.settle(ticket.limits, unused)
         except Exception as e:
-            log.warning("settling rate-limit tokens failed (trace %s): %s: %s", entry.trace_id, type(e).__name__, e)
+            log.warning("settling rate-limit tokens failed (trace %s): %s: %s", trace_id, type(e).__name__, e)
 
     async def _land(self, entry: usage.UsageEntry) -> None:
         """The row into the database, or, if it is not there within ledger_wait_s, into the
