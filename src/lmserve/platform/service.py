@@ -40,6 +40,7 @@ log = logging.getLogger("lmserve.platform")
 
 _REPLAY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # between spool replays while the database stays away
 _PROBE_CACHE_S = 1.0  # /health/ready probes the stores at most this often
+_WARN_EVERY_S = 5.0  # "database unavailable" in the log at most this often
 _MODEL_NAME_CAP = 300  # the ledger's model column; a refused request may name anything
 
 
@@ -74,6 +75,7 @@ class Platform:
         self.limiter_bypassed = 0  # requests served unlimited under on_limiter_unavailable: allow
         self._replayer: asyncio.Task | None = None
         self._probe: tuple[float, dict] | None = None
+        self._store_warned = self._limiter_warned = -_WARN_EVERY_S
         self._api_keys = api_keys
         self._bootstrap: list[tuple[bytes, keys.Principal]] = []
         self._pending: set[asyncio.Task] = set()
@@ -91,7 +93,11 @@ class Platform:
             return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args, **kwargs))
         except Exception as e:
             if is_store_error(e):
-                log.warning("platform database unavailable: %s: %s", type(e).__name__, (str(e).splitlines() or [""])[0])
+                now = time.monotonic()
+                if now - self._store_warned >= _WARN_EVERY_S:  # an outage under load: a line, not a flood
+                    self._store_warned = now
+                    log.warning("platform database unavailable: %s: %s", type(e).__name__,
+                                (str(e).splitlines() or [""])[0])
                 raise StoreUnavailable() from e
             raise
 
@@ -160,13 +166,18 @@ class Platform:
             try:
                 denied = await self.limiter.acquire(limits, reserved)
             except Exception as e:  # Redis down or too slow (bounded by redis_timeout_s)
+                warn = time.monotonic() - self._limiter_warned >= _WARN_EVERY_S
+                if warn:
+                    self._limiter_warned = time.monotonic()
                 if self.settings.on_limiter_unavailable == "allow":
                     # the operator chose availability over limits: served, unlimited, and counted
                     self.limiter_bypassed += 1
-                    log.warning("rate limiter unavailable (%s: %s): serving without rate limits "
-                                "(platform.on_limiter_unavailable: allow)", type(e).__name__, e)
+                    if warn:
+                        log.warning("rate limiter unavailable (%s: %s): serving without rate limits "
+                                    "(platform.on_limiter_unavailable: allow)", type(e).__name__, e)
                     return Ticket(principal, model, [], reserved, price_for(deployment, principal.tier))
-                log.error("rate limiter unavailable: %s: %s", type(e).__name__, e)
+                if warn:
+                    log.error("rate limiter unavailable: %s: %s", type(e).__name__, e)
                 raise Refused(503, "rate limiting is unavailable; retry later", "limiter_unavailable",
                               retry_after=1) from None
             if denied is not None:
