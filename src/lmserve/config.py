@@ -217,8 +217,10 @@ class ServerSettings(_Section):
     # connection that has not sent a whole request head within header_timeout_s is closed.
     max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
     header_timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
-    # SIGTERM/SIGINT: requests in flight get this long to finish before they are ended.
-    shutdown_grace_s: Annotated[float, Field(ge=0.0)] = 30.0
+    # SIGTERM/SIGINT: requests in flight get this long to finish before they are ended. 25 s
+    # leaves Kubernetes' default 30 s terminationGracePeriodSeconds room to end streams and write
+    # (or spool) their ledger rows before its SIGKILL (docs/operations.md).
+    shutdown_grace_s: Annotated[float, Field(ge=0.0)] = 25.0
     _generated_key: bool = PrivateAttr(False)
 
     @property
@@ -242,6 +244,19 @@ class PlatformSettings(_Section):
     redis_prefix: NonEmptyStr = "lmserve:rl:"  # key prefix in Redis (deployments sharing one Redis keep apart)
     admin_keys: list[NonEmptyStr] = []  # plus LMSERVE_ADMIN_KEYS
     tiers: dict[str, Limits] = {}  # tier -> limits, over DEFAULT_TIERS
+    # Bounded waits on the network dependencies (docs/operations.md, "Failure policy"): a frozen
+    # Redis or database costs a request this long at most, then it is a 503 with Retry-After.
+    redis_connect_timeout_s: Annotated[float, Field(gt=0.0)] = 0.5
+    redis_timeout_s: Annotated[float, Field(gt=0.0)] = 0.5  # one command (a limiter admission)
+    db_connect_timeout_s: Annotated[float, Field(gt=0.0)] = 3.0
+    db_statement_timeout_s: Annotated[float, Field(gt=0.0)] = 10.0
+    db_pool_timeout_s: Annotated[float, Field(gt=0.0)] = 5.0  # waiting for a pooled connection
+    # How long a finished request waits for its ledger row to commit before the row goes to the
+    # spool file instead (it may still commit: the trace id's unique constraint keeps it to one).
+    ledger_wait_s: Annotated[float, Field(gt=0.0)] = 1.0
+    # Redis unreachable: "deny" refuses metered requests (503 limiter_unavailable); "allow"
+    # serves them without rate limits (a warning in the log and lmserve_limiter_bypassed_total).
+    on_limiter_unavailable: Literal["deny", "allow"] = "deny"
 
     @property
     def db_url(self) -> str:

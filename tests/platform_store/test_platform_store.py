@@ -176,7 +176,7 @@ def test_200_concurrent_requests_leave_exact_ledger_and_balance(db):
     assert summary == [{"account": "dave", "model": "m", "requests": 200,
                         "prompt_tokens": sum(10 + i % 7 for i in range(200)),
                         "completion_tokens": sum(i % 13 for i in range(200)), "cost": from_nanos(sum(costs)),
-                        "errors": 0}]
+                        "errors": 0, "errors_by_status": {}}]
 
 
 def test_unlimited_accounts_are_recorded_not_charged(db):

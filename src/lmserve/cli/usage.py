@@ -31,9 +31,15 @@ def _usage(args: argparse.Namespace) -> int:
 
         console = Console()
         table = fit_table(["account", "model", "requests", "errors", "prompt\ntokens", "completion\ntokens", "cost"],
-                          [[r["account"], r["model"], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
+                          [[r["account"], r["model"], str(r["requests"]), _errors(r), str(r["prompt_tokens"]),
                             str(r["completion_tokens"]), r["cost"]] for r in rows], squeeze=1, width=console.width)
         console.print(table)
         return 0
 
     return run_command("usage", args, work)
+
+
+def _errors(row: dict) -> str:
+    """"5 (429: 3, 403: 2)": the errors and how many of each status."""
+    by_status = ", ".join(f"{status}: {n}" for status, n in row["errors_by_status"].items())
+    return f"{row['errors']} ({by_status})" if by_status else str(row["errors"])

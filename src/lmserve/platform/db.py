@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -119,7 +120,38 @@ class UsageRecord(Base):
     status: Mapped[int] = mapped_column(Integer)  # the HTTP status the client got (499: it went away)
     latency_ms: Mapped[float] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
-    trace_id: Mapped[str] = mapped_column(String(64), index=True)
+    # Unique: a row retried after a lost commit confirmation, or replayed from the spool after it
+    # did land, is dropped by the database (ON CONFLICT DO NOTHING), never written twice.
+    trace_id: Mapped[str] = mapped_column(String(64), index=True, unique=True)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on every wait for the database (seconds): opening a connection, one statement
+    (PostgreSQL's statement_timeout; SQLite's lock wait), a free connection from the pool."""
+
+    connect_s: float = 3.0
+    statement_s: float = 10.0
+    pool_s: float = 5.0
+
+
+def is_store_error(exc: BaseException) -> bool:
+    """The database or Redis is unreachable, restarting or too slow: the request may succeed
+    later (a 503 with Retry-After), unlike a bug (a 500)."""
+    import redis.exceptions
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
+                        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError,
+                        ConnectionError)):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.errors.QueryCanceled))
 
 
 _MIGRATION_LOCK_ID = 0x6C6D7376  # "lmsv": the advisory lock that serialises schema migrations
@@ -128,9 +160,10 @@ _MIGRATION_LOCK_ID = 0x6C6D7376  # "lmsv": the advisory lock that serialises sch
 class Database:
     """An engine plus sessions. Calls are synchronous: the server runs them in worker threads."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeouts: Timeouts | None = None):
         self.url = url
-        self.engine = _make_engine(url)
+        self.timeouts = timeouts or Timeouts()
+        self.engine = _make_engine(url, self.timeouts)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -141,6 +174,10 @@ class Database:
     def session(self):
         with self.sessions.begin() as s:
             yield s
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
 
     def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration."""
@@ -154,21 +191,25 @@ class Database:
                 # Several servers starting at once on one database (docs/deployment.md): one
                 # migrates, the others wait here and then find the schema current. The lock is
                 # the transaction's: released at its commit.
+                conn.exec_driver_sql("SET LOCAL statement_timeout = 0")  # a migration may outlast a request
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})")
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            # "heads": migrations added on parallel branches of the project apply together
+            command.upgrade(cfg, "heads")
 
     def close(self) -> None:
         self.engine.dispose()
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, timeouts: Timeouts) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # A local file: the only wait is for the writer's lock, which queues (busy_timeout) for
+        # at least 30 s, since under a burst of writers that wait is normal, not an outage.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                               pool_size=8, max_overflow=16)
+                               pool_size=8, max_overflow=16, pool_timeout=timeouts.pool_s)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
@@ -181,4 +222,10 @@ def _make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=8, max_overflow=24, pool_pre_ping=True)
+    connect_args = {}
+    if parsed.get_backend_name() == "postgresql":
+        # libpq's connect_timeout is whole seconds (at least 2, below that libpq uses 2)
+        connect_args = {"connect_timeout": max(2, round(timeouts.connect_s)),
+                        "options": f"-c statement_timeout={int(timeouts.statement_s * 1000)}"}
+    return create_engine(url, pool_size=8, max_overflow=24, pool_pre_ping=True, pool_timeout=timeouts.pool_s,
+                         connect_args=connect_args)

@@ -179,10 +179,17 @@ return 0
 class RedisLimiter:
     """The same GCRA, its state in Redis: every API server sharing the URL shares the limits."""
 
-    def __init__(self, url: str, prefix: str = "lmserve:rl:"):
+    def __init__(self, url: str, prefix: str = "lmserve:rl:", connect_timeout_s: float = 0.5, timeout_s: float = 0.5):
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError
 
-        self.redis = aioredis.Redis.from_url(url)
+        # Every wait is bounded: a frozen Redis costs a request `timeout_s`, not redis-py's
+        # default of none. One immediate retry on a broken connection (a pooled connection to a
+        # Redis that restarted) reconnects; a timeout is not retried, which would double the wait.
+        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s,
+                                             retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
         self.prefix = prefix
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._settle = self.redis.register_script(_SETTLE)

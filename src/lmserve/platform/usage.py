@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import BigInteger, case, func, literal, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
@@ -33,9 +35,22 @@ class UsageEntry:
     created_at: float | None = None
 
 
-def record(db: Database, e: UsageEntry) -> None:
+def record(db: Database, e: UsageEntry) -> bool:
+    """Write the row and charge its cost, in one transaction, unless a row with its trace id is
+    there already (a retry after a lost commit confirmation, a spool replay of a row that did
+    land): then nothing changes. Returns whether this call wrote it."""
+    insert = {"postgresql": pg_insert, "sqlite": sqlite_insert}.get(db.dialect)
+    if insert is None:  # pragma: no cover - the platform supports these two
+        raise RuntimeError(f"unsupported database: {db.dialect}")
+    values = dict(created_at=e.created_at or now(), key_id=e.key_id, account_id=e.account_id, model=e.model,
+                  tier=e.tier, prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
+                  cost_nanos=e.cost_nanos, status=e.status, latency_ms=e.latency_ms, ttft_ms=e.ttft_ms,
+                  trace_id=e.trace_id)
     with db.session() as s:
-        if e.charge and e.cost_nanos:
+        table = UsageRecord.__table__  # a Core insert: RETURNING tells whether the row went in
+        landed = s.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[table.c.trace_id])
+                           .returning(table.c.id)).scalar() is not None
+        if landed and e.charge and e.cost_nanos:
             cost = literal(e.cost_nanos)
             # Both SET expressions see the row as it was: take from the granted balance what it
             # has (not below 0), the rest from the paid balance.
@@ -44,15 +59,13 @@ def record(db: Database, e: UsageEntry) -> None:
             s.execute(update(Account).where(Account.id == e.account_id)
                       .values(balance_nanos=Account.balance_nanos - take,
                               charge_balance_nanos=Account.charge_balance_nanos - (cost - take)))
-        s.add(UsageRecord(created_at=e.created_at or now(), key_id=e.key_id, account_id=e.account_id, model=e.model,
-                          tier=e.tier, prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
-                          cost_nanos=e.cost_nanos, status=e.status, latency_ms=e.latency_ms, ttft_ms=e.ttft_ms,
-                          trace_id=e.trace_id))
+        return landed
 
 
 def summary(db: Database, account: str | None = None, model: str | None = None,
             since: float | None = None) -> list[dict]:
-    """Per account and model: requests, tokens, cost (a currency string)."""
+    """Per account and model: requests, tokens, cost (a currency string), errors (status >= 400)
+    in all and by status."""
     with db.session() as s:
         q = (select(Account.name, UsageRecord.model, func.count(UsageRecord.id),
                     func.sum(UsageRecord.prompt_tokens), func.sum(UsageRecord.completion_tokens),
@@ -66,9 +79,25 @@ def summary(db: Database, account: str | None = None, model: str | None = None,
             q = q.where(UsageRecord.model == model)
         if since is not None:
             q = q.where(UsageRecord.created_at >= since)
-        return [{"account": a, "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
-                 "completion_tokens": int(c or 0), "cost": from_nanos(int(cost or 0)), "errors": int(err or 0)}
+        rows = [{"account": a, "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
+                 "completion_tokens": int(c or 0), "cost": from_nanos(int(cost or 0)), "errors": int(err or 0),
+                 "errors_by_status": {}}
                 for a, m, n, p, c, cost, err in s.execute(q).all()]
+        # The errors of each row by HTTP status ("429": 3), most frequent first.
+        by_row = {(r["account"], r["model"]): r["errors_by_status"] for r in rows}
+        q = (select(Account.name, UsageRecord.model, UsageRecord.status, func.count(UsageRecord.id))
+             .join(Account, Account.id == UsageRecord.account_id).where(UsageRecord.status >= 400)
+             .group_by(Account.name, UsageRecord.model, UsageRecord.status)
+             .order_by(func.count(UsageRecord.id).desc(), UsageRecord.status))
+        if account:
+            q = q.where(Account.name == account)
+        if model:
+            q = q.where(UsageRecord.model == model)
+        if since is not None:
+            q = q.where(UsageRecord.created_at >= since)
+        for a, m, status, n in s.execute(q).all():
+            by_row[(a, m)][str(status)] = int(n)
+        return rows
 
 
 class _UTCDay(FunctionElement):

@@ -3,6 +3,7 @@ operations as `lmserve keys|accounts|usage` on the command line."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -68,8 +69,9 @@ def admin_router(platform: Platform) -> APIRouter:
     async def admin(request: Request) -> None:
         try:
             await platform.authenticate_admin(request.headers.get("authorization"))
-        except Refused as e:
-            raise APIError(e.status, e.message, code=e.code) from None
+        except Refused as e:  # 401, 403, or 503 when the platform's database is away
+            headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else None
+            raise APIError(e.status, e.message, code=e.code, headers=headers) from None
 
     async def body(request: Request):
         try:

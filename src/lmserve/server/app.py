@@ -84,6 +84,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     app.add_middleware(SecurityHeaders)  # outermost: its headers go on every response, errors included
     drain = app.state.drain = Drain()
     metrics = Metrics(backends)
+    metrics.registry.register(platform)  # the usage spool and the limiter bypass
     admission = Admission({m.id: m.max_pending_requests for m in config.models})
     app.state.admission = admission
     started = int(time.time())
@@ -99,6 +100,10 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(BackendError)  # the platform's database or Redis away (StoreUnavailable): 503
+    async def backend_error(request: Request, exc: BackendError):
+        return as_api_error(exc).response()
 
     @app.exception_handler(InvalidParameter)
     async def invalid_parameter(request: Request, exc: InvalidParameter):
@@ -128,8 +133,16 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
 
     @app.api_route("/health/ready", methods=["GET", "HEAD"])
     async def ready():
-        """Readiness: send traffic here (every model loaded, every engine running)."""
-        return await health()
+        """Readiness: send traffic here (every model loaded, every engine running, the platform's
+        database and Redis reachable: "degraded" and 503 while one is not)."""
+        response = await health()
+        if isinstance(response, JSONResponse):
+            return response
+        stores = await platform.store_status()
+        if any(v == "unavailable" for v in stores.values()):
+            return JSONResponse({"status": "degraded", "platform": stores}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return {**response, "platform": stores}
 
     @app.api_route("/health/live", methods=["GET", "HEAD"])
     async def live():
@@ -241,13 +254,20 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         `chunks`/`collect` frame the backend's chunk stream (backend, job, metrics, timing)."""
         arrival = time.perf_counter()
         principal = await principal_of(request)
-        if drain.draining:
-            raise _shutting_down()
-        payload = await _read_json(request, config.server.max_body_bytes)
-        # Rejections count by status too, under the model id when it names a deployed model.
-        named = payload.get("model") if isinstance(payload, dict) else None
-        counted_model = named if isinstance(named, str) and named in backends else None
+        named = counted_model = None
+
+        def refused(err: APIError) -> None:
+            """A request refused after its key was accepted: a ledger row with its status, cost 0."""
+            platform.refused(principal, named if isinstance(named, str) else None, err.status,
+                             (time.perf_counter() - arrival) * 1000, request.state.trace_id)
+
         try:
+            if drain.draining:
+                raise _shutting_down()
+            payload = await _read_json(request, config.server.max_body_bytes)
+            # Rejections count by status too, under the model id when it names a deployed model.
+            named = payload.get("model")
+            counted_model = named if isinstance(named, str) and named in backends else None
             req = parse(payload)
             backend = backends.get(req.model)
             if backend is None:
@@ -262,6 +282,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
             err = as_api_error(e)
             if counted_model:
                 metrics.requests.labels(counted_model, str(err.status)).inc()
+            refused(err)
             raise err from None
         # Admitted: from here every way out releases the slot exactly once.
         release = _once(lambda: admission.leave(req.model))
@@ -275,6 +296,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
                 metrics.requests.labels(req.model, str(err.status)).inc()
                 if isinstance(e, Refused) and e.limit:
                     metrics.rate_limited.labels(req.model, e.limit).inc()
+                refused(err)
                 raise err from None
             raise
         timing = Timing(arrival)
@@ -305,12 +327,14 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
             raise
         finally:
             release()
-            finished(job, ticket, request, timing, status)
+            ledger = finished(job, ticket, request, timing, status)
+        await platform.settled(ledger)  # the row is in the database or the spool before the answer goes out
         return body
 
     async def _stream(chunks: AsyncIterator[dict], job: ChatJob, ticket: Ticket, request: Request,
                       timing: Timing):
         status = 200
+        ledger = None
         try:
             async for chunk in chunks:
                 yield sse(chunk)
@@ -322,10 +346,11 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
             status = 499
             raise
         finally:
-            finished(job, ticket, request, timing, status)
+            ledger = finished(job, ticket, request, timing, status)
+        await platform.settled(ledger)  # the row is in the database or the spool before [DONE]
         yield sse("[DONE]")
 
-    def finished(job: ChatJob, ticket: Ticket, request: Request, timing: Timing, status: int) -> None:
+    def finished(job: ChatJob, ticket: Ticket, request: Request, timing: Timing, status: int) -> asyncio.Task:
         """Every admitted request ends here exactly once, however it ends: metrics, the rate-limit
         settlement and the usage row (tokens so far for a client that left)."""
         metrics.requests.labels(job.model, str(status)).inc()
@@ -333,12 +358,13 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         metrics.generation_tokens.labels(job.model).inc(job.completion_tokens)
         request.state.tokens = job.prompt_tokens + job.completion_tokens
         request.state.final_status = status  # a stream's 200 went out first; the log wants how it ended
-        platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status,
-                        (time.perf_counter() - timing.arrival) * 1000, timing.ttft_ms, request.state.trace_id)
+        ledger = platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status,
+                                 (time.perf_counter() - timing.arrival) * 1000, timing.ttft_ms, request.state.trace_id)
         tally.finish(job)
         request.state.prompt_tokens = job.prompt_tokens
         request.state.completion_tokens = job.completion_tokens
         request.state.timing = timing
+        return ledger
 
     app.include_router(admin_router(platform))
     mount_ui(app)

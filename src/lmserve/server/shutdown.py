@@ -3,8 +3,12 @@
 Shutdown (SIGTERM, or SIGINT / Ctrl-C): the server stops taking requests at once (new ones get
 503, /health says "draining"), lets the requests in flight finish for up to `shutdown_grace_s`,
 then ends the rest: a stream gets the API's error event and `data: [DONE]`, a plain request a
-503, and the engine drops them. Then uvicorn closes the connections, the engines stop, and the
-process exits 0. A second SIGINT exits at once.
+503, and the engine drops them. Then uvicorn closes the connections, the ledger rows are written
+(or spooled), the engines stop, and the process exits 0. A second SIGINT exits at once.
+
+What follows the grace period is bounded by `_END_S` (requests ending) + `_CLOSE_S` (uvicorn
+closing connections) + the platform's `ledger_wait_s`: about 5 s, so the default grace of 25 s
+fits Kubernetes' default terminationGracePeriodSeconds of 30 s (docs/operations.md).
 
 Connection hygiene: h11 limits request heads received in pieces to `max_header_bytes`, the app
 refuses a head that arrived in one piece and is larger (431), and a connection that has not sent
@@ -27,6 +31,9 @@ from lmserve.config import ServerSettings
 
 log = logging.getLogger("lmserve.server")
 
+_END_S = 2.0  # after the grace period: for the requests told to stop to end (a cancelled step)
+_CLOSE_S = 2.0  # then for uvicorn to close connections that are still open
+
 
 class Drain:
     """Shutdown state the app reads: `draining` once a signal came, `stop` when the grace period
@@ -41,7 +48,7 @@ def draining_server(app, settings: ServerSettings, **uvicorn_options) -> Drainin
     """A uvicorn server for `app` (created by create_app) with the drain and the limits above."""
     HeadTimeoutH11Protocol.head_timeout_s = settings.header_timeout_s
     config = uvicorn.Config(app, http=HeadTimeoutH11Protocol, h11_max_incomplete_event_size=settings.max_header_bytes,
-                            timeout_graceful_shutdown=5, **uvicorn_options)
+                            timeout_graceful_shutdown=_CLOSE_S, **uvicorn_options)
     return DrainingServer(config, app.state.drain, app.state.admission, settings.shutdown_grace_s)
 
 
@@ -88,7 +95,7 @@ class DrainingServer(uvicorn.Server):
         if self.admission.total:
             log.warning("grace period over: ending %d request(s) still in flight", self.admission.total)
             self.drain.stop.set()
-            deadline = loop.time() + 5
+            deadline = loop.time() + _END_S
             while self.admission.total and loop.time() < deadline:
                 await asyncio.sleep(0.05)
         log.info("drained; shutting down")

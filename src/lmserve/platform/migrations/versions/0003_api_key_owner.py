@@ -1,7 +1,7 @@
 """api_keys.owner: the server instance a generated key belongs to
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002_usage_trace_unique
 Create Date: 2026-12-04
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0002_usage_trace_unique"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,340 @@
+"""Soak: one `lmserve serve` on a PostgreSQL and a Redis of its own, under mixed traffic for a
+while (30 minutes by default), with a database restart and a Redis restart in the middle.
+
+Traffic (client threads, round robin): streamed and non-streamed chat, n=2, a JSON schema, a
+forced tool call, a client that leaves mid-stream, 4xx inputs, and a key held to 5 requests per
+minute. Sampled every `--sample-s`: the server's RSS, open file descriptors, KV cache usage,
+PostgreSQL connections, spool depth. At the end it checks that every answered request (200) has
+exactly one ledger row and no request has two, and fits the RSS growth after warm-up:
+
+    python benchmarks/soak.py --duration 1800            # the full run
+    python benchmarks/soak.py --duration 150 --warmup 40 # the short version
+
+It fails (exit 1) on a missing or doubled ledger row, any 500, or RSS growth above
+`--max-growth-mb-per-hour` after warm-up. On this shared 2-core machine the figures are noisy:
+treat them as a leak detector, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, text
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BOOT, ADMIN = "sk-soak-boot", "sk-soak-admin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Postgres:
+    """initdb into a temporary directory, on its own port (run as `postgres` when root)."""
+
+    def __init__(self):
+        self.bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))[-1]
+        self.work = Path(tempfile.mkdtemp(prefix="lmserve-soak-pg-"))
+        self.data, self.port = self.work / "pg", free_port()
+        self.data.mkdir()
+        self.root = os.geteuid() == 0
+        if self.root:
+            subprocess.run(["chown", "-R", "postgres:postgres", str(self.work)], check=True)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust")
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bin / tool), *args]
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd] if self.root else cmd, check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def close(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class Redis:
+    def __init__(self, work: Path):
+        self.port, self.work = free_port(), work
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.work)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Traffic:
+    """Client threads sending the mix; every response's status and trace id is kept."""
+
+    def __init__(self, url: str, keys: dict[str, str]):
+        self.url, self.keys = url, keys
+        self.results: list[tuple[str, int, str | None, str | None]] = []  # kind, status, trace, error code
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def _chat(self, **body) -> dict:
+        return {"model": MODEL, "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 8,
+                "temperature": 0.7, **body}
+
+    def kinds(self):
+        schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
+        tool = {"type": "function", "function": {"name": "paint", "parameters": schema}}
+        return [
+            ("chat", "metered", "/v1/chat/completions", self._chat(), False),
+            ("stream", "metered", "/v1/chat/completions", self._chat(stream=True), False),
+            ("n2", "metered", "/v1/chat/completions", self._chat(n=2), False),
+            ("schema", "metered", "/v1/chat/completions",
+             self._chat(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}),
+             False),
+            ("tools", "boot", "/v1/chat/completions",
+             self._chat(tools=[tool], tool_choice={"type": "function", "function": {"name": "paint"}}), False),
+            ("disconnect", "metered", "/v1/chat/completions", self._chat(stream=True, max_tokens=64), True),
+            ("bad", "metered", "/v1/chat/completions", self._chat(temperature=-3), False),
+            ("limited", "limited", "/v1/chat/completions", self._chat(), False),
+            ("boot-stream", "boot", "/v1/completions",
+             {"model": MODEL, "prompt": "Once upon", "max_tokens": 8, "stream": True}, False),
+        ]
+
+    def client(self, offset: int) -> None:
+        kinds = self.kinds()
+        i = offset
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            while not self.stop.is_set():
+                kind, who, path, body, leave = kinds[i % len(kinds)]
+                i += 1
+                headers = {"Authorization": f"Bearer {self.keys[who]}"}
+                try:
+                    with http.stream("POST", path, json=body, headers=headers) as r:
+                        code = None
+                        if leave and r.status_code == 200:
+                            next(r.iter_lines())  # leave after the first line
+                            status = 499
+                        else:
+                            raw = r.read()
+                            status = r.status_code
+                            if status >= 400:
+                                try:
+                                    code = json.loads(raw)["error"]["code"]
+                                except (ValueError, KeyError, TypeError):
+                                    code = "?"
+                        trace = r.headers.get("x-request-id")
+                except httpx.HTTPError as e:
+                    status, trace, code = -1, None, type(e).__name__
+                with self.lock:
+                    self.results.append((kind, status, trace, code))
+
+
+def metric(url: str, name: str) -> float:
+    body = httpx.get(f"{url}/metrics", timeout=10).text
+    values = [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", body, re.M)]
+    return sum(values)
+
+
+def sample(pid: int, url: str, pg: Postgres) -> dict:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+    out = {"t": time.time(), "rss_mb": rss_kb / 1024, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    try:
+        out["kv_usage"] = metric(url, "lmserve_kv_cache_usage_ratio")
+        out["spool_rows"] = metric(url, "lmserve_usage_spool_rows")
+    except httpx.HTTPError:
+        pass
+    try:
+        engine = create_engine(pg.url, connect_args={"connect_timeout": 2})
+        with engine.connect() as conn:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'postgres' AND pid <> pg_backend_pid()"
+            out["db_connections"] = conn.execute(text(query)).scalar()
+        engine.dispose()
+    except Exception:
+        out["db_connections"] = None  # the database is restarting
+    return out
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (time s, value) in value per hour."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in points) / n
+    mv = sum(v for _, v in points) / n
+    den = sum((t - mt) ** 2 for t, _ in points)
+    return 0.0 if den == 0 else sum((t - mt) * (v - mv) for t, v in points) / den * 3600
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=1800.0, help="seconds of traffic")
+    ap.add_argument("--warmup", type=float, default=120.0, help="seconds before RSS growth is measured")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--sample-s", type=float, default=10.0)
+    ap.add_argument("--max-growth-mb-per-hour", type=float, default=100.0)
+    ap.add_argument("--json", help="write the samples and the summary here")
+    args = ap.parse_args()
+
+    pg = Postgres()
+    pg.start()
+    work = Path(tempfile.mkdtemp(prefix="lmserve-soak-"))
+    redis = Redis(work)
+    port = free_port()
+    (work / "config.yaml").write_text(f"""\
+server:
+  api_keys: ["{BOOT}"]
+  stats_interval_s: 0
+platform:
+  database_url: "{pg.url}"
+  redis_url: "{redis.url}"
+  admin_keys: ["{ADMIN}"]
+models:
+  - id: {MODEL}
+    path: {MODEL}
+    engine: {{num_kv_blocks: 256, max_num_seqs: 16}}
+    price: {{input: 1.0, output: 2.0}}
+""")
+    log = open(work / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "lmserve", "serve", "--config", str(work / "config.yaml"),
+                               "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, LMSERVE_DATA_DIR=str(work), HF_HUB_OFFLINE="1"))
+    url = f"http://127.0.0.1:{port}"
+    failures: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start:\n{(work / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        keys = {"boot": BOOT}
+        for name, extra in (("metered", {}), ("limited", {"rpm": 5})):
+            r = httpx.post(f"{url}/admin/keys", json={"account": f"soak-{name}", "balance": "1000", **extra},
+                           headers=admin, timeout=30)
+            r.raise_for_status()
+            keys[name] = r.json()["key"]
+
+        traffic = Traffic(url, keys)
+        threads = [threading.Thread(target=traffic.client, args=(i * 2,), daemon=True) for i in range(args.clients)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        samples: list[dict] = []
+        events = {"pg_restart": args.duration / 3, "redis_restart": 2 * args.duration / 3}
+        next_sample = 0.0
+        # the restarts happen even if sampling on a loaded machine made the loop overrun
+        while (elapsed := time.monotonic() - started) < args.duration or events:
+            if elapsed >= next_sample:
+                samples.append({**sample(server.pid, url, pg), "elapsed": round(elapsed, 1)})
+                next_sample += args.sample_s
+            for name, at in list(events.items()):
+                if elapsed >= at:
+                    del events[name]
+                    print(f"[{elapsed:6.0f} s] {name}", flush=True)
+                    if name == "pg_restart":
+                        pg.stop()
+                        time.sleep(5)
+                        pg.start()
+                    else:
+                        redis.stop()
+                        time.sleep(3)
+                        redis.start()
+            time.sleep(0.5)
+        traffic.stop.set()
+        for t in threads:
+            t.join(timeout=120)
+
+        # every answered request has its row once the spool has drained
+        spool_deadline = time.monotonic() + 60
+        while metric(url, "lmserve_usage_spool_rows") > 0 and time.monotonic() < spool_deadline:
+            time.sleep(0.5)
+        results = traffic.results
+        traces = [t for _, s, t, _ in results if t and s in (200, 499)]
+        engine = create_engine(pg.url)
+        with engine.connect() as conn:
+            counts = dict(conn.execute(text("SELECT trace_id, COUNT(*) FROM usage GROUP BY trace_id")).all())
+        engine.dispose()
+        answered = [t for _, s, t, _ in results if s == 200]
+        missing = [t for t in answered if counts.get(t, 0) == 0]
+        doubled = [t for t, n in counts.items() if n > 1]
+        status_counts: dict[str, int] = {}
+        for _, s, _, code in results:
+            key = f"{s}" + (f" {code}" if code else "")
+            status_counts[key] = status_counts.get(key, 0) + 1
+        after = [s for s in samples if s["elapsed"] >= args.warmup]
+        growth = slope_per_hour([(s["t"], s["rss_mb"]) for s in after])
+        fd_growth = slope_per_hour([(s["t"], s["fds"]) for s in after])
+        summary = {
+            "duration_s": round(time.monotonic() - started, 1), "requests": len(results),
+            "answered_200": len(answered), "statuses": status_counts,
+            "rows_missing": len(missing), "rows_doubled": len(doubled),
+            "disconnects_with_row": sum(1 for t in traces if counts.get(t)),
+            "rss_mb_first": round(after[0]["rss_mb"], 1) if after else None,
+            "rss_mb_last": round(after[-1]["rss_mb"], 1) if after else None,
+            "rss_growth_mb_per_hour": round(growth, 1), "fds_growth_per_hour": round(fd_growth, 1),
+            "fds_last": samples[-1]["fds"] if samples else None,
+            "db_connections_max": max((s.get("db_connections") or 0) for s in samples) if samples else None,
+            "samples": len(samples),
+        }
+        print(json.dumps(summary, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"summary": summary, "samples": samples}, indent=1))
+        if missing:
+            failures.append(f"{len(missing)} answered requests have no ledger row")
+        if doubled:
+            failures.append(f"{len(doubled)} requests have more than one ledger row")
+        if any(s == 500 for _, s, _, _ in results):
+            failures.append("500s were answered")
+        if len(after) >= 3 and growth > args.max_growth_mb_per_hour:
+            failures.append(f"RSS grew {growth:.0f} MB/hour after warm-up (bound {args.max_growth_mb_per_hour})")
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        redis.stop()
+        pg.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for f in failures:
+        print(f"FAIL: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
