@@ -114,7 +114,7 @@ def register(sub) -> None:
                           help="collectives: nccl (default on GPUs) or gloo (default on CPU)")
     parallel.add_argument("--nnodes", type=_positive, metavar="K",
                           help="the ranks spread over K nodes (tensor-parallel size / K each); default 1")
-    parallel.add_argument("--node-rank", type=int, default=0, metavar="R",
+    parallel.add_argument("--node-rank", type=non_negative_int, default=0, metavar="R",
                           help="this node's number: 0 serves HTTP; the others only run their ranks and exit "
                                "when node 0 does")
     parallel.add_argument("--dist-init-addr", metavar="HOST:PORT",
