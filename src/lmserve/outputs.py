@@ -36,3 +36,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt: str | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, the first None. Sent once,
+    # in the first output after the prefill (a stream's later deltas leave it None).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
