@@ -46,6 +46,7 @@ def check(out, ids: list[int], ref, k: int) -> None:
     # The engine's own best guess is transformers' argmax everywhere (asked with k >= 1 or not).
     if k:
         assert [e.top[0][0] for e in got[1:]] == top[:, 0].tolist()
+    assert [e.rank == 1 for e in got[1:]] == (torch.tensor(ids[1:]) == top[:, 0]).tolist()
 
 
 def test_one_prefill_matches_transformers(smollm, hf_smollm, prompt):

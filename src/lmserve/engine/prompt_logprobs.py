@@ -41,6 +41,7 @@ class PromptScores:
     """Per scored row, on the CPU: the target token's logprob and the batch's top k."""
 
     logprobs: torch.Tensor  # [rows] float32
+    ranks: torch.Tensor  # [rows] int64: 1 + how many tokens the model found likelier than the target
     top_ids: torch.Tensor  # [rows, k] int64
     top_logprobs: torch.Tensor  # [rows, k] float32
 
@@ -83,10 +84,12 @@ def score_rows(model: torch.nn.Module, hidden: torch.Tensor, batch: ModelInput) 
     plus the top `score_top_k`; slice by slice, so memory stays bounded however long the chunk."""
     rows, targets = ints_to_device(hidden.device, batch.score_rows, batch.score_targets)
     k = batch.score_top_k
-    logprobs, top_ids, top_logprobs = [], [], []
+    logprobs, ranks, top_ids, top_logprobs = [], [], [], []
     for s in range(0, len(batch.score_rows), SLICE_ROWS):
         logp = torch.log_softmax(model.compute_logits(hidden[rows[s:s + SLICE_ROWS]]).float(), dim=-1)
-        logprobs.append(logp.gather(1, targets[s:s + SLICE_ROWS].unsqueeze(1)).squeeze(1))
+        own = logp.gather(1, targets[s:s + SLICE_ROWS].unsqueeze(1))
+        logprobs.append(own.squeeze(1))
+        ranks.append((logp > own).sum(dim=1) + 1)
         if k:
             values, ids = logp.topk(k, dim=-1)
             top_ids.append(ids)
@@ -94,7 +97,7 @@ def score_rows(model: torch.nn.Module, hidden: torch.Tensor, batch: ModelInput) 
         del logp
     n = len(batch.score_rows)
     return PromptScores(
-        torch.cat(logprobs).cpu(),
+        torch.cat(logprobs).cpu(), torch.cat(ranks).cpu(),
         torch.cat(top_ids).cpu() if k else torch.empty(n, 0, dtype=torch.int64),
         torch.cat(top_logprobs).cpu() if k else torch.empty(n, 0))
 
@@ -113,6 +116,7 @@ def execute(runner, batch: ScheduledBatch, model_input: ModelInput) -> torch.Ten
 
 def record(plan: ScorePlan, scores: PromptScores) -> None:
     logprobs = scores.logprobs.tolist()
+    ranks = scores.ranks.tolist()
     top_ids = scores.top_ids.tolist()
     top_logprobs = scores.top_logprobs.tolist()
     row = 0
@@ -122,7 +126,7 @@ def record(plan: ScorePlan, scores: PromptScores) -> None:
         for _ in range(count):
             target = prompt[len(request.prompt_logprobs)]
             request.prompt_logprobs.append(
-                TokenLogprob(target, logprobs[row], list(zip(top_ids[row][:k], top_logprobs[row][:k]))))
+                TokenLogprob(target, logprobs[row], list(zip(top_ids[row][:k], top_logprobs[row][:k])), ranks[row]))
             row += 1
 
 
