@@ -112,3 +112,16 @@ def test_scoring_memory_is_bounded_per_slice(smollm, prompt, monkeypatch):
     out = smollm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
     assert len(out.prompt_logprobs) == len(prompt)
     assert max(seen) <= 16 and sum(seen) >= len(prompt) - 1
+
+
+def test_preempted_request_keeps_one_score_per_position(make_llm, hf_smollm, prompt):
+    # Eight 16-token blocks for two growing requests: the younger (the scored one) is preempted and
+    # recomputed; its prompt is scored once, every position exactly once.
+    llm = make_llm(num_kv_blocks=8, max_num_batched_tokens=40, long_prefill_token_threshold=0)
+    ids = prompt[:81]
+    outs = llm.generate([prompt[100:116], ids],
+                        [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True),
+                         SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, prompt_logprobs=1)])
+    assert llm.engine.scheduler.num_preemptions >= 1
+    assert len(outs[1].outputs[0].token_ids) == 30
+    check(outs[1], ids, reference(hf_smollm, ids, 1), 1)

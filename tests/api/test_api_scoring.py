@@ -66,7 +66,7 @@ def test_vllm_prompt_logprobs_field_on_both_endpoints(client, count_prompt_token
     scored = score(client, PROMPT, k=2).choices[0].logprobs
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0,
                                   extra_body={"prompt_logprobs": 2})
-    pl = r.model_extra["prompt_logprobs"]
+    pl = r.choices[0].model_extra["prompt_logprobs"]  # vLLM has it per choice on completions
     assert len(pl) == len(scored.tokens) and pl[0] is None
     for entry, token, value in zip(pl[1:], scored.tokens[1:], scored.token_logprobs[1:]):
         first = next(iter(entry.values()))  # the prompt's own token, then the top 2 by rank
@@ -77,7 +77,7 @@ def test_vllm_prompt_logprobs_field_on_both_endpoints(client, count_prompt_token
     messages = [{"role": "user", "content": PROMPT}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
                                           extra_body={"prompt_logprobs": 0})
-    pl = chat.model_extra["prompt_logprobs"]
+    pl = chat.model_extra["prompt_logprobs"]  # ...and at the top on chat
     assert len(pl) == chat.usage.prompt_tokens == count_prompt_tokens(messages) and pl[0] is None
     assert all(len(e) == 1 and next(iter(e.values()))["logprob"] <= 0 for e in pl[1:])
     assert "prompt_logprobs" not in client.chat.completions.create(model=MODEL, messages=messages,

@@ -17,8 +17,8 @@ from lmserve.server.prompt_scores import legacy_prompt_logprobs, vllm_prompt_log
 async def text_chunks(backend: Backend, job: ChatJob, metrics: Metrics, timing: Timing, echo: str | None,
                       echo_logprobs: int | None = None, prompt_logprobs: int | None = None) -> AsyncIterator[dict]:
     """`echo_logprobs`: the echoed prompt carries legacy logprobs with this many alternatives (the
-    echo then waits for the prompt's scores); `prompt_logprobs`: vLLM's field, on the chunk that
-    follows the scores (a non-streamed response folds it to the top level)."""
+    echo then waits for the prompt's scores); `prompt_logprobs`: vLLM's field, in a chunk of its
+    own that the collected response puts on every choice (where vLLM has it)."""
     base = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model}
     # Character offset of each choice's next token in the text the client sees (legacy logprobs).
     offsets = [len(echo or "")] * job.n
@@ -26,15 +26,13 @@ async def text_chunks(backend: Backend, job: ChatJob, metrics: Metrics, timing: 
     async for chunk in completion_chunks(backend, job, metrics, timing):
         entries = chunk.get(PROMPT_SCORES)
         if entries is not None:
-            extra = {"prompt_logprobs": vllm_prompt_logprobs(entries, prompt_logprobs)} \
-                if prompt_logprobs is not None else {}
+            if prompt_logprobs is not None:  # only for a collected response (not on a stream, as in vLLM)
+                yield {**base, "choices": [], "usage": None,
+                       "prompt_logprobs": vllm_prompt_logprobs(entries, prompt_logprobs)}
             if scored:
                 legacy = legacy_prompt_logprobs(entries, echo_logprobs)
                 for i in range(job.n):
-                    yield {**base, "choices": [_choice(i, echo, legacy, None)], "usage": None, **extra}
-                    extra = {}
-            elif extra:
-                yield {**base, "choices": [], "usage": None, **extra}
+                    yield {**base, "choices": [_choice(i, echo, legacy, None)], "usage": None}
             continue
         if not chunk["choices"]:  # the usage chunk
             yield {**base, "choices": [], "usage": chunk["usage"]}
@@ -68,11 +66,12 @@ async def collect_text(backend: Backend, job: ChatJob, metrics: Metrics, timing:
             if c["logprobs"]:
                 for key, values in c["logprobs"].items():
                     logprobs[i][key] += values
-    body = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
-            "choices": [_choice(i, texts[i], logprobs[i], finish[i]) for i in range(n)], "usage": job.usage}
+    choices = [_choice(i, texts[i], logprobs[i], finish[i]) for i in range(n)]
     if prompt_logprobs is not None:
-        body["prompt_logprobs"] = scores
-    return body
+        for c in choices:
+            c["prompt_logprobs"] = scores
+    return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": job.usage}
 
 
 def _choice(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
