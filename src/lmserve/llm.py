@@ -85,4 +85,6 @@ def collect(total: RequestOutput, delta: RequestOutput) -> None:
             out.logprobs = (out.logprobs or []) + d.logprobs
         out.finish_reason = d.finish_reason
     total.finished = delta.finished
+    if delta.prompt_logprobs is not None:
+        total.prompt_logprobs = delta.prompt_logprobs
     total.num_cached_tokens = delta.num_cached_tokens

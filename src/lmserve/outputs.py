@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    rank: int | None = None  # 1 = the model's first choice (set for prompt logprobs)
 
 
 @dataclass
@@ -36,3 +37,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt: str | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, the first None. Sent once,
+    # in the first output after the prefill (a stream's later deltas leave it None).
+    prompt_logprobs: list[TokenLogprob | None] | None = None

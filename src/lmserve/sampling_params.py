@@ -28,6 +28,8 @@ class SamplingParams:
     skip_special_tokens: bool = True  # leave special tokens (<|im_end|>, ...) out of the text
     logprobs: bool = False
     top_logprobs: int = 0
+    # vLLM's meaning: None = off; k = each prompt token's logprob plus the top k alternatives.
+    prompt_logprobs: int | None = None
     # Constrain the output to JSON (an object, or one that validates against a schema).
     structured_output: StructuredOutput | None = None
 
@@ -49,6 +51,8 @@ class SamplingParams:
         self._check("n", self.n >= 1, "must be at least 1")
         self._check("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]")
         self._check("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]")
+        self._check("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                    "must be in [0, 20]")
 
     @staticmethod
     def _check(name: str, ok: bool, rule: str) -> None:

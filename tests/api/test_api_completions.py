@@ -49,7 +49,7 @@ def test_completion_errors(api, checks):
     checks.error_body(post({"model": MODEL}), 400, "invalid_request_error", "prompt")
     checks.error_body(post({"model": MODEL, "prompt": ["a", "b"]}), 400, "invalid_request_error", "prompt")
     checks.error_body(post({"model": MODEL, "prompt": [10 ** 9]}), 400, "invalid_request_error", "prompt")
-    checks.error_body(post({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}), 400, param="echo")
+    checks.error_body(post({"model": MODEL, "prompt": "x", "max_tokens": 0}), 400, param="max_tokens")  # no echo
     checks.error_body(post({"model": "nope", "prompt": "x"}), 400, param="model")
     checks.error_body(api.http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 401)
 

@@ -242,6 +242,49 @@ def test_concurrent_large_prompts_tokenize_without_blocking(server, api, checks)
         assert "tokens" in body["error"]["message"]
 
 
+def test_scoring_a_huge_prompt_is_refused_without_blocking(server, api, checks):
+    # 100k token ids with echo + logprobs (prompt logprobs asked): refused by length, loop free.
+    with HealthWatchdog(server.url):
+        r = api.http.post("/v1/completions", json={"model": MODEL, "prompt": [42] * 100_000, "echo": True,
+                                                   "logprobs": 5, "max_tokens": 0}, headers=api.headers())
+    body = checks.error_body(r, 400, "invalid_request_error", "prompt")
+    assert body["error"]["code"] == "context_length_exceeded"
+
+
+def test_scoring_a_long_prompt_neither_stalls_others_nor_the_loop(server, api, hf_tokenizer):
+    """A 1,500-token prompt scored with 5 alternatives per token (three 512-token prefill chunks):
+    short chats sent while it runs finish first, and /health keeps answering."""
+    ids = (hf_tokenizer.encode("the quick brown fox jumps over the lazy dog. ") * 200)[:1500]
+    done: dict[str, float] = {}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=600.0) as http:
+            async def long():
+                r = await http.post("/v1/completions", headers=api.headers(), json={
+                    "model": MODEL, "prompt": ids, "echo": True, "logprobs": 5, "max_tokens": 0})
+                done["long"] = time.perf_counter()
+                return r
+
+            async def short(i: int):
+                await asyncio.sleep(0.3)  # the long prompt's prefill is under way
+                r = await http.post("/v1/chat/completions", headers=api.headers(), json={
+                    "model": MODEL, "messages": FRANCE, "max_tokens": 2})
+                done[f"short{i}"] = time.perf_counter()
+                return r
+
+            return await asyncio.gather(long(), short(0), short(1))
+
+    with HealthWatchdog(server.url):
+        scored, *shorts = asyncio.run(main())
+    assert scored.status_code == 200, scored.text
+    lp = scored.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 1500 and lp["token_logprobs"][0] is None
+    assert all(len(top) >= 5 for top in lp["top_logprobs"][1:])
+    for i, r in enumerate(shorts):
+        assert r.status_code == 200, r.text
+        assert done[f"short{i}"] < done["long"], "a short request waited for the long prompt's scoring"
+
+
 # --- user text never becomes control tokens -------------------------------------------------------
 
 

@@ -16,6 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from lmserve.chat.schemas import ChatCompletionRequest
 
+# The key of the chunk that carries a scored prompt (server/prompt_scores.py): internal, the
+# framing consumes it and never sends it to a client as it is.
+PROMPT_SCORES = "_prompt_scores"
+
 
 @dataclass
 class ChatJob:
@@ -31,6 +35,9 @@ class ChatJob:
     prompt_tokens: int
     include_usage: bool
     logprobs: bool = False
+    # Alternatives per prompt token when the prompt is scored (vLLM's prompt_logprobs, or echo with
+    # logprobs); None: not scored. The backend then sends the scores as one chunk of their own.
+    prompt_logprobs: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
     state: Any = None  # the backend's own (prompt ids and sampling params, or the upstream body)

@@ -12,7 +12,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from lmserve.backends.base import ChatJob, Health
+from lmserve.backends.base import PROMPT_SCORES, ChatJob, Health
 from lmserve.chat.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from lmserve.chat.tool_parsers import tool_call_stream
 from lmserve.chat.tools import ToolPlan, output_constraint, plan_tools, template_messages
@@ -34,9 +34,12 @@ class _LocalState:
     prompt_ids: list[int]
     params: SamplingParams
     tool_plan: ToolPlan | None
+    score_only: bool = False  # max_tokens 0: the prompt's scores, then finish (nothing generated)
 
 
 class LocalBackend:
+    scores_prompts = True  # prompt logprobs (the engine scores prompts during prefill)
+
     def __init__(self, deployment: ModelDeployment, defaults: dict[str, Any], max_n: int):
         self.model_id = deployment.id
         self.deployment = deployment
@@ -112,7 +115,7 @@ class LocalBackend:
 
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         return self._job(req, request_id, prompt_ids, "messages", max_tokens, bool(req.logprobs),
-                         req.top_logprobs or 0, structured, tool_plan)
+                         req.top_logprobs or 0, structured, tool_plan, prompt_logprobs=req.prompt_logprobs)
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> ChatJob:
         """A legacy completion: the prompt as given (text is tokenized with the tokenizer's own
@@ -130,10 +133,16 @@ class LocalBackend:
                 raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
             prompt_ids = list(req.prompt)
         logprobs = req.logprobs is not None
-        return self._job(req, request_id, prompt_ids, "prompt", req.max_tokens, logprobs, req.logprobs or 0)
+        # The prompt is scored for echo with logprobs (the legacy shape) and for vLLM's
+        # prompt_logprobs; one scoring serves both, with the larger k.
+        asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+        score_only = req.max_tokens == 0
+        return self._job(req, request_id, prompt_ids, "prompt", 1 if score_only else req.max_tokens, logprobs,
+                         req.logprobs or 0, prompt_logprobs=max(asked) if asked else None, score_only=score_only)
 
     def _job(self, req: SamplingFields, request_id: str, prompt_ids: list[int], prompt_param: str,
-             max_tokens: int | None, logprobs: bool, top_logprobs: int, structured=None, tool_plan=None) -> ChatJob:
+             max_tokens: int | None, logprobs: bool, top_logprobs: int, structured=None, tool_plan=None,
+             prompt_logprobs: int | None = None, score_only: bool = False) -> ChatJob:
         """Context checks and sampling params, the same for chat and legacy completions."""
         def pick(name: str):
             value = getattr(req, name)
@@ -160,10 +169,12 @@ class LocalBackend:
             presence_penalty=pick("presence_penalty"), repetition_penalty=pick("repetition_penalty"), n=n,
             seed=req.seed, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
             structured_output=structured, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            stop_token_ids=req.stop_token_ids or [], skip_special_tokens=req.skip_special_tokens)
+            stop_token_ids=req.stop_token_ids or [], skip_special_tokens=req.skip_special_tokens,
+            prompt_logprobs=prompt_logprobs)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return ChatJob(request_id, req.model, n, n * max_tokens, len(prompt_ids), include_usage,
-                       logprobs=logprobs, state=_LocalState(prompt_ids, params, tool_plan))
+        return ChatJob(request_id, req.model, n, 0 if score_only else n * max_tokens, len(prompt_ids), include_usage,
+                       logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                       state=_LocalState(prompt_ids, params, tool_plan, score_only))
 
     def tokenize(self, req: TokenizeRequest) -> list[int]:
         """Token ids of a text, or of a conversation rendered by this deployment's template the way a
@@ -199,6 +210,15 @@ class LocalBackend:
         readers = [tool_call_stream(fmt, state.tool_plan) if state.tool_plan else None for _ in range(job.n)]
         try:
             async for out in self.async_engine.generate(job.request_id, state.prompt_ids, state.params):
+                if out.prompt_logprobs is not None:
+                    # A long prompt's thousands of token texts: built off the event loop.
+                    entries = await asyncio.to_thread(self._prompt_entries, out.prompt_token_ids, out.prompt_logprobs)
+                    yield {**base, "choices": [], PROMPT_SCORES: entries, "usage": None}
+                if state.score_only:  # the prefill is done: the token it sampled is not wanted
+                    for i in range(job.n):
+                        yield {**base, "choices": [{"index": i, "delta": {}, "finish_reason": "length",
+                                                    "logprobs": None}], "usage": None}
+                    return
                 for o in out.outputs:
                     job.completion_tokens += len(o.token_ids)
                     finish = o.finish_reason
@@ -256,6 +276,21 @@ class LocalBackend:
 
     def abort(self, request_id: str) -> None:
         self.async_engine.abort(request_id)
+
+    def _prompt_entries(self, prompt_ids: list[int], scores: list[TokenLogprob | None]) -> list[dict]:
+        """The engine's prompt logprobs with each token's text (server/prompt_scores.py's entries)."""
+        texts: dict[int, str] = {}
+
+        def text(token_id: int) -> str:
+            if token_id not in texts:
+                texts[token_id] = self.engine.tokenizer.decode([token_id]) if self.engine.tokenizer else ""
+            return texts[token_id]
+
+        entries = [{"token_id": prompt_ids[0], "token": text(prompt_ids[0]), "logprob": None, "rank": None, "top": []}]
+        for lp in scores[1:]:
+            entries.append({"token_id": lp.token_id, "token": text(lp.token_id), "logprob": lp.logprob,
+                            "rank": lp.rank, "top": [[t, text(t), v] for t, v in lp.top]})
+        return entries
 
     def _logprob_entry(self, lp: TokenLogprob) -> dict:
         raw = token_bytes(self.engine.tokenizer)

@@ -166,14 +166,18 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: score the prompt, top k
 
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions (the legacy prompt API): one prompt, as text or token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    # 0 only with echo: score the prompt, generate nothing (as OpenAI and vLLM answer it).
+    max_tokens: int | None = Field(default=None, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)  # how many top alternatives per token
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: score the prompt, top k
     suffix: str | None = None
 
     @field_validator("prompt")

@@ -107,6 +107,10 @@ class Worker:
     def execute(self, batch):
         return self.runner.execute(batch)
 
+    def execute_scored(self, batch):
+        # Every rank walks the same scoring slices: the LM head's gather is a collective.
+        return self.runner.execute_scored(batch)
+
     def profile(self, batch, num_blocks: int, block_size: int, utilization: float) -> int:
         """A worker's share of the engine's memory profile: the same step on a temporary cache,
         its own device's peak, its own block count; every rank then takes the smallest."""
@@ -228,6 +232,9 @@ class LocalExecutor:
     def execute(self, batch) -> torch.Tensor:
         return self.runner.execute(batch)
 
+    def execute_scored(self, batch):
+        return self.runner.execute_scored(batch)
+
     def profile(self, batch, num_blocks, block_size, utilization) -> None:
         """Nothing to do: the engine profiles this process's device itself."""
 
@@ -309,6 +316,10 @@ class MultiprocExecutor:
 
     def execute(self, batch) -> torch.Tensor:
         return self._run_all("execute", batch)
+
+    def execute_scored(self, batch):
+        """`execute` plus prompt logprobs (engine/prompt_logprobs.py): rank 0's logits and scores."""
+        return self._run_all("execute_scored", batch)
 
     def run_all(self, name: str, *args):
         """Every rank runs Worker.<name>(*args) (the probes of benchmarks); rank 0's result."""

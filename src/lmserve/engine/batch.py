@@ -25,6 +25,11 @@ class ModelInput:
     num_decodes: int  # the first num_decodes sequences decode (query_len 1)
     logit_rows: list[int]  # flattened rows whose next-token logits are wanted, in sampling order
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the step
+    # Prompt logprobs (engine/prompt_logprobs.py): rows whose logprob of the next prompt token
+    # (and top k alternatives) is wanted; empty in the steps of requests that do not ask.
+    score_rows: list[int] = field(default_factory=list)
+    score_targets: list[int] = field(default_factory=list)
+    score_top_k: int = 0
 
     @property
     def positions(self) -> list[int]:

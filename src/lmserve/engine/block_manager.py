@@ -61,8 +61,8 @@ class BlockManager:
         Returns the number of tokens that no longer need computing. At least one token is
         always left to compute, since its logits are needed to sample."""
         assert not seq.block_table
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or seq.request.scoring_prompt:
+            return 0  # a prompt being scored needs its logits, which the cache does not hold
         tokens = seq.token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
         parent = None

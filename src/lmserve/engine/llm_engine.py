@@ -20,6 +20,7 @@ import torch
 from lmserve.device import choose_device, choose_dtype
 from lmserve.distributed.executor import LocalExecutor, MultiprocExecutor, WorkerConfig
 from lmserve.distributed.group import BACKENDS, default_backend
+from lmserve.engine import prompt_logprobs
 from lmserve.engine.batch import ModelInput, build_model_input
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.capacity import cache_blocks
@@ -328,6 +329,8 @@ class LLMEngine:
             self.grammar_backend().compile(params.structured_output)  # a bad schema fails here
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(request_id, prompt_ids, params, time.monotonic(), seed, prompt=prompt_text)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         first = self._new_sequence(request, 0, list(prompt_ids))
         self.requests[request_id] = request
         self.scheduler.add(first)
@@ -390,7 +393,7 @@ class LLMEngine:
                 sample_seqs.append(seq)
                 logit_ids.append(seq.seq_id)
 
-        logits = self.executor.execute(build_model_input(batch, logit_ids))
+        logits = prompt_logprobs.execute(self.executor, batch, build_model_input(batch, logit_ids))
 
         for seq in batch.decodes:
             seq.num_computed_tokens += 1
@@ -458,7 +461,7 @@ class LLMEngine:
         if done:
             self.requests.pop(request.request_id, None)
         return RequestOutput(request.request_id, request.prompt_token_ids, outputs, done,
-                             request.num_cached_tokens, request.prompt)
+                             request.num_cached_tokens, request.prompt, prompt_logprobs.take_finished(request))
 
     # ---- introspection (metrics, tests) ---------------------------------------------------
 

@@ -20,6 +20,7 @@ from lmserve.attention.spec import kv_bytes_per_block
 from lmserve.engine import cuda_graphs
 from lmserve.engine.batch import ModelInput
 from lmserve.engine.compiled_decode import CompiledDecode, unsupported_reason
+from lmserve.engine.prompt_logprobs import PromptScores, score_rows
 from lmserve.models.config import ModelConfig
 from lmserve.staging import ints_to_device
 
@@ -98,9 +99,22 @@ class ModelRunner:
             logits = self.graphs.run(batch)
             if logits is not None:
                 return logits
-        ids, positions, rows = ints_to_device(dev, batch.token_ids, batch.positions, batch.logit_rows)
+        return self._logits(batch, *self._forward(batch))
+
+    @torch.inference_mode()
+    def execute_scored(self, batch: ModelInput) -> tuple[torch.Tensor, PromptScores]:
+        """`execute`, always eager, plus the prompt logprobs `batch.score_rows` asks for."""
+        self.copy_blocks(batch.block_copies)
+        hidden, rows = self._forward(batch)
+        return self._logits(batch, hidden, rows), score_rows(self.model, hidden, batch)
+
+    def _forward(self, batch: ModelInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eager forward: hidden states of every row, and the logit rows (already on the device)."""
+        ids, positions, rows = ints_to_device(self.device, batch.token_ids, batch.positions, batch.logit_rows)
         meta = self.attention_backend.build_metadata(batch, positions, self.block_size, self.dtype)
-        hidden = self.model(ids, positions, self.kv_caches, meta)
+        return self.model(ids, positions, self.kv_caches, meta), rows
+
+    def _logits(self, batch: ModelInput, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if not batch.logit_rows:
             return hidden.new_empty(0, self.config.vocab_size)
         return self.model.compute_logits(hidden[rows])

@@ -81,6 +81,16 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # the n - 1 other choices exist
     num_cached_tokens: int = 0
+    # When params.prompt_logprobs is set: one entry per prompt position scored so far (the first
+    # is None: nothing predicts it), filled chunk by chunk during prefill.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_emitted: bool = False
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs asked for and not all computed: the prompt must run through the model,
+        not come from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:

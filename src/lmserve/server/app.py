@@ -198,29 +198,38 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     @app.post("/v1/chat/completions", openapi_extra=_body_schema("ChatCompletionRequest"))
     async def chat_completions(request: Request):
         """Chat completion (OpenAI-compatible), streamed (SSE) or not."""
-        return await generate(request, parse_chat_request, lambda backend, req, rid: backend.prepare(req, rid),
-                              "chatcmpl", completion_chunks, collect_completion)
+        async def prepare(backend, req: ChatCompletionRequest, request_id: str) -> ChatJob:
+            if req.prompt_logprobs is not None:
+                _check_prompt_logprobs(backend, req)
+            return await backend.prepare(req, request_id)
+
+        return await generate(request, parse_chat_request, prepare, "chatcmpl", completion_chunks, collect_completion)
 
     @app.post("/v1/completions", openapi_extra=_body_schema("CompletionRequest"))
     async def completions(request: Request):
         """Legacy prompt completion: one prompt (text or token ids), n, logprobs, echo, streamed or not."""
-        echo: list[str | None] = [None]
+        framing: dict = {"echo": None}  # text_chunks' echo, echo_logprobs, prompt_logprobs
 
         async def prepare(backend, req: CompletionRequest, request_id: str) -> ChatJob:
             if not hasattr(backend, "prepare_completion"):
                 raise bad_request(f"model {req.model!r} does not serve legacy completions", "model")
             if req.suffix:
                 raise bad_request("suffix is not supported", "suffix")
-            if req.echo and req.logprobs is not None:
-                raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+            if req.max_tokens == 0 and not req.echo:
+                raise bad_request("max_tokens must be at least 1 (0 only with echo: the prompt is scored, "
+                                  "nothing generated)", "max_tokens")
+            if req.prompt_logprobs is not None:
+                _check_prompt_logprobs(backend, req)
             job = await backend.prepare_completion(req, request_id)
             if req.echo:
-                echo[0] = req.prompt if isinstance(req.prompt, str) else \
+                framing["echo"] = req.prompt if isinstance(req.prompt, str) else \
                     await asyncio.to_thread(backend.detokenize, req.prompt)
+                framing["echo_logprobs"] = req.logprobs
+            framing["prompt_logprobs"] = req.prompt_logprobs
             return job
 
         return await generate(request, lambda payload: validate(CompletionRequest, payload), prepare, "cmpl",
-                              lambda *a: text_chunks(*a, echo[0]), lambda *a: collect_text(*a, echo[0]))
+                              lambda *a: text_chunks(*a, **framing), lambda *a: collect_text(*a, **framing))
 
     @app.post("/tokenize", openapi_extra=_body_schema("TokenizeRequest"))
     async def tokenize(request: Request):
@@ -396,6 +405,15 @@ def _openapi(app: FastAPI) -> dict:
         schema["security"] = [{"bearer": []}]
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _check_prompt_logprobs(backend: Backend, req) -> None:
+    """vLLM's prompt_logprobs: local engines only, and (as in vLLM) not on a stream; a streamed
+    completion scores its prompt with echo and logprobs."""
+    if not getattr(backend, "scores_prompts", False):
+        raise bad_request(f"model {req.model!r} does not score prompts (prompt_logprobs)", "prompt_logprobs")
+    if req.stream:
+        raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")
 
 
 def as_api_error(exc: BaseException) -> APIError:

@@ -11,9 +11,10 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from lmserve.backends.base import Backend, ChatJob
+from lmserve.backends.base import PROMPT_SCORES, Backend, ChatJob
 from lmserve.server.errors import APIError
 from lmserve.server.metrics import Metrics
+from lmserve.server.prompt_scores import vllm_prompt_logprobs
 
 
 class Timing:
@@ -59,7 +60,9 @@ async def collect_completion(backend: Backend, job: ChatJob, metrics: Metrics, t
     calls: list[list] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     logprobs: list[list | None] = [None] * n
+    scores = None
     async for chunk in completion_chunks(backend, job, metrics, timing):
+        scores = chunk.get(PROMPT_SCORES, scores)
         for c in chunk["choices"]:
             i = c["index"]
             texts[i] += c["delta"].get("content") or ""
@@ -69,8 +72,11 @@ async def collect_completion(backend: Backend, job: ChatJob, metrics: Metrics, t
                 logprobs[i] = (logprobs[i] or []) + (c["logprobs"].get("content") or [])
     choices = [{"index": i, "message": _message(texts[i], calls[i]), "finish_reason": finish[i],
                 "logprobs": {"content": logprobs[i] or []} if job.logprobs else None} for i in range(n)]
-    return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": job.model,
+    body = {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": job.model,
             "choices": choices, "usage": job.usage}
+    if job.prompt_logprobs is not None:  # vLLM's field (the request asked for prompt_logprobs)
+        body["prompt_logprobs"] = vllm_prompt_logprobs(scores or [], job.prompt_logprobs)
+    return body
 
 
 def _message(text: str, calls: list[dict]) -> dict:
