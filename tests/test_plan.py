@@ -273,3 +273,19 @@ def test_tensor_parallel_splits(tmp_path):
     assert capacity.kv_bytes_per_token(inv, 4, torch.bfloat16) == capacity.kv_bytes_per_token(inv, 2, torch.bfloat16)
     assert inv.invalid_reason(3) == "3 ranks do not divide the 4 attention heads"
     assert inv.invalid_reason(8) == "8 ranks do not divide the 4 attention heads"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-moe", "deepseek-v2"])
+def test_prediction_at_tp2_is_what_rank_0_holds(tmp_path, family):
+    """The split rules against the tensor-parallel layers themselves: rank 0 of a TP=2 dummy
+    engine (gloo, a worker process for rank 1) holds exactly the planner's per-rank weights and
+    KV bytes per block."""
+    engine = dummy_engine(tmp_path, FAMILY_CONFIGS[family], tensor_parallel_size=2)
+    try:
+        inv = inventory(engine.model_config)
+        assert sum(capacity.weight_bytes(inv, 2, "none", torch.bfloat16).values()) == held_bytes(engine)
+        block_size = engine.engine_config.block_size
+        per_block = engine.runner.kv_bytes_per_block(engine.model, block_size, engine.dtype)
+        assert capacity.kv_bytes_per_token(inv, 2, torch.bfloat16) * block_size == per_block
+    finally:
+        engine.shutdown()
