@@ -179,7 +179,7 @@ def test_cli_fails_fast_on_unknown_flag_and_bad_config(tmp_path):
     bad_cfg = subprocess.run(run + ["--config", str(f)], capture_output=True, text=True, timeout=60)
     assert bad_cfg.returncode == 2 and "server.bogus: unknown key" in bad_cfg.stderr
     bad_port = subprocess.run(run + ["--port", "99999"], capture_output=True, text=True, timeout=60)
-    assert bad_port.returncode == 2 and "port must be in 1..65535" in bad_port.stderr
+    assert bad_port.returncode == 2 and "must be in 1..65535" in bad_port.stderr
     bad_size = subprocess.run(run + ["--kv-cache-memory", "lots"], capture_output=True, text=True, timeout=60)
     assert bad_size.returncode == 2 and "not a size: 'lots'" in bad_size.stderr
     bad_fraction = subprocess.run(run + ["--gpu-memory-utilization", "1.5"], capture_output=True, text=True,

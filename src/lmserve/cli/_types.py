@@ -7,24 +7,23 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
+def integer_in(text: str, low: int, high: int | None = None, what: str = "an integer") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return integer_in(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return integer_in(text, 0)
 
 
 def number(text: str) -> float:

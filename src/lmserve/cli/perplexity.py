@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from lmserve.cli._types import positive_int
 from lmserve.defaults import DEFAULT_MODEL_ID
 
 
@@ -23,8 +24,8 @@ def register(sub) -> None:
     p.add_argument("file", help="a UTF-8 text file")
     p.add_argument("--model", default=DEFAULT_MODEL_ID,
                    help=f"checkpoint directory, .gguf file or bundled model id (default: {DEFAULT_MODEL_ID})")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama-perplexity's -c; default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default: all)")
+    p.add_argument("--ctx", type=positive_int, default=512, help="tokens per chunk (llama-perplexity's -c; default 512)")
+    p.add_argument("--chunks", type=positive_int, default=None, help="score at most this many chunks (default: all)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

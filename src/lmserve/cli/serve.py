@@ -8,18 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmserve.cli._types import non_negative_int
+from lmserve.cli._types import integer_in, non_negative_int
 from lmserve.cli._types import positive_int as _positive
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {value}")
-    return value
+    return integer_in(text, 1, 65535, "a port number")
 
 
 def _fraction(text: str) -> float:

@@ -73,12 +73,7 @@ def summary(db: Database, account: str | None = None, model: str | None = None,
                     func.sum(case((UsageRecord.status >= 400, 1), else_=0)))
              .join(Account, Account.id == UsageRecord.account_id)
              .group_by(Account.name, UsageRecord.model).order_by(Account.name, UsageRecord.model))
-        if account:
-            q = q.where(Account.name == account)
-        if model:
-            q = q.where(UsageRecord.model == model)
-        if since is not None:
-            q = q.where(UsageRecord.created_at >= since)
+        q = _filtered(q, account, model, since)
         rows = [{"account": a, "model": m, "requests": int(n), "prompt_tokens": int(p or 0),
                  "completion_tokens": int(c or 0), "cost": from_nanos(int(cost or 0)), "errors": int(err or 0),
                  "errors_by_status": {}}
@@ -89,12 +84,7 @@ def summary(db: Database, account: str | None = None, model: str | None = None,
              .join(Account, Account.id == UsageRecord.account_id).where(UsageRecord.status >= 400)
              .group_by(Account.name, UsageRecord.model, UsageRecord.status)
              .order_by(func.count(UsageRecord.id).desc(), UsageRecord.status))
-        if account:
-            q = q.where(Account.name == account)
-        if model:
-            q = q.where(UsageRecord.model == model)
-        if since is not None:
-            q = q.where(UsageRecord.created_at >= since)
+        q = _filtered(q, account, model, since)
         for a, m, status, n in s.execute(q).all():
             by_row[(a, m)][str(status)] = int(n)
         return rows
@@ -143,3 +133,14 @@ def user_info(db: Database, account_id: int) -> dict:
                 "balance": from_nanos(a.balance_nanos), "status": "normal" if a.status == "active" else a.status,
                 "introduction": "", "role": "", "chargeBalance": from_nanos(a.charge_balance_nanos),
                 "totalBalance": from_nanos(a.balance_nanos + a.charge_balance_nanos), "tier": a.tier}
+
+
+def _filtered(query, account: str | None, model: str | None, since):
+    """The summary's filters, the same on its totals and on its errors by status."""
+    if account:
+        query = query.where(Account.name == account)
+    if model:
+        query = query.where(UsageRecord.model == model)
+    if since is not None:
+        query = query.where(UsageRecord.created_at >= since)
+    return query
