@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("file", help="a UTF-8 text file")
     p.add_argument("--model", default=DEFAULT_MODEL_ID,
                    help=f"checkpoint directory, .gguf file or bundled model id (default: {DEFAULT_MODEL_ID})")
-    p.add_argument("--ctx", type=positive_int, default=512, help="tokens per chunk (llama-perplexity's -c; default 512)")
+    p.add_argument("--ctx", type=positive_int, default=512,
+                   help="tokens per chunk (llama-perplexity's -c; default 512)")
     p.add_argument("--chunks", type=positive_int, default=None, help="score at most this many chunks (default: all)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
