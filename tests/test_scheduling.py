@@ -4,7 +4,7 @@ every schedule must give the same greedy tokens as running each request alone.""
 from __future__ import annotations
 
 import pytest
-from conftest import chat_ids
+from conftest import assert_logprobs_match, chat_ids, reference_logprobs
 
 from lmserve import SamplingParams
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
@@ -124,6 +124,30 @@ def test_n_choices_share_prompt_blocks(smollm):
                 outputs.setdefault(o.index, []).extend(o.token_ids)
     assert len(outputs) == 3
     assert len({tuple(v) for v in outputs.values()}) > 1, "choices with different streams should differ"
+
+
+MID_BLOCK_QUESTION = "Invent a name for a new color."
+
+
+def test_n_choices_copy_on_write_keeps_every_choice_exact(smollm, hf_smollm):
+    """The prompt ends inside a block, so the n choices' first decodes all write into one shared
+    block: each must copy it first. Greedy choices must then equal the n=1 greedy tokens, and each
+    seeded choice's logprobs must be transformers' teacher-forced ones on its own tokens (a choice
+    reading a sibling's KV, or a copy that lost the prompt's tail, changes them)."""
+    ids = chat_ids(smollm, MID_BLOCK_QUESTION)
+    bs = smollm.engine.block_manager.block_size
+    assert len(ids) % bs not in (0, bs - 1), "the prompt must end well inside a block"
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)  # decodes past the shared block
+    single = smollm.generate([ids], params)[0].outputs[0].token_ids
+    three = smollm.generate([ids], SamplingParams(n=3, max_tokens=24, temperature=0.0, ignore_eos=True))[0].outputs
+    assert [o.token_ids for o in three] == [single] * 3
+
+    params = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7, ignore_eos=True, logprobs=True,
+                            top_logprobs=3)
+    choices = smollm.generate([ids], params)[0].outputs
+    assert len({tuple(o.token_ids) for o in choices}) == 3, "seeded choices draw from different streams"
+    for o in choices:
+        assert_logprobs_match(o.logprobs, o.token_ids, reference_logprobs(hf_smollm, ids, o.token_ids), 3)
 
 
 def test_running_set_respects_max_num_seqs_with_forks(make_llm):
