@@ -3,6 +3,9 @@ every schedule must give the same greedy tokens as running each request alone.""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 from conftest import assert_logprobs_match, chat_ids, reference_logprobs
 
@@ -84,6 +87,45 @@ def test_preemption_under_cache_pressure_gives_same_outputs(make_llm, alone):
     assert small.engine.scheduler.num_preemptions > 0
     for q, out in zip(QUESTIONS, outs):
         assert out.outputs[0].token_ids == alone[q], q
+
+
+PERSON_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+                 "properties": {"name": {"type": "string", "maxLength": 20},
+                                "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+
+
+def test_seeded_sampling_and_grammar_state_survive_preemption(smollm, make_llm):
+    """A preempted sequence is recomputed from prompt + the tokens it had: its random stream (a
+    function of seed and position) and its grammar matcher (kept on the sequence) must carry on
+    where they were, so every request gives what it gives alone on a roomy cache."""
+    from lmserve.engine.structured import StructuredOutput
+
+    spec = StructuredOutput.json_schema(PERSON_SCHEMA)
+    prompts = QUESTIONS[:1] + ["Describe a fictional person as JSON.", QUESTIONS[6], QUESTIONS[7]]
+    params = ([GREEDY] + [SamplingParams(max_tokens=40, temperature=1.0, seed=101, structured_output=spec)]
+              + [SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=s) for s in (102, 103)])
+    # The seeded ones alone on the roomy cache (the greedy ones are held to that by the tests above).
+    alone = {i: smollm.generate([chat_ids(smollm, prompts[i])], params[i])[0].outputs[0] for i in (1, 2, 3)}
+    # 6 blocks of 16: each request fits alone (prompt ~40 tokens, 3 blocks), two at a time must
+    # preempt the younger one as they grow, mid-output.
+    small = make_llm(num_kv_blocks=6, block_size=16)
+    sched = small.engine.scheduler
+    preempted: list[tuple[int | None, int]] = []
+    original = sched._preempt
+
+    def spy(seq, batch):  # which requests lost their KV, and how far into their output
+        preempted.append((seq.params.seed, seq.num_output_tokens))
+        original(seq, batch)
+
+    sched._preempt = spy
+    outs = small.generate([chat_ids(small, q) for q in prompts], params)
+    seeded_mid_output = {seed for seed, n in preempted if seed is not None and n > 0}
+    assert seeded_mid_output, f"no seeded request was preempted mid-output: {preempted}"
+    for i, ref in alone.items():
+        assert outs[i].outputs[0].token_ids == ref.token_ids, (i, params[i].seed)
+    json_out = outs[1].outputs[0]
+    assert json_out.finish_reason == "eos", json_out.text
+    jsonschema.validate(json.loads(json_out.text), PERSON_SCHEMA)
 
 
 def test_chunked_prefill_gives_same_outputs(make_llm, alone):
