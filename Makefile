@@ -37,10 +37,12 @@ chat: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-# .ci/browser.sh: Chromium + chromedriver for the web UI tests (installed when missing and root,
-# else it says what to install); PostgreSQL and Redis are started by the tests (.ci/services.sh).
+# .ci/browser.sh: Chromium + chromedriver for the web UI tests; .ci/compiler.sh: g++ for the
+# compiled-decode tests (each installed when missing and root, else it says what to install);
+# PostgreSQL and Redis are started by the tests (.ci/services.sh).
 test: lint
 	bash .ci/browser.sh
+	bash .ci/compiler.sh
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

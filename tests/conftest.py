@@ -75,3 +75,28 @@ def chat_ids(llm: LLM, user: str, system: str | None = None) -> list[int]:
 
     conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return llm.engine.encode(render_chat(llm.tokenizer, conv), add_special_tokens=False)
+
+
+def reference_logprobs(hf_model, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """transformers' teacher-forced log-softmax over the vocabulary at each output position:
+    row i is the distribution the model gave output token i (prompt + outputs[:i] as context)."""
+    ids = list(prompt_ids) + list(output_ids)
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1:len(ids) - 1]
+
+
+def assert_logprobs_match(logprobs, output_ids: list[int], reference: torch.Tensor, top: int,
+                          atol: float = 1e-4) -> None:
+    """Every reported logprob (the sampled token's and the top ones) within `atol` of the reference,
+    with the same top ids in the same order (ties within atol may swap)."""
+    assert len(logprobs) == len(output_ids) == len(reference)
+    for i, (lp, token) in enumerate(zip(logprobs, output_ids)):
+        assert lp.token_id == token
+        assert abs(lp.logprob - reference[i, token].item()) < atol, (i, lp.logprob, reference[i, token].item())
+        ref_vals, ref_ids = reference[i].topk(top)
+        got_ids = [t for t, _ in lp.top]
+        assert len(got_ids) == top
+        for (t, v), rt, rv in zip(lp.top, ref_ids.tolist(), ref_vals.tolist()):
+            assert abs(v - rv) < atol, (i, t, v, rt, rv)
+            assert t == rt or abs(reference[i, t].item() - rv) < atol, (i, got_ids, ref_ids.tolist())

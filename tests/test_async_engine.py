@@ -63,6 +63,7 @@ def test_concurrent_streams(smollm, async_engine):
 def test_consumer_leaving_aborts_and_frees_blocks(smollm, async_engine):
     engine = async_engine.engine
     ids = chat_ids(smollm, "Write a very long essay about the history of Rome.")
+    seen = {}
 
     async def run():
         agen = async_engine.generate("gone", ids, SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
@@ -70,15 +71,19 @@ def test_consumer_leaving_aborts_and_frees_blocks(smollm, async_engine):
         async for _ in agen:
             n += 1
             if n == 3:
+                seen["request"] = engine.requests["gone"]  # still running: 3 of 400 tokens out
                 break
         await agen.aclose()
 
     asyncio.run(run())
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 60.0  # generous: the engine thread notices on its next turn
     while engine.num_free_blocks != engine.num_blocks and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.num_free_blocks == engine.num_blocks
     assert not engine.has_unfinished()
+    seq = seen["request"].seqs[0]
+    assert seq.finish_reason == "abort", "the request ran on after its consumer left"
+    assert seq.num_output_tokens < 400
 
 
 def test_rejected_request_raises_and_engine_goes_on(smollm, async_engine):

@@ -158,6 +158,33 @@ def test_chatglm3_prompt_is_build_chat_input(dirs, toks):
     assert tok.eos_token_id == sp.eos_id()
 
 
+def test_chatglm3_tools_calls_and_results_are_build_chat_input(dirs, toks):
+    """ChatGLM3's tool use as its own code writes it: the tools appended to the system message as
+    `json.dumps(tools, indent=4, ensure_ascii=False)` (the demo's default system text when there is
+    none), a call as an assistant turn whose metadata is the function name and whose content is the
+    ```python tool_call(...)``` block, and a result as an observation turn."""
+    tok, sp = toks["chatglm3"], _sp(dirs["chatglm3"])
+    n = sp.get_piece_size()
+    role = {"system": n + 5, "user": n + 6, "assistant": n + 7, "observation": n + 8}
+
+    def message(r: str, content: str, metadata: str = "") -> list[int]:  # build_single_message
+        return [role[r]] + sp.encode(f"{metadata}\n") + sp.encode(content)
+
+    functions = json.dumps([TOOL["function"]], indent=4, ensure_ascii=False)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    history = [SYSTEM, USER, {"role": "assistant", "content": "", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    expected = ([n + 1, n + 3] + message("system", "Be brief.\n" + functions) + message("user", USER["content"])
+                + message("assistant", '```python\ntool_call(city="Paris")\n```', metadata="get_weather")
+                + message("observation", "sunny, 21 C") + [role["assistant"]])
+    assert encode_chat(tok, history, tools=[TOOL]) == expected
+    # Without a system message the tools come with the demo's own system text.
+    demo = ("Answer the following questions as best as you can. You have access to the following tools:\n"
+            + functions)
+    assert encode_chat(tok, [USER], tools=[TOOL]) == ([n + 1, n + 3] + message("system", demo)
+                                                     + message("user", USER["content"]) + [role["assistant"]])
+
+
 def test_glm4_prompt_is_its_template_tokenized(dirs, toks):
     import tiktoken
 

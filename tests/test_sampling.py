@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chat_ids
+from conftest import assert_logprobs_match, chat_ids, reference_logprobs
 
 from lmserve import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDetokenizer
@@ -85,15 +85,17 @@ def test_stop_token_id_gives_stop(smollm):
     assert out.token_ids == full.token_ids[:6]
 
 
-def test_logprobs(smollm):
-    out = _text(smollm, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5))
-    assert len(out.logprobs) == 6
-    for token, lp in zip(out.token_ids, out.logprobs):
-        assert lp.token_id == token
-        assert len(lp.top) == 5
-        assert lp.top[0][0] == token and abs(lp.top[0][1] - lp.logprob) < 1e-6
-        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
-        assert lp.logprob <= 0
+def test_logprobs_equal_transformers_teacher_forced(smollm, hf_smollm):
+    """Sampled-token and top logprobs are the model's log-softmax (before temperature and
+    truncation), checked against transformers on prompt + the sampled tokens, at 1e-4."""
+    ids = chat_ids(smollm, STORY)
+    for params in (SamplingParams(max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=5),
+                   SamplingParams(max_tokens=8, temperature=1.3, top_p=0.9, seed=4, logprobs=True, top_logprobs=5)):
+        out = smollm.generate([ids], params)[0].outputs[0]
+        assert len(out.token_ids) == 8
+        assert_logprobs_match(out.logprobs, out.token_ids, reference_logprobs(hf_smollm, ids, out.token_ids), 5)
+        if params.greedy:  # greedy: the sampled token is the top one
+            assert all(lp.top[0][0] == t for lp, t in zip(out.logprobs, out.token_ids))
 
 
 def test_utf8_never_split_in_deltas(smollm):

@@ -3,8 +3,11 @@ every schedule must give the same greedy tokens as running each request alone.""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
-from conftest import chat_ids
+from conftest import assert_logprobs_match, chat_ids, reference_logprobs
 
 from lmserve import SamplingParams
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
@@ -86,6 +89,45 @@ def test_preemption_under_cache_pressure_gives_same_outputs(make_llm, alone):
         assert out.outputs[0].token_ids == alone[q], q
 
 
+PERSON_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+                 "properties": {"name": {"type": "string", "maxLength": 20},
+                                "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+
+
+def test_seeded_sampling_and_grammar_state_survive_preemption(smollm, make_llm):
+    """A preempted sequence is recomputed from prompt + the tokens it had: its random stream (a
+    function of seed and position) and its grammar matcher (kept on the sequence) must carry on
+    where they were, so every request gives what it gives alone on a roomy cache."""
+    from lmserve.engine.structured import StructuredOutput
+
+    spec = StructuredOutput.json_schema(PERSON_SCHEMA)
+    prompts = QUESTIONS[:1] + ["Describe a fictional person as JSON.", QUESTIONS[6], QUESTIONS[7]]
+    params = ([GREEDY] + [SamplingParams(max_tokens=40, temperature=1.0, seed=101, structured_output=spec)]
+              + [SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=s) for s in (102, 103)])
+    # The seeded ones alone on the roomy cache (the greedy ones are held to that by the tests above).
+    alone = {i: smollm.generate([chat_ids(smollm, prompts[i])], params[i])[0].outputs[0] for i in (1, 2, 3)}
+    # 6 blocks of 16: each request fits alone (prompt ~40 tokens, 3 blocks), two at a time must
+    # preempt the younger one as they grow, mid-output.
+    small = make_llm(num_kv_blocks=6, block_size=16)
+    sched = small.engine.scheduler
+    preempted: list[tuple[int | None, int]] = []
+    original = sched._preempt
+
+    def spy(seq, batch):  # which requests lost their KV, and how far into their output
+        preempted.append((seq.params.seed, seq.num_output_tokens))
+        original(seq, batch)
+
+    sched._preempt = spy
+    outs = small.generate([chat_ids(small, q) for q in prompts], params)
+    seeded_mid_output = {seed for seed, n in preempted if seed is not None and n > 0}
+    assert seeded_mid_output, f"no seeded request was preempted mid-output: {preempted}"
+    for i, ref in alone.items():
+        assert outs[i].outputs[0].token_ids == ref.token_ids, (i, params[i].seed)
+    json_out = outs[1].outputs[0]
+    assert json_out.finish_reason == "eos", json_out.text
+    jsonschema.validate(json.loads(json_out.text), PERSON_SCHEMA)
+
+
 def test_chunked_prefill_gives_same_outputs(make_llm, alone):
     chunked = make_llm(max_num_batched_tokens=16, enable_prefix_caching=False)
     outs = chunked.generate([chat_ids(chunked, q) for q in QUESTIONS[:3]], GREEDY)
@@ -124,6 +166,30 @@ def test_n_choices_share_prompt_blocks(smollm):
                 outputs.setdefault(o.index, []).extend(o.token_ids)
     assert len(outputs) == 3
     assert len({tuple(v) for v in outputs.values()}) > 1, "choices with different streams should differ"
+
+
+MID_BLOCK_QUESTION = "Invent a name for a new color."
+
+
+def test_n_choices_copy_on_write_keeps_every_choice_exact(smollm, hf_smollm):
+    """The prompt ends inside a block, so the n choices' first decodes all write into one shared
+    block: each must copy it first. Greedy choices must then equal the n=1 greedy tokens, and each
+    seeded choice's logprobs must be transformers' teacher-forced ones on its own tokens (a choice
+    reading a sibling's KV, or a copy that lost the prompt's tail, changes them)."""
+    ids = chat_ids(smollm, MID_BLOCK_QUESTION)
+    bs = smollm.engine.block_manager.block_size
+    assert len(ids) % bs not in (0, bs - 1), "the prompt must end well inside a block"
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)  # decodes past the shared block
+    single = smollm.generate([ids], params)[0].outputs[0].token_ids
+    three = smollm.generate([ids], SamplingParams(n=3, max_tokens=24, temperature=0.0, ignore_eos=True))[0].outputs
+    assert [o.token_ids for o in three] == [single] * 3
+
+    params = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7, ignore_eos=True, logprobs=True,
+                            top_logprobs=3)
+    choices = smollm.generate([ids], params)[0].outputs
+    assert len({tuple(o.token_ids) for o in choices}) == 3, "seeded choices draw from different streams"
+    for o in choices:
+        assert_logprobs_match(o.logprobs, o.token_ids, reference_logprobs(hf_smollm, ids, o.token_ids), 3)
 
 
 def test_running_set_respects_max_num_seqs_with_forks(make_llm):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 from conftest import chat_ids
 
@@ -18,12 +19,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "pets": {"type": "array", "maxItems": 2, "items": {"enum": ["cat", "dog", "fish"]}}}}
 
 
-def _valid(value) -> bool:
-    return (isinstance(value, dict) and set(value) == {"name", "age", "pets"} and isinstance(value["name"], str)
-            and len(value["name"]) <= 20 and isinstance(value["age"], int) and isinstance(value["pets"], list)
-            and len(value["pets"]) <= 2 and all(p in ("cat", "dog", "fish") for p in value["pets"]))
-
-
 def test_json_schema_holds_under_sampling(smollm):
     spec = StructuredOutput.json_schema(SCHEMA)
     params = [SamplingParams(max_tokens=80, temperature=1.0, seed=s, structured_output=spec) for s in range(4)]
@@ -31,17 +26,17 @@ def test_json_schema_holds_under_sampling(smollm):
     for out in outs:
         o = out.outputs[0]
         assert o.finish_reason == "eos", o.text
-        assert _valid(json.loads(o.text)), o.text
+        jsonschema.validate(json.loads(o.text), SCHEMA)
 
 
 def test_json_object_with_n_choices(smollm):
-    params = SamplingParams(n=2, max_tokens=60, temperature=0.8, seed=3,
+    params = SamplingParams(n=2, max_tokens=200, temperature=0.8, seed=3,
                             structured_output=StructuredOutput("json_object"))
     out = smollm.generate([chat_ids(smollm, PERSON)], params)[0]
+    assert len(out.outputs) == 2
     for o in out.outputs:
-        assert o.text.startswith("{")
-        if o.finish_reason == "eos":
-            assert isinstance(json.loads(o.text), dict)
+        assert o.finish_reason == "eos", o.text  # ample max_tokens: the object closed and the grammar ended it
+        jsonschema.validate(json.loads(o.text), {"type": "object"})
 
 
 def test_unconstrained_output_is_not_json(smollm):

@@ -26,7 +26,7 @@ ALL_MODELS = [MODEL, PRO_MODEL, LIMITED_MODEL]
 PRO_MAX_MODEL_LEN = 256
 MAX_BODY_BYTES = 4 * 1024 * 1024
 HEADER_TIMEOUT_S = 2  # connections without a whole request head after this are closed
-STARTUP_TIMEOUT_S = 180.0
+STARTUP_TIMEOUT_S = 600.0  # generous: returns as soon as /health is 200; a loaded 2-core box is slow
 CORS_ORIGIN = "http://ui.example"
 
 CONFIG_YAML = f"""\
@@ -283,6 +283,29 @@ def hf_tokenizer():
 
     p = bundled_model_path()
     return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """transformers' own SmolLM2 on the bundled file, float32 as the server runs it: the reference
+    for logprobs and sampling rules."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmserve.models.loader import bundled_model_path
+
+    p = bundled_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(hf_tokenizer):
+    """A conversation's prompt ids as transformers renders and tokenizes it."""
+    def ids(messages: list[dict]) -> list[int]:
+        text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return hf_tokenizer.encode(text, add_special_tokens=False)
+
+    return ids
 
 
 @pytest.fixture(scope="session")

@@ -75,10 +75,17 @@ def test_unknown_fields_are_ignored(api):
 
 
 def test_sdk_extra_body_fields(client):
-    """top_k and min_p are platform fields the SDK only sends through extra_body."""
-    resp = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, temperature=0.5,
-                                          extra_body={"top_k": 10, "min_p": 0.05})
-    assert resp.choices[0].message.content
+    """top_k and min_p are platform fields the SDK only sends through extra_body; each keeps only
+    the most likely token at its extreme (top_k 1; min_p 1: at least the top token's probability),
+    so a hot sampled request then equals greedy, and without them the same request does not."""
+    def text(temperature, **extra):
+        return client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=24, temperature=temperature,
+                                              seed=3, extra_body=extra or None).choices[0].message.content
+
+    greedy = text(0)
+    assert text(1.5, top_k=1) == greedy
+    assert text(1.5, min_p=1.0) == greedy
+    assert text(1.5, top_k=0, top_p=1.0) != greedy  # the same seed without the cut samples elsewhere
 
 
 # --- finish reasons ---------------------------------------------------------------------------
@@ -201,11 +208,14 @@ def test_content_parts_equal_plain_string(api, count_prompt_tokens):
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
 
 
-def test_content_several_text_parts(api):
+def test_content_several_text_parts(api, count_prompt_tokens):
     msgs = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
                                          {"type": "text", "text": " of France?"}]}]
     body = api.chat_ok({"model": MODEL, "messages": msgs, "max_tokens": 4, "temperature": 0})
-    assert body["usage"]["prompt_tokens"] > 0
+    # Text parts are joined as they are: the prompt of the whole question.
+    assert body["usage"]["prompt_tokens"] == count_prompt_tokens(FRANCE)
+    assert body["choices"][0]["message"]["content"] == api.chat_ok(
+        {"model": MODEL, "messages": FRANCE, "max_tokens": 4, "temperature": 0})["choices"][0]["message"]["content"]
 
 
 def test_all_roles_including_tool(api):
@@ -223,13 +233,14 @@ def test_all_roles_including_tool(api):
     assert body["usage"]["prompt_tokens"] > 20
 
 
-def test_sdk_multi_turn(client):
+def test_sdk_multi_turn(client, count_prompt_tokens):
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello!"}]
     resp = client.chat.completions.create(
         model=MODEL, max_tokens=4, temperature=0,
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello!"},
-                  {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}])
-    assert resp.choices[0].message.content is not None
+        messages=turns + [{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}])
+    assert resp.choices[0].message.content
+    assert resp.usage.prompt_tokens == count_prompt_tokens(turns + [{"role": "user", "content": "What is 2+2?"}])
 
 
 # --- n, defaults, seed, logprobs --------------------------------------------------------------
@@ -288,25 +299,29 @@ def test_default_max_tokens_fits(api):
     assert body["usage"]["completion_tokens"] <= 512
 
 
-def test_logprobs(api):
+def test_logprobs(api, hf_model, hf_tokenizer, prompt_ids):
+    """The reported logprobs are transformers' teacher-forced log-softmax at each position, within
+    1e-4, with the same top tokens (frequency_penalty 0: pure greedy, as the reference)."""
+    import torch
+
     body = api.chat_ok({"model": MODEL, "messages": FRANCE, "max_tokens": 5, "temperature": 0,
-                        "logprobs": True, "top_logprobs": 3})
+                        "frequency_penalty": 0, "logprobs": True, "top_logprobs": 3})
     choice = body["choices"][0]
     content = choice["logprobs"]["content"]
-    assert isinstance(content, list)
-    assert len(content) == body["usage"]["completion_tokens"]
+    assert len(content) == body["usage"]["completion_tokens"] == 5
     assert "".join(e["token"] for e in content) == choice["message"]["content"]
-    for e in content:
-        assert isinstance(e["token"], str)
-        assert isinstance(e["logprob"], float) and e["logprob"] <= 0.0 and math.isfinite(e["logprob"])
-        top = e["top_logprobs"]
-        assert len(top) == 3
-        for t in top:
-            assert isinstance(t["token"], str) and isinstance(t["logprob"], float) and t["logprob"] <= 0.0
-        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
-        # greedy: the chosen token is the most likely one
-        assert e["token"] == top[0]["token"]
-        assert abs(e["logprob"] - top[0]["logprob"]) < 1e-4
+    ids = prompt_ids(FRANCE)
+    with torch.inference_mode():
+        for e in content:
+            ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            top_vals, top_ids = ref.topk(3)
+            assert isinstance(e["logprob"], float) and math.isfinite(e["logprob"])
+            assert e["token"] == hf_tokenizer.decode([int(top_ids[0])])  # greedy: the most likely one
+            assert abs(e["logprob"] - float(top_vals[0])) < 1e-4
+            assert [t["token"] for t in e["top_logprobs"]] == [hf_tokenizer.decode([int(i)]) for i in top_ids]
+            for t, v in zip(e["top_logprobs"], top_vals.tolist()):
+                assert abs(t["logprob"] - v) < 1e-4
+            ids.append(int(top_ids[0]))
 
 
 def test_logprobs_sdk(client):

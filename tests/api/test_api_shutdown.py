@@ -72,7 +72,8 @@ def test_sigterm_drains_then_ends_long_streams(tmp_path, servers):
                 health = http.get("/health")
                 if health.status_code == 503:
                     break
-                assert time.monotonic() - signalled < 1.0, "/health never reported draining"
+                # Draining shows while the grace period runs (the streams below are still going).
+                assert time.monotonic() - signalled < GRACE_S, "/health never reported draining"
             assert health.json()["status"] == "draining"
             r = http.post("/v1/chat/completions", headers=HEADERS,
                           json={"model": MODEL, "messages": COUNT, "max_tokens": 2})

@@ -49,8 +49,27 @@ def test_stop_token_ids(client, natural, hf_tokenizer):
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 2
 
 
-def test_repetition_penalty_accepted_and_checked(client, api, checks):
-    assert _chat(client, repetition_penalty=1.3).choices[0].message.content
+def test_repetition_penalty_follows_the_transformers_rule(client, api, checks, hf_model, hf_tokenizer, prompt_ids):
+    """repetition_penalty divides the positive logits (multiplies the negative) of every token already
+    in the prompt or output: greedy with it equals transformers' generate with its own
+    RepetitionPenaltyLogitsProcessor, and differs from greedy without it."""
+    import torch
+
+    messages = [{"role": "user", "content": "Repeat the word apple ten times."}]
+
+    def served(**extra):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                              frequency_penalty=0, extra_body=extra or None).choices[0]
+
+    ids = prompt_ids(messages)
+    with torch.inference_mode():
+        ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=24, do_sample=False, repetition_penalty=1.3)[0, len(ids):].tolist()
+    end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ref = ref[:ref.index(end)] if end in ref else ref
+    penalized = served(repetition_penalty=1.3)
+    assert penalized.message.content == hf_tokenizer.decode(ref, skip_special_tokens=True)
+    assert penalized.message.content != served().message.content
     r = api.chat({"model": MODEL, "messages": SHORT, "repetition_penalty": 0})
     checks.error_body(r, 400, "invalid_request_error", "repetition_penalty")
     r = api.chat({"model": MODEL, "messages": SHORT, "max_tokens": 4, "min_tokens": 5})

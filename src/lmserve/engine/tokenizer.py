@@ -203,13 +203,18 @@ def encode_chat(tokenizer, conversation: list[dict], **template_kwargs) -> list[
     # The template writes its own special tokens (BOS where the model wants one).
     if not found:
         return tokenizer.encode(text, add_special_tokens=False)
+    # Split only at the template's own control tokens, as the tokenizer itself would: the text
+    # between two of them (client text with its control-looking strings put back) is encoded as one
+    # plain run, so those strings tokenize as the same characters would anywhere (".<" stays one
+    # token where the vocabulary has it).
     ids: list[int] = []
-    pieces = re.split(f"{nonce}(\\d+)q", text)
-    for i, piece in enumerate(pieces):
+    restore = re.compile(f"{nonce}(\\d+)q")
+    for i, piece in enumerate(re.split(f"({pattern.pattern})", text)):
         if i % 2:
-            ids += tokenizer.encode(found[int(piece)], add_special_tokens=False, split_special_tokens=True)
-        elif piece:
             ids += tokenizer.encode(piece, add_special_tokens=False)
+        elif piece:
+            ids += tokenizer.encode(restore.sub(lambda m: found[int(m.group(1))], piece), add_special_tokens=False,
+                                    split_special_tokens=True)
     return ids
 
 
