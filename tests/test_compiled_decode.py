@@ -57,8 +57,9 @@ def test_greedy_agrees_with_eager_and_eager_switch_is_exact(compiled_llm, smollm
     with_compile = _generate(compiled_llm, True)
     assert compiled.steps - before >= TOKENS - 1, "decode steps did not take the compiled path"
     eager = _generate(compiled_llm, False)
-    same = sum(a == b for c, e in zip(with_compile, eager) for a, b in zip(c, e))
-    assert same / sum(len(e) for e in eager) >= 0.95, (with_compile, eager)
+    # float32: the paths differ only in the order of float operations (logits within 2e-4, the
+    # family parity bound), far below these prompts' top-2 margins, so greedy agrees token for token.
+    assert with_compile == eager
     # The switched-off path is the exact eager engine: the same tokens as an engine built without it.
     assert eager == _generate_plain(smollm)
 
@@ -100,9 +101,9 @@ def test_decode_logits_within_tolerance_without_recompiles(compiled_llm):
         out = runner.execute(batch)
         assert compiled.steps == steps + 1
         assert torch.equal(out.argmax(-1), eager.argmax(-1))
-        torch.testing.assert_close(out, eager, atol=2e-3, rtol=0)
+        torch.testing.assert_close(out, eager, atol=2e-4, rtol=0)
         # Rows sampled out of batch order (the sampler's order) come back in that order.
         rows = list(range(n))[::-1]
         reordered = runner.execute(ModelInput(first_tokens[:n], [1] * n, contexts[:n], tables[:n], n, rows))
-        torch.testing.assert_close(reordered, eager[rows], atol=2e-3, rtol=0)
+        torch.testing.assert_close(reordered, eager[rows], atol=2e-4, rtol=0)
     assert counters["stats"]["unique_graphs"] == graphs, "a decode batch recompiled"
