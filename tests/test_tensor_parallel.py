@@ -53,8 +53,17 @@ FAMILIES = {
 
 
 def _children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+    """This process's tensor-parallel workers (spawned interpreters). Other children, such as the
+    API tests' session-wide server when the whole suite runs, are not workers and not counted."""
+    workers = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()) \
+                    and "resource_tracker" not in " ".join(p.cmdline()):
+                workers.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
 
 
 def _assert_no_workers_left(timeout: float = 15.0) -> None:
