@@ -114,7 +114,8 @@ class Worker:
     def profile(self, batch, num_blocks: int, block_size: int, utilization: float) -> int:
         """A worker's share of the engine's memory profile: the same step on a temporary cache,
         its own device's peak, its own block count; every rank then takes the smallest."""
-        from lmserve.engine.memory import kv_cache_blocks, kv_cache_bytes, measure_peak, peak_in_use
+        from lmserve.engine.capacity import cache_blocks
+        from lmserve.engine.memory import kv_cache_bytes, measure_peak, peak_in_use
         from lmserve.engine.model_runner import ModelRunner
 
         def step() -> int:
@@ -126,7 +127,7 @@ class Worker:
         reading = measure_peak(self.device, step)
         budget = kv_cache_bytes(reading.total, utilization, peak_in_use(reading))
         per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
-        return self.group.min_over_ranks(kv_cache_blocks(budget, per_block, utilization))
+        return self.group.min_over_ranks(cache_blocks(budget, per_block, utilization))
 
     def all_reduce_probe(self, repeats: int, shape: tuple[int, ...]) -> None:
         """`repeats` all-reduces of a tensor of `shape` (benchmarks/bench_tensor_parallel.py
