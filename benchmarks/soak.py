@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,66 +33,12 @@ from pathlib import Path
 import httpx
 from sqlalchemy import create_engine, text
 
+# The private PostgreSQL and Redis the fault-injection tests start (tests/private_services.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from private_services import PrivatePostgres, PrivateRedis, free_port  # noqa: E402
+
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BOOT, ADMIN = "sk-soak-boot", "sk-soak-admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Postgres:
-    """initdb into a temporary directory, on its own port (run as `postgres` when root)."""
-
-    def __init__(self):
-        self.bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))[-1]
-        self.work = Path(tempfile.mkdtemp(prefix="lmserve-soak-pg-"))
-        self.data, self.port = self.work / "pg", free_port()
-        self.data.mkdir()
-        self.root = os.geteuid() == 0
-        if self.root:
-            subprocess.run(["chown", "-R", "postgres:postgres", str(self.work)], check=True)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust")
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, tool: str, *args: str) -> None:
-        cmd = [str(self.bin / tool), *args]
-        subprocess.run(["runuser", "-u", "postgres", "--", *cmd] if self.root else cmd, check=True,
-                       capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "log"), "-w", "-o",
-                  f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def close(self) -> None:
-        try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(self.work, ignore_errors=True)
-
-
-class Redis:
-    def __init__(self, work: Path):
-        self.port, self.work = free_port(), work
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.work)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 class Traffic:
@@ -163,7 +108,7 @@ def metric(url: str, name: str) -> float:
     return sum(values)
 
 
-def sample(pid: int, url: str, pg: Postgres) -> dict:
+def sample(pid: int, url: str, pg: PrivatePostgres) -> dict:
     status = Path(f"/proc/{pid}/status").read_text()
     rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
     out = {"t": time.time(), "rss_mb": rss_kb / 1024, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
@@ -204,10 +149,10 @@ def main() -> int:
     ap.add_argument("--json", help="write the samples and the summary here")
     args = ap.parse_args()
 
-    pg = Postgres()
+    pg = PrivatePostgres()
     pg.start()
     work = Path(tempfile.mkdtemp(prefix="lmserve-soak-"))
-    redis = Redis(work)
+    redis = PrivateRedis(work)
     port = free_port()
     (work / "config.yaml").write_text(f"""\
 server:

@@ -66,11 +66,17 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
+    """A redis-server on its own port; `stop()` then `start()` restarts it on the same port."""
+
     def __init__(self, work: Path):
-        self.port = free_port()
+        self.port, self.work = free_port(), work
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(work)],
+                                      "--appendonly", "no", "--dir", str(self.work)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
@@ -92,7 +98,7 @@ class PrivateRedis:
     def thaw(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self.thaw()
         self.proc.terminate()
         try:
@@ -100,3 +106,5 @@ class PrivateRedis:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    close = stop
