@@ -260,9 +260,11 @@ def test_scoring_a_huge_prompt_is_refused_without_blocking(server, api, checks):
 
 
 def test_scoring_a_long_prompt_neither_stalls_others_nor_the_loop(server, api, hf_tokenizer):
-    """A 1,500-token prompt scored with 5 alternatives per token (three 512-token prefill chunks):
-    short chats sent while it runs finish first, and /health keeps answering."""
-    ids = (hf_tokenizer.encode("the quick brown fox jumps over the lazy dog. ") * 200)[:1500]
+    """A 3,000-token prompt scored with 5 alternatives per token (six 512-token prefill chunks, so
+    several are still to come when the short chats arrive: with three, a fast host had the long
+    prompt's last chunk and a short reply finish in the same step): short chats sent while it runs
+    finish first, and /health keeps answering."""
+    ids = (hf_tokenizer.encode("the quick brown fox jumps over the lazy dog. ") * 400)[:3000]
     done: dict[str, float] = {}
 
     async def main():
@@ -286,7 +288,7 @@ def test_scoring_a_long_prompt_neither_stalls_others_nor_the_loop(server, api, h
         scored, *shorts = asyncio.run(main())
     assert scored.status_code == 200, scored.text
     lp = scored.json()["choices"][0]["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 1500 and lp["token_logprobs"][0] is None
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 3000 and lp["token_logprobs"][0] is None
     assert all(len(top) >= 5 for top in lp["top_logprobs"][1:])
     for i, r in enumerate(shorts):
         assert r.status_code == 200, r.text
