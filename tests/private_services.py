@@ -17,6 +17,15 @@ from pathlib import Path
 import pytest
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` for a test's server: the kernel sends it SIGTERM when the process that started it
+    dies, so a pytest killed mid-run (or a timed-out soak) leaves no `lmserve serve` behind. Fires
+    when the starting *thread* exits: start servers from the main thread (pytest's fixtures do)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

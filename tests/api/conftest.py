@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from private_services import die_with_parent
 
 API_KEY = "sk-test-key"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -93,7 +94,7 @@ def launch_server(work: Path, config_text: str, **env_extra: str) -> Server:
     cmd = [sys.executable, "-m", "lmserve", "serve", "--config", str(cfg), "--host", "127.0.0.1",
            "--port", str(port)]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
     srv = Server(proc, port, log_path)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
