@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmserve.errors import CheckpointError
-from lmserve.layers.quantization import Int4Grid
+from lmserve.layers.quantization.int4_kernel import Int4Grid
 from lmserve.models.config import DecoderConfig
 
 
@@ -102,11 +102,12 @@ class GGUFFile:
             qkv_bias=self.arch.qkv_bias,
         )
 
-    def tensors(self, config: DecoderConfig, int4_grids: bool = False) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """(Hugging Face name, fp32 tensor, file name), dequantized one at a time. With
-        `int4_grids`, a Q4_1 tensor also carries its own grid as `tensor.int4_grid` (rows in the
-        same order as the tensor) for an int4 method to use as is."""
-        from gguf import GGMLQuantizationType
+    def tensors(self, config: DecoderConfig, grid_names: frozenset[str] | set[str] = frozenset()
+                ) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """(Hugging Face name, tensor, file name), one at a time: dequantized to fp32, except a
+        Q4_1 tensor named in `grid_names`, which is read as its own int4 grid instead: three
+        tensors `<module>.codes` (uint8), `.group_scale` and `.group_zero` (fp32 per block of 32),
+        for layers/quantization/gguf.py's method; never dequantized."""
         from gguf.quants import dequantize
 
         for t in tqdm(self.reader.tensors, desc=f"Loading {self.path.name}", unit="tensor", disable=None,
@@ -114,19 +115,32 @@ class GGUFFile:
             name = hf_name(t.name)
             if name is None:
                 continue  # e.g. rope_freqs: derived from the config instead
+            shape = tuple(reversed([int(x) for x in t.shape]))
+            heads = self._permuted_heads(name, config)
+            if name in grid_names:
+                grid = q4_1_grid(t.data, shape)
+                if heads:
+                    grid = grid.permute_rows(torch.from_numpy(undo_rope_permute(np.arange(shape[0]), heads)))
+                base = name[:-len(".weight")]
+                yield f"{base}.codes", grid.codes, self.path.name
+                yield f"{base}.group_scale", grid.scale, self.path.name
+                yield f"{base}.group_zero", grid.zero, self.path.name
+                continue
             try:
-                array = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+                array = dequantize(t.data, t.tensor_type).reshape(shape)
             except Exception as e:
                 raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
-            grid = q4_1_grid(t.data, array.shape) if int4_grids and t.tensor_type == GGMLQuantizationType.Q4_1 else None
-            heads = self._permuted_heads(name, config)
             if heads:
                 array = undo_rope_permute(array, heads)
-            tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
-            if grid is not None:
-                tensor.int4_grid = grid if not heads else grid.permute_rows(
-                    torch.from_numpy(undo_rope_permute(np.arange(array.shape[0]), heads)))
-            yield name, tensor, self.path.name
+            yield name, torch.from_numpy(np.array(array, dtype=np.float32)), self.path.name  # a writable copy
+
+    def q4_1_tensors(self) -> set[str]:
+        """The Hugging Face names of the file's Q4_1 weights (an int4 load keeps their grids)."""
+        from gguf import GGMLQuantizationType
+
+        return {name for t in self.reader.tensors
+                if t.tensor_type == GGMLQuantizationType.Q4_1 and (name := hf_name(t.name)) is not None
+                and name.endswith(".weight") and len(t.shape) == 2}
 
     def _permuted_heads(self, name: str, config: DecoderConfig) -> int | None:
         """The head count to undo llama.cpp's q/k row permutation with, or None."""
