@@ -195,6 +195,7 @@ class Linear(nn.Module):
         self.dtype = dtype
         self.quant_method: LinearMethod | None = None
         self.loader_wrap = None  # see customize_loading
+        self.processed = False  # process_weights ran (the loader runs it as soon as a layer is complete)
         self.custom_shard_ids: list | None = None
         if quant_method is not None or not self.deferrable or not getattr(_deferred, "on", False):
             self.create_weights(quant_method or DenseLinearMethod())
@@ -323,6 +324,7 @@ class Linear(nn.Module):
     def process_weights(self) -> None:
         """Let the quant method finish the loaded weight (pack, quantize)."""
         self.quant_method.process_weights_after_loading(self)
+        self.processed = True
 
 
 def _packed_range(start: int, size: int, pack: int, what: str) -> tuple[int, int]:
@@ -397,7 +399,7 @@ class RowParallelLinear(Linear):
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Finish every linear layer's weights."""
+    """Finish every linear layer's weights not finished yet."""
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and not module.processed:
             module.process_weights()

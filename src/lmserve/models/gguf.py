@@ -105,7 +105,7 @@ class GGUFFile:
     def tensors(self, config: DecoderConfig, grid_names: frozenset[str] | set[str] = frozenset()
                 ) -> Iterator[tuple[str, torch.Tensor, str]]:
         """(Hugging Face name, tensor, file name), one at a time: dequantized to fp32, except a
-        Q4_1 tensor named in `grid_names`, which is read as its own int4 grid instead: three
+        Q4_0 / Q4_1 / Q4_K tensor named in `grid_names`, which is read as its own int4 grid instead: three
         tensors `<module>.codes` (uint8), `.group_scale` and `.group_zero` (fp32 per block of 32),
         for layers/quantization/gguf.py's method; never dequantized."""
         from gguf.quants import dequantize
@@ -118,7 +118,7 @@ class GGUFFile:
             shape = tuple(reversed([int(x) for x in t.shape]))
             heads = self._permuted_heads(name, config)
             if name in grid_names:
-                grid = q4_1_grid(t.data, shape)
+                grid = int4_grid(t.data, t.tensor_type, shape)
                 if heads:
                     grid = grid.permute_rows(torch.from_numpy(undo_rope_permute(np.arange(shape[0]), heads)))
                 base = name[:-len(".weight")]
@@ -134,12 +134,12 @@ class GGUFFile:
                 array = undo_rope_permute(array, heads)
             yield name, torch.from_numpy(np.array(array, dtype=np.float32)), self.path.name  # a writable copy
 
-    def q4_1_tensors(self) -> set[str]:
-        """The Hugging Face names of the file's Q4_1 weights (an int4 load keeps their grids)."""
-        from gguf import GGMLQuantizationType
-
+    def int4_grid_tensors(self) -> set[str]:
+        """The Hugging Face names of the file's weights stored in an int4 group-32 grid (Q4_0,
+        Q4_1, Q4_K): an int4 load keeps their grids."""
+        types = int4_grid_types()
         return {name for t in self.reader.tensors
-                if t.tensor_type == GGMLQuantizationType.Q4_1 and (name := hf_name(t.name)) is not None
+                if t.tensor_type in types and (name := hf_name(t.name)) is not None
                 and name.endswith(".weight") and len(t.shape) == 2}
 
     def _permuted_heads(self, name: str, config: DecoderConfig) -> int | None:
@@ -164,6 +164,49 @@ def q4_1_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
     packed = blocks[..., 4:]
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, k)
     return Int4Grid(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m + 8 * d))
+
+
+def q4_0_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
+    """Q4_0 (w = d * (q - 8) per block of 32; 18 bytes: fp16 d, 16 bytes of codes, low nibbles
+    first): scale = d, zero = 0."""
+    rows, k = shape
+    blocks = np.ascontiguousarray(data).reshape(rows, k // 32, 18)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 2:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, k)
+    return Int4Grid(torch.from_numpy(codes), torch.from_numpy(d), torch.zeros_like(torch.from_numpy(d)))
+
+
+def q4_k_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
+    """Q4_K super-blocks of 256 values (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block
+    scales and mins, 128 bytes of codes): sub-block i of 32 is w = d * sc_i * q - dmin * m_i, so
+    the sub-block scales fold into group-32 scales: scale = d * sc_i, zero = 8 * scale - dmin * m_i.
+    Codes: 4 chunks of 32 bytes, chunk j's low nibbles are sub-block 2j, its high ones 2j + 1."""
+    from gguf.quants import Q4_K
+
+    rows, k = shape
+    blocks = np.ascontiguousarray(data).reshape(-1, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16].copy())  # [B, 8] each
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(rows, k)
+    scale = (d * sc.astype(np.float32)).reshape(rows, k // 32)
+    zero = (8 * scale - (dmin * m.astype(np.float32)).reshape(rows, k // 32))
+    return Int4Grid(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(scale), torch.from_numpy(zero))
+
+
+def int4_grid(data: np.ndarray, tensor_type, shape: tuple[int, ...]) -> Int4Grid:
+    """The int4 group-32 grid a Q4_0 / Q4_1 / Q4_K tensor holds (exactly: no requantization)."""
+    from gguf import GGMLQuantizationType as T
+
+    return {T.Q4_0: q4_0_grid, T.Q4_1: q4_1_grid, T.Q4_K: q4_k_grid}[tensor_type](data, shape)
+
+
+def int4_grid_types():
+    from gguf import GGMLQuantizationType as T
+
+    return (T.Q4_0, T.Q4_1, T.Q4_K)
 
 
 @functools.lru_cache(maxsize=2)

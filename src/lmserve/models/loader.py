@@ -29,8 +29,14 @@ from tqdm.auto import tqdm
 from lmserve.defaults import DEFAULT_MODEL_ID
 from lmserve.errors import CheckpointError
 from lmserve.layers import quantization
-from lmserve.layers.linear import default_weight_loader, deferred_weights, process_weights_after_loading
+from lmserve.layers.linear import (
+    DenseLinearMethod,
+    default_weight_loader,
+    deferred_weights,
+    process_weights_after_loading,
+)
 from lmserve.layers.quantization import QuantizationError, assign_linear_methods
+from lmserve.layers.quantization.base import process_experts
 from lmserve.layers.quantization.gguf import GGUFInt4Config
 from lmserve.models.config import ModelConfig
 from lmserve.models.gguf import GGUFFile
@@ -141,7 +147,7 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
         fill_dummy_weights(model, device)
     else:
         if ckpt.format == "gguf":
-            grid_names = _grid_tensors(model, ckpt.gguf.q4_1_tensors())
+            grid_names = _grid_tensors(model, ckpt.gguf.int4_grid_tensors())
             tensors = ckpt.gguf.tensors(config, grid_names)
         else:
             tensors = _safetensors(ckpt.path)
@@ -149,6 +155,7 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
             load_weights(model, tensors)
     try:
         process_weights_after_loading(model)
+        process_experts(model)
     except QuantizationError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
     _return_freed_memory()
@@ -163,7 +170,7 @@ def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.
 
     try:
         if ckpt.format == "gguf" and option == "int4" and load_format != "dummy":
-            qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.q4_1_tensors()), dense_above_rows)
+            qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows)
         else:
             qconfig = quantization.resolve(config.quantization_config, option, dense_above_rows)
         if qconfig is None:
@@ -269,10 +276,15 @@ def _skip_random_init():
 def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> None:
     """The one loading loop of every family: each checkpoint tensor goes through the family's
     name map to its parameter's own weight loader (which knows packed shards). Unexpected,
-    mis-shaped and missing tensors fail naming the tensor and the file."""
+    mis-shaped and missing tensors fail naming the tensor and the file.
+
+    A linear layer is finished (`process_weights`: quantized, repacked) as soon as its last
+    tensor is in, so a model quantized at load never holds more than one layer's dense weight
+    beside the quantized ones (peak memory: the quantized model, not the dense one)."""
     params = dict(model.named_parameters())
     loaded: set[tuple[str, int | None]] = set()
     files: set[str] = set()
+    pending = _linear_pending(model, params)
     for name, tensor, source in tensors:
         files.add(source)
         target = model.map_checkpoint_name(name)
@@ -288,15 +300,46 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
         except ValueError as e:
             raise CheckpointError(f"{source}: tensor {name!r} {e}") from None
         loaded.add((param_name, shard))
-    missing = []
-    for param_name, param in params.items():
-        shards = getattr(param, "shard_ids", [None])
-        if (param_name, None) not in loaded and not all((param_name, s) in loaded for s in shards):
-            missing.append(param_name)
+        del tensor
+        owner = pending.get(param_name)
+        if owner is not None and owner[0] is not None and _complete(owner[1], params, loaded):
+            layer = owner[0]
+            for other in owner[1]:
+                pending[other] = (None, ())
+            try:
+                layer.process_weights()
+            except ValueError as e:
+                raise CheckpointError(f"{source}: layer {param_name.rpartition('.')[0]}: {e}") from None
+            if not isinstance(layer.quant_method, DenseLinearMethod):
+                _return_freed_memory()  # the dense weight it freed, before the next layer's arrives
+    missing = [param_name for param_name in params if not _complete((param_name,), params, loaded)]
     if missing:
         where = ", ".join(sorted(files)) or "the checkpoint"
         raise CheckpointError(f"{where} is missing tensors for: {', '.join(missing[:8])}"
                               + (" ..." if len(missing) > 8 else ""))
+
+
+def _linear_pending(model, params: dict) -> dict[str, tuple]:
+    """Parameter name -> (its linear layer, the names of all that layer's parameters)."""
+    from lmserve.layers.linear import Linear
+
+    by_id = {id(p): n for n, p in params.items()}
+    pending: dict[str, tuple] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.processed:
+            names = tuple(by_id.get(id(p)) for p in module.parameters(recurse=False))
+            if names and None not in names:  # a parameter shared with another module (a tied head): at the end
+                for n in names:
+                    pending[n] = (module, names)
+    return pending
+
+
+def _complete(names, params: dict, loaded: set) -> bool:
+    for param_name in names:
+        shards = getattr(params[param_name], "shard_ids", [None])
+        if (param_name, None) not in loaded and not all((param_name, s) in loaded for s in shards):
+            return False
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:

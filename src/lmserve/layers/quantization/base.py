@@ -40,6 +40,11 @@ class QuantizationConfig:
         """The layer's method, or a string: why it stays dense."""
         raise NotImplementedError
 
+    def experts_method(self, experts, name: str):
+        """A MoE layer's experts' method (layers/moe.py FusedExperts), or a string: why they
+        stay dense."""
+        return "no quantized experts method for this format"
+
     def check_device(self, device: torch.device) -> None:
         """Raise QuantizationError if this config cannot run on `device` at all."""
 
@@ -48,16 +53,35 @@ class QuantizationConfig:
         return ()
 
 
+def process_experts(model: nn.Module) -> None:
+    """Finish the quantized MoE experts' weights once loaded."""
+    from lmserve.layers.moe import FusedExperts
+
+    for module in model.modules():
+        if isinstance(module, FusedExperts) and module.quant_method is not None:
+            module.quant_method.process_weights_after_loading(module)
+
+
 def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def assign_linear_methods(model: nn.Module, config: QuantizationConfig | None,
                           dense: tuple[str, ...] = ()) -> list[Linear]:
-    """Give every linear layer built without parameters its method (creating them); returns the
-    layers that got a non-dense method. `dense`: module names (suffixes) that stay dense."""
+    """Give every linear layer built without parameters its method (creating them), and every
+    MoE layer's experts theirs; returns the linear layers that got a non-dense method. `dense`:
+    module names (suffixes) that stay dense."""
+    from lmserve.layers.moe import FusedExperts
+
     quantized, kept = [], {}
     for name, layer in model.named_modules():
+        if isinstance(layer, FusedExperts) and config is not None:
+            method = config.experts_method(layer, name)
+            if isinstance(method, str):
+                kept.setdefault(method, []).append(name)
+            else:
+                layer.quant_method = method
+            continue
         if not isinstance(layer, Linear) or layer.quant_method is not None:
             continue
         if config is None:

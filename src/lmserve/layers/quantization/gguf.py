@@ -1,10 +1,13 @@
 """GGUF tensors kept in their own grid (`quantization: int4` on a GGUF file).
 
-llama.cpp's Q4_1 blocks are the int4 kernel's grid (w = d * q + m per block of 32, so scale = d and
-zero = m + 8d): a Q4_1 tensor is read as its codes, scales and zeros (models/gguf.py yields them as
-`<module>.codes`, `.group_scale`, `.group_zero`) and packed for the kernel as they are, never
-dequantized nor requantized. A layer whose GGUF tensors are not all Q4_1 (q/k/v or gate/up pack
-several) is quantized from its dense copy by the int4 method instead.
+llama.cpp's 4-bit blocks are the int4 kernel's group-32 grid: Q4_1 (w = d * q + m: scale d, zero
+m + 8d), Q4_0 (w = d * (q - 8): zero 0) and Q4_K (sub-blocks of 32 with 6-bit scales and mins
+under a super-block d and dmin: scale d * sc, zero 8 * scale - dmin * m). Such a tensor is read as
+its codes, scales and zeros (models/gguf.py yields them as `<module>.codes`, `.group_scale`,
+`.group_zero`) and packed for the kernel as they are, never dequantized nor requantized. A
+layer whose GGUF tensors are not all such (Q6_K / Q8_0 / Q5_K in the Q4_K_M / Q5_K_M mixes, or
+q/k/v of mixed types) is quantized from its dense copy by the int4 method instead, one layer at
+a time (the loader finishes each layer as soon as it is complete: no dense copy of the model).
 """
 
 from __future__ import annotations
@@ -50,11 +53,11 @@ class GGUFGridMethod(Int4LinearMethod):
 
 
 class GGUFInt4Config(WeightOnlyConfig):
-    """int4 for a GGUF file: its Q4_1 layers keep their grid, the others are requantized."""
+    """int4 for a GGUF file: its 4-bit-grid layers keep their grid, the others are requantized."""
 
     def __init__(self, grid_modules: dict[str, set], dense_above_rows: int | None = None):
         super().__init__("int4", dense_above_rows)
-        self.grid_modules = grid_modules  # module name -> the shard ids whose tensor is Q4_1
+        self.grid_modules = grid_modules  # module name -> the shard ids whose tensor is a 4-bit grid
 
     def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
         refusal = Int4LinearMethod.refusal(layer) or (

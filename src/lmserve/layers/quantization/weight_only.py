@@ -126,6 +126,48 @@ def _drop_dense(layer: Linear) -> None:
 WEIGHT_ONLY_METHODS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod}
 
 
+class WeightOnlyExpertsMethod:
+    """int8 / int4 for a MoE layer's experts (layers/moe.py FusedExperts): every expert's
+    gate_up and down weights quantized once loaded, the same grids and kernels as the linear
+    methods; the stacked dense weights are freed. Runs the per-expert dispatch loop (CPU)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    @staticmethod
+    def refusal(kind: str, experts) -> str | None:
+        hidden, inter = experts.down_proj.shape[1], experts.intermediate
+        for n, k in ((2 * inter, hidden), (hidden, inter)):
+            if kind == "int8" and k % 16:
+                return f"expert input width {k} not a multiple of 16 (int8 kernel)"
+            if kind == "int4":
+                refusal = int4_kernel.kernel_refusal(n, k, INT4_GROUP, torch.device("cpu"))
+                if refusal:
+                    return f"expert weights: {refusal}"
+        return None
+
+    def process_weights_after_loading(self, experts) -> None:
+        self.weights = {}
+        for projection in ("gate_up_proj", "down_proj"):
+            stacked = getattr(experts, projection).detach()
+            self.weights[projection] = [self._quantize(stacked[e].float()) for e in range(stacked.shape[0])]
+            # Freed: the memory the method saves (an empty tensor keeps the parameter's name).
+            setattr(experts, projection, torch.nn.Parameter(stacked.new_empty(0), requires_grad=False))
+
+    def _quantize(self, w: torch.Tensor):
+        if self.kind == "int4":
+            return int4_kernel.pack(int4_grid_of(w))
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).to(KERNEL_DTYPE)
+        return torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+    def apply_expert(self, experts, local: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weights[projection][local]
+        if self.kind == "int4":
+            return int4_kernel.int4_matmul(x, weight)
+        qweight, scale = weight
+        return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), qweight, scale).to(x.dtype)
+
+
 class WeightOnlyConfig(QuantizationConfig):
     """`quantization: int8|int4` on a dense checkpoint: every linear layer the kernel takes."""
 
@@ -141,3 +183,6 @@ class WeightOnlyConfig(QuantizationConfig):
     def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
         refusal = self.method.refusal(layer)
         return refusal or self.method(self.dense_above_rows)
+
+    def experts_method(self, experts, name: str):
+        return WeightOnlyExpertsMethod.refusal(self.name, experts) or WeightOnlyExpertsMethod(self.name)
