@@ -37,6 +37,9 @@ _QUESTIONS = ["Write a haiku about the sea.", "What is the capital of Japan?", "
               "Why is the sky blue?", "Write a Python function that reverses a string."]
 
 
+PROMPTS, TOKENS = 32, 64  # --quick: 8 prompts x 16 tokens (a loaded machine)
+
+
 def _rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -83,15 +86,16 @@ def run_mode(mode: str, threads: int | None) -> dict:
 
     prompts = [llm.engine.encode(render_chat(llm.tokenizer, [{"role": "user", "content": f"{q} (#{i})"}]),
                                  add_special_tokens=False) for i in range(4) for q in _QUESTIONS[:8]]
-    greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    prompts = prompts[:PROMPTS]
+    greedy = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm
     # One request at a time: what a single user gets, and the decode rows the int4 kernel takes.
     start = time.perf_counter()
     out["tokens"] = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
-    out["decode_b1"] = len(prompts) * 64 / (time.perf_counter() - start)
+    out["decode_b1"] = len(prompts) * TOKENS / (time.perf_counter() - start)
     start = time.perf_counter()
     llm.generate(prompts, greedy)
-    out["decode_b32"] = len(prompts) * 64 / (time.perf_counter() - start)
+    out["decode_b32"] = len(prompts) * TOKENS / (time.perf_counter() - start)
     ids = llm.engine.tokenizer.encode(TEXT.read_text())
     out["perplexity"] = perplexity(llm.engine, ids)
     long_prompt = (ids * 4)[:1024]
@@ -116,8 +120,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["none", "int4", "int4:2", "int8:2", "Q8_0/int8", "Q4_0/int4"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="8 prompts x 16 tokens instead of 32 x 64")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # run one mode in this process, print JSON
     args = ap.parse_args()
+    global PROMPTS, TOKENS
+    if args.quick:
+        PROMPTS, TOKENS = 8, 16
     if args.one:
         print(json.dumps(run_mode(args.one, args.threads)))
         return
@@ -126,6 +134,7 @@ def main() -> None:
         if "/" in mode:
             gguf_file(mode.split("/")[0])  # re-encode once, outside the timed children
         cmd = [sys.executable, __file__, "--one", mode] + (["--threads", str(args.threads)] if args.threads else [])
+        cmd += ["--quick"] if args.quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         if proc.returncode:
             sys.exit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
