@@ -1,4 +1,4 @@
-"""Weight-only quantization on the bundled model, each mode in its own process, side by side:
+"""Quantization formats on the bundled model, each mode in its own process, side by side:
 resident memory after loading, offline tokens/s for 32 chat prompts x 64 tokens one request at a
 time (batch 1) and all at once (batch 32), the time of one 1,024-token prefill, perplexity of
 tests/data/perplexity_text.txt (one prefill: the kernel of large products), and greedy agreement
@@ -7,8 +7,17 @@ whole sequences equal).
 
     .venv/bin/python benchmarks/bench_quantization.py [--modes none int4 int4:2 int8] [--threads N]
 
-A mode is `none`, `int8` or `int4`, optionally `:N` for quantized_max_rows=N (a bf16 copy serves
-products of more than N rows). The first mode is the reference for agreement and ratios.
+A mode is `none`, `int8`, `int4` or `fp8` (the `quantization` option), optionally `:N` for
+quantized_max_rows=N (a bf16 copy serves products of more than N rows), optionally prefixed by a
+GGUF type the bundled file is first re-encoded in with gguf-py (benchmarks/gguf_reencode.py:
+Q8_0, Q4_0, Q4_1; e.g. `Q8_0/int8` loads a Q8_0 file as int8, `Q4_0/int4` keeps its 4-bit
+blocks as the int4 grid). The first mode is the reference for agreement and ratios. RSS is the
+resident size after loading; peak RSS the process's maximum over loading and the whole run.
+
+    .venv/bin/python benchmarks/bench_quantization.py --modes none int4 Q8_0/int8 Q4_0/int4
+
+(`fp8` runs too, but on a CPU it is the weight-only path that dequantizes every weight on every
+call: minutes for this workload; its speed is measured on a GPU by gpu_check.py's fp8 part.)
 """
 
 from __future__ import annotations
@@ -28,11 +37,35 @@ _QUESTIONS = ["Write a haiku about the sea.", "What is the capital of Japan?", "
               "Why is the sky blue?", "Write a Python function that reverses a string."]
 
 
+PROMPTS, TOKENS = 32, 64  # --quick: 8 prompts x 16 tokens (a loaded machine)
+
+
 def _rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gguf_file(gguf_type: str) -> str:
+    """The bundled model re-encoded as `gguf_type` (made once, kept in the temp dir)."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_reencode import reencode
+
+    from lmserve.models.loader import bundled_model_path
+
+    path = Path(tempfile.gettempdir()) / f"lmserve-bench-smollm2.{gguf_type}.gguf"
+    if not path.is_file():
+        reencode(bundled_model_path(), path.with_suffix(".part"), gguf_type).rename(path)
+    return str(path)
 
 
 def run_mode(mode: str, threads: int | None) -> dict:
@@ -43,23 +76,26 @@ def run_mode(mode: str, threads: int | None) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
+    gguf_type, _, mode = mode.rpartition("/")
     quant, _, rows = mode.partition(":")
+    model = {"model": gguf_file(gguf_type)} if gguf_type else {}
     llm = LLM(dtype="bfloat16", quantization=quant, quantized_max_rows=int(rows) if rows else None,
-              num_kv_blocks=1024)
-    out = {"rss_mib": _rss_mib()}
+              num_kv_blocks=1024, **model)
+    out = {"rss_mib": _rss_mib(), "load_peak_rss_mib": _peak_rss_mib()}
     from lmserve.engine.tokenizer import render_chat
 
     prompts = [llm.engine.encode(render_chat(llm.tokenizer, [{"role": "user", "content": f"{q} (#{i})"}]),
                                  add_special_tokens=False) for i in range(4) for q in _QUESTIONS[:8]]
-    greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    prompts = prompts[:PROMPTS]
+    greedy = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm
     # One request at a time: what a single user gets, and the decode rows the int4 kernel takes.
     start = time.perf_counter()
     out["tokens"] = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
-    out["decode_b1"] = len(prompts) * 64 / (time.perf_counter() - start)
+    out["decode_b1"] = len(prompts) * TOKENS / (time.perf_counter() - start)
     start = time.perf_counter()
     llm.generate(prompts, greedy)
-    out["decode_b32"] = len(prompts) * 64 / (time.perf_counter() - start)
+    out["decode_b32"] = len(prompts) * TOKENS / (time.perf_counter() - start)
     ids = llm.engine.tokenizer.encode(TEXT.read_text())
     out["perplexity"] = perplexity(llm.engine, ids)
     long_prompt = (ids * 4)[:1024]
@@ -67,6 +103,7 @@ def run_mode(mode: str, threads: int | None) -> dict:
     start = time.perf_counter()
     llm.generate([long_prompt], SamplingParams(max_tokens=1))
     out["prefill_1024_s"] = time.perf_counter() - start
+    out["peak_rss_mib"] = _peak_rss_mib()
     return out
 
 
@@ -81,20 +118,29 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", nargs="+", default=["none", "int4", "int4:2", "int8:2"])
+    ap.add_argument("--modes", nargs="+", default=["none", "int4", "int4:2", "int8:2", "Q8_0/int8", "Q4_0/int4"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="8 prompts x 16 tokens instead of 32 x 64")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # run one mode in this process, print JSON
     args = ap.parse_args()
+    global PROMPTS, TOKENS
+    if args.quick:
+        PROMPTS, TOKENS = 8, 16
     if args.one:
         print(json.dumps(run_mode(args.one, args.threads)))
         return
     results = {}
     for mode in args.modes:
+        if "/" in mode:
+            gguf_file(mode.split("/")[0])  # re-encode once, outside the timed children
         cmd = [sys.executable, __file__, "--one", mode] + (["--threads", str(args.threads)] if args.threads else [])
+        cmd += ["--quick"] if args.quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         if proc.returncode:
             sys.exit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        summary = {k: round(v, 2) for k, v in results[mode].items() if isinstance(v, float)}
+        print(f"{mode}: {summary}", file=sys.stderr, flush=True)  # progress, should the run be cut
     import platform
 
     import torch
@@ -102,14 +148,15 @@ def main() -> None:
     ref = results[args.modes[0]]
     print(f"# {platform.machine()}, torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, "
           f"bf16 compute, bundled SmolLM2-135M (Q4_1 GGUF); reference mode {args.modes[0]}")
-    print("| mode | RSS MiB | decode b1 tok/s | decode b32 tok/s | prefill 1024 s | perplexity "
+    print("| mode | RSS MiB | load peak MiB | decode b1 tok/s | decode b32 tok/s | prefill 1024 s | perplexity "
           "| greedy prefix agree | sequences equal |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in results.items():
         prefix, whole = agreement(ref["tokens"], r["tokens"])
-        print(f"| {mode} | {r['rss_mib']:.0f} | {r['decode_b1']:.1f} ({r['decode_b1'] / ref['decode_b1']:.2f}x) "
+        print(f"| {mode} | {r['rss_mib']:.0f} | {r['load_peak_rss_mib']:.0f} "
+              f"| {r['decode_b1']:.1f} ({r['decode_b1'] / ref['decode_b1']:.2f}x) "
               f"| {r['decode_b32']:.0f} ({r['decode_b32'] / ref['decode_b32']:.2f}x) | {r['prefill_1024_s']:.2f} "
-              f"| {r['perplexity']:.2f} | {prefix:.0%} | {whole:.0%} |")
+              f"| {r['perplexity']:.2f} ({r['perplexity'] / ref['perplexity']:.3f}x) | {prefix:.0%} | {whole:.0%} |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ Parts (--parts):
                (MLA + 64-expert MoE, ~16B, dummy weights) served with CUDA graphs: batch-1 decode,
                offline throughput (256 x 1,024 in / 1,024 out; --quick 128 x 512 / 512), a profile's top
                kernels at batch 64
+  fp8          the fp8 linear method (torch._scaled_mm with per-row weight and per-token activation
+               scales, compute capability >= 8.9) against the dequantized dense product, then the 8B
+               shape with `quantization: fp8` (per-channel fp8 weights from dummy bf16 at load): batch-1
+               decode (fraction of the fp8 roofline, ratio to bf16's) and offline throughput, each
+               beside the same numbers in bf16 measured in this part
   attention    decode attention of the 8B layer shape in one pass vs split keys + merge, by batch size
                and context (graph-replayed kernel time), and where one pass stops paying
 
@@ -1500,9 +1505,93 @@ def part_tp(report: Report, device: torch.device) -> None:
             report.check(f"tp: {label}", run, needs_s=25)
 
 
+def part_fp8(report: Report, device: torch.device, args) -> None:
+    """FP8 weights (issue 22): the method's math on this device, then the 8B shape's speed with
+    `quantization: fp8` beside bf16's, both measured here with CUDA graphs (the engine default)."""
+    try:
+        from lmserve.layers.quantization.fp8 import Fp8LinearMethod, scaled_mm_available
+    except ImportError:
+        report.skip("fp8", "this checkout has no fp8 quantization method")
+        return
+    from lmserve.layers.linear import Linear
+
+    def layer_math():
+        torch.manual_seed(0)
+        with torch.device(device):
+            layer = Linear(4096, [4096, 1024, 1024], quant_method=Fp8LinearMethod(None), dtype=torch.bfloat16)
+            layer.weight.data.normal_(0, 0.02)
+            layer.process_weights()
+            x = torch.randn(8, 4096, dtype=torch.bfloat16)
+        dense = (layer.weight.float() * layer.row_scale[:, None]).to(torch.bfloat16)
+        ref = torch.nn.functional.linear(x, dense).float()
+        got = layer(x).float()
+        rel = float((got - ref).norm() / ref.norm())
+        path = "torch._scaled_mm" if layer.quant_method.use_scaled_mm else "weight-only dequantization"
+        report.numbers.setdefault("fp8", {})["layer_rel_error"] = round(rel, 5)
+        if rel > 0.05:  # per-token fp8 activations: ~2-3% relative error expected
+            raise CheckFailed(f"{path}: relative error {rel:.3f} against the dequantized dense product")
+        return f"{path}: relative error {rel:.4f} against the dequantized dense product"
+
+    report.check("fp8: linear method vs dequantized dense", layer_math, needs_s=10)
+    if device.type == "cuda" and not scaled_mm_available(device):
+        report.skip("fp8: speed", "compute capability below 8.9: fp8 runs weight-only (the slow path)")
+        return
+    shape = speed_shape(device, args.quick, args.requests)
+    config_dir = Path(tempfile.mkdtemp(prefix="gpu_check_fp8_"))
+    (config_dir / "config.json").write_text(json.dumps(shape.config))
+    numbers = report.numbers.setdefault("fp8", {})
+    vocab = shape.config["vocab_size"]
+    for quant in ("none", "fp8"):
+        state: dict = {}
+
+        def load(quant=quant, state=state):
+            started = time.perf_counter()
+            state["engine"] = engine = lmserve_engine(config_dir, device, None, {"quantization": quant})
+            warm_up(engine, shape)
+            wbytes = weight_bytes_per_token(engine.model)
+            numbers[f"{quant}_weight_bytes_per_token"] = wbytes
+            return f"{quant}: up in {time.perf_counter() - started:.1f}s, {wbytes / 1e9:.3g} GB read per token"
+
+        if not report.check(f"fp8: {quant} load + warm-up", load, needs_s=40):
+            continue
+        engine = state.pop("engine")
+
+        def batch1(quant=quant, engine=engine):
+            r = decode_speed(engine, shape, vocab)
+            numbers[f"{quant}_decode_tok_s"] = round(r["decode_tok_s"], 1)
+            line = f"{quant} batch-1 decode {r['decode_tok_s']:.1f} tok/s"
+            bw = report.numbers.get("copy_bandwidth_GBps")
+            if bw:
+                roof = bw * 1e9 / numbers[f"{quant}_weight_bytes_per_token"]
+                numbers[f"{quant}_roofline_fraction"] = round(r["decode_tok_s"] / roof, 3)
+                line += f", {r['decode_tok_s'] / roof:.0%} of its {roof:.0f} tok/s roofline"
+            if quant == "fp8" and numbers.get("none_decode_tok_s"):
+                ratio = r["decode_tok_s"] / numbers["none_decode_tok_s"]
+                numbers["decode_ratio_vs_bf16"] = round(ratio, 2)
+                line += f", {ratio:.2f}x bf16 (target >= 1.5x)"
+            return line
+
+        report.check(f"fp8: {quant} batch-1 decode", batch1, needs_s=15)
+
+        def throughput(quant=quant, engine=engine):
+            budget = min(args.throughput_budget_s, max(report.time_left() - 30, 10))
+            r = offline_throughput(engine, shape, vocab, budget)
+            numbers[f"{quant}_offline_tok_s"] = round(r["output_tok_s"], 1)
+            line = f"{quant} offline {r['output_tok_s']:.0f} output tok/s" + (" (partial)" if r["partial"] else "")
+            if quant == "fp8" and numbers.get("none_offline_tok_s"):
+                ratio = r["output_tok_s"] / numbers["none_offline_tok_s"]
+                numbers["offline_ratio_vs_bf16"] = round(ratio, 2)
+                line += f", {ratio:.2f}x bf16 (target >= 1.3x)"
+            return line
+
+        report.check(f"fp8: {quant} offline throughput", throughput, needs_s=40)
+        del engine
+        free_device_memory(device)
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
-PARTS = ("env", "engine", "correctness", "speed", "plan", "deepseek", "attention", "tp")
+PARTS = ("env", "engine", "correctness", "speed", "plan", "deepseek", "attention", "tp", "fp8")
 
 
 def run_parts_isolated(report: Report, args, parts: list[str]) -> None:
@@ -1567,13 +1656,15 @@ def run_parts(report: Report, args, device: torch.device, parts: list[str]) -> N
         part_attention(report, device)
     if "tp" in parts:
         part_tp(report, device)
+    if "fp8" in parts:
+        part_fp8(report, device, args)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (the device check) or cpu (smoke mode)")
     ap.add_argument("--quick", action="store_true", help="fewer offline requests, shorter transformers runs")
-    ap.add_argument("--parts", default="env,engine,correctness,speed,plan,deepseek,attention,tp",
+    ap.add_argument("--parts", default="env,engine,correctness,speed,plan,deepseek,attention,tp,fp8",
                     help="comma-separated: env,engine,correctness,speed,plan,deepseek,attention,tp")
     ap.add_argument("--families", default=None, help="comma-separated family names (default: all)")
     ap.add_argument("--backends", default=None,

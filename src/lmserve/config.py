@@ -30,7 +30,7 @@ from lmserve.defaults import DEFAULT_MODEL_ID
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = Dtype.__args__
-Quantization = Literal["none", "int8", "int4"]  # lmserve.layers.quantization.QUANTIZATION_CHOICES
+Quantization = Literal["none", "int8", "int4", "fp8"]  # lmserve.layers.quantization.QUANTIZATION_CHOICES
 LoadFormat = Literal["auto", "dummy"]  # lmserve.models.loader.LOAD_FORMATS
 AttentionBackend = Literal["auto", "reference", "triton"]  # lmserve.attention.selector.ATTENTION_BACKENDS
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -153,7 +153,7 @@ class EngineOptions(_Section):
     max_model_len: Positive | None = None
     enable_prefix_caching: bool | None = None
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] | None = None
-    quantization: Quantization | None = None  # weight-only int8/int4 on CPU
+    quantization: Quantization | None = None  # weight-only int8/int4 on CPU, fp8 (fast on GPUs)
     quantized_max_rows: Annotated[int, Field(ge=0)] | None = None  # more rows: a kept bf16 copy
     compile: bool | None = None  # decode-only steps through a torch.compile'd forward (docs/compile.md)
     load_format: LoadFormat | None = None  # dummy: random weights from config.json (benchmarks)

@@ -9,22 +9,53 @@ Two seams live here, so families never deal with either:
   always hand the loader the whole checkpoint tensor; they never compute a shard.
 - How the weight is stored and multiplied is the layer's `quant_method`: it creates the
   parameters, post-processes them once loading is done, and applies them. Dense weights (with
-  the oneDNN pre-packing on CPU) are the first method; int8/int4 weight-only methods plug in the
-  same way, on the rank's slice (quantized after narrowing, so a shard quantizes exactly as
-  that slice of the whole weight would).
+  the oneDNN pre-packing on CPU) are the first method; the quantization methods
+  (layers/quantization/) plug in the same way. A method's parameters need not be [out, in]
+  (GPTQ's qweight is [in / 8, out] int32, its scales [groups, out]): each parameter is created
+  with a `ShardLayout` saying which of its dims run over output rows and input columns and how
+  many checkpoint values one element packs, and `Linear.sharded_loader(layout)` gives it the
+  same shard- and rank-aware loading the dense weight has.
+
+The model loader builds a model's linear layers without parameters (`deferred_weights`) and
+gives each its method by name afterwards (the LM head and a family's dense modules stay
+dense), so a quantized layer never holds a dense weight, not even an empty one.
 
 vocab_parallel.py holds the embedding and the LM head split over the vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmserve.distributed.group import TPGroup, current_group, shard_range
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a parameter's dims relate to the layer's output rows and input columns.
+
+    `output_dim` runs over output rows, `input_dim` over input columns (None: the parameter does
+    not extend over them and is loaded whole, e.g. a per-tensor scale); one element along a dim
+    stands for `output_pack` rows / `input_pack` columns (8 for int4 codes packed in int32, the
+    group size for per-group scales). `bias`: added once over row-parallel ranks."""
+
+    output_dim: int | None = 0
+    input_dim: int | None = 1
+    output_pack: int = 1
+    input_pack: int = 1
+    bias: bool = False
+
+
+WEIGHT_LAYOUT = ShardLayout(0, 1)
+BIAS_LAYOUT = ShardLayout(0, None, bias=True)
+WHOLE_LAYOUT = ShardLayout(None, None)
 
 
 class LinearMethod:
@@ -54,11 +85,7 @@ class DenseLinearMethod(LinearMethod):
         layer.weight = nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=dtype),
                                     requires_grad=False)
         set_weight_loader(layer.weight, layer.weight_loader)
-        if layer.has_bias:
-            layer.bias = nn.Parameter(torch.empty(layer.output_size, dtype=dtype), requires_grad=False)
-            set_weight_loader(layer.bias, layer.weight_loader)
-        else:
-            layer.register_parameter("bias", None)
+        create_bias(layer, dtype)
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         layer.packed = None
@@ -105,6 +132,30 @@ def set_weight_loader(param: nn.Parameter, loader) -> None:
     param.weight_loader = loader
 
 
+def create_bias(layer: Linear, dtype: torch.dtype | None) -> None:
+    """The layer's bias (every method keeps it dense), or None."""
+    if layer.has_bias:
+        layer.bias = nn.Parameter(torch.empty(layer.output_size, dtype=dtype), requires_grad=False)
+        set_weight_loader(layer.bias, layer.weight_loader)
+    else:
+        layer.register_parameter("bias", None)
+
+
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_weights():
+    """Linear layers built inside create no parameters until `Linear.create_weights(method)`:
+    the loader picks each layer's method by its name once the model is built."""
+    saved = getattr(_deferred, "on", False)
+    _deferred.on = True
+    try:
+        yield
+    finally:
+        _deferred.on = saved
+
+
 def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
     """Copy a whole checkpoint tensor into a parameter of the same shape."""
     if shard_id is not None:
@@ -141,11 +192,39 @@ class Linear(nn.Module):
         self.output_size = sum(local for _, local, _ in self.output_partitions)
         self.has_bias = bias
         self.packed = None
-        self.checkpoint_grids: dict | None = None  # shard id -> checkpoint int4 grid, until quantized
-        self.quant_method = quant_method or DenseLinearMethod()
-        self.quant_method.create_weights(self, dtype)
+        self.dtype = dtype
+        self.quant_method: LinearMethod | None = None
+        self.loader_wrap = None  # see customize_loading
+        self.processed = False  # process_weights ran (the loader runs it as soon as a layer is complete)
+        self.custom_shard_ids: list | None = None
+        if quant_method is not None or not self.deferrable or not getattr(_deferred, "on", False):
+            self.create_weights(quant_method or DenseLinearMethod())
+
+    # A layer whose weight is not its own to choose (the LM head, tied to the embedding) is
+    # always created at once, dense.
+    deferrable = True
+
+    def create_weights(self, method: LinearMethod) -> None:
+        """Give the layer its method, which creates its parameters (replacing any it had)."""
+        for name, _ in list(self.named_parameters(recurse=False)):
+            delattr(self, name)
+        self.quant_method = method
+        method.create_weights(self, self.dtype)
         for param in self.parameters(recurse=False):
-            param.shard_ids = self.shard_ids  # what the loader checks a checkpoint filled
+            param.shard_ids = self.custom_shard_ids or self.shard_ids  # what the loader checks a checkpoint filled
+            if self.loader_wrap is not None:
+                set_weight_loader(param, self.loader_wrap(param.weight_loader))
+
+    def customize_loading(self, wrap, shard_ids: list | None = None) -> None:
+        """For a family whose checkpoint cuts this layer's shards its own way (a fused KV tensor,
+        grouped q/k/v): `wrap(loader)` returns the loader to use for a parameter whose own loader
+        is `loader`, applied to the parameters now and to those any method creates later;
+        `shard_ids` replaces the shard ids the checkpoint must provide."""
+        self.loader_wrap, self.custom_shard_ids = wrap, shard_ids
+        for param in self.parameters(recurse=False):
+            set_weight_loader(param, wrap(param.weight_loader))
+            if shard_ids is not None:
+                param.shard_ids = shard_ids
 
     # ---- how this rank's slice is cut (the parallel subclasses override) -------------------
 
@@ -166,40 +245,69 @@ class Linear(nn.Module):
         return list(range(len(self.shard_sizes))) if self.shard_sizes else [None]
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None = None) -> None:
-        grid = getattr(tensor, "int4_grid", None)
-        if grid is not None and param is self.weight and not self.tp.is_parallel:
-            # A checkpoint's own quantization grid of this shard (GGUF Q4_1): an int4 method uses
-            # its codes instead of requantizing the dense copy (layers/quantization.py). (Sharded
-            # layers requantize their slice: the same grid, since groups never straddle ranks.)
-            if self.checkpoint_grids is None:
-                self.checkpoint_grids = {}
-            self.checkpoint_grids[shard_id] = grid
+        """The dense weight's and the bias's loader."""
+        self.load_sharded(param, tensor, shard_id, WEIGHT_LAYOUT if param.dim() == 2 else BIAS_LAYOUT)
+
+    def sharded_loader(self, layout: ShardLayout):
+        """A weight loader for a parameter laid out as `layout` (a quantization method's)."""
+        def loader(param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
+            self.load_sharded(param, tensor, shard_id, layout)
+        return loader
+
+    def load_sharded(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None,
+                     layout: ShardLayout) -> None:
+        """Copy a whole checkpoint tensor's part for this rank (and shard) into `param`."""
+        if layout.output_dim is None and layout.input_dim is None:
+            # Per-tensor values (an fp8 scale): one per checkpoint shard, kept per shard.
+            self._load_whole(param, tensor, shard_id)
+            return
         if shard_id is None and len(self.output_partitions) > 1:
             # A checkpoint that already packs the shards (one qkv or gate_up tensor).
             total = sum(rows for rows, _, _ in self.output_partitions)
-            if tensor.shape[0] != total:
-                raise ValueError(f"has shape {tuple(tensor.shape)}, expected {self._checkpoint_shape(param, total)}")
-            for i, part in enumerate(tensor.split([rows for rows, _, _ in self.output_partitions])):
-                self._load_shard(param, part, i)
+            if layout.output_dim is None or tensor.shape[layout.output_dim] * layout.output_pack != total:
+                raise ValueError(f"has shape {tuple(tensor.shape)}, expected "
+                                 f"{self._checkpoint_shape(param, total, layout)}")
+            sizes = [rows // layout.output_pack for rows, _, _ in self.output_partitions]
+            for i, part in enumerate(tensor.split(sizes, dim=layout.output_dim)):
+                self._load_shard(param, part, i, layout)
             return
         if shard_id is not None and self.shard_sizes is None:
             raise ValueError(f"parameter of shape {tuple(param.shape)} is not packed (shard {shard_id!r})")
-        self._load_shard(param, tensor, shard_id or 0)
+        self._load_shard(param, tensor, shard_id or 0, layout)
 
-    def _checkpoint_shape(self, param: nn.Parameter, rows: int) -> tuple[int, ...]:
-        return (rows, self.global_input_size) if param.dim() == 2 else (rows,)
+    def _checkpoint_shape(self, param: nn.Parameter, rows: int, layout: ShardLayout) -> tuple[int, ...]:
+        shape = list(param.shape)
+        if layout.output_dim is not None:
+            shape[layout.output_dim] = rows // layout.output_pack
+        if layout.input_dim is not None:
+            shape[layout.input_dim] = self.global_input_size // layout.input_pack
+        return tuple(shape)
 
-    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, index: int) -> None:
+    def _load_whole(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
+        """A parameter with one value per checkpoint shard (param rows = shards)."""
+        index = shard_id or 0
+        if param.shape[0] <= index or tensor.numel() != 1:
+            raise ValueError(f"has shape {tuple(tensor.shape)}, expected one value per shard")
+        param.data[index].copy_(tensor.reshape(()))
+        if shard_id is None:  # one value for all shards
+            param.data.copy_(tensor.reshape(()))
+
+    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, index: int, layout: ShardLayout) -> None:
         rows, local, start = self.output_partitions[index]
-        expected = self._checkpoint_shape(param, rows)
+        expected = self._checkpoint_shape(param, rows, layout)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected}")
-        offset = sum(n for _, n, _ in self.output_partitions[:index])
-        if param.dim() == 2:
-            tensor = tensor.narrow(1, self.input_start, self.input_size)
-        elif self.zero_bias_here():
+        dest = param.data
+        if layout.input_dim is not None:
+            tensor = tensor.narrow(layout.input_dim, *_packed_range(self.input_start, self.input_size,
+                                                                   layout.input_pack, "input columns"))
+        elif layout.bias and self.zero_bias_here():
             tensor = torch.zeros_like(tensor)
-        param.data.narrow(0, offset, local).copy_(tensor.narrow(0, start, local))
+        if layout.output_dim is not None:
+            offset = sum(n for _, n, _ in self.output_partitions[:index])
+            dest = dest.narrow(layout.output_dim, *_packed_range(offset, local, layout.output_pack, "output rows"))
+            tensor = tensor.narrow(layout.output_dim, *_packed_range(start, local, layout.output_pack, "output rows"))
+        dest.copy_(tensor)
 
     def zero_bias_here(self) -> bool:
         """A row-parallel bias is added on one rank only: the outputs are summed over ranks."""
@@ -216,7 +324,14 @@ class Linear(nn.Module):
     def process_weights(self) -> None:
         """Let the quant method finish the loaded weight (pack, quantize)."""
         self.quant_method.process_weights_after_loading(self)
-        self.checkpoint_grids = None  # consumed (or unused) once the weight is final
+        self.processed = True
+
+
+def _packed_range(start: int, size: int, pack: int, what: str) -> tuple[int, int]:
+    """(start, length) in packed elements of [start, start + size) unpacked ones."""
+    if start % pack or size % pack:
+        raise ValueError(f"cannot slice {what} {start}..{start + size} out of elements packing {pack}")
+    return start // pack, size // pack
 
 
 class ColumnParallelLinear(Linear):
@@ -284,7 +399,7 @@ class RowParallelLinear(Linear):
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Finish every linear layer's weights."""
+    """Finish every linear layer's weights not finished yet."""
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and not module.processed:
             module.process_weights()

@@ -82,6 +82,9 @@ class FusedExperts(nn.Module):
             param.shard_ids = [(e, s) for e in owned for s in shards]
         self.act = get_activation(activation)
         self.act_kind = activation_kind(activation)
+        # A weight-only quantization method for the experts (layers/quantization/), set by the
+        # loader; None: the dense stacked weights.
+        self.quant_method = None
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id) -> None:
         if not isinstance(shard_id, tuple):
@@ -106,7 +109,7 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_weights, topk_ids [T, k] -> [T, H] (summed over the tensor-parallel ranks)."""
-        if fused.use_fused(x) and not self.tp.expert_parallel:
+        if fused.use_fused(x) and not self.tp.expert_parallel and self.quant_method is None:
             # CUDA: one grouped-GEMM launch per projection, no host sync. Under TP every rank holds
             # every expert's slice of the intermediate, so the kernel runs as is; whole experts
             # per rank (expert parallelism) take the dispatch below.
@@ -134,9 +137,16 @@ class FusedExperts(nn.Module):
                 continue
             rows = slice(start, start + n)
             start += n
-            y = F.linear(self._gated(F.linear(inputs[rows], self.gate_up_proj[local])), self.down_proj[local])
+            y = self._expert_linear(local, "down_proj",
+                                    self._gated(self._expert_linear(local, "gate_up_proj", inputs[rows])))
             out.index_add_(0, tokens[rows], (y * weights[rows, None]).to(out.dtype))
         return self.tp.all_reduce(out)  # combine
+
+    def _expert_linear(self, local: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+        """One expert's projection (`gate_up_proj` or `down_proj`) of x."""
+        if self.quant_method is not None:
+            return self.quant_method.apply_expert(self, local, projection, x)
+        return F.linear(x, getattr(self, projection)[local])
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         """act(gate) * up: one fused kernel on CUDA (layers/fused.py), PyTorch's two ops elsewhere."""

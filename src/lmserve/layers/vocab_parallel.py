@@ -64,6 +64,8 @@ class ParallelLMHead(ColumnParallelLinear):
     """Logits = hidden @ W^T over the vocabulary slice of each rank, gathered on rank 0 (other
     ranks return None). Tied to the embedding by sharing its weight (same slice per rank)."""
 
+    deferrable = False  # always dense (int4 on the head alone changes many greedy tokens), tieable at once
+
     def __init__(self, hidden_size: int, vocab_size: int, bias: bool = False):
         self.vocab_size = vocab_size
         super().__init__(hidden_size, padded_vocab(vocab_size, current_group()), bias)

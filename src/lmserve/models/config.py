@@ -23,6 +23,9 @@ class ModelConfig:
     context_length: int
     eos_token_ids: set[int] = field(default_factory=set)
     bos_token_id: int | None = None
+    # config.json's `quantization_config` (GPTQ, AWQ, ...): the checkpoint's tensors are quantized
+    # (layers/quantization/ reads it); None for a dense checkpoint.
+    quantization_config: dict[str, Any] | None = None
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmserve.errors import CheckpointError
-from lmserve.layers.quantization import Int4Grid
+from lmserve.layers.quantization.int4_kernel import Int4Grid
 from lmserve.models.config import DecoderConfig
 
 
@@ -102,11 +102,12 @@ class GGUFFile:
             qkv_bias=self.arch.qkv_bias,
         )
 
-    def tensors(self, config: DecoderConfig, int4_grids: bool = False) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """(Hugging Face name, fp32 tensor, file name), dequantized one at a time. With
-        `int4_grids`, a Q4_1 tensor also carries its own grid as `tensor.int4_grid` (rows in the
-        same order as the tensor) for an int4 method to use as is."""
-        from gguf import GGMLQuantizationType
+    def tensors(self, config: DecoderConfig, grid_names: frozenset[str] | set[str] = frozenset()
+                ) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """(Hugging Face name, tensor, file name), one at a time: dequantized to fp32, except a
+        Q4_0 / Q4_1 / Q4_K tensor named in `grid_names`, which is read as its own int4 grid instead: three
+        tensors `<module>.codes` (uint8), `.group_scale` and `.group_zero` (fp32 per block of 32),
+        for layers/quantization/gguf.py's method; never dequantized."""
         from gguf.quants import dequantize
 
         for t in tqdm(self.reader.tensors, desc=f"Loading {self.path.name}", unit="tensor", disable=None,
@@ -114,19 +115,32 @@ class GGUFFile:
             name = hf_name(t.name)
             if name is None:
                 continue  # e.g. rope_freqs: derived from the config instead
+            shape = tuple(reversed([int(x) for x in t.shape]))
+            heads = self._permuted_heads(name, config)
+            if name in grid_names:
+                grid = int4_grid(t.data, t.tensor_type, shape)
+                if heads:
+                    grid = grid.permute_rows(torch.from_numpy(undo_rope_permute(np.arange(shape[0]), heads)))
+                base = name[:-len(".weight")]
+                yield f"{base}.codes", grid.codes, self.path.name
+                yield f"{base}.group_scale", grid.scale, self.path.name
+                yield f"{base}.group_zero", grid.zero, self.path.name
+                continue
             try:
-                array = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+                array = dequantize(t.data, t.tensor_type).reshape(shape)
             except Exception as e:
                 raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
-            grid = q4_1_grid(t.data, array.shape) if int4_grids and t.tensor_type == GGMLQuantizationType.Q4_1 else None
-            heads = self._permuted_heads(name, config)
             if heads:
                 array = undo_rope_permute(array, heads)
-            tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
-            if grid is not None:
-                tensor.int4_grid = grid if not heads else grid.permute_rows(
-                    torch.from_numpy(undo_rope_permute(np.arange(array.shape[0]), heads)))
-            yield name, tensor, self.path.name
+            yield name, torch.from_numpy(np.array(array, dtype=np.float32)), self.path.name  # a writable copy
+
+    def int4_grid_tensors(self) -> set[str]:
+        """The Hugging Face names of the file's weights stored in an int4 group-32 grid (Q4_0,
+        Q4_1, Q4_K): an int4 load keeps their grids."""
+        types = int4_grid_types()
+        return {name for t in self.reader.tensors
+                if t.tensor_type in types and (name := hf_name(t.name)) is not None
+                and name.endswith(".weight") and len(t.shape) == 2}
 
     def _permuted_heads(self, name: str, config: DecoderConfig) -> int | None:
         """The head count to undo llama.cpp's q/k row permutation with, or None."""
@@ -150,6 +164,49 @@ def q4_1_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
     packed = blocks[..., 4:]
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, k)
     return Int4Grid(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m + 8 * d))
+
+
+def q4_0_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
+    """Q4_0 (w = d * (q - 8) per block of 32; 18 bytes: fp16 d, 16 bytes of codes, low nibbles
+    first): scale = d, zero = 0."""
+    rows, k = shape
+    blocks = np.ascontiguousarray(data).reshape(rows, k // 32, 18)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 2:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, k)
+    return Int4Grid(torch.from_numpy(codes), torch.from_numpy(d), torch.zeros_like(torch.from_numpy(d)))
+
+
+def q4_k_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
+    """Q4_K super-blocks of 256 values (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block
+    scales and mins, 128 bytes of codes): sub-block i of 32 is w = d * sc_i * q - dmin * m_i, so
+    the sub-block scales fold into group-32 scales: scale = d * sc_i, zero = 8 * scale - dmin * m_i.
+    Codes: 4 chunks of 32 bytes, chunk j's low nibbles are sub-block 2j, its high ones 2j + 1."""
+    from gguf.quants import Q4_K
+
+    rows, k = shape
+    blocks = np.ascontiguousarray(data).reshape(-1, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16].copy())  # [B, 8] each
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(rows, k)
+    scale = (d * sc.astype(np.float32)).reshape(rows, k // 32)
+    zero = (8 * scale - (dmin * m.astype(np.float32)).reshape(rows, k // 32))
+    return Int4Grid(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(scale), torch.from_numpy(zero))
+
+
+def int4_grid(data: np.ndarray, tensor_type, shape: tuple[int, ...]) -> Int4Grid:
+    """The int4 group-32 grid a Q4_0 / Q4_1 / Q4_K tensor holds (exactly: no requantization)."""
+    from gguf import GGMLQuantizationType as T
+
+    return {T.Q4_0: q4_0_grid, T.Q4_1: q4_1_grid, T.Q4_K: q4_k_grid}[tensor_type](data, shape)
+
+
+def int4_grid_types():
+    from gguf import GGMLQuantizationType as T
+
+    return (T.Q4_0, T.Q4_1, T.Q4_K)
 
 
 @functools.lru_cache(maxsize=2)

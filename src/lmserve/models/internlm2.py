@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from lmserve.layers.linear import Linear, set_weight_loader
 from lmserve.models.config import DecoderConfig
 from lmserve.models.llama import LlamaForCausalLM
 
@@ -59,18 +58,17 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
     def __init__(self, config: DecoderConfig, dtype: torch.dtype):
         super().__init__(config, dtype)
         for layer in self.layers:
-            qkv: Linear = layer.self_attn.qkv_proj
-            for param in qkv.parameters(recurse=False):
-                set_weight_loader(param, self._wqkv_loader(qkv))
+            layer.self_attn.qkv_proj.customize_loading(self._wqkv_loader)
 
-    def _wqkv_loader(self, qkv: Linear):
+    def _wqkv_loader(self, inner):
+        """The qkv parameter's loader (`inner`), taking InternLM2's grouped wqkv tensor."""
         c = self.config
         rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
 
         def load(param, tensor: torch.Tensor, shard_id=None) -> None:
             if shard_id is not None or tensor.shape[0] != rows or (c.num_heads % c.num_kv_heads):
-                return qkv.weight_loader(param, tensor, shard_id)  # the shape check reports it
-            qkv.weight_loader(param, kv_grouped_to_packed(tensor, c.num_kv_heads, c.head_dim), None)
+                return inner(param, tensor, shard_id)  # the shape check reports it
+            inner(param, kv_grouped_to_packed(tensor, c.num_kv_heads, c.head_dim), None)
 
         return load
 

@@ -1,8 +1,10 @@
 """Find a checkpoint, read its config and tensors, build the family's model on the chosen device.
 
 Two formats: a Hugging Face directory (config.json + single or sharded safetensors + tokenizer
-files) and a GGUF file (quantized tensors dequantized to the compute dtype; tokenizer and chat
-template from the same file). Every failure names the file and what is wrong with it.
+files; a `quantization_config` there means GPTQ/AWQ tensors, layers/quantization/) and a GGUF
+file (quantized tensors dequantized to the compute dtype, or kept as int4 grids under `int4`;
+tokenizer and chat template from the same file). Every failure names the file and what is wrong
+with it.
 
 `load_format="dummy"` (vLLM's meaning) reads only the config and draws random weights on the
 target device: an 8B-shaped model appears in seconds for benchmarks and device checks, from a
@@ -26,8 +28,16 @@ from tqdm.auto import tqdm
 
 from lmserve.defaults import DEFAULT_MODEL_ID
 from lmserve.errors import CheckpointError
-from lmserve.layers.linear import default_weight_loader, process_weights_after_loading
-from lmserve.layers.quantization import choose_quant_methods
+from lmserve.layers import quantization
+from lmserve.layers.linear import (
+    DenseLinearMethod,
+    default_weight_loader,
+    deferred_weights,
+    process_weights_after_loading,
+)
+from lmserve.layers.quantization import QuantizationError, assign_linear_methods
+from lmserve.layers.quantization.base import process_experts
+from lmserve.layers.quantization.gguf import GGUFInt4Config
 from lmserve.models.config import ModelConfig
 from lmserve.models.gguf import GGUFFile
 from lmserve.models.registry import UnsupportedArchitecture, get_model_class, resolve_architecture
@@ -113,6 +123,7 @@ def read_config(ckpt: Checkpoint) -> ModelConfig:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path / 'config.json'}: {e}") from None
     config.architecture = architecture
+    config.quantization_config = cfg.get("quantization_config")
     return config
 
 
@@ -126,22 +137,78 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
     except UnsupportedArchitecture as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
     with torch.device(device), _skip_random_init(), _default_dtype(dtype):
-        model = cls(config, dtype)
-    model.to(dtype)  # a no-op for the parameters, which were created in `dtype`
+        with deferred_weights():  # each linear layer's parameters are its quantization method's
+            model = cls(config, dtype)
+        model.to(dtype)  # a no-op for the parameters built so far, which were created in `dtype`
+        qconfig = _quantization_config(ckpt, config, model, quantization, dense_above_rows, load_format, device)
+        # After the cast above: a method's parameters keep their own dtypes (fp16 GPTQ scales).
+        assign_linear_methods(model, qconfig, dense=model.dense_modules)
     if load_format == "dummy":
         fill_dummy_weights(model, device)
     else:
         if ckpt.format == "gguf":
-            tensors = ckpt.gguf.tensors(config, int4_grids=quantization == "int4")
+            grid_names = _grid_tensors(model, ckpt.gguf.int4_grid_tensors())
+            tensors = ckpt.gguf.tensors(config, grid_names)
         else:
             tensors = _safetensors(ckpt.path)
         with torch.no_grad():
             load_weights(model, tensors)
-    choose_quant_methods(model, quantization, skip=("lm_head", *model.dense_modules), dense_above_rows=dense_above_rows)
-    process_weights_after_loading(model)
+    try:
+        process_weights_after_loading(model)
+        process_experts(model)
+    except QuantizationError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
     _return_freed_memory()
     # The rope tables were built in the compute dtype; the buffers must not be recast.
     return model.eval()
+
+
+def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.Module, option: str | None,
+                         dense_above_rows: int | None, load_format: str, device: torch.device):
+    """The model's quantization config (None: dense), checked against the device and model."""
+    from lmserve.layers.moe import FusedExperts
+
+    try:
+        if ckpt.format == "gguf" and option == "int4" and load_format != "dummy":
+            qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows)
+        else:
+            qconfig = quantization.resolve(config.quantization_config, option, dense_above_rows)
+        if qconfig is None:
+            return None
+        qconfig.check_device(torch.device(device))
+        if qconfig.from_checkpoint:
+            if load_format == "dummy":
+                raise QuantizationError(f"dummy weights cannot stand in for a {qconfig.name} checkpoint's tensors")
+            experts = next((n for n, m in model.named_modules() if isinstance(m, FusedExperts)), None)
+            if experts is not None:
+                raise QuantizationError(f"{qconfig.name}: layer {experts}: quantized MoE experts are not supported")
+    except QuantizationError as e:
+        if config.quantization_config:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        raise
+    return qconfig
+
+
+def _grid_modules(model: torch.nn.Module, tensor_names: set[str]) -> dict[str, set]:
+    """Module name -> the shard ids whose checkpoint tensor is among `tensor_names`."""
+    modules: dict[str, set] = {}
+    for name in tensor_names:
+        target = model.map_checkpoint_name(name)
+        if target is not None:
+            modules.setdefault(target[0].rpartition(".")[0], set()).add(target[1])
+    return modules
+
+
+def _grid_tensors(model: torch.nn.Module, tensor_names: set[str]) -> set[str]:
+    """The tensors among `tensor_names` whose layer took GGUF's grid method (read as grids)."""
+    modules = dict(model.named_modules())
+    chosen = set()
+    for name in tensor_names:
+        target = model.map_checkpoint_name(name)
+        module = modules.get(target[0].rpartition(".")[0]) if target is not None else None
+        if module is not None and GGUFInt4Config.uses_grid(module):
+            chosen.add(name)
+    return chosen
 
 
 @torch.no_grad()
@@ -209,10 +276,15 @@ def _skip_random_init():
 def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> None:
     """The one loading loop of every family: each checkpoint tensor goes through the family's
     name map to its parameter's own weight loader (which knows packed shards). Unexpected,
-    mis-shaped and missing tensors fail naming the tensor and the file."""
+    mis-shaped and missing tensors fail naming the tensor and the file.
+
+    A linear layer is finished (`process_weights`: quantized, repacked) as soon as its last
+    tensor is in, so a model quantized at load never holds more than one layer's dense weight
+    beside the quantized ones (peak memory: the quantized model, not the dense one)."""
     params = dict(model.named_parameters())
     loaded: set[tuple[str, int | None]] = set()
     files: set[str] = set()
+    pending = _linear_pending(model, params)
     for name, tensor, source in tensors:
         files.add(source)
         target = model.map_checkpoint_name(name)
@@ -228,15 +300,46 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
         except ValueError as e:
             raise CheckpointError(f"{source}: tensor {name!r} {e}") from None
         loaded.add((param_name, shard))
-    missing = []
-    for param_name, param in params.items():
-        shards = getattr(param, "shard_ids", [None])
-        if (param_name, None) not in loaded and not all((param_name, s) in loaded for s in shards):
-            missing.append(param_name)
+        del tensor
+        owner = pending.get(param_name)
+        if owner is not None and owner[0] is not None and _complete(owner[1], params, loaded):
+            layer = owner[0]
+            for other in owner[1]:
+                pending[other] = (None, ())
+            try:
+                layer.process_weights()
+            except ValueError as e:
+                raise CheckpointError(f"{source}: layer {param_name.rpartition('.')[0]}: {e}") from None
+            if not isinstance(layer.quant_method, DenseLinearMethod):
+                _return_freed_memory()  # the dense weight it freed, before the next layer's arrives
+    missing = [param_name for param_name in params if not _complete((param_name,), params, loaded)]
     if missing:
         where = ", ".join(sorted(files)) or "the checkpoint"
         raise CheckpointError(f"{where} is missing tensors for: {', '.join(missing[:8])}"
                               + (" ..." if len(missing) > 8 else ""))
+
+
+def _linear_pending(model, params: dict) -> dict[str, tuple]:
+    """Parameter name -> (its linear layer, the names of all that layer's parameters)."""
+    from lmserve.layers.linear import Linear
+
+    by_id = {id(p): n for n, p in params.items()}
+    pending: dict[str, tuple] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.processed:
+            names = tuple(by_id.get(id(p)) for p in module.parameters(recurse=False))
+            if names and None not in names:  # a parameter shared with another module (a tied head): at the end
+                for n in names:
+                    pending[n] = (module, names)
+    return pending
+
+
+def _complete(names, params: dict, loaded: set) -> bool:
+    for param_name in names:
+        shards = getattr(params[param_name], "shard_ids", [None])
+        if (param_name, None) not in loaded and not all((param_name, s) in loaded for s in shards):
+            return False
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.layers.linear import Linear, set_weight_loader
 from lmserve.layers.mlp import GatedMLP
 from lmserve.layers.rotary import RotaryEmbedding, get_rope, rope_frequencies
 from lmserve.models.config import DecoderConfig, id_set
@@ -95,10 +94,7 @@ class TeleChat2ForCausalLM(LlamaForCausalLM):
     def __init__(self, config: TeleChat2Config, dtype: torch.dtype):
         super().__init__(config, dtype)
         for layer in self.layers:
-            qkv: Linear = layer.self_attn.qkv_proj
-            for param in qkv.parameters(recurse=False):
-                set_weight_loader(param, self._qkv_loader(qkv))
-                param.shard_ids = [0, _KV_SHARD]
+            layer.self_attn.qkv_proj.customize_loading(self._qkv_loader, [0, _KV_SHARD])
 
     def build_rotary(self, config: TeleChat2Config, dtype: torch.dtype) -> RotaryEmbedding:
         rotary = get_rope(config.head_dim, config.max_position_embeddings, config.rope_theta, dtype=dtype)
@@ -116,17 +112,18 @@ class TeleChat2ForCausalLM(LlamaForCausalLM):
                 rotary.cos_sin[config.base_seqlen:] = table.to(rotary.cos_sin.dtype)
         return rotary
 
-    def _qkv_loader(self, qkv: Linear):
+    def _qkv_loader(self, inner):
+        """The qkv parameter's loader (`inner`), taking TeleChat2's fused key_value tensor."""
         kv_heads, head_dim = self.config.num_kv_heads, self.config.head_dim
 
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
             if shard_id != _KV_SHARD:
-                return qkv.weight_loader(param, tensor, shard_id)
+                return inner(param, tensor, shard_id)
             if tensor.shape[0] != 2 * kv_heads * head_dim:
                 raise ValueError(f"has shape {tuple(tensor.shape)}, expected {2 * kv_heads * head_dim} rows")
             per_head = tensor.reshape(kv_heads, 2, head_dim, *tensor.shape[1:])
-            qkv.weight_loader(param, per_head[:, 0].reshape(kv_heads * head_dim, *tensor.shape[1:]), 1)
-            qkv.weight_loader(param, per_head[:, 1].reshape(kv_heads * head_dim, *tensor.shape[1:]), 2)
+            inner(param, per_head[:, 0].reshape(kv_heads * head_dim, *tensor.shape[1:]), 1)
+            inner(param, per_head[:, 1].reshape(kv_heads * head_dim, *tensor.shape[1:]), 2)
 
         return load
 

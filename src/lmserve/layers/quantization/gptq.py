@@ -1,0 +1,173 @@
+"""GPTQ and AWQ int4 checkpoints (`quant_method: gptq` / `awq` in config.json).
+
+Both store 4-bit codes q, per (group of input columns, output column) a scale s and a zero z, and
+mean w = (q - z) * s. Their layouts (AutoGPTQ's and AutoAWQ's packers):
+- GPTQ: qweight int32 [k / 8, n] (8 input rows per int32, row 8i + j in bits 4j..4j+3);
+  qzeros int32 [groups, n / 8] (8 output columns per int32, same nibble order); scales fp16
+  [groups, n]; g_idx int32 [k] (the group of each input column: c // group_size, or an
+  activation-order permutation with desc_act). The original format ("gptq", v1) stores z - 1;
+  "gptq_v2" stores z. Symmetric checkpoints store z = 8 (v1: 7).
+- AWQ (GEMM): qweight int32 [k, n / 8] and qzeros int32 [groups, n / 8], 8 output columns per
+  int32 in the order 0, 2, 4, 6, 1, 3, 5, 7 (nibble i holds column 8c + order[i]); scales fp16
+  [groups, n]; z stored as is.
+group_size -1 is one group per output column (per-channel).
+
+The method creates exactly these parameters (with shard-aware loaders: column-parallel layers
+slice the n side, row-parallel ones the k side by whole groups), then at load converts them to the
+int4 kernel's grid (scale s, zero (8 - z) * s), with desc_act's columns sorted by group (the
+activations are permuted the same way before the product). A layer the kernel cannot take (rows
+not a multiple of 16, groups it cannot split, a GPU) keeps the unpacked codes and dequantizes per
+call: slow and correct (codes kept one per byte: half of bf16's weight bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.layers.linear import Linear, LinearMethod, ShardLayout, create_bias, set_weight_loader
+from lmserve.layers.quantization import int4_kernel
+from lmserve.layers.quantization.base import QuantizationConfig, QuantizationError
+from lmserve.layers.quantization.int4_kernel import Int4Grid
+
+logger = logging.getLogger(__name__)
+
+PACK = 8  # int4 values per int32
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_int32(packed: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(PACK))) -> torch.Tensor:
+    """int32 tensor -> uint8 codes, each int32 expanding to 8 values along `dim`; value
+    `order[i]` of each 8 is nibble i."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [..., 8]: nibble i
+    inverse = torch.empty(PACK, dtype=torch.long)
+    inverse[list(order)] = torch.arange(PACK)
+    values = nibbles[..., inverse.to(packed.device)]  # value j = nibble inverse[j]
+    values = values.movedim(-1, dim + 1) if dim != packed.dim() - 1 else values
+    shape = list(packed.shape)
+    shape[dim] *= PACK
+    return values.reshape(shape).to(torch.uint8)
+
+
+class GPTQConfig(QuantizationConfig):
+    from_checkpoint = True
+
+    def __init__(self, cfg: dict, awq: bool = False):
+        self.awq = awq
+        self.name = "awq" if awq else "gptq"
+        self.bits = int(cfg.get("bits", cfg.get("w_bit", 4)))
+        self.group_size = int(cfg.get("group_size", cfg.get("q_group_size", 128)))
+        self.desc_act = bool(cfg.get("desc_act", False)) and not awq
+        fmt = cfg.get("checkpoint_format", "gptq")
+        if self.bits != 4:
+            raise QuantizationError(f"{self.name}: {self.bits}-bit checkpoints are not supported (4-bit only)")
+        if awq and cfg.get("version", "gemm").lower() != "gemm":
+            raise QuantizationError(f"awq: version {cfg.get('version')!r} is not supported (GEMM layout only)")
+        if awq and not cfg.get("zero_point", True):
+            raise QuantizationError("awq: checkpoints without zero points are not supported")
+        if not awq and fmt not in ("gptq", "gptq_v2"):
+            raise QuantizationError(f"gptq: checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+        self.zero_offset = 1 if not awq and fmt == "gptq" else 0  # v1 stores z - 1
+        self.not_converted = tuple(cfg.get("modules_to_not_convert") or ())
+
+    def skipped_modules(self) -> tuple[str, ...]:
+        return self.not_converted
+
+    def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
+        k, n = layer.global_input_size, sum(rows for rows, _, _ in layer.output_partitions)
+        group = k if self.group_size == -1 else self.group_size
+        if k % group:
+            raise QuantizationError(f"{k} input columns are not whole groups of {group}")
+        if k % PACK or layer.input_size % PACK or layer.output_size % PACK:
+            raise QuantizationError(f"an [{n}, {k}] weight (this rank: [{layer.output_size}, {layer.input_size}]) "
+                                    f"does not pack 8 int4 values per int32")
+        return GPTQLinearMethod(self, group)
+
+
+class GPTQLinearMethod(LinearMethod):
+    def __init__(self, config: GPTQConfig, group: int):
+        self.config, self.group = config, group
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype | None) -> None:
+        k, n, g = layer.input_size, layer.output_size, self.group
+        groups = layer.global_input_size // g
+        # desc_act: a row-parallel rank's columns use any group, so it keeps every group's scales.
+        local_groups, group_pack = (groups, None) if self.config.desc_act else (k // g, g)
+        if not self.config.desc_act and layer.input_start % g:
+            raise QuantizationError(f"this rank's input columns start at {layer.input_start}, inside a group of {g}")
+
+        def param(name, shape, tensor_dtype, layout):
+            p = nn.Parameter(torch.empty(shape, dtype=tensor_dtype), requires_grad=False)
+            setattr(layer, name, p)
+            set_weight_loader(p, layer.sharded_loader(layout))
+
+        groups_dim = ShardLayout(1, 0 if group_pack else None, output_pack=PACK, input_pack=group_pack or 1)
+        scales_dim = ShardLayout(1, 0 if group_pack else None, input_pack=group_pack or 1)
+        if self.config.awq:
+            param("qweight", (k, n // PACK), torch.int32, ShardLayout(1, 0, output_pack=PACK))
+        else:
+            param("qweight", (k // PACK, n), torch.int32, ShardLayout(1, 0, input_pack=PACK))
+            # q/k/v (gate/up) share their input, so GPTQ gives them one activation order: one g_idx.
+            param("g_idx", (k,), torch.int32, ShardLayout(None, 0))
+        param("qzeros", (local_groups, n // PACK), torch.int32, groups_dim)
+        param("scales", (local_groups, n), torch.float16, scales_dim)
+        create_bias(layer, dtype)
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        cfg, g = self.config, self.group
+        if cfg.awq:
+            codes = unpack_int32(layer.qweight.data, 1, AWQ_ORDER)  # [k, n]
+            zeros = unpack_int32(layer.qzeros.data, 1, AWQ_ORDER)
+            g_idx = torch.arange(layer.input_size) // g  # AWQ has no activation order
+        else:
+            codes = unpack_int32(layer.qweight.data, 0)  # [k, n]
+            zeros = unpack_int32(layer.qzeros.data, 1)
+            g_idx = layer.g_idx.data.long()
+            if not cfg.desc_act:  # groups were sliced with the columns: local group numbers
+                g_idx = g_idx - layer.input_start // g
+        zeros = zeros.float() + cfg.zero_offset  # [groups, n]
+        scales = layer.scales.data.float()
+        if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= scales.shape[0]):
+            raise QuantizationError(f"g_idx names groups outside 0..{scales.shape[0] - 1}")
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        # Columns sorted by group (the identity unless desc_act permuted them).
+        order = torch.argsort(g_idx, stable=True)
+        self.perm = None if torch.equal(order, torch.arange(order.numel())) else order
+        sorted_groups = g_idx[order]
+        codes = codes[order].T.contiguous()  # [n, k] in sorted column order
+        n, k = codes.shape
+        kernel_group = int4_kernel.kernel_group(k, g)
+        refusal = "no kernel group size divides the group" if kernel_group is None else \
+            int4_kernel.kernel_refusal(n, k, kernel_group, codes.device)
+        chunks = sorted_groups.view(-1, kernel_group) if refusal is None else None
+        if chunks is not None and not (chunks == chunks[:, :1]).all():
+            refusal = "activation-order groups do not form whole kernel groups"
+        col_scale = scales[sorted_groups].T  # [n, k] per sorted column
+        col_zero = ((8 - zeros) * scales)[sorted_groups].T
+        if refusal is None:
+            starts = slice(0, k, kernel_group)
+            layer.int4 = int4_kernel.pack(Int4Grid(codes, col_scale[:, starts].contiguous(),
+                                                   col_zero[:, starts].contiguous()))
+            self.fallback = False
+        else:
+            logger.info("%s layer [%d, %d]: %s; dequantizing per call", cfg.name, n, k, refusal)
+            layer.codes, layer.col_groups = codes, sorted_groups
+            layer.group_scales, layer.group_zeros = scales.T.contiguous(), ((8 - zeros) * scales).T.contiguous()
+            self.fallback = True
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm.to(x.device))
+        if self.fallback:
+            w = ((layer.codes.float() - 8) * layer.group_scales[:, layer.col_groups]
+                 + layer.group_zeros[:, layer.col_groups])
+            y = F.linear(x, w.to(x.dtype))
+        else:
+            y = int4_kernel.int4_matmul(x, layer.int4)
+        return y if layer.bias is None else y + layer.bias

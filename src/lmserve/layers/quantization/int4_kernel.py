@@ -1,0 +1,90 @@
+"""The one int4 kernel every int4 method runs (quantize-after-load, GGUF Q4_1, GPTQ, AWQ).
+
+A grid is codes q in [0, 15] per weight and, per group of `group` consecutive input columns of
+a row, a scale and a zero: w = (q - 8) * scale + zero. Every int4 format converts to it at load
+(GPTQ/AWQ's (q - z) * s is scale s, zero (8 - z) * s); `pack` lays it out for the kernel once and
+`int4_matmul` is the single call the layers make, so the kernel underneath can be swapped here
+alone. Today: PyTorch's CPU kernel (`_weight_int4pack_mm_for_cpu`), which reads scale and zero
+in bf16 and takes bf16 activations (its float32 path is a reference loop ~100x slower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_DTYPE = torch.bfloat16
+KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes the kernel takes
+
+
+@dataclass
+class Int4Grid:
+    """An int4 grid for an [n, k] weight: w[r, c] = (codes[r, c] - 8) * scale[r, c // g] + zero[r, c // g],
+    g = k // scale.shape[1]."""
+
+    codes: torch.Tensor  # uint8 [n, k], values 0..15
+    scale: torch.Tensor  # float32 [n, k // g]
+    zero: torch.Tensor  # float32 [n, k // g]
+
+    @property
+    def group(self) -> int:
+        return self.codes.shape[1] // self.scale.shape[1]
+
+    def permute_rows(self, order: torch.Tensor) -> Int4Grid:
+        return Int4Grid(self.codes[order], self.scale[order], self.zero[order])
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        w = (self.codes.float() - 8).reshape(n, -1, self.group) * self.scale[..., None] + self.zero[..., None]
+        return w.reshape(n, k)
+
+
+@dataclass
+class PackedInt4:
+    """A grid in the kernel's layout."""
+
+    qweight: torch.Tensor
+    scales_zeros: torch.Tensor  # [k // group, n, 2] in KERNEL_DTYPE
+    group: int
+
+
+def kernel_refusal(n: int, k: int, group: int, device: torch.device) -> str | None:
+    """Why the kernel cannot take an [n, k] weight with this group size here, or None."""
+    if device.type != "cpu":
+        return f"the int4 kernel runs on the CPU only (device {device.type})"
+    if n % 16:
+        return f"{n} output rows are not a multiple of 16"
+    if group not in KERNEL_GROUPS or k % group:
+        groups = ", ".join(map(str, KERNEL_GROUPS))
+        return f"{k} input columns do not split into groups of {group} the kernel takes ({groups})"
+    return None
+
+
+def kernel_group(k: int, group: int) -> int | None:
+    """The kernel group size to run a grid of `group` columns with: the largest kernel group
+    dividing it (a scale repeated over sub-groups is the same grid); None if none divides."""
+    return next((g for g in KERNEL_GROUPS if group % g == 0 and k % g == 0), None)
+
+
+def regroup(grid: Int4Grid, group: int) -> Int4Grid:
+    """The same grid with groups split into sub-groups of `group` columns (scales repeated)."""
+    factor = grid.group // group
+    if factor == 1:
+        return grid
+    return Int4Grid(grid.codes, grid.scale.repeat_interleave(factor, dim=1), grid.zero.repeat_interleave(factor, dim=1))
+
+
+def pack(grid: Int4Grid) -> PackedInt4:
+    """Lay a grid out for the kernel (scale and zero rounded to the kernel's dtype)."""
+    qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes.to(torch.int32).contiguous(), 1)
+    scales_zeros = torch.stack([grid.scale, grid.zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+    return PackedInt4(qweight, scales_zeros, grid.group)
+
+
+def int4_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
+    """x [..., k] @ W^T -> [..., n] in x's dtype (computed in the kernel dtype)."""
+    shape = x.shape
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE), packed.qweight,
+                                                   packed.group, packed.scales_zeros)
+    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
