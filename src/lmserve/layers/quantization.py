@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmserve.layers import q4_kernel
 from lmserve.layers.linear import DenseLinearMethod, Linear, LinearMethod
 
 QUANTIZATION_CHOICES = ("none", "int8", "int4")
@@ -106,14 +107,13 @@ class Int4LinearMethod(QuantizedLinearMethod):
         grid = checkpoint_grid(layer)
         if grid is None:
             grid = _int4_grid_of(layer.weight.detach().float())
-        # The kernel reads scale and zero in its dtype: round them, keep the codes.
-        layer.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes.to(torch.int32), 1)
-        layer.scales_zeros = torch.stack([grid.scale, grid.zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+        # The kernel's layout (layers/q4_kernel.py: the VNNI kernel, or torch's where it cannot run).
+        layer.qweight, layer.scales_zeros = q4_kernel.pack_int4(grid.codes, grid.scale, grid.zero)
         self.finish(layer)
 
     def apply_quantized(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return _run(torch.ops.aten._weight_int4pack_mm_for_cpu, x, layer.bias, layer.qweight, INT4_GROUP,
-                    layer.scales_zeros)
+        y = q4_kernel.int4_linear(x, layer.qweight, layer.scales_zeros)
+        return y if layer.bias is None else y + layer.bias
 
 
 def _int4_grid_of(w: torch.Tensor) -> Int4Grid:

@@ -104,7 +104,7 @@ class GGUFFile:
 
     def tensors(self, config: DecoderConfig, int4_grids: bool = False) -> Iterator[tuple[str, torch.Tensor, str]]:
         """(Hugging Face name, fp32 tensor, file name), dequantized one at a time. With
-        `int4_grids`, a Q4_1 tensor also carries its own grid as `tensor.int4_grid` (rows in the
+        `int4_grids`, a Q4_0 or Q4_1 tensor also carries its own grid as `tensor.int4_grid` (rows in the
         same order as the tensor) for an int4 method to use as is."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -118,7 +118,11 @@ class GGUFFile:
                 array = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
             except Exception as e:
                 raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
-            grid = q4_1_grid(t.data, array.shape) if int4_grids and t.tensor_type == GGMLQuantizationType.Q4_1 else None
+            grid = None
+            if int4_grids and t.tensor_type == GGMLQuantizationType.Q4_1:
+                grid = q4_1_grid(t.data, array.shape)
+            elif int4_grids and t.tensor_type == GGMLQuantizationType.Q4_0:
+                grid = q4_0_grid(t.data, array.shape)
             heads = self._permuted_heads(name, config)
             if heads:
                 array = undo_rope_permute(array, heads)
@@ -150,6 +154,17 @@ def q4_1_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
     packed = blocks[..., 4:]
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, k)
     return Int4Grid(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m + 8 * d))
+
+
+def q4_0_grid(data: np.ndarray, shape: tuple[int, ...]) -> Int4Grid:
+    """A Q4_0 tensor's own grid (w = d * (q - 8) per block of 32; 18 bytes: fp16 d, 16 bytes of
+    codes, low nibbles first): scale = d, zero = 0."""
+    rows, k = shape
+    blocks = np.ascontiguousarray(data).reshape(rows, k // _Q4_1_BLOCK, 18)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 2:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, k)
+    return Int4Grid(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(np.zeros_like(d)))
 
 
 @functools.lru_cache(maxsize=2)
