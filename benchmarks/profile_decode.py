@@ -47,8 +47,9 @@ def main() -> None:
         wall = time.perf_counter() - start
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total_self = sum(e.self_cpu_time_total for e in events) / 1e3  # ms, every op's own time
+    outside = (wall * 1e3 - total_self) / args.tokens
     print(f"\nprofiled: {wall / args.tokens * 1e3:.2f} ms/token wall, ops' self time "
-          f"{total_self / args.tokens:.2f} ms/token, outside ops {(wall * 1e3 - total_self) / args.tokens:.2f} ms/token")
+          f"{total_self / args.tokens:.2f} ms/token, outside ops {outside:.2f} ms/token")
     print(f"{'op':<52} {'ms/token':>9} {'calls/token':>12} {'share':>6}")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
         ms = e.self_cpu_time_total / 1e3 / args.tokens
