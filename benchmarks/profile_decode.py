@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+import lmserve  # noqa: F401 - before torch: the package sets OpenMP's wait policy, read when torch loads
 
 
 def main() -> None:
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quantization", default="int4")
     p.add_argument("--quantized-max-rows", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--no-profile", action="store_true", help="only the ms/token (A/B runs)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,6 +44,8 @@ def main() -> None:
     print(f"quantization {args.quantization}, quantized_max_rows {args.quantized_max_rows}, "
           f"threads {torch.get_num_threads()}: {best / args.tokens * 1e3:.2f} ms/token "
           f"({args.tokens / best:.1f} tok/s, prefill included)")
+    if args.no_profile:
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         llm.generate([prompt], params)

@@ -62,6 +62,7 @@ def unavailable_reason() -> str | None:
         try:
             from torch.utils.cpp_extension import load
 
+            log.info("loading the int4 VNNI kernel (built once per machine: tens of seconds the first time)")
             load(name="lmserve_q4_kernel", sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS,
                  is_python_module=False, verbose=False)
         except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: torch's kernel instead
