@@ -37,6 +37,8 @@ _SOURCE = Path(__file__).with_name("q4_kernel.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 _BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
 _lock = threading.Lock()
+_UNDECIDED = object()
+_reason: str | None | object = _UNDECIDED
 
 
 def _cpu_flags() -> set[str]:
@@ -49,24 +51,31 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@functools.cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot be used here (None: it is built and loaded). LMSERVE_INT4_KERNEL=torch
-    turns it off (benchmarks compare the two)."""
+    turns it off (benchmarks compare the two). Decided once per process; threads that ask while
+    it builds wait for the answer."""
+    global _reason
+    with _lock:
+        if _reason is _UNDECIDED:
+            _reason = _load()
+        return _reason
+
+
+def _load() -> str | None:
     if os.environ.get("LMSERVE_INT4_KERNEL") == "torch":
         return "LMSERVE_INT4_KERNEL=torch"
     missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    with _lock:
-        try:
-            from torch.utils.cpp_extension import load
+    try:
+        from torch.utils.cpp_extension import load
 
-            log.info("loading the int4 VNNI kernel (built once per machine: tens of seconds the first time)")
-            load(name="lmserve_q4_kernel", sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS,
-                 is_python_module=False, verbose=False)
-        except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: torch's kernel instead
-            return f"building {_SOURCE.name} failed: {type(e).__name__}: {str(e).strip()[-300:]}"
+        log.info("loading the int4 VNNI kernel (built once per machine: tens of seconds the first time)")
+        load(name="lmserve_q4_kernel", sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS,
+             is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: torch's kernel instead
+        return f"building {_SOURCE.name} failed: {type(e).__name__}: {str(e).strip()[-300:]}"
     torch.library.register_fake("lmserve_q4::linear")(_fake_linear)
     return None
 
