@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--llama-threads", type=int, default=os.cpu_count(), help="llama-server -t")
     ap.add_argument("--logs", metavar="DIR", help="keep the servers' configs and logs here")
     ap.add_argument("--offline", action="store_true", help="also run bench_engine.py (offline vs transformers)")
+    ap.add_argument("--busy-neighbour", action="store_true",
+                    help="keep one core busy with another process during every server's run (a shared host)")
     args = ap.parse_args()
     configs = {"baseline": _engine_options(args.baseline), "candidate": _engine_options(args.candidate)}
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
@@ -187,16 +189,27 @@ def main() -> None:
         if args.llama_server:
             runs["llama.cpp"] = lambda port: llama_server_command(args.llama_server, gguf, args.llama_threads,
                                                                   max(args.concurrency), args.max_tokens, port)
-        for name, command in runs.items():
-            port = _free_port()
-            server = Server(command(port), port, Path(tmp), name, configs.get(name, {}).get("src"))
-            try:
-                results[name] = {c: asyncio.run(run_level(server.url, c, args.requests or max(8, 2 * c),
-                                                          args.max_tokens)) for c in args.concurrency}
-            except httpx.HTTPError as e:
-                raise SystemExit(f"{name}: {type(e).__name__}: {e}; its log: {Path(tmp) / (name + '.log')}") from None
-            finally:
-                server.stop()
+        neighbour = busy_neighbour() if args.busy_neighbour else contextlib.nullcontext()
+        with neighbour:
+            _run_all(runs, configs, args, tmp, results)
+    _print_table(results, args)
+
+
+def _run_all(runs: dict, configs: dict, args, tmp: str, results: dict) -> None:
+    # One server at a time, each driven through every concurrency level.
+    for name, command in runs.items():
+        port = _free_port()
+        server = Server(command(port), port, Path(tmp), name, configs.get(name, {}).get("src"))
+        try:
+            results[name] = {c: asyncio.run(run_level(server.url, c, args.requests or max(8, 2 * c),
+                                                      args.max_tokens)) for c in args.concurrency}
+        except httpx.HTTPError as e:
+            raise SystemExit(f"{name}: {type(e).__name__}: {e}; its log: {Path(tmp) / (name + '.log')}") from None
+        finally:
+            server.stop()
+
+
+def _print_table(results: dict, args) -> None:
     names = list(results)
     header = f"{'concurrency':>11} | {'metric':<12} | " + " | ".join(f"{n:>10}" for n in names)
     header += " | cand/base" + (" | base/llama | cand/llama" if "llama.cpp" in results else "")
@@ -213,6 +226,19 @@ def main() -> None:
     if args.offline:
         print("\n# offline engine vs transformers' generate (benchmarks/bench_engine.py)", flush=True)
         subprocess.run([sys.executable, str(Path(__file__).with_name("bench_engine.py"))], check=True)
+
+
+@contextlib.contextmanager
+def busy_neighbour():
+    """Another process spinning on one core for the duration (a build, another service): what
+    lmserve's threads meet on a shared host. It dies with this process (killed in `finally`)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    print(f"# busy neighbour: pid {proc.pid} spinning on one core", flush=True)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _ratio(a: float, b: float) -> float:

@@ -76,7 +76,9 @@ def test_gptq_desc_act_at_tp2_matches_one_rank(tmp_path):
     """Tensor parallelism slices the packed tensors as it slices a dense weight: column-parallel
     layers their output columns (qweight's n side, qzeros by 8 columns), row-parallel ones their
     input rows (qweight by 8 rows, g_idx), keeping every group's scales under desc_act. The
-    kernel's bf16 partial sums are all-reduced per rank, so logits agree to ~1e-2."""
+    kernel's partial sums are all-reduced per rank, and where the VNNI kernel runs it rounds the
+    activations to int8 per block of 32 while a slice it cannot take runs the exact dequantized
+    product: logits agree to ~5e-2 (~1e-2 with torch's bf16 kernel)."""
     build_qwen2(tmp_path / "dense", yarn=False)
     write_int4_pair(tmp_path / "dense", tmp_path / "q", tmp_path / "ref", "gptq", group=32, desc_act=True)
     _, reference = serve_waves_greedy(tmp_path / "q", 6)
@@ -85,10 +87,10 @@ def test_gptq_desc_act_at_tp2_matches_one_rank(tmp_path):
         assert engine.executor.group.size == 2
         for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, got, strict=True):
             for step, (ref_row, row) in enumerate(zip(ref_logits, logits)):
-                torch.testing.assert_close(row, ref_row, atol=3e-2, rtol=0)
+                torch.testing.assert_close(row, ref_row, atol=6e-2, rtol=0)
                 if tokens[step] != ref_tokens[step]:
                     top2 = ref_row.topk(2).values
-                    assert float(top2[0] - top2[1]) < 6e-2, f"step {step}: a clear winner differs"
+                    assert float(top2[0] - top2[1]) < 0.12, f"step {step}: a clear winner differs"
                     break
     finally:
         engine.shutdown()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lmserve import LLM, SamplingParams
 from lmserve.engine.scoring import perplexity
+from lmserve.layers import q4_kernel
 from lmserve.layers.linear import Linear
 from lmserve.layers.quantization import INT4_GROUP, quantize_model
 
@@ -23,11 +24,7 @@ def _dequantized(layer: Linear, method: str) -> torch.Tensor:
     """The weight the stored grid stands for, rebuilt independently of the kernels."""
     if method == "int8":
         return layer.qweight.float() * layer.scales.float()[:, None]
-    n, k = layer.output_size, layer.input_size
-    # Unpack by multiplying the identity: the kernel's own output for unit inputs is each column.
-    eye = torch.eye(k)
-    cols = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.qweight, INT4_GROUP, layer.scales_zeros.float())
-    return cols.T.reshape(n, k)
+    return q4_kernel.dequantize_int4(layer.qweight, layer.scales_zeros, layer.input_size)
 
 
 @pytest.mark.parametrize("method,tol", [("int8", 0.01), ("int4", 0.12)])
@@ -64,7 +61,9 @@ def test_quantized_models_keep_perplexity_and_shrink_weights(quantized_engines):
     ppl = {q: perplexity(llm.engine, ids) for q, llm in quantized_engines.items()}
     assert 5 < ppl["none"] < 60, ppl
     assert ppl["int8"] / ppl["none"] < 1.05, ppl
-    assert ppl["int4"] / ppl["none"] < 1.05, ppl  # the bundled GGUF is Q4_1: int4 group 32 is its grid
+    # The bundled GGUF is Q4_1: int4 group 32 is its grid; what moves is the VNNI kernel's int8
+    # rounding of the activations (every product here, prefill included), bounded at 1%.
+    assert ppl["int4"] / ppl["none"] < 1.01, ppl
 
     def linear_bytes(llm):  # the layers' weights, without the (dense, tied) head
         total = 0
@@ -105,8 +104,9 @@ def test_layers_the_kernels_cannot_take_stay_dense():
 
 
 def test_int4_from_a_q4_1_gguf_keeps_the_files_codes(quantized_engines):
-    """The bundled GGUF is Q4_1: int4 takes each block's codes, d and m as they are (scale d,
-    zero m + 8d, rounded to bf16), rather than requantizing a dequantized copy."""
+    """The bundled GGUF is Q4_1: int4 takes each block's codes, d and m as they are (the VNNI
+    kernel's fp16 d and m; torch's kernel: scale d, zero m + 8d, rounded to bf16), rather than
+    requantizing a dequantized copy."""
     from gguf import GGUFReader
 
     from lmserve.models.gguf import q4_1_grid, undo_rope_permute
@@ -124,8 +124,10 @@ def test_int4_from_a_q4_1_gguf_keeps_the_files_codes(quantized_engines):
         grid = q4_1_grid(t.data, shape)
         if heads:
             grid = grid.permute_rows(torch.from_numpy(undo_rope_permute(np.arange(shape[0]), heads)))
-        expected = ((grid.codes.float() - 8).reshape(shape[0], -1, INT4_GROUP)
-                    * grid.scale.bfloat16().float()[..., None] + grid.zero.bfloat16().float()[..., None])
+        # The VNNI kernel keeps the file's fp16 d and m exactly; torch's kernel rounds them to bf16.
+        vnni = layer.scales_zeros.dtype == torch.float16
+        scale, zero = (grid.scale, grid.zero) if vnni else (grid.scale.bfloat16().float(), grid.zero.bfloat16().float())
+        expected = (grid.codes.float() - 8).reshape(shape[0], -1, INT4_GROUP) * scale[..., None] + zero[..., None]
         got = _dequantized(layer, "int4")[rows if rows else slice(None)]
         torch.testing.assert_close(got, expected.reshape(shape), atol=1e-6, rtol=0)
         checked += 1

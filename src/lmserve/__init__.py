@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
+
+# OpenMP threads that finish an op sleep instead of spinning for the next one. On a host where
+# another process keeps a core busy, a spinning thread holds its core while the thread it waits
+# for has none, and every parallel op of a step stalls for a scheduler time slice: measured on
+# the 2-core box under load, the model's linears took 373 ms per token with torch's default
+# policy, 54 ms with PASSIVE, 54 ms with one thread (docs/benchmarks.md, "Threads"). Read by
+# OpenMP when torch loads, so set before anything imports torch; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine

@@ -19,6 +19,7 @@ from lmserve.chat.tools import ToolPlan, output_constraint, plan_tools, template
 from lmserve.config import ModelDeployment
 from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.serving_defaults import serving_options
 from lmserve.engine.tokenizer import encode_chat, max_token_chars, token_bytes
 from lmserve.errors import BackendError, CheckpointError, ContextLengthExceeded, InvalidParameter
 from lmserve.models import catalog
@@ -52,7 +53,8 @@ class LocalBackend:
             catalog.check_weights(deployment.id, architecture)
         except ValueError as e:
             raise CheckpointError(f"{deployment.source}: {e}") from None
-        self.engine = LLMEngine(deployment.source, deployment.dtype, **deployment.engine.options())
+        options = serving_options(deployment.source, deployment.dtype, deployment.engine.options())
+        self.engine = LLMEngine(deployment.source, deployment.dtype, **options)
         # A configured template replaces the checkpoint's for this deployment only (the tokenizer
         # is shared with other deployments of the same weights).
         self.chat_template: str | None = deployment.chat_template_text() or getattr(

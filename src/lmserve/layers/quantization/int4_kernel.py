@@ -4,8 +4,11 @@ A grid is codes q in [0, 15] per weight and, per group of `group` consecutive in
 a row, a scale and a zero: w = (q - 8) * scale + zero. Every int4 format converts to it at load
 (GPTQ/AWQ's (q - z) * s is scale s, zero (8 - z) * s); `pack` lays it out for the kernel once and
 `int4_matmul` is the single call the layers make, so the kernel underneath can be swapped here
-alone. Today: PyTorch's CPU kernel (`_weight_int4pack_mm_for_cpu`), which reads scale and zero
-in bf16 and takes bf16 activations (its float32 path is a reference loop ~100x slower).
+alone. Two kernels: where the CPU has AVX512-VNNI and the grid has groups of 32 (or multiples of
+32, split), layers/q4_kernel.py's (4-bit weights times int8-rounded activations, llama.cpp's
+route, fp16 scales: a GGUF block's own); elsewhere PyTorch's CPU kernel
+(`_weight_int4pack_mm_for_cpu`), which reads scale and zero in bf16 and takes bf16 activations
+(its float32 path is a reference loop ~100x slower).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from lmserve.layers import q4_kernel
 
 KERNEL_DTYPE = torch.bfloat16
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes the kernel takes
@@ -76,7 +81,12 @@ def regroup(grid: Int4Grid, group: int) -> Int4Grid:
 
 
 def pack(grid: Int4Grid) -> PackedInt4:
-    """Lay a grid out for the kernel (scale and zero rounded to the kernel's dtype)."""
+    """Lay a grid out for the kernel this machine runs (scale and zero rounded to its dtype: fp16
+    for the VNNI kernel, bf16 for torch's)."""
+    if grid.group % q4_kernel.BLOCK == 0 and q4_kernel.available():
+        grid = regroup(grid, q4_kernel.BLOCK)
+        qweight, scales_zeros = q4_kernel.pack_int4(grid.codes, grid.scale, grid.zero, vnni=True)
+        return PackedInt4(qweight, scales_zeros, q4_kernel.BLOCK)
     qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes.to(torch.int32).contiguous(), 1)
     scales_zeros = torch.stack([grid.scale, grid.zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
     return PackedInt4(qweight, scales_zeros, grid.group)
@@ -84,6 +94,8 @@ def pack(grid: Int4Grid) -> PackedInt4:
 
 def int4_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [..., k] @ W^T -> [..., n] in x's dtype (computed in the kernel dtype)."""
+    if packed.scales_zeros.dtype == torch.float16:  # the VNNI layout (pack above)
+        return q4_kernel.int4_linear(x, packed.qweight, packed.scales_zeros)
     shape = x.shape
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE), packed.qweight,
                                                    packed.group, packed.scales_zeros)

@@ -1,0 +1,179 @@
+// Batch-few int4 x int8 linear for CPUs with AVX512-VNNI (lmserve/layers/q4_kernel.py says why).
+//
+// Weights: per output row n, K/32 blocks of 32 codes q in [0, 15] with one fp16 scale d and one
+// fp16 offset m (w = d * q + m: llama.cpp's Q4_1). A row's codes are packed two per byte in
+// chunks of 4 blocks (then one of 2 and one of 1 for what remains): in a chunk of c blocks
+// (16c bytes), byte i holds code i in its low nibble and code 16c + i in its high nibble, so one
+// load unpacks (and, shift, and) into the chunk's codes in input order.
+//
+// Activations are quantized per block of 32 to int8 (x ~ dx * qx, llama.cpp's Q8_1) once per
+// call; a block's product is then d * dx * sum(q * qx) + m * dx * sum(qx), the sum of products
+// one vpdpbusd (u8 x s8 -> s32) per 64 weights.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kMaxRows = 4;  // activation rows a weight row is dotted with per pass
+constexpr int64_t kTile = 16;    // weight rows that stay in L1 while every activation row passes over them
+constexpr int64_t kMaxBlocks = 1024;  // K up to 32768
+
+// One activation row of K floats -> int8 codes, a scale per block, and the block's dx * sum(qx).
+void quantize_row(const float* x, int64_t K, int8_t* qx, float* dx, float* xs) {
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    __m512 v0 = _mm512_loadu_ps(x + b * kBlock);
+    __m512 v1 = _mm512_loadu_ps(x + b * kBlock + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float d = amax / 127.0f;
+    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));  // round to nearest
+    __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + b * kBlock), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + b * kBlock + 16), _mm512_cvtsepi32_epi8(q1));
+    dx[b] = d;
+    xs[b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+  }
+}
+
+// Rows [n0, n1) of y for R activation rows starting at qx (row stride K), written as floats.
+template <int R>
+void dot_rows(int64_t n0, int64_t n1, int64_t K, const uint8_t* codes, const at::Half* d, const at::Half* m,
+              const int8_t* qx, const float* dx, const float* xs, float* y, int64_t y_stride) {
+  const int64_t nb = K / kBlock;
+  const int64_t quads = nb / 4;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m512i low512 = _mm512_set1_epi8(0x0F);
+  const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i second_pair = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  float ds[R * kMaxBlocks];  // d[b] * dx[r][b] of the current weight row
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = codes + n * (K / 2);
+    const auto* dn = reinterpret_cast<const uint16_t*>(d) + n * nb;
+    const auto* mn = reinterpret_cast<const uint16_t*>(m) + n * nb;
+    // Per block: the scale of its integer sum (d * dx) and the offset term m * dx * sum(qx).
+    __m512 macc[R];
+    for (int r = 0; r < R; ++r) macc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 16) {
+      const __mmask16 k = nb - b >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nb - b)) - 1);
+      const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dn + b));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + b));
+      for (int r = 0; r < R; ++r) {
+        _mm512_mask_storeu_ps(ds + r * nb + b, k, _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(k, dx + r * nb + b)));
+        macc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + r * nb + b), macc[r]);
+      }
+    }
+    float moff[R];
+    for (int r = 0; r < R; ++r) moff[r] = _mm512_reduce_add_ps(macc[r]);
+    __m512 acc[R], acc2[R];  // two chains: the adds of consecutive chunks need not wait on each other
+    for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < quads; ++g) {  // 4 blocks: one 512-bit load unpacks into 128 codes
+      const __m512i v = _mm512_loadu_si512(c + g * 64);
+      const __m512i lo = _mm512_and_si512(v, low512);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low512);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* a = qx + r * K + g * 128;
+        const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a));
+        const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(a + 64));
+        const __m512 sc = _mm512_castps128_ps512(_mm_loadu_ps(ds + r * nb + 4 * g));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(first_pair, sc), acc[r]);
+        acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(second_pair, sc), acc2[r]);
+      }
+    }
+    if (nb % 4 >= 2) {  // a remaining pair of blocks: 32 bytes unpack into 64 codes
+      const int64_t b = quads * 4;
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 16));
+      __m256i lo = _mm256_and_si256(v, low);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      for (int r = 0; r < R; ++r) {
+        __m512i a = _mm512_loadu_si512(qx + r * K + b * kBlock);
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+        const float* sc = ds + r * nb + b;
+        __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(sc[0]), _mm256_set1_ps(sc[1]), 1);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+      }
+    }
+    float tail[R];
+    for (int r = 0; r < R; ++r) tail[r] = 0.0f;
+    if (nb % 2) {  // the odd last block: 16 bytes, codes i and 16 + i in byte i
+      const int64_t b = nb - 1;
+      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 16));
+      __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+      __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      for (int r = 0; r < R; ++r) {
+        __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + b * kBlock));
+        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        tail[r] = static_cast<float>(_mm_cvtsi128_si32(s4)) * ds[r * nb + b];
+      }
+    }
+    for (int r = 0; r < R; ++r) y[r * y_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r])) + tail[r] + moff[r];
+  }
+}
+
+void dot_rows_any(int R, int64_t n0, int64_t n1, int64_t K, const uint8_t* codes, const at::Half* d,
+                  const at::Half* m, const int8_t* qx, const float* dx, const float* xs, float* y, int64_t ys) {
+  switch (R) {
+    case 1: return dot_rows<1>(n0, n1, K, codes, d, m, qx, dx, xs, y, ys);
+    case 2: return dot_rows<2>(n0, n1, K, codes, d, m, qx, dx, xs, y, ys);
+    case 3: return dot_rows<3>(n0, n1, K, codes, d, m, qx, dx, xs, y, ys);
+    default: return dot_rows<4>(n0, n1, K, codes, d, m, qx, dx, xs, y, ys);
+  }
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
+  TORCH_CHECK(x.dim() == 2, "x must be [rows, K]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf,
+              "codes uint8, d and m float16");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(K % kBlock == 0 && K / kBlock <= kMaxBlocks && codes.size(1) == K / 2 && d.size(1) == K / kBlock && m.size(1) == K / kBlock,
+              "shapes do not match: x ", x.sizes(), ", codes ", codes.sizes());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t nb = K / kBlock;
+  std::vector<int8_t> qx(M * K);
+  std::vector<float> dx(M * nb), xs(M * nb);
+  for (int64_t r = 0; r < M; ++r)
+    quantize_row(xf.data_ptr<float>() + r * K, K, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const uint8_t* c = codes.contiguous().data_ptr<uint8_t>();
+  const at::Half* dp = d.contiguous().data_ptr<at::Half>();
+  const at::Half* mp = m.contiguous().data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  // Split the weight rows among torch's intra-op threads: each streams its share of the weights once.
+  // Within a share, a tile of weight rows is read from memory once and reused from L1 by every
+  // group of activation rows (prefill-sized products stay compute-bound, not memory-bound).
+  at::parallel_for(0, N, kTile, [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+      const int64_t t1 = std::min(t0 + kTile, n1);
+      for (int64_t r = 0; r < M; r += kMaxRows) {
+        const int R = static_cast<int>(std::min<int64_t>(kMaxRows, M - r));
+        dot_rows_any(R, t0, t1, K, c, dp, mp, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb,
+                     yp + r * N, N);
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmserve_q4, lib) {
+  lib.def("linear(Tensor x, Tensor codes, Tensor d, Tensor m) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmserve_q4, CPU, lib) {
+  lib.impl("linear", &q4_linear);
+}

@@ -1,0 +1,162 @@
+"""The int4 linear's CPU kernel for few rows: 4-bit weights times 8-bit activations (AVX512-VNNI).
+
+Why: at batch 1 a decode step streams every weight once, so the int4 linear should run at memory
+speed. torch's `_weight_int4pack_mm_for_cpu` converts every 4-bit weight to bf16 and multiplies in
+floating point: compute-bound, it streams ~3.5x fewer bytes than bf16 yet ran only ~1.1x faster
+(docs/benchmarks.md, with the other candidates measured against it). llama.cpp's route is faster:
+quantize the few activation rows to int8 per block of 32 once per product, then one integer
+multiply-add instruction (vpdpbusd) does 64 weight x activation products; the float scales are
+applied once per block. That is what q4_kernel.cpp does, threaded over output rows with torch's
+own intra-op threads (at::parallel_for: no second OpenMP pool).
+
+The weights keep the checkpoint's grid: w = d * q + m per block of 32 (a GGUF Q4_1 tensor's own
+fp16 d and m, bit for bit). The activations are rounded to int8 per block (llama.cpp's Q8_1), the
+only new rounding; perplexity on tests/data/perplexity_text.txt bounds its effect
+(tests/test_q4_kernel.py, docs/benchmarks.md).
+
+Building: the C++ is compiled once per machine at first use by torch's extension builder (g++ and
+ninja, as the compiled decode path needs; `.ci/compiler.sh` installs g++), cached under
+TORCH_EXTENSIONS_DIR. Where the CPU lacks AVX512-VNNI, or the build fails, `available()` is False
+and the int4 method keeps torch's kernel (the reason is logged once).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lmserve.engine")
+
+BLOCK = 32
+_SOURCE = Path(__file__).with_name("q4_kernel.cpp")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+_BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
+_lock = threading.Lock()
+_UNDECIDED = object()
+_reason: str | None | object = _UNDECIDED
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used here (None: it is built and loaded). LMSERVE_INT4_KERNEL=torch
+    turns it off (benchmarks compare the two). Decided once per process; threads that ask while
+    it builds wait for the answer."""
+    global _reason
+    with _lock:
+        if _reason is _UNDECIDED:
+            _reason = _load()
+        return _reason
+
+
+def _load() -> str | None:
+    if os.environ.get("LMSERVE_INT4_KERNEL") == "torch":
+        return "LMSERVE_INT4_KERNEL=torch"
+    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("loading the int4 VNNI kernel (built once per machine: tens of seconds the first time)")
+        load(name="lmserve_q4_kernel", sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS,
+             is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: torch's kernel instead
+        return f"building {_SOURCE.name} failed: {type(e).__name__}: {str(e).strip()[-300:]}"
+    torch.library.register_fake("lmserve_q4::linear")(_fake_linear)
+    return None
+
+
+def _fake_linear(x, codes, d, m):  # shapes for torch.compile's tracing
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def available() -> bool:
+    reason = unavailable_reason()
+    if reason is not None:
+        _log_once(reason)
+    return reason is None
+
+
+@functools.cache
+def _log_once(reason: str) -> None:
+    log.info("int4 VNNI kernel unavailable (%s): int4 layers use torch's kernel", reason)
+
+
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              vnni: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales_zeros) of an int4 grid w = (codes - 8) * scale + zero (layers/quantization.py's
+    Int4Grid: codes uint8 [n, k] in 0..15, scale and zero float [n, k/32]), in the layout of the
+    kernel `int4_linear` will run here:
+    - VNNI kernel: codes packed in chunks of blocks (q4_kernel.cpp) [n, k/2] uint8; d = scale and
+      m = zero - 8 * scale as float16 [2, n, k/32] (a GGUF Q4_1 tensor's own fp16 d and m).
+    - torch's kernel: its int4pack layout, and scale and zero as bf16 [k/32, n, 2].
+    Both hold the same bytes (4 bits per weight, 2 x 16 bits per block of 32). `vnni` forces a
+    layout (tests); by default the VNNI one wherever the kernel is available."""
+    n, k = codes.shape
+    if k % BLOCK:
+        raise ValueError(f"int4 needs input sizes divisible by {BLOCK}, got {k}")
+    if not (available() if vnni is None else vnni):
+        qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        return qweight, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    codes = codes.to(torch.uint8)
+    parts = []
+    for start, blocks, size in _chunks(k // BLOCK):
+        chunk = codes[:, start * BLOCK:(start + blocks) * BLOCK].reshape(n, -1, 2, size * 16)
+        parts.append((chunk[:, :, 0] | (chunk[:, :, 1] << 4)).reshape(n, -1))
+    scale = scale.float()
+    return torch.cat(parts, dim=1).contiguous(), torch.stack([scale, zero.float() - 8 * scale]).to(torch.float16)
+
+
+def _chunks(nb: int) -> list[tuple[int, int, int]]:
+    """(first block, blocks, blocks per chunk) of the packing chunks of a row of nb blocks: chunks
+    of 4 blocks, then one of 2 and one of 1 for what remains (q4_kernel.cpp)."""
+    quads = nb // 4
+    out = [(0, 4 * quads, 4)] if quads else []
+    if nb % 4 >= 2:
+        out.append((4 * quads, 2, 2))
+    if nb % 2:
+        out.append((nb - 1, 1, 1))
+    return out
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """x [..., k] times a `pack_int4` weight: [..., n] in x's dtype. The one entry point of the
+    int4 linear method."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if scales_zeros.dtype == torch.float16:
+        y = torch.ops.lmserve_q4.linear(x2, qweight, scales_zeros[0], scales_zeros[1])
+    else:  # torch's kernel takes bf16 activations (its float32 path is a ~100x slower reference loop)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), qweight, BLOCK, scales_zeros)
+        y = y.to(x.dtype)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def dequantize_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, k: int) -> torch.Tensor:
+    """The float32 [n, k] weight a `pack_int4` pair stands for, unpacked without the kernels."""
+    if scales_zeros.dtype != torch.float16:  # torch's layout: its kernel's product with the identity
+        # (float32 in and out: its exact reference path, not the bf16 kernel)
+        eye = torch.eye(k)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, qweight, BLOCK, scales_zeros.float()).T.contiguous()
+    n, nb = qweight.shape[0], k // BLOCK
+    parts = []
+    for start, blocks, size in _chunks(nb):
+        chunk = qweight[:, start * 16:(start + blocks) * 16].reshape(n, -1, 1, size * 16)
+        parts.append(torch.cat([chunk & 0x0F, chunk >> 4], dim=2).reshape(n, -1))
+    codes = torch.cat(parts, dim=1).float().reshape(n, nb, BLOCK)
+    d, m = scales_zeros.float()
+    return (codes * d[..., None] + m[..., None]).reshape(n, k)
