@@ -24,9 +24,8 @@ from lmserve.engine.structured import StructuredOutput
 from lmserve.models.loader import DEFAULT_MODEL_ID
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-PASSAGE = ("The lighthouse keeper, Mara Voss, logged every ship that passed the northern cape: the Aurora on "
-           "Monday, the Kestrel on Wednesday, and the Tidewater on Friday. Each log entry listed the ship's name, "
-           "its heading, and the weather at the time.")
+PASSAGE = ("The keeper logged every ship that passed the cape: the Aurora on Monday, the Kestrel on Wednesday, "
+           "and the Tidewater on Friday.")
 COPY = f"Copy this text exactly, word for word:\n\n{PASSAGE}"
 
 
@@ -75,23 +74,23 @@ def test_greedy_and_seeded_output_equal_plain_decoding_on_the_bundled_model(smol
     string inside an accepted run, max_tokens at several offsets of a run, n > 1, seeded
     sampling with every truncation and penalty, and the target's logprobs."""
     copy, chat = chat_ids(smollm, COPY), chat_ids(smollm, "Name three colors.")
-    cases = [(copy, SamplingParams(max_tokens=32, temperature=0.0)),
-             (chat, SamplingParams(max_tokens=16, temperature=0.0)),
-             (copy, SamplingParams(max_tokens=32, temperature=0.0, stop=["Kestrel"])),
-             (copy, SamplingParams(max_tokens=32, temperature=0.0, stop_token_ids=[smollm.engine.encode(" Monday",
-                                                                                 False)[0]]))]
-    cases += [(copy, SamplingParams(max_tokens=m, temperature=0.0)) for m in (1, 2, 5)]
-    cases += [(copy, SamplingParams(max_tokens=12, temperature=0.0, n=2)),
-              (copy, SamplingParams(max_tokens=24, temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, seed=11, n=2,
-                                    repetition_penalty=1.1, presence_penalty=0.2, logprobs=True, top_logprobs=2)),
-              (copy, SamplingParams(max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=3, min_tokens=5))]
+    cases = [(copy, SamplingParams(max_tokens=24, temperature=0.0)),
+             (chat, SamplingParams(max_tokens=8, temperature=0.0)),
+             (copy, SamplingParams(max_tokens=24, temperature=0.0, stop=["Kestrel"])),
+             (copy, SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[smollm.engine.encode(" Kestrel",
+                                                                                 False)[0]])),
+             (copy, SamplingParams(max_tokens=5, temperature=0.0)),
+             (copy, SamplingParams(max_tokens=10, temperature=0.0, n=2)),
+             (copy, SamplingParams(max_tokens=16, temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, seed=11, n=2,
+                                   repetition_penalty=1.1, presence_penalty=0.2, logprobs=True, top_logprobs=2)),
+             (copy, SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=3, min_tokens=5))]
     prompts, params = [c[0] for c in cases], [c[1] for c in cases]
     plain = smollm.generate(prompts, params)
     before = spec_llm.engine.spec_decode_stats.accepted
     spec = spec_llm.generate(prompts, params)
     assert _outs(spec) == _outs(plain)
     assert spec[2].outputs[0].finish_reason == "stop" and spec[3].outputs[0].finish_reason == "stop"
-    assert spec_llm.engine.spec_decode_stats.accepted - before >= 10, "the copying prompt should accept proposals"
+    assert spec_llm.engine.spec_decode_stats.accepted - before >= 8, "the copying prompt should accept proposals"
     for p, s in zip(plain[-2:], spec[-2:]):
         for a, b in zip(p.outputs, s.outputs):
             assert len(a.logprobs) == len(b.logprobs) == len(a.token_ids)
@@ -103,7 +102,7 @@ def test_greedy_and_seeded_output_equal_plain_decoding_on_the_bundled_model(smol
 def test_structured_output_masks_every_proposed_position(smollm, spec_llm):
     pytest.importorskip("xgrammar")
     prompt = [chat_ids(smollm, 'Return exactly this JSON: {"ship": "Aurora", "day": "Monday", "ship2": "Aurora"}')]
-    params = SamplingParams(max_tokens=30, temperature=0.0, structured_output=StructuredOutput("json_object"))
+    params = SamplingParams(max_tokens=24, temperature=0.0, structured_output=StructuredOutput("json_object"))
     plain, spec = smollm.generate(prompt, params), spec_llm.generate(prompt, params)
     assert _outs(spec) == _outs(plain)
     assert spec_llm.engine.spec_decode_stats.proposed > 0
@@ -171,7 +170,7 @@ def family(request, tmp_path_factory):
 
 
 def test_any_proposer_gives_plain_greedy_on_three_families(family):
-    steps = 24
+    steps = 16
     options = dict(dtype="float32", block_size=4, max_num_batched_tokens=16, max_num_seqs=6)
     spec_options = dict(options, speculative_config=dict(NGRAM, min_acceptance_rate=0.0))
     reference = _serve(LLMEngine(str(family), num_kv_blocks=96, **options), steps)
@@ -190,7 +189,7 @@ def test_any_proposer_gives_plain_greedy_on_three_families(family):
         if name == "random":
             assert stats.accepted <= 0.1 * stats.proposed
     # A cache too small for the first wave: sequences are preempted and recomputed mid-speculation.
-    small = LLMEngine(str(family), num_kv_blocks=24, **spec_options)
+    small = LLMEngine(str(family), num_kv_blocks=18, **spec_options)
     small.speculator.proposer = OracleProposer(references)
     assert _serve(small, steps, check_hashes=True) == reference
     assert small.scheduler.num_preemptions > 0
