@@ -9,7 +9,7 @@ Greedy, EOS honoured, --max-tokens new tokens. Prints output tokens/s of both, t
 (speculative / plain; above 1 is faster), the acceptance rate and tokens emitted per verified
 run, and whether both engines produced the same tokens (they must: greedy is exact).
 
-    .venv/bin/python benchmarks/bench_speculative.py [--concurrency 1 16 64] [--max-tokens 96]
+    .venv/bin/python benchmarks/bench_speculative.py [--concurrency 1 16 64] [--max-tokens 96] [--workloads copy chat]
 
 On a shared 2-core machine the numbers are noisy; compare ratios within one run only.
 """
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workloads", nargs="+", choices=["copy", "chat"], default=["copy", "chat"])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 5, '
                                                     '"prompt_lookup_min": 2, "prompt_lookup_max": 4, '
@@ -105,7 +106,8 @@ def main() -> None:
         return plain.engine.encode(render_chat(plain.tokenizer, [{"role": "user", "content": task}]),
                                    add_special_tokens=False)
 
-    workloads = {"copy": [encode(t) for t in COPY_TASKS], "chat": [encode(t) for t in CHAT_TASKS]}
+    tasks_of = {"copy": COPY_TASKS, "chat": CHAT_TASKS}
+    workloads = {name: [encode(t) for t in tasks_of[name]] for name in args.workloads}
     print(f"{'workload':8} {'conc':>4} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} {'accept':>6} "
           f"{'tok/run':>7} {'same':>5}")
     for name, tasks in workloads.items():
