@@ -24,6 +24,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     create_model,
+    field_validator,
 )
 
 from lmserve.defaults import DEFAULT_MODEL_ID
@@ -166,6 +167,16 @@ class EngineOptions(_Section):
     distributed_backend: Literal["nccl", "gloo"] | None = None
     nnodes: Positive | None = None  # the ranks spread over this many nodes; this one is node 0
     dist_init_addr: Annotated[str, Field(pattern=r"^[^\s:]+:\d+$")] | None = None  # node 0's HOST:PORT
+    # Speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 5, ...}
+    speculative_config: dict[str, Any] | None = None
+
+    @field_validator("speculative_config")
+    @classmethod
+    def _check_speculative_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from lmserve.engine.spec_decode.config import SpeculativeConfig
+
+        SpeculativeConfig.parse(value)  # ValueError -> the file's validation error, naming the key
+        return value
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments for LLMEngine: only what was set."""
@@ -294,7 +305,8 @@ _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
                 "tensor_parallel_size": ("engine", "tensor_parallel_size"),
                 "enable_expert_parallel": ("engine", "enable_expert_parallel"),
                 "distributed_backend": ("engine", "distributed_backend"),
-                "nnodes": ("engine", "nnodes"), "dist_init_addr": ("engine", "dist_init_addr")}
+                "nnodes": ("engine", "nnodes"), "dist_init_addr": ("engine", "dist_init_addr"),
+                "speculative_config": ("engine", "speculative_config")}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 

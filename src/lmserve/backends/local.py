@@ -314,6 +314,7 @@ class LocalBackend:
             "kv_cache_usage": bm.usage,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
+            "spec_decode": spec.as_dict() if (spec := self.engine.spec_decode_stats) is not None else None,
         }
 
     async def close(self) -> None:

@@ -26,6 +26,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _speculative_config(text: str) -> dict:
+    import json
+
+    from lmserve.engine.spec_decode.config import SpeculativeConfig
+
+    try:
+        SpeculativeConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return json.loads(text)
+
+
 def _bytes(text: str) -> int:
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
@@ -83,6 +95,9 @@ def register(sub) -> None:
     engine.add_argument("--gpu-memory-utilization", type=_fraction, metavar="FRACTION",
                         help="on a GPU: the fraction of its total memory for weights, activations and the KV "
                              "cache, which gets the rest (default 0.9)")
+    engine.add_argument("--speculative-config", type=_speculative_config, metavar="JSON",
+                        help='speculative decoding (vLLM\'s keys), e.g. \'{"method": "ngram", '
+                             '"num_speculative_tokens": 5, "prompt_lookup_max": 4}\'')
     engine.add_argument("--max-num-seqs", type=_positive, metavar="N",
                         help="most sequences decoded together (default 256)")
     engine.add_argument("--quantization", choices=["none", "int8", "int4"],
@@ -135,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
             attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
             enable_expert_parallel=args.enable_expert_parallel, distributed_backend=args.distributed_backend,
-            nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
+            nnodes=args.nnodes, dist_init_addr=args.dist_init_addr, speculative_config=args.speculative_config,
             log_level=args.log_level, log_format=args.log_format, threads=args.threads)
     except ConfigError as e:
         print(f"lmserve serve: {e}", file=sys.stderr)

@@ -36,9 +36,13 @@ class ModelInput:
         return [p for c, q in zip(self.context_lens, self.query_lens) for p in range(c, c + q)]
 
 
-def build_model_input(batch: ScheduledBatch, logit_seq_ids: list[int]) -> ModelInput:
+def build_model_input(batch: ScheduledBatch, logit_seq_ids: list[int],
+                      spec_lens: dict[int, int] | None = None) -> ModelInput:
     """Flatten a scheduled batch. `logit_seq_ids` lists the sequences to sample, in order (an id
-    may repeat: the n choices of one prompt sample from one row)."""
+    may repeat: the n choices of one prompt sample from one row). A sequence verifying s
+    proposed tokens (`spec_lens`, speculative decoding) runs them after its last token and gets
+    s + 1 logit rows, one per position, where its id appears."""
+    spec_lens = spec_lens or {}
     token_ids: list[int] = []
     query_lens: list[int] = []
     context_lens: list[int] = []
@@ -47,9 +51,12 @@ def build_model_input(batch: ScheduledBatch, logit_seq_ids: list[int]) -> ModelI
     for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
         start = seq.num_computed_tokens
         token_ids += seq.token_ids[start:start + n]
+        if start + n > seq.num_tokens:  # the proposed tokens follow the real ones
+            token_ids += seq.spec_token_ids[:start + n - seq.num_tokens]
         query_lens.append(n)
         context_lens.append(start)
         block_tables.append(list(seq.block_table))
         last_row[seq.seq_id] = len(token_ids) - 1
-    return ModelInput(token_ids, query_lens, context_lens, block_tables, len(batch.decodes),
-                      [last_row[i] for i in logit_seq_ids], list(batch.block_copies))
+    rows = [r for i in logit_seq_ids for r in range(last_row[i] - spec_lens.get(i, 0), last_row[i] + 1)]
+    return ModelInput(token_ids, query_lens, context_lens, block_tables, len(batch.decodes), rows,
+                      list(batch.block_copies))

@@ -114,6 +114,18 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def rollback(self, seq: Sequence) -> None:
+        """Release the blocks past `seq`'s computed tokens: slots of rejected speculative tokens.
+        Only blocks appended for this step's proposals lie there: nobody else holds them and
+        nothing hashed them (a block is hashed once its tokens are computed and final), so they
+        go straight back to the free list. Rejected slots inside a kept block are overwritten
+        when their positions are computed again."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            assert self.ref_counts[block] == 1 and self.block_hash[block] is None, "rolled back a shared block"
+            self._release(block)
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that became full and computed since the last call."""
         if not self.enable_prefix_caching:

@@ -38,6 +38,10 @@ from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, SeqStatus, Sequence
+from lmserve.engine.spec_decode.config import SpeculativeConfig
+from lmserve.engine.spec_decode.speculator import Speculator
+from lmserve.engine.spec_decode.stats import SpecDecodeStats
+from lmserve.engine.spec_decode.verify import accepted_prefix, sampling_rows
 from lmserve.engine.structured import GrammarBackend, grammar_available
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
@@ -93,6 +97,9 @@ class EngineConfig:
     # rendezvous at dist_init_addr (HOST:PORT) that the other nodes' `lmserve serve` join.
     nnodes: int = 1
     dist_init_addr: str | None = None
+    # Speculative decoding (engine/spec_decode/), vLLM's keys as a dict or its JSON text, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}. None: off.
+    speculative_config: dict | str | None = None
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -149,6 +156,7 @@ class LLMEngine:
         if cfg.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {cfg.load_format!r}")
         check_utilization(cfg.gpu_memory_utilization)
+        spec_config = SpeculativeConfig.parse(cfg.speculative_config)  # a bad config fails before loading
         self.device = choose_device(cfg.device)
         self.dtype = choose_dtype(dtype, self.device)
         self.checkpoint = resolve_checkpoint(model)
@@ -182,6 +190,8 @@ class LLMEngine:
             self.eos_token_ids.update(vocab[t] for t in self.model.end_of_turn_tokens if t in vocab)
         self.hidden_token_ids = hidden_special_ids(self.tokenizer, self.model.tool_call_tokens)
         self.sampler.eos_token_ids = sorted(self.eos_token_ids)  # held back until min_tokens
+        self.speculator = (Speculator(spec_config, self.eos_token_ids, self.max_seq_len)
+                           if spec_config is not None else None)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
@@ -282,7 +292,9 @@ class LLMEngine:
             tables.append(list(range(next_block, next_block + used)))
             next_block += used
         total = sum(lengths)
-        rows = min(cfg.max_num_seqs, total)
+        # With speculation a decoding sequence samples one row per proposed token too.
+        per_seq = 1 + (self.speculator.config.num_speculative_tokens if self.speculator else 0)
+        rows = min(cfg.max_num_seqs * per_seq, total)
         vocab = self.model_config.vocab_size
         batch = ModelInput(token_ids=[i % vocab for i in range(total)], query_lens=lengths,
                            context_lens=[0] * len(lengths), block_tables=tables, num_decodes=0,
@@ -372,10 +384,14 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self._grammar)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        sample_seqs: list[Sequence] = []
+        spec_lens = self._scheduled_proposals(batch) if self.speculator is not None else {}
+        sample_rows: list = []  # what the sampler draws from, one per logits row
+        takers: list[tuple[Sequence, int]] = []  # who takes the draws: (sequence, rows), in order
         logit_ids: list[int] = []
         forks: list[tuple[Sequence, list[Sequence]]] = []
         for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
@@ -387,18 +403,27 @@ class LLMEngine:
                 children = [self._new_sequence(request, i, list(seq.token_ids))
                             for i in range(1, request.params.n)]
                 forks.append((seq, children))
-                sample_seqs += [seq, *children]
+                sample_rows += [seq, *children]
+                takers += [(s, 1) for s in (seq, *children)]
                 logit_ids += [seq.seq_id] * request.params.n
+            elif seq.seq_id in spec_lens:
+                rows = sampling_rows(seq)  # its last token and every proposed one
+                sample_rows += rows
+                takers.append((seq, len(rows)))
+                logit_ids.append(seq.seq_id)
             else:
-                sample_seqs.append(seq)
+                sample_rows.append(seq)
+                takers.append((seq, 1))
                 logit_ids.append(seq.seq_id)
 
-        logits = prompt_logprobs.execute(self.executor, batch, build_model_input(batch, logit_ids))
+        logits = prompt_logprobs.execute(self.executor, batch, build_model_input(batch, logit_ids, spec_lens))
 
         for seq in batch.decodes:
             seq.num_computed_tokens += 1
             self.block_manager.cache_full_blocks(seq)
         for seq, n in batch.prefills:
+            if seq.seq_id in spec_lens:
+                continue  # how much of it stands is known after sampling (_verify)
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
         for parent, children in forks:
@@ -407,14 +432,57 @@ class LLMEngine:
                 self.block_manager.fork(parent, child)
                 self.scheduler.add_running(child)
 
-        sampled = self.sampler(logits, sample_seqs)
+        sampled = self.sampler(logits, sample_rows)
         touched: dict[str, Request] = {}
-        for seq, token, logprob in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
-            self._append_token(seq, token, logprob)
+        row = 0
+        for seq, count in takers:
+            if count == 1:
+                self._append_token(seq, sampled.token_ids[row], sampled.logprobs[row])
+            else:
+                self._verify(seq, sampled.token_ids[row:row + count], sampled.logprobs[row:row + count])
+            row += count
             touched[seq.request.request_id] = seq.request
         return [self._make_output(r) for r in touched.values()]
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _scheduled_proposals(self, batch) -> dict[int, int]:
+        """Proposed tokens the scheduler fit into this step, per sequence id: a sequence the
+        token budget cut short verifies only the proposals that made it in."""
+        spec_lens = {}
+        for seq in batch.decodes:
+            seq.spec_token_ids = []
+        for seq, n in batch.prefills:
+            if seq.spec_token_ids:
+                fit = max(seq.num_computed_tokens + n - seq.num_tokens, 0)
+                seq.spec_token_ids = seq.spec_token_ids[:fit]
+                if fit:
+                    spec_lens[seq.seq_id] = fit
+        return spec_lens
+
+    def _verify(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        """Keep the proposed tokens the target's draws confirm, then the target's next token
+        (engine/spec_decode/verify.py), one at a time as a plain decode would append them, so a
+        stop string, stop token or max_tokens inside the run ends it where it ends without
+        speculation. Then only the KV of kept tokens counts as computed: the rejected positions'
+        blocks go back, and only final tokens are hashed for the prefix cache."""
+        proposed = seq.spec_token_ids
+        accepted = accepted_prefix(proposed, tokens)
+        start = seq.num_tokens  # the position of the first proposed token
+        emitted = 0
+        for token, logprob in zip(proposed[:accepted] + tokens[accepted:accepted + 1], logprobs[:accepted + 1]):
+            self._append_token(seq, token, logprob, release=False)
+            emitted += 1
+            if seq.finished:
+                break
+        seq.spec_token_ids, seq.spec_masks = [], []
+        # The last real token and the accepted proposals have their KV in the cache now.
+        seq.num_computed_tokens = min(start + accepted, seq.num_tokens - 1)
+        self.block_manager.rollback(seq)
+        self.block_manager.cache_full_blocks(seq)
+        self.speculator.record(seq, len(proposed), accepted, emitted)
+        if seq.finished:
+            self.scheduler.remove(seq)
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, release: bool = True) -> None:
         params = seq.params
         if seq.grammar is not None and not seq.grammar.accept_token(token):
             log.error("grammar rejected sampled token %d of %s", token, seq.request.request_id)
@@ -440,7 +508,8 @@ class LLMEngine:
         if reason is not None:
             seq.status = SeqStatus.FINISHED
             seq.finish_reason = reason
-            self.scheduler.remove(seq)
+            if release:
+                self.scheduler.remove(seq)
 
     def _make_output(self, request: Request) -> RequestOutput:
         outputs = []
@@ -464,6 +533,11 @@ class LLMEngine:
                              request.num_cached_tokens, request.prompt, prompt_logprobs.take_finished(request))
 
     # ---- introspection (metrics, tests) ---------------------------------------------------
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """What speculative decoding proposed, accepted and emitted so far (None: it is off)."""
+        return self.speculator.stats if self.speculator is not None else None
 
     @property
     def num_free_blocks(self) -> int:

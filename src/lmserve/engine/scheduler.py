@@ -77,7 +77,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.prefill_cap)
+            # A decoding sequence with proposed tokens (speculative decoding) verifies them in
+            # the same step; speculation never preempts anyone: without room it just decodes.
+            n = min(seq.num_tokens - seq.num_computed_tokens + len(seq.spec_token_ids), budget, self.prefill_cap)
+            if seq.spec_token_ids and not self.bm.can_append(seq, n):
+                seq.spec_token_ids = []
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.prefill_cap)
             while not self.bm.can_append(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
@@ -131,6 +136,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)

@@ -39,6 +39,13 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     emitted_finish: bool = False
     grammar: Any = None  # the structured-output matcher of this choice, if any
+    # Speculative decoding (engine/spec_decode/): this step's proposed tokens (not in token_ids
+    # until verified), the grammar's masks after each of them, and the adaptive off-switch's state.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_masks: list[Any] = field(default_factory=list)
+    spec_window_proposed: int = 0
+    spec_window_accepted: int = 0
+    spec_paused_until: int = 0
 
     @property
     def params(self) -> SamplingParams:

@@ -1,0 +1,11 @@
+"""Speculative decoding: cheap proposals of the next few tokens, checked by one target forward.
+
+- `config`: the options (vLLM's `speculative_config` keys) and their validation;
+- `ngram`: prompt lookup, the proposer that needs no second model;
+- `verify`: which proposed tokens the target's own draws accept, and the per-position views the
+  sampler draws them through;
+- `stats`: counters and the acceptance histogram behind /metrics.
+
+The engine loop (engine/llm_engine.py) asks for proposals before scheduling, lets the scheduler
+give a decoding sequence 1 + k query tokens, and keeps the accepted prefix of each run.
+"""
