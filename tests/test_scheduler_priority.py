@@ -71,7 +71,8 @@ def test_equal_priorities_keep_first_come_order_and_youngest_preemption():
     sched.add(a)
     sched.add(b)
     sched.schedule()
-    for s in (a, b):  # each fills its 2 blocks; the next token needs a third each: 4 + 2 > 6
-        s.token_ids += [7] * 4
+    for s in (a, b):  # prefilled (as the engine records it), then 8 more tokens: 2 more blocks each, 4 + 4 > 6
+        s.num_computed_tokens = s.num_tokens
+        s.token_ids += [7] * 8
     batch = sched.schedule()
     assert _ids(batch.preempted) == [2] and _ids(sched.waiting) == [2]
