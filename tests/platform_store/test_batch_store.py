@@ -167,3 +167,30 @@ def test_cancel_and_expiry_keep_what_finished(db, tmp_path):
     assert x["status"] == "expired" and x["request_counts"] == {"total": 3, "completed": 1, "failed": 2}
     err = [json.loads(v) for v in files.read(x["error_file_id"]).decode().splitlines()]
     assert [v["error"]["code"] for v in err] == ["batch_expired", "batch_expired"]
+
+
+def test_cli_lists_shows_and_cancels(db, capsys):
+    from lmserve.cli import main
+
+    alice, bob = _accounts(db)
+    b = _create(db, alice, "\n".join(_line(f"r{i}") for i in range(3)))
+    other = _create(db, bob, _line("x"))
+
+    def cli(*args):
+        capsys.readouterr()
+        rc = main([*args, "--database-url", db.url])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    rc, out, _ = cli("batches", "list", "--json")
+    assert rc == 0 and {x["id"] for x in json.loads(out)} == {b["id"], other["id"]}
+    rc, out, _ = cli("batches", "list", "--account", "alice", "--json")
+    assert [x["id"] for x in json.loads(out)] == [b["id"]]
+    rc, out, _ = cli("batches", "list")
+    assert rc == 0 and b["id"] in out and "0/3" in out
+    rc, out, _ = cli("batches", "cancel", b["id"], "--json")
+    assert rc == 0 and json.loads(out)["status"] == "cancelling"
+    rc, out, _ = cli("batches", "show", b["id"], "--json")
+    assert json.loads(out)["cancelling_at"] is not None
+    rc, _, err = cli("batches", "show", "batch_nope")
+    assert rc == 2 and "no batch batch_nope" in err
