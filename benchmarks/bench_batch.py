@@ -98,11 +98,12 @@ async def interactive(http: httpx.AsyncClient, streams: int, per_stream: int, st
             body = {**line_body(s * 1000 + k, 16), "stream": True}
             start = time.perf_counter()
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                async for raw in r.aiter_lines():
+                lines = r.aiter_lines()
+                async for raw in lines:
                     if raw.startswith("data: ") and '"content":"' in raw and '"content":""' not in raw:
                         ttfts.append(time.perf_counter() - start)
                         break
-                async for _ in r.aiter_lines():
+                async for _ in lines:  # the rest of the stream
                     pass
 
     await asyncio.gather(*(one_stream(s) for s in range(streams)))
@@ -158,7 +159,9 @@ async def main_async(args, url: str) -> None:
                                  limits=httpx.Limits(max_connections=256)) as http:
         await interactive(http, 1, 2, None)  # warm up
         alone = await interactive(http, args.streams, args.per_stream, None)
+        print(f"interactive alone: TTFT p50 {pct(alone, 50) * 1000:.0f} ms", file=sys.stderr, flush=True)
         cap = await capacity(http, args.lines, args.max_tokens, args.capacity_concurrency)
+        print(f"capacity: {cap:.1f} output tokens/s", file=sys.stderr, flush=True)
         batch_tps, busy, done = await batch_with_interactive(http, args)
     rows = [("interactive TTFT p50 (ms)", pct(alone, 50) * 1000, pct(busy, 50) * 1000),
             ("interactive TTFT p90 (ms)", pct(alone, 90) * 1000, pct(busy, 90) * 1000),
