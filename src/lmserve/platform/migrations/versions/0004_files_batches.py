@@ -1,6 +1,6 @@
 """files, batches and batch_lines (the batch API); usage.batch_id marks a batch line's ledger row
 
-Revision ID: 0004
+Revision ID: 0004_batches
 Revises: 0003
 Create Date: 2026-12-04
 """
@@ -8,7 +8,7 @@ Create Date: 2026-12-04
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
+revision = "0004_batches"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
