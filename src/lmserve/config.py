@@ -151,6 +151,7 @@ class EngineOptions(_Section):
     max_num_seqs: Positive | None = None
     max_num_batched_tokens: Positive | None = None
     long_prefill_token_threshold: Annotated[int, Field(ge=0)] | None = None  # 0: a prefill may take a whole step
+    batch_kv_share: Annotated[float, Field(gt=0, le=1)] | None = None  # most of the KV cache batch lines take
     max_model_len: Positive | None = None
     enable_prefix_caching: bool | None = None
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] | None = None
@@ -200,6 +201,7 @@ class ModelDeployment(_Section):
     # Price per million tokens {"input": x, "output": y}; `tier_prices` overrides it per key tier.
     price: Price = {}
     tier_prices: dict[str, Price] = {}
+    batch_price: Price | None = None  # a batch API line's price; default: half of the tier's price
     tier_limits: dict[str, Limits] = {}  # tier -> {rpm, rpd, tpm, tpd}
     # An OpenAI-compatible upstream serves this id instead of a local engine (see UPSTREAM_KEYS).
     upstream: Annotated[dict[str, Any], AfterValidator(_upstream)] | None = None
@@ -268,6 +270,18 @@ class PlatformSettings(_Section):
     # Redis unreachable: "deny" refuses metered requests (503 limiter_unavailable); "allow"
     # serves them without rate limits (a warning in the log and lmserve_limiter_bypassed_total).
     on_limiter_unavailable: Literal["deny", "allow"] = "deny"
+    # The batch API (/v1/files, /v1/batches; README): uploads' directory (a volume several API
+    # servers share, like the database; default <data_dir>/files) and limits as OpenAI's.
+    files_dir: NonEmptyStr | None = None
+    max_file_bytes: Annotated[ByteSize, Field(ge=1024)] = ByteSize(200 * 1000 * 1000)
+    max_batch_lines: Positive = 50_000
+    batch_concurrency: Positive = 64  # batch lines one server runs at once (the engine schedules them)
+    batch_lease_s: Annotated[float, Field(gt=0.0)] = 60.0  # a dead server's claimed lines run again after this
+    batch_poll_s: Annotated[float, Field(gt=0.0)] = 1.0  # how often an idle worker looks for work
+
+    @property
+    def files_path(self) -> Path:
+        return Path(self.files_dir or Path(self.data_dir) / "files").expanduser()
 
     @property
     def db_url(self) -> str:

@@ -32,6 +32,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Constrain the output to JSON (an object, or one that validates against a schema).
     structured_output: StructuredOutput | None = None
+    # vLLM's scheduling priority: lower is more urgent; 0 interactive, batch API lines run above it.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -172,7 +172,7 @@ class LocalBackend:
             seed=req.seed, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
             structured_output=structured, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             stop_token_ids=req.stop_token_ids or [], skip_special_tokens=req.skip_special_tokens,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, priority=req.priority or 0)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatJob(request_id, req.model, n, 0 if score_only else n * max_tokens, len(prompt_ids), include_usage,
                        logprobs=logprobs, prompt_logprobs=prompt_logprobs,

@@ -74,6 +74,7 @@ class UpstreamBackend:
         if n > self.max_n:
             raise InvalidParameter("n", f"n must be at most {self.max_n}")
         body = req.model_dump(mode="json", by_alias=True, exclude_none=True)
+        body.pop("priority", None)  # our engine's scheduling field: an upstream schedules its own way
         body.update(model=self.upstream_model, stream=True, stream_options={"include_usage": True})
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         if max_tokens is None:

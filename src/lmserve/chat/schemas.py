@@ -139,6 +139,9 @@ class SamplingFields(_Body):
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # vLLM's scheduling priority (lower runs first; 0 the default). Batch API lines run at
+    # BATCH_PRIORITY whatever they ask for.
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
 
     @field_validator("stop")
     @classmethod

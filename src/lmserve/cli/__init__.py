@@ -11,7 +11,7 @@ import sys
 
 # Order is the order in `lmserve --help`.
 COMMAND_MODULES = ["lmserve.cli.serve", "lmserve.cli.chat", "lmserve.cli.keys", "lmserve.cli.accounts",
-                   "lmserve.cli.usage", "lmserve.cli.plan", "lmserve.cli.perplexity"]
+                   "lmserve.cli.usage", "lmserve.cli.batches", "lmserve.cli.plan", "lmserve.cli.perplexity"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,6 +68,9 @@ class EngineConfig:
     # Most tokens one prompt's prefill takes per step, so decodes and short prompts share every
     # step with a long prefill (0: a prefill may take the whole step).
     long_prefill_token_threshold: int = 512
+    # Most of the KV cache that less urgent requests (priority > 0: batch API lines) are admitted
+    # into, so interactive requests always find room (engine/scheduler.py).
+    batch_kv_share: float = 0.5
     max_model_len: int | None = None  # default: the model's own context
     enable_prefix_caching: bool = True
     device: str = "auto"
@@ -178,7 +181,7 @@ class LLMEngine:
                  time.perf_counter() - started)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.long_prefill_token_threshold)
+                                   cfg.long_prefill_token_threshold, cfg.batch_kv_share)
         self.sampler = Sampler()
         # A sequence also can never outgrow the whole cache.
         self.max_seq_len = min(self.max_model_len, self.block_manager.capacity_tokens)

@@ -11,6 +11,13 @@ No prefill chunk takes more than `long_prefill_token_threshold` tokens of a step
 long-prefill threshold): a long prompt is prefilled over several steps, and in each one the
 decodes of running requests go on and waiting prompts get the rest of the budget, so a short
 request's first token does not wait for a long prompt's whole prefill.
+
+Priorities (vLLM's `--scheduling-policy priority`: a lower value is more urgent, 0 the default;
+batch API lines run at BATCH_PRIORITY): the waiting queue and the running set are kept in
+priority order (arrival order within one priority), so the least urgent sequence is the one
+preempted, a waiting request more urgent than running ones may preempt them to be admitted, and
+the less urgent ("background", priority > 0) sequences are admitted only while they hold at
+most `background_kv_share` of the cache's blocks.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int = 0):
+                 long_prefill_token_threshold: int = 0, background_kv_share: float = 1.0):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -47,9 +54,21 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.background_block_cap = int(block_manager.num_blocks * background_kv_share)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue behind every waiting sequence as urgent or more (all of them, at equal priorities)."""
+        if self.waiting and self.waiting[-1].params.priority > seq.params.priority:
+            self._requeue(seq, front=False)
+        else:
+            self.waiting.append(seq)
+
+    def _requeue(self, seq: Sequence, front: bool) -> None:
+        """Insert at the front (a preempted sequence) or the back of its priority class."""
+        p = seq.params.priority
+        at = next((i for i, w in enumerate(self.waiting)
+                   if (w.params.priority >= p if front else w.params.priority > p)), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def add_running(self, seq: Sequence) -> None:
         """A forked choice that shares its parent's computed blocks joins the running set."""
@@ -72,6 +91,11 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
+        # Most urgent first (stable: admission order within a priority), so the victim below, the
+        # last one, is the least urgent and never already in this step's batch.
+        self.running.sort(key=lambda s: s.params.priority)
+        self._make_room_for_urgent(budget, batch)
+        evicted_for_urgent = len(batch.preempted)
 
         # 1. Running sequences, oldest first; preempt the youngest when blocks run out.
         i = 0
@@ -97,14 +121,17 @@ class Scheduler:
 
         # 2. Admit waiting sequences, unless this step had to preempt (no room to grow).
         seats = sum(self._seats(s) for s in self.running)
-        while self.waiting and budget > 0 and not batch.preempted:
+        background = sum(len(s.block_table) for s in self.running if s.params.priority > 0)
+        while self.waiting and budget > 0 and len(batch.preempted) == evicted_for_urgent:
             seq = self.waiting[0]
-            if seats + self._seats(seq) > self.max_num_seqs:
+            if seats + self._seats(seq) > self.max_num_seqs or seq in batch.preempted:
                 break
             if not seq.block_table:
                 self.bm.allocate_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.prefill_cap)
-            if not self.bm.can_append(seq, n):
+            need = self.bm.blocks_needed(seq, n)
+            if need > self.bm.num_free_blocks or (
+                    seq.params.priority > 0 and background + len(seq.block_table) + need > self.background_block_cap):
                 self.bm.free(seq)
                 seq.num_computed_tokens = 0
                 break
@@ -113,11 +140,28 @@ class Scheduler:
                 seq.request.num_cached_tokens = seq.num_computed_tokens
             self.waiting.popleft()
             seats += self._seats(seq)
+            if seq.params.priority > 0:
+                background += len(seq.block_table) + need
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._take(seq, n, batch)
             budget -= n
         return batch
+
+    def _make_room_for_urgent(self, budget: int, batch: ScheduledBatch) -> None:
+        """The first waiting sequence, more urgent than the least urgent running ones, gets their
+        seats and blocks (they are preempted) when it would not fit otherwise."""
+        if not self.waiting or not self.running:
+            return
+        head = self.waiting[0]
+        n = min(head.num_tokens - head.num_computed_tokens, budget, self.prefill_cap)
+        seats = sum(self._seats(s) for s in self.running)
+        while self.running and self.running[-1].params.priority > head.params.priority and (
+                seats + self._seats(head) > self.max_num_seqs
+                or self.bm.blocks_needed(head, n) > self.bm.num_free_blocks):
+            victim = self.running[-1]
+            seats -= self._seats(victim)
+            self._preempt(victim, batch)
 
     @staticmethod
     def _seats(seq: Sequence) -> int:
@@ -138,7 +182,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.spec_token_ids = []
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._requeue(seq, front=True)
         batch.preempted.append(seq)
         self.num_preemptions += 1
         # The victim is never in the batch yet: running sequences are taken oldest first and

@@ -123,6 +123,7 @@ class UsageRecord(Base):
     # Unique: a row retried after a lost commit confirmation, or replayed from the spool after it
     # did land, is dropped by the database (ON CONFLICT DO NOTHING), never written twice.
     trace_id: Mapped[str] = mapped_column(String(64), index=True, unique=True)
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a batch line's row: its batch
 
 
 @dataclass(frozen=True)

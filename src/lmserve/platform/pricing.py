@@ -28,3 +28,13 @@ def price_for(deployment: ModelDeployment, tier: str) -> Price:
     if not raw:
         return Price()
     return Price(Decimal(str(raw.get("input", 0))), Decimal(str(raw.get("output", 0))))
+
+
+def batch_price_for(deployment: ModelDeployment, tier: str) -> Price:
+    """A batch line's price: the deployment's `batch_price`, else half its price for the tier
+    (as the hosted platform discounts batch work)."""
+    if deployment.batch_price:
+        raw = deployment.batch_price
+        return Price(Decimal(str(raw.get("input", 0))), Decimal(str(raw.get("output", 0))))
+    full = price_for(deployment, tier)
+    return Price(full.input / 2, full.output / 2)

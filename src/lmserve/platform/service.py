@@ -33,7 +33,7 @@ from lmserve.errors import Refused
 from lmserve.platform import keys, usage
 from lmserve.platform.db import Database, Timeouts, is_store_error
 from lmserve.platform.limits import Limit, MemoryLimiter, RedisLimiter, effective_limits, limits_for
-from lmserve.platform.pricing import Price, price_for
+from lmserve.platform.pricing import Price, batch_price_for, price_for
 from lmserve.platform.spool import UsageSpool
 
 log = logging.getLogger("lmserve.platform")
@@ -204,6 +204,24 @@ class Platform:
                               limit=denied.limit.name.upper())
         return Ticket(principal, model, limits, reserved, price_for(deployment, principal.tier))
 
+    async def admit_batch_line(self, principal: keys.Principal, model: str, prompt_tokens: int,
+                               max_completion_tokens: int) -> Ticket:
+        """A batch line: held to the key's and account's tokens per day only (batch work is not
+        interactive traffic: RPM, RPD and TPM do not apply), priced at the deployment's batch price.
+        A denial raises Refused 429 (the worker puts the line back and waits)."""
+        deployment = self.deployments[model]
+        reserved = prompt_tokens + max_completion_tokens
+        limits: list[Limit] = []
+        if not principal.unlimited:
+            limits = [lim for lim in limits_for("key", principal.key_id, model, self.key_limits(principal, model))
+                      + limits_for("account", principal.account_id, model, principal.account_limits)
+                      if lim.name == "tpd"]
+            denied = await self.limiter.acquire(limits, reserved) if limits else None
+            if denied is not None:
+                raise Refused(429, denied.message, "rate_limit_exceeded", retry_after=denied.retry_after_s,
+                              limit="TPD")
+        return Ticket(principal, model, limits, reserved, batch_price_for(deployment, principal.tier))
+
     def key_limits(self, principal: keys.Principal, model: str) -> dict[str, int | None]:
         """RPM/RPD/TPM/TPD of a (limited) key on one model: its tier's, the deployment's for that
         tier, then its own."""
@@ -212,7 +230,7 @@ class Platform:
                                 principal.key_limits)
 
     def finish(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, status: int, latency_ms: float,
-               ttft_ms: float | None, trace_id: str) -> asyncio.Task:
+               ttft_ms: float | None, trace_id: str, batch_id: str | None = None) -> asyncio.Task:
         """The request ended (however): write its ledger row and settle its reserved tokens.
         Returns the row's task; `settled(task)` waits until it is in the database or the spool."""
         p = ticket.principal
@@ -220,20 +238,21 @@ class Platform:
             key_id=p.key_id, account_id=p.account_id, model=ticket.model, tier=p.tier, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, cost_nanos=ticket.price.cost_nanos(prompt_tokens, completion_tokens),
             status=status, latency_ms=latency_ms, ttft_ms=ttft_ms,
-            trace_id=trace_id, charge=not p.unlimited, created_at=time.time())
+            trace_id=trace_id, charge=not p.unlimited, created_at=time.time(), batch_id=batch_id)
         unused = ticket.reserved_tokens - (prompt_tokens + completion_tokens)
         if unused and ticket.limits:  # beside the row: the answer waits for the row only
             self._track(self._settle(ticket, unused, trace_id))
         return self._track(self._land(entry))
 
     def refused(self, principal: keys.Principal, model: str | None, status: int, latency_ms: float,
-                trace_id: str) -> asyncio.Task:
+                trace_id: str, batch_id: str | None = None) -> asyncio.Task:
         """The ledger row of a generation request refused after its key was accepted (400, 403
         balance or model, 429, 503): no tokens, cost 0, its status."""
         entry = usage.UsageEntry(
             key_id=principal.key_id, account_id=principal.account_id, model=(model or "")[:_MODEL_NAME_CAP],
             tier=principal.tier, prompt_tokens=0, completion_tokens=0, cost_nanos=0, status=status,
-            latency_ms=latency_ms, ttft_ms=None, trace_id=trace_id, charge=False, created_at=time.time())
+            latency_ms=latency_ms, ttft_ms=None, trace_id=trace_id, charge=False, created_at=time.time(),
+            batch_id=batch_id)
         return self._track(self._land(entry))
 
     def _track(self, work) -> asyncio.Task:

@@ -33,6 +33,7 @@ class UsageEntry:
     trace_id: str
     charge: bool = True  # False for the unlimited bootstrap account: recorded, never billed
     created_at: float | None = None
+    batch_id: str | None = None  # a line of this batch (billed at the batch price)
 
 
 def record(db: Database, e: UsageEntry) -> bool:
@@ -45,7 +46,7 @@ def record(db: Database, e: UsageEntry) -> bool:
     values = dict(created_at=e.created_at or now(), key_id=e.key_id, account_id=e.account_id, model=e.model,
                   tier=e.tier, prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
                   cost_nanos=e.cost_nanos, status=e.status, latency_ms=e.latency_ms, ttft_ms=e.ttft_ms,
-                  trace_id=e.trace_id)
+                  trace_id=e.trace_id, batch_id=e.batch_id)
     with db.session() as s:
         table = UsageRecord.__table__  # a Core insert: RETURNING tells whether the row went in
         landed = s.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[table.c.trace_id])

@@ -38,6 +38,7 @@ from lmserve.platform.service import Platform, Ticket
 from lmserve.server.admin import admin_router
 from lmserve.server.admission import Admission
 from lmserve.server.apidocs import mount_api_docs
+from lmserve.server.batches import batch_api
 from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
 from lmserve.server.completions import collect_text, text_chunks
 from lmserve.server.errors import APIError, bad_request, unknown_model
@@ -64,9 +65,11 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     async def lifespan(app: FastAPI):
         stats = asyncio.create_task(stats_loop(backends, tally, server.stats_interval_s)) \
             if server.stats_interval_s > 0 else None
+        batch_worker.start()
         yield
         if stats is not None:
             stats.cancel()
+        await batch_worker.close(grace_s=2.0)  # lines not finished by then run again after a restart
         # Shutdown: in-flight requests have ended; their ledger rows are written before exit.
         await platform.close()
         for backend in list(backends.values()):
@@ -376,6 +379,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         return ledger
 
     app.include_router(admin_router(platform))
+    batch_worker = batch_api(app, platform, backends, metrics, lambda: lifecycle.ready and not drain.draining)
     mount_ui(app)
     mount_api_docs(app)  # /docs and /redoc, from local files
     return app

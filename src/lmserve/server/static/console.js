@@ -255,6 +255,7 @@ async function loadPlatform(force = false) {
     fillTable($("limits-table"), perModel.length ? perModel : [["all models", {}]],
       [(r) => r[0], (r) => r[1].rpm, (r) => r[1].rpd, (r) => r[1].tpm, (r) => r[1].tpd]);
     $("account-note").textContent = usage.unlimited ? "This key belongs to the unlimited bootstrap account." : "";
+    await loadBatches();
   } catch (e) {
     $("account-stats").textContent = "";
     $("account-note").textContent = e.describe ? e.describe() : String(e);
@@ -262,6 +263,19 @@ async function loadPlatform(force = false) {
   // A key refused once (403: not an admin key) is not asked again on every refresh.
   if (force || adminRefusedFor !== getKey()) await loadAdmin();
   document.body.dataset.platform = String(Number(document.body.dataset.platform || 0) + 1);
+}
+
+// The key's account's batches with their progress (lines finished, completed or failed, of all).
+async function loadBatches() {
+  const batches = (await apiJson("/v1/batches?limit=20")).data;
+  const progress = (b) => {
+    const c = b.request_counts;
+    const done = c.completed + c.failed;
+    return c.total ? `${done}/${c.total} (${Math.floor((100 * done) / c.total)}%)` : "0/0";
+  };
+  fillTable($("batches-table"), batches, ["id", "status", progress, (b) => b.request_counts.failed, "endpoint",
+    (b) => new Date(b.created_at * 1000).toISOString().slice(0, 16).replace("T", " ")]);
+  $("batches-table").hidden = batches.length === 0;
 }
 
 // ---- admin: the tables and the actions (the /admin API; an admin key only) --------------------
