@@ -150,3 +150,21 @@ def test_quantized_max_rows_sends_big_products_to_the_kept_dense_weight():
     assert torch.equal(hybrid[0](small), only[0](small))  # the int4 kernel for 2 rows
     torch.testing.assert_close(hybrid[0](big), F.linear(big, dense_w))  # the dense weight for 5
     assert not torch.allclose(only[0](big), F.linear(big, dense_w), atol=1e-4)
+
+
+def test_gguf_grids_with_a_dense_copy_for_big_products_in_bf16():
+    """`lmserve serve`'s default for the bundled Q4_1 GGUF (engine/serving_defaults.py): int4 from
+    the file's grids plus a dense copy for products of more than a few rows, in the compute dtype
+    (bf16 here). Prefill (many rows) runs the copy and decode (one row) the grid; the copy holds the
+    grid's own values, so the two paths agree on what the weight is."""
+    from lmserve.layers.quantization.gguf import GGUFGridMethod
+
+    llm = LLM(quantization="int4", quantized_max_rows=4, num_kv_blocks=32)  # dtype auto: bf16 on CPU
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, Linear) and isinstance(m.quant_method,
+                                                                                            GGUFGridMethod)]
+    assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    layer = layers[0]
+    torch.testing.assert_close(layer.weight.float(), _dequantized(layer, "int4").to(torch.bfloat16).float())
+    ids = llm.engine.tokenizer.encode("The capital of France is")
+    out = llm.generate([ids], SamplingParams(max_tokens=6, temperature=0.0))[0].outputs[0]
+    assert len(out.token_ids) == 6 and "Paris" in out.text, out.text

@@ -28,6 +28,9 @@ class GGUFGridMethod(Int4LinearMethod):
     """A layer loaded from its GGUF file's own Q4_1 grid."""
 
     def create_weights(self, layer: Linear, dtype: torch.dtype | None) -> None:
+        # The compute dtype, for the dense copy of big products: known here (the model is built
+        # under it as the default dtype), not when the weights are processed after loading.
+        self.dense_dtype = dtype or torch.get_default_dtype()
         n, k = layer.output_size, layer.input_size
         for name, shape, tensor_dtype, layout in (
                 ("codes", (n, k), torch.uint8, ShardLayout(0, 1)),
@@ -42,7 +45,7 @@ class GGUFGridMethod(Int4LinearMethod):
         grid = Int4Grid(layer.codes.data, layer.group_scale.data, layer.group_zero.data)
         if self.dense is not None:
             # The big products' dense weight is the grid's own values (what the file holds).
-            layer.weight = nn.Parameter(grid.dequantize().to(layer.dtype or torch.get_default_dtype()),
+            layer.weight = nn.Parameter(grid.dequantize().to(self.dense_dtype),
                                         requires_grad=False)
             self.dense.process_weights_after_loading(layer)
         self.set_grid(layer, grid)
