@@ -195,8 +195,8 @@ def test_interactive_ttft_while_a_batch_runs(plat):
 
 def test_sigterm_mid_batch_then_restart_runs_every_line_once(plat, servers):
     client = sdk(plat, BOOT_KEY)
-    n = 80
-    f = client.files.create(file=("s.jsonl", jsonl(request_line(f"s{i}", {**body(i), "max_tokens": 4})
+    n = 200  # the size; two tokens a line keep it short
+    f = client.files.create(file=("s.jsonl", jsonl(request_line(f"s{i}", {**body(i), "max_tokens": 2})
                                                    for i in range(n))), purpose="batch")
     batch = client.batches.create(input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h")
     deadline = time.monotonic() + 120
