@@ -228,6 +228,11 @@ def held_bytes(engine: LLMEngine) -> int:
             t = getattr(module, name, None)
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
+        # a MoE layer's quantized experts: per expert, an int4 pack or an int8 (weight, scale) pair
+        for per_expert in getattr(getattr(module, "quant_method", None), "weights", {}).values():
+            for stored in per_expert:
+                parts = (stored.qweight, stored.scales_zeros) if hasattr(stored, "qweight") else stored
+                total += sum(t.numel() * t.element_size() for t in parts)
     return total
 
 

@@ -8,6 +8,7 @@ import json
 import time
 
 from lmserve.cli._platform import add_database_flags, fit_table, run_command
+from lmserve.cli._types import positive_int
 
 
 def register(sub) -> None:
@@ -15,7 +16,7 @@ def register(sub) -> None:
     actions = batches.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="batches, newest first")
     ls.add_argument("--account", help="only this account's")
-    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--limit", type=positive_int, default=20)
     show = actions.add_parser("show", help="one batch (the API's batch object)")
     show.add_argument("batch_id")
     cancel = actions.add_parser("cancel", help="stop starting its lines; the running ones finish")
@@ -33,7 +34,7 @@ def _batches(args: argparse.Namespace) -> int:
     def work(db):
         if args.action == "list":
             account = _account_id(db, args.account) if args.account else None
-            rows, _ = store.list_batches(db, account, None, max(1, args.limit))
+            rows, _ = store.list_batches(db, account, None, args.limit)
             return _print(args, rows, table=True)
         try:
             found = (store.get if args.action == "show" else store.cancel)(db, args.batch_id, None)

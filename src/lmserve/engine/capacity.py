@@ -61,7 +61,7 @@ def kv_bytes_per_token(inv: Inventory, tensor_parallel_size: int, dtype: torch.d
 
 def _quantizes(method: str, rows: int, cols: int) -> bool:
     """Whether the weight-only method takes a weight of this (rank's) shape; the kernels' own
-    limits (layers/quantization.py), fp8 taking any."""
+    limits (layers/quantization/), fp8 taking any."""
     if method == "int8":
         return cols % 16 == 0
     if method == "int4":
@@ -94,10 +94,15 @@ def weight_bytes(inv: Inventory, tensor_parallel_size: int, quantization: str = 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
     size = torch.empty((), dtype=dtype).element_size()
+    # A MoE layer's experts are quantized together or not at all (layers/quantization/weight_only.py
+    # WeightOnlyExpertsMethod.refusal): both projections' shapes must suit the kernel.
+    experts = [t for t in inv.tensors if t.experts > 1]
+    experts_quantization = quantization if quantization == "fp8" or all(
+        _quantizes(quantization, *t.shape_per_rank(tensor_parallel_size)) for t in experts) else "none"
     groups: dict[str, int] = {}
     for tensor in inv.tensors:
-        groups[tensor.group] = groups.get(tensor.group, 0) + tensor_bytes(tensor, tensor_parallel_size, quantization,
-                                                                          size)
+        method = experts_quantization if tensor.experts > 1 else quantization
+        groups[tensor.group] = groups.get(tensor.group, 0) + tensor_bytes(tensor, tensor_parallel_size, method, size)
     return groups
 
 

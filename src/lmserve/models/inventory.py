@@ -34,8 +34,8 @@ EVEN = "even"  # evenly (an MLP's intermediate size); ranks must divide it
 VOCAB = "vocab"  # vocabulary rows, the last rank padded
 
 # Which weight-only methods convert a tensor. lmserve's int8/int4 convert its `Linear` layers
-# but the LM head and a family's dense modules (layers/quantization.py); an fp8 checkpoint (as
-# vLLM serves them) also holds the MoE experts and those dense modules in fp8.
+# and MoE experts but the LM head and a family's dense modules (layers/quantization/); an fp8
+# checkpoint (as vLLM serves them) also holds those dense modules in fp8.
 LINEAR = frozenset({"int8", "int4", "fp8"})
 FP8_ONLY = frozenset({"fp8"})
 NEVER: frozenset[str] = frozenset()
@@ -238,9 +238,9 @@ def qwen2_moe_inventory(c) -> Inventory:
 def _experts(hidden: int, num_experts: int, intermediate: int, count: int) -> list[Tensor]:
     return [Tensor("moe router", "mlp.gate.weight", (Rows(num_experts),), hidden, count=count),
             Tensor("moe experts", "mlp.experts.gate_up_proj", (Rows(intermediate, EVEN), Rows(intermediate, EVEN)),
-                   hidden, count=count, experts=num_experts, quantized_by=FP8_ONLY),
+                   hidden, count=count, experts=num_experts, quantized_by=LINEAR),
             Tensor("moe experts", "mlp.experts.down_proj", (Rows(hidden),), intermediate, row_parallel=True,
-                   count=count, experts=num_experts, quantized_by=FP8_ONLY)]
+                   count=count, experts=num_experts, quantized_by=LINEAR)]
 
 
 def _moe_width(hidden: int, top_k: int, num_experts: int, shared_intermediate: int, other_width):
