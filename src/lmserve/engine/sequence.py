@@ -21,8 +21,23 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class TokensSoFar:
+    """The output tokens of anything with `token_ids` (prompt + output) and a `request`: a
+    sequence, or the sampler's view of one at a proposed position (spec_decode/verify.py)."""
+
+    __slots__ = ()
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.request.prompt_token_ids):]
+
+
 @dataclass(eq=False)
-class Sequence:
+class Sequence(TokensSoFar):
     seq_id: int
     request: Request
     index: int  # choice index within the request
@@ -58,14 +73,6 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.request.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.request.prompt_token_ids):]
 
     @property
     def finished(self) -> bool:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from lmserve.engine.sequence import TokensSoFar
+
 
 def accepted_prefix(proposed: list[int], target: list[int]) -> int:
     """How many of `proposed` stand: the longest prefix equal to the target's draws
@@ -62,7 +64,7 @@ def walk_grammar(matcher, backend, proposed: list[int]) -> tuple[list[int], list
     return proposed[:kept], masks
 
 
-class DraftPosition:
+class DraftPosition(TokensSoFar):
     """Proposed position j of a sequence as the sampler sees it: the sequence with its first j
     proposed tokens appended (penalties, min_tokens and the noise's output position follow them),
     and the grammar's state after them."""
@@ -78,14 +80,6 @@ class DraftPosition:
     @property
     def params(self):
         return self.request.params
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.request.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.request.prompt_token_ids):]
 
 
 def sampling_rows(seq) -> list:
