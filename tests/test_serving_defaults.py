@@ -30,19 +30,3 @@ def test_a_checkpoint_without_4bit_blocks_stays_dense(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # a Hugging Face directory: float weights
     assert int4_share(resolve_checkpoint(str(tmp_path))) == 0.0
     assert serving_options(str(tmp_path), "auto", {}) == {}
-
-
-def test_openmp_threads_sleep_unless_the_environment_says_otherwise():
-    import os
-    import subprocess
-    import sys
-
-    probe = "import lmserve, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-
-    def run(env):
-        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
-    assert run(env) == "PASSIVE"
-    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING
 
-# OpenMP threads that finish an op sleep instead of spinning for the next one. On a host where
-# another process keeps a core busy, a spinning thread holds its core while the thread it waits
-# for has none, and every parallel op of a step stalls for a scheduler time slice: measured on
-# the 2-core box under load, the model's linears took 373 ms per token with torch's default
-# policy, 54 ms with PASSIVE, 54 ms with one thread (docs/benchmarks.md, "Threads"). Read by
-# OpenMP when torch loads, so set before anything imports torch; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to the environment. PASSIVE (threads sleep between ops) saves a
+# host where another process keeps a core busy (int4 batch-1: 33.7 tok/s vs 11.4 with ACTIVE) but
+# costs a quiet one (int4 33.6 vs 42.8; bf16 12.8 vs 31.7: oneDNN's many short parallel regions
+# each pay a wake-up), measured on the 2-core box in one session (docs/benchmarks.md, "Threads").
+# No single policy keeps both within 80% of the best, so the default stays torch's and operators
+# on shared hosts set OMP_WAIT_POLICY=PASSIVE (README).
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine

@@ -62,7 +62,7 @@ def default_cpu_threads() -> int:
     busy one stalls the whole step for a scheduler time slice. The same happens when another
     process keeps a core busy (2 threads then served 64 streams at 107 tok/s and 1 thread at
     564). That collapse came from threads spinning at the end of each op while the one they wait
-    for had lost its core; lmserve sets OMP_WAIT_POLICY=PASSIVE (lmserve/__init__.py), with which
+    for had lost its core; with OMP_WAIT_POLICY=PASSIVE in the environment (README: shared hosts),
     2 threads under load matched 1 thread (docs/benchmarks.md, "Threads")."""
     return physical_cores()
 
