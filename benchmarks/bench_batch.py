@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,10 @@ from pathlib import Path
 
 import httpx
 
+# The test harness's port picker and parent-death guard, as benchmarks/soak.py uses them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from private_services import die_with_parent, free_port  # noqa: E402
+
 KEY = "sk-bench"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a refrigerator works.",
@@ -41,14 +44,8 @@ PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a refr
            "Give me a recipe for pancakes.", "Compare Python and Rust.", "What causes the seasons?"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(work: Path, args) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     (work / "config.yaml").write_text(f"""\
 server:
   api_keys: ["{KEY}"]
@@ -66,7 +63,7 @@ models:
     log = open(work / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "lmserve", "serve", "--config", str(work / "config.yaml"),
                              "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
+                            env=env, preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
