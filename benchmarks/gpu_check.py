@@ -72,7 +72,8 @@ import torch  # noqa: E402
 from family_checkpoints import FAMILIES, STEPS, WAVES, FamilySpec, serve_and_capture  # noqa: E402
 
 from lmserve import SamplingParams  # noqa: E402
-from lmserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from lmserve.engine.llm_engine import LLMEngine  # noqa: E402
+from lmserve.engine.options import EngineConfig  # noqa: E402
 
 PROMPTS = [p for wave in WAVES for p in wave]
 
@@ -186,7 +187,7 @@ class Report:
 
 # ---- engine options the engine of this checkout accepts -------------------------------------
 
-ENGINE_FIELDS = set(EngineConfig.__dataclass_fields__)
+ENGINE_FIELDS = set(EngineConfig.model_fields)
 
 
 def accepted(**options) -> dict:

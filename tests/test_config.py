@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmserve.config import PLATFORM_DEFAULTS, ConfigError, EngineOptions, load_config
+from lmserve.config import PLATFORM_DEFAULTS, ConfigError, load_config
 from lmserve.defaults import DEFAULT_MODEL_ID
 
 
@@ -110,18 +110,20 @@ def test_every_problem_at_once_with_file_and_key_path(tmp_path):
         "models[1].id"]
 
 
-def test_engine_options_mirror_engine_config():
-    from lmserve.engine.llm_engine import EngineConfig
-
-    assert set(EngineOptions.model_fields) == set(EngineConfig.__dataclass_fields__)
-    from lmserve.config import Quantization
+def test_engine_option_choices_mirror_the_layers_that_take_them():
+    from lmserve.engine.options import Quantization
     from lmserve.layers.quantization import QUANTIZATION_CHOICES
 
     assert Quantization.__args__ == QUANTIZATION_CHOICES
-    from lmserve.config import LoadFormat
+    from lmserve.engine.options import LoadFormat
     from lmserve.models.loader import LOAD_FORMATS
 
     assert LoadFormat.__args__ == LOAD_FORMATS
+    from lmserve.attention.selector import ATTENTION_BACKENDS
+    from lmserve.distributed.group import BACKENDS
+    from lmserve.engine.options import AttentionBackend, DistributedBackend
+
+    assert (AttentionBackend.__args__, DistributedBackend.__args__) == (ATTENTION_BACKENDS, BACKENDS)
 
 
 def test_flags_override_the_file(tmp_path, monkeypatch):

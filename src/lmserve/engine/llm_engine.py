@@ -13,7 +13,6 @@ import random
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 
 import torch
 
@@ -28,13 +27,13 @@ from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_id
 from lmserve.engine.memory import (
     GiB,
     blocks_for,
-    check_utilization,
     kv_cache_bytes,
     measure_peak,
     peak_in_use,
     profile_sequence_lengths,
 )
 from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.options import EngineConfig
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, SeqStatus, Sequence
@@ -45,64 +44,11 @@ from lmserve.engine.spec_decode.verify import accepted_prefix, sampling_rows
 from lmserve.engine.structured import GrammarBackend, grammar_available
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
-from lmserve.layers.quantization import QUANTIZATION_CHOICES
-from lmserve.models.loader import LOAD_FORMATS, load_model, read_config, resolve_checkpoint
+from lmserve.models.loader import load_model, read_config, resolve_checkpoint
 from lmserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmserve.sampling_params import SamplingParams
 
 log = logging.getLogger("lmserve.engine")
-
-
-@dataclass
-class EngineConfig:
-    """Engine options (the `**engine_options` of `LLM`)."""
-
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit cache size; else from kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, from gpu_memory_utilization on CUDA
-    # On CUDA without num_kv_blocks / kv_cache_memory: the fraction of the device's total memory
-    # for weights + activation peak + KV cache, the cache getting the rest (engine/memory.py).
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    # Most tokens one prompt's prefill takes per step, so decodes and short prompts share every
-    # step with a long prefill (0: a prefill may take the whole step).
-    long_prefill_token_threshold: int = 512
-    # Most of the KV cache that less urgent requests (priority > 0: batch API lines) are admitted
-    # into, so interactive requests always find room (engine/scheduler.py).
-    batch_kv_share: float = 0.5
-    max_model_len: int | None = None  # default: the model's own context
-    enable_prefix_caching: bool = True
-    device: str = "auto"
-    quantization: str = "none"  # weight-only int8 / int4 on CPU (layers/quantization.py)
-    # Products of more rows than this (prefill, big decode batches) run on a bf16 copy kept beside
-    # the quantized weights: the quantized kernels win only for a few rows. None: no copy.
-    quantized_max_rows: int | None = None
-    # Decode-only steps through a torch.compile'd forward, compiled in the background after
-    # start (engine/compiled_decode.py); off: every step eager, the exact-parity path.
-    compile: bool = False
-    # "auto": the checkpoint's weights; "dummy": random weights drawn on the device from
-    # config.json alone (benchmarks and device checks of model shapes we hold no weights for).
-    load_format: str = "auto"
-    # Attention kernels: "auto" (Triton over the paged cache on CUDA, else the reference),
-    # "reference" (the CPU SDPA backend, any device) or "triton" (attention/selector.py).
-    attention_backend: str = "auto"
-    # CUDA: decode steps replay graphs captured at start for a ladder of batch sizes
-    # (engine/cuda_graphs.py); off: every step eager.
-    cuda_graphs: bool = True
-    # Tensor parallelism: the model's layers split over this many ranks (processes), rank 0 in
-    # this process (distributed/executor.py). Expert parallelism gives MoE layers whole experts
-    # per rank instead of a slice of each. Backend: nccl on CUDA, gloo on CPU by default.
-    tensor_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    distributed_backend: str | None = None
-    # Multi-node: the ranks spread over nnodes nodes; this engine is node 0, hosting the
-    # rendezvous at dist_init_addr (HOST:PORT) that the other nodes' `lmserve serve` join.
-    nnodes: int = 1
-    dist_init_addr: str | None = None
-    # Speculative decoding (engine/spec_decode/), vLLM's keys as a dict or its JSON text, e.g.
-    # {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}. None: off.
-    speculative_config: dict | str | None = None
 
 
 # Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
@@ -150,15 +96,7 @@ def check_parallel_options(tp: int, nnodes: int, dist_init_addr: str | None, bac
 
 class LLMEngine:
     def __init__(self, model: str, dtype: str = "auto", **engine_options):
-        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        self.engine_config = cfg = EngineConfig(**engine_options)
-        if cfg.quantization not in QUANTIZATION_CHOICES:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {cfg.quantization!r}")
-        if cfg.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {cfg.load_format!r}")
-        check_utilization(cfg.gpu_memory_utilization)
+        self.engine_config = cfg = EngineConfig.from_options(**engine_options)  # engine/options.py
         spec_config = SpeculativeConfig.parse(cfg.speculative_config)  # a bad config fails before loading
         self.device = choose_device(cfg.device)
         self.dtype = choose_dtype(dtype, self.device)
