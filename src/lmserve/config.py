@@ -260,20 +260,10 @@ class DeploymentConfig(_Section):
         return out
 
 
-# Flags that set engine/model fields of every deployment (flag name -> where it goes).
+# Flags that set model fields of every deployment (flag name -> where it goes); every flag named
+# after an engine option (engine/options.py) sets that option of every deployment's engine.
 _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
-                "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
-                "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization"),
-                "quantized_max_rows": ("engine", "quantized_max_rows"),
-                "compile": ("engine", "compile"),
-                "gpu_memory_utilization": ("engine", "gpu_memory_utilization"),
-                "cuda_graphs": ("engine", "cuda_graphs"),
-                "attention_backend": ("engine", "attention_backend"),
-                "tensor_parallel_size": ("engine", "tensor_parallel_size"),
-                "enable_expert_parallel": ("engine", "enable_expert_parallel"),
-                "distributed_backend": ("engine", "distributed_backend"),
-                "nnodes": ("engine", "nnodes"), "dist_init_addr": ("engine", "dist_init_addr"),
-                "speculative_config": ("engine", "speculative_config")}
+                **{name: ("engine", name) for name in EngineConfig.model_fields}}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 
@@ -282,9 +272,8 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
     """The file (if any) with the command-line flags applied on top, validated as a whole.
 
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
-    max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, compile,
-    gpu_memory_utilization, cuda_graphs, attention_backend, chat_template (applied to every deployment),
-    log_level, log_format, threads (server settings), data_dir (platform.data_dir)."""
+    chat_template and any engine option (applied to every deployment), log_level, log_format,
+    threads (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"
     flags.update(host=host, port=port)
