@@ -1382,7 +1382,7 @@ def part_plan(report: Report, device: torch.device) -> None:
 
 
 def plan_shape(report: Report, device: torch.device, label: str, config: dict, settings: list, numbers: dict) -> None:
-    from lmserve.engine import capacity, llm_engine
+    from lmserve.engine import capacity, kv_sizing
     from lmserve.models.inventory import inventory
 
     config_dir = Path(tempfile.mkdtemp(prefix="gpu_check_plan_"))
@@ -1390,13 +1390,13 @@ def plan_shape(report: Report, device: torch.device, label: str, config: dict, s
     for tokens, seqs in settings:
         def check(tokens=tokens, seqs=seqs):
             readings = []
-            measure = llm_engine.measure_peak
+            measure = kv_sizing.measure_peak
 
             def recording(*args, **kwargs):
                 readings.append(measure(*args, **kwargs))
                 return readings[-1]
 
-            llm_engine.measure_peak = recording
+            kv_sizing.measure_peak = recording
             options = {"max_num_batched_tokens": tokens, "max_num_seqs": seqs}
             if device.type == "cuda":
                 options.update(gpu_memory_utilization=0.9, cuda_graphs=False)  # graphs come after the sizing
@@ -1406,7 +1406,7 @@ def plan_shape(report: Report, device: torch.device, label: str, config: dict, s
                 engine = LLMEngine(str(config_dir), dtype="bfloat16", device=str(device), load_format="dummy",
                                    **accepted(**options))
             finally:
-                llm_engine.measure_peak = measure
+                kv_sizing.measure_peak = measure
             inv = inventory(engine.model_config)
             params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
             buffers = sum(b.numel() * b.element_size() for b in engine.model.buffers())
@@ -1432,7 +1432,7 @@ def plan_shape(report: Report, device: torch.device, label: str, config: dict, s
                                        max_model_len=engine.max_model_len)
             plan = capacity.plan(inv, capacity.Hardware(1, total), options, tensor_parallel_size=1)
             c = plan.candidates[0]
-            in_use = llm_engine.peak_in_use(reading)
+            in_use = kv_sizing.peak_in_use(reading)
             measured_activation = reading.torch_peak - reading.profile_kv - params - buffers
             non_torch = max(reading.total - reading.free - reading.torch_allocated, 0)
             row.update(total_bytes=total, in_use_bytes=in_use, predicted_in_use_bytes=c.in_use,

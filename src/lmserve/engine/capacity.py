@@ -4,7 +4,7 @@ arithmetic of `lmserve plan`, on the engine's own sizing code.
 What is the engine's, not a copy: the KV bytes per token are the sum of the very KV cache specs
 (attention/spec.py) a model's attention layers declare, built for the rank's share of KV heads;
 the cache budget is engine/memory.py's `kv_cache_bytes` (the fraction of the device less what is
-in use) and the blocks are `cache_blocks`, which the engine's `_auto_num_blocks` calls too.
+in use) and the blocks are `cache_blocks`, which the engine's sizing (engine/kv_sizing.py) calls too.
 
 What the planner must predict and the engine measures:
 - weights: counted from the model's tensor inventory (models/inventory.py), split as tensor

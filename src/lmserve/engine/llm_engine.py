@@ -12,27 +12,14 @@ import logging
 import random
 import threading
 import time
-import weakref
-
-import torch
 
 from lmserve.device import choose_device, choose_dtype
-from lmserve.distributed.executor import LocalExecutor, MultiprocExecutor, WorkerConfig
-from lmserve.distributed.group import BACKENDS, default_backend
 from lmserve.engine import prompt_logprobs
-from lmserve.engine.batch import ModelInput, build_model_input
+from lmserve.engine.batch import build_model_input
 from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.capacity import cache_blocks
 from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_ids
-from lmserve.engine.memory import (
-    GiB,
-    blocks_for,
-    kv_cache_bytes,
-    measure_peak,
-    peak_in_use,
-    profile_sequence_lengths,
-)
-from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.executor_setup import build_executor
+from lmserve.engine.kv_sizing import auto_num_blocks
 from lmserve.engine.options import EngineConfig
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
@@ -42,56 +29,13 @@ from lmserve.engine.spec_decode.speculator import Speculator
 from lmserve.engine.spec_decode.stats import SpecDecodeStats
 from lmserve.engine.spec_decode.verify import accepted_prefix, sampling_rows
 from lmserve.engine.structured import GrammarBackend, grammar_available
-from lmserve.engine.tokenizer import load_tokenizer
+from lmserve.engine.weight_cache import shared_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
-from lmserve.models.loader import load_model, read_config, resolve_checkpoint
+from lmserve.models.loader import read_config, resolve_checkpoint
 from lmserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmserve.sampling_params import SamplingParams
 
 log = logging.getLogger("lmserve.engine")
-
-
-# Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
-# test engines) share its weights and tokenizer: both are read-only once loaded. Each engine
-# keeps its own KV cache and scheduler. Entries go away with the last engine using them.
-_SHARED_WEIGHTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_SHARED_TOKENIZERS: dict[tuple, object] = {}
-
-
-def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantization: str,
-                 quantized_max_rows: int | None, load_format: str = "auto"):
-    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device), quantization,
-           quantized_max_rows, load_format)
-    model = _SHARED_WEIGHTS.get(key)
-    if model is None:
-        started = time.perf_counter()
-        model = load_model(ckpt, config, dtype, device, quantization, quantized_max_rows, load_format)
-        _SHARED_WEIGHTS[key] = model
-        log.info("weights of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
-    return model, _load_shared_tokenizer(ckpt)
-
-
-def _load_shared_tokenizer(ckpt):
-    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns)
-    if key not in _SHARED_TOKENIZERS:
-        started = time.perf_counter()
-        _SHARED_TOKENIZERS[key] = load_tokenizer(ckpt)
-        log.info("tokenizer of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
-    return _SHARED_TOKENIZERS[key]
-
-
-def check_parallel_options(tp: int, nnodes: int, dist_init_addr: str | None, backend: str,
-                           device: torch.device) -> None:
-    if tp < 1 or nnodes < 1:
-        raise ValueError(f"tensor_parallel_size and nnodes must be at least 1, got {tp} and {nnodes}")
-    if tp % nnodes:
-        raise ValueError(f"tensor_parallel_size {tp} does not divide over {nnodes} nodes")
-    if nnodes > 1 and not dist_init_addr:
-        raise ValueError("a multi-node engine needs dist_init_addr (HOST:PORT of node 0's rendezvous)")
-    if backend not in BACKENDS:
-        raise ValueError(f"distributed_backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError("distributed_backend nccl needs CUDA devices; use gloo on CPU")
 
 
 class LLMEngine:
@@ -105,11 +49,15 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or self.model_config.context_length,
                                  self.model_config.context_length)
         started = time.perf_counter()
-        self.executor = self._build_executor(model)
+        self.executor = build_executor(cfg, self.checkpoint, self.model_config, self.dtype, self.device,
+                                       self.max_model_len)
         self.model = self.executor.model  # rank 0's shard under tensor parallelism
+        self.tokenizer = shared_tokenizer(self.checkpoint)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
         try:
-            num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+            num_blocks = cfg.num_kv_blocks or auto_num_blocks(
+                cfg, self.executor, self.model_config, self.dtype, self.device, self.max_model_len,
+                spec_config.num_speculative_tokens if spec_config is not None else 0)
             started = time.perf_counter()
             self.executor.init_cache(num_blocks, cfg.block_size)
         except BaseException:
@@ -137,33 +85,6 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
         self._grammar_lock = threading.Lock()
-
-    def _build_executor(self, model: str):
-        """The model on this process (one rank), or split over tensor-parallel ranks."""
-        cfg = self.engine_config
-        runner_options = dict(compile_decode=cfg.compile, attention_backend=cfg.attention_backend,
-                              use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
-                              max_model_len=self.max_model_len)
-        tp = cfg.tensor_parallel_size
-        # An explicit backend at one rank still goes through the executor (a device check of the
-        # NCCL setup on a one-GPU host).
-        if tp == 1 and cfg.nnodes == 1 and cfg.distributed_backend is None:
-            weights, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
-                                                   cfg.quantization, cfg.quantized_max_rows, cfg.load_format)
-            return LocalExecutor(weights, self.model_config, self.dtype, self.device, runner_options)
-        if self.device.type == "cuda" and (cfg.cuda_graphs or cfg.compile):
-            # Graph capture and compiled decode would have to capture the collectives too.
-            log.warning("CUDA graphs and compiled decode are off under tensor parallelism; decode runs eager")
-        runner_options.update(use_cuda_graphs=False, compile_decode=False)
-        backend = cfg.distributed_backend or default_backend(self.device)
-        check_parallel_options(tp, cfg.nnodes, cfg.dist_init_addr, backend, self.device)
-        threads = max(torch.get_num_threads() // tp, 1) if self.device.type == "cpu" else None
-        config = WorkerConfig(str(self.checkpoint.path), str(self.dtype).removeprefix("torch."), self.device.type,
-                              tp, backend, cfg.enable_expert_parallel, cfg.quantization, cfg.quantized_max_rows,
-                              cfg.load_format, cfg.nnodes, threads, runner_options)
-        executor = MultiprocExecutor(config, dist_init_addr=cfg.dist_init_addr)
-        self.tokenizer = _load_shared_tokenizer(self.checkpoint)
-        return executor
 
     @property
     def runner(self):
@@ -193,61 +114,6 @@ class LLMEngine:
                                                sorted(self.eos_token_ids))
                 self.sampler.grammar = self._grammar
             return self._grammar
-
-    def _auto_num_blocks(self) -> int:
-        cfg = self.engine_config
-        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
-        if cfg.kv_cache_memory is None and self.device.type == "cuda":
-            started = time.perf_counter()
-            try:
-                reading = measure_peak(self.device, self._profile_step)
-            except torch.cuda.OutOfMemoryError:
-                raise ValueError(
-                    f"the memory profiling step ({cfg.max_num_batched_tokens} tokens, up to {cfg.max_num_seqs} sampled "
-                    "rows) ran out of GPU memory after the weights loaded; lower max_num_batched_tokens or "
-                    "max_num_seqs") from None
-            in_use = peak_in_use(reading)
-            budget = kv_cache_bytes(reading.total, cfg.gpu_memory_utilization, in_use)
-            log.info("memory profile in %.1fs: peak step %.2f GiB in use of %.2f GiB; KV cache gets %.2f GiB "
-                     "(gpu_memory_utilization %g)", time.perf_counter() - started, in_use / GiB,
-                     reading.total / GiB, budget / GiB, cfg.gpu_memory_utilization)
-            # Under tensor parallelism every rank profiled its own device: the tightest one decides.
-            return self.executor.min_blocks(cache_blocks(budget, per_block, cfg.gpu_memory_utilization))
-        budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else 1 << 30
-        return cache_blocks(budget, per_block)  # the planner's arithmetic too (engine/capacity.py)
-
-    def _profile_step(self) -> int:
-        """The largest step the scheduler can hand out, run once before the real cache exists so
-        its activation peak can be measured: `max_num_batched_tokens` prefill tokens through the
-        model and a runner whose temporary cache holds just them, then the sampler's heaviest
-        path (nucleus sampling with top logprobs, a full-vocabulary sort on a GPU) over up to
-        `max_num_seqs` rows. Returns the temporary cache's bytes; nothing it made outlives it."""
-        cfg = self.engine_config
-        lengths = profile_sequence_lengths(cfg.max_num_batched_tokens, self.max_model_len)
-        num_blocks = blocks_for(lengths, cfg.block_size)
-        runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device,
-                             attention_backend=cfg.attention_backend)
-        tables, next_block = [], 0
-        for n in lengths:
-            used = -(-n // cfg.block_size)
-            tables.append(list(range(next_block, next_block + used)))
-            next_block += used
-        total = sum(lengths)
-        # With speculation a decoding sequence samples one row per proposed token too.
-        per_seq = 1 + (self.speculator.config.num_speculative_tokens if self.speculator else 0)
-        rows = min(cfg.max_num_seqs * per_seq, total)
-        vocab = self.model_config.vocab_size
-        batch = ModelInput(token_ids=[i % vocab for i in range(total)], query_lens=lengths,
-                           context_lens=[0] * len(lengths), block_tables=tables, num_decodes=0,
-                           logit_rows=list(range(total - rows, total)))
-        params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, logprobs=True, top_logprobs=20)
-        request = Request("memory-profile", [0], params, time.monotonic(), seed=0)
-        seqs = [Sequence(seq_id=-1 - i, request=request, index=i, token_ids=[0], sampling_key=i, detok=None)
-                for i in range(rows)]
-        self.executor.profile(batch, num_blocks, cfg.block_size, cfg.gpu_memory_utilization)  # the other ranks' share
-        logits = runner.execute(batch)
-        Sampler()(logits, seqs)
-        return num_blocks * ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
 
     # ---- requests -------------------------------------------------------------------------
 
