@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmserve.config import PLATFORM_DEFAULTS, ConfigError, EngineOptions, load_config
+from lmserve.config import PLATFORM_DEFAULTS, ConfigError, load_config
 from lmserve.defaults import DEFAULT_MODEL_ID
 
 
@@ -110,18 +110,45 @@ def test_every_problem_at_once_with_file_and_key_path(tmp_path):
         "models[1].id"]
 
 
-def test_engine_options_mirror_engine_config():
-    from lmserve.engine.llm_engine import EngineConfig
-
-    assert set(EngineOptions.model_fields) == set(EngineConfig.__dataclass_fields__)
-    from lmserve.config import Quantization
+def test_engine_option_choices_mirror_the_layers_that_take_them():
+    from lmserve.engine.options import Quantization
     from lmserve.layers.quantization import QUANTIZATION_CHOICES
 
     assert Quantization.__args__ == QUANTIZATION_CHOICES
-    from lmserve.config import LoadFormat
+    from lmserve.engine.options import LoadFormat
     from lmserve.models.loader import LOAD_FORMATS
 
     assert LoadFormat.__args__ == LOAD_FORMATS
+    from lmserve.attention.selector import ATTENTION_BACKENDS
+    from lmserve.distributed.group import BACKENDS
+    from lmserve.engine.options import AttentionBackend, DistributedBackend
+
+    assert (AttentionBackend.__args__, DistributedBackend.__args__) == (ATTENTION_BACKENDS, BACKENDS)
+
+
+def test_one_engine_option_model_behind_the_file_the_flags_and_llm_kwargs(tmp_path):
+    from lmserve.engine.options import EngineConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("models:\n  - {id: a, engine: {max_num_seqs: 0}}\n")
+    for load in (lambda: load_config(str(f)), lambda: load_config(None, max_num_seqs=0)):
+        with pytest.raises(ConfigError, match=r"models\[0\].engine.max_num_seqs: Input should be greater"):
+            load()
+    with pytest.raises(ValueError, match="max_num_seqs: Input should be greater than or equal to 1"):
+        EngineConfig.from_options(max_num_seqs=0)
+    with pytest.raises(TypeError, match="unknown engine option"):
+        EngineConfig.from_options(max_num_seq=4)
+    # A choice is named the same way from every door, its value shown once.
+    f.write_text("models:\n  - {id: a, engine: {quantization: int3}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    assert str(e.value).endswith("models[0].engine.quantization: quantization must be one of none, int8, int4, fp8; "
+                                 "got 'int3'")
+    # Sizes read alike; left out (or null) is the engine's default and not passed on as a choice.
+    assert EngineConfig.from_options(kv_cache_memory="512MiB").kv_cache_memory == 512 << 20
+    f.write_text("models:\n  - {id: a, engine: {max_num_seqs: null, quantization: null}}\n")
+    engine = load_config(str(f)).models[0].engine
+    assert engine == EngineConfig() and engine.options() == {} and engine.max_num_seqs == 256
 
 
 def test_flags_override_the_file(tmp_path, monkeypatch):

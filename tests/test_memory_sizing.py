@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lmserve import LLM, SamplingParams
+from lmserve.engine.kv_sizing import profile_step
 from lmserve.engine.memory import (
     GiB,
     MemoryReading,
@@ -98,7 +99,8 @@ def test_the_profiling_step_runs_through_the_real_model_beside_a_serving_engine(
     per_block = ModelRunner.kv_bytes_per_block(engine.model, cfg.block_size, engine.dtype)
     before = [part.clone() for part in engine.runner.kv_caches[0]]
     assert profile_sequence_lengths(300, 128) == [127, 127, 46]
-    assert engine._profile_step() == blocks_for([127, 127, 46], cfg.block_size) * per_block
+    assert profile_step(cfg, engine.executor, engine.model_config, engine.dtype, engine.device,
+                        engine.max_model_len) == blocks_for([127, 127, 46], cfg.block_size) * per_block
     assert all(a.equal(b) for a, b in zip(before, engine.runner.kv_caches[0]))
     assert engine.num_free_blocks == engine.num_blocks
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0]

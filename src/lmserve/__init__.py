@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
-    from lmserve.engine.llm_engine import EngineConfig, LLMEngine
+    from lmserve.engine.llm_engine import LLMEngine
+    from lmserve.engine.options import EngineConfig
     from lmserve.llm import LLM
     from lmserve.outputs import CompletionOutput, RequestOutput
     from lmserve.sampling_params import SamplingParams
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LLM": "lmserve.llm",
     "LLMEngine": "lmserve.engine.llm_engine",
-    "EngineConfig": "lmserve.engine.llm_engine",
+    "EngineConfig": "lmserve.engine.options",
     "AsyncEngine": "lmserve.engine.async_engine",
     "SamplingParams": "lmserve.sampling_params",
     "RequestOutput": "lmserve.outputs",

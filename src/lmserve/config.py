@@ -24,16 +24,13 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     create_model,
-    field_validator,
 )
 
 from lmserve.defaults import DEFAULT_MODEL_ID
+from lmserve.engine.options import EngineConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = Dtype.__args__
-Quantization = Literal["none", "int8", "int4", "fp8"]  # lmserve.layers.quantization.QUANTIZATION_CHOICES
-LoadFormat = Literal["auto", "dummy"]  # lmserve.models.loader.LOAD_FORMATS
-AttentionBackend = Literal["auto", "reference", "triton"]  # lmserve.attention.selector.ATTENTION_BACKENDS
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -140,55 +137,11 @@ _CHECKPOINT_GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "
                                "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
 
 
-class EngineOptions(_Section):
-    """Engine settings of one deployment (lmserve.engine.llm_engine.EngineConfig, whose defaults
-    apply to what is left out; tests keep the two field lists equal)."""
-
-    block_size: Annotated[int, Field(ge=1, le=1024)] | None = None
-    num_kv_blocks: Positive | None = None
-    kv_cache_memory: Annotated[ByteSize, Field(ge=1 << 20)] | None = None  # bytes or "4GiB"
-    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None  # CUDA: weights + peak + KV cache
-    max_num_seqs: Positive | None = None
-    max_num_batched_tokens: Positive | None = None
-    long_prefill_token_threshold: Annotated[int, Field(ge=0)] | None = None  # 0: a prefill may take a whole step
-    batch_kv_share: Annotated[float, Field(gt=0, le=1)] | None = None  # most of the KV cache batch lines take
-    max_model_len: Positive | None = None
-    enable_prefix_caching: bool | None = None
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] | None = None
-    quantization: Quantization | None = None  # weight-only int8/int4 on CPU, fp8 (fast on GPUs)
-    quantized_max_rows: Annotated[int, Field(ge=0)] | None = None  # more rows: a kept bf16 copy
-    compile: bool | None = None  # decode-only steps through a torch.compile'd forward (docs/compile.md)
-    load_format: LoadFormat | None = None  # dummy: random weights from config.json (benchmarks)
-    cuda_graphs: bool | None = None  # CUDA: decode steps replay graphs captured at start (default on)
-    attention_backend: AttentionBackend | None = None  # auto: Triton kernels on CUDA, else the reference
-    # Tensor parallelism over this many ranks (docs/tensor_parallel.md); MoE experts whole per
-    # rank with enable_expert_parallel; nccl (CUDA) or gloo (CPU) by default.
-    tensor_parallel_size: Positive | None = None
-    enable_expert_parallel: bool | None = None
-    distributed_backend: Literal["nccl", "gloo"] | None = None
-    nnodes: Positive | None = None  # the ranks spread over this many nodes; this one is node 0
-    dist_init_addr: Annotated[str, Field(pattern=r"^[^\s:]+:\d+$")] | None = None  # node 0's HOST:PORT
-    # Speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 5, ...}
-    speculative_config: dict[str, Any] | None = None
-
-    @field_validator("speculative_config")
-    @classmethod
-    def _check_speculative_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        from lmserve.engine.spec_decode.config import SpeculativeConfig
-
-        SpeculativeConfig.parse(value)  # ValueError -> the file's validation error, naming the key
-        return value
-
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments for LLMEngine: only what was set."""
-        return {k: int(v) if isinstance(v, ByteSize) else v for k, v in self.model_dump(exclude_none=True).items()}
-
-
 class ModelDeployment(_Section):
     id: NonEmptyStr  # the name clients send as `model`
     path: NonEmptyStr | None = None  # checkpoint dir, .gguf file or hub id; default: the id
     dtype: Dtype = "auto"
-    engine: EngineOptions = Field(default_factory=EngineOptions)
+    engine: EngineConfig = Field(default_factory=EngineConfig)  # engine/options.py
     chat_template: str | None = None  # a Jinja file replacing the checkpoint's template
     defaults: GenerationOverrides = Field(default_factory=GenerationOverrides)
     # "checkpoint": the model's generation_config.json recommends sampling values, which take
@@ -307,20 +260,10 @@ class DeploymentConfig(_Section):
         return out
 
 
-# Flags that set engine/model fields of every deployment (flag name -> where it goes).
+# Flags that set model fields of every deployment (flag name -> where it goes); every flag named
+# after an engine option (engine/options.py) sets that option of every deployment's engine.
 _MODEL_FLAGS = {"dtype": ("dtype",), "chat_template": ("chat_template",),
-                "max_model_len": ("engine", "max_model_len"), "kv_cache_memory": ("engine", "kv_cache_memory"),
-                "max_num_seqs": ("engine", "max_num_seqs"), "quantization": ("engine", "quantization"),
-                "quantized_max_rows": ("engine", "quantized_max_rows"),
-                "compile": ("engine", "compile"),
-                "gpu_memory_utilization": ("engine", "gpu_memory_utilization"),
-                "cuda_graphs": ("engine", "cuda_graphs"),
-                "attention_backend": ("engine", "attention_backend"),
-                "tensor_parallel_size": ("engine", "tensor_parallel_size"),
-                "enable_expert_parallel": ("engine", "enable_expert_parallel"),
-                "distributed_backend": ("engine", "distributed_backend"),
-                "nnodes": ("engine", "nnodes"), "dist_init_addr": ("engine", "dist_init_addr"),
-                "speculative_config": ("engine", "speculative_config")}
+                **{name: ("engine", name) for name in EngineConfig.model_fields}}
 _SERVER_FLAGS = ("host", "port", "log_level", "log_format", "threads")
 
 
@@ -329,9 +272,8 @@ def load_config(path: str | None, cli_models: list[str] | None = None, host: str
     """The file (if any) with the command-line flags applied on top, validated as a whole.
 
     flags: api_keys, cors_origins (lists, added to the file's), served_model_name, dtype,
-    max_model_len, kv_cache_memory, max_num_seqs, quantization, quantized_max_rows, compile,
-    gpu_memory_utilization, cuda_graphs, attention_backend, chat_template (applied to every deployment),
-    log_level, log_format, threads (server settings), data_dir (platform.data_dir)."""
+    chat_template and any engine option (applied to every deployment), log_level, log_format,
+    threads (server settings), data_dir (platform.data_dir)."""
     raw = _read(Path(path)) if path else {}
     where = path or "command line"
     flags.update(host=host, port=port)
@@ -433,8 +375,9 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required"
     got = err.get("input")
-    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
     message = err["msg"].removeprefix("Value error, ")
+    # A message that already shows the value (engine/options.py's choices) is not given it twice.
+    shown = "" if isinstance(got, dict | list) or "; got " in message else f" (got {got!r})"
     return f"{loc or 'top level'}: {message}{shown}"
 
 
@@ -448,7 +391,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if field is None:
             return []
         inner = {"server": ServerSettings, "defaults": GenerationDefaults, "models": ModelDeployment,
-                 "engine": EngineOptions, "platform": PlatformSettings}.get(part)
+                 "engine": EngineConfig, "platform": PlatformSettings}.get(part)
         if inner is None:
             return []
         model = inner

@@ -12,7 +12,8 @@ from lmserve.sampling_params import SamplingParams
 
 class LLM:
     """`LLM(model, dtype="auto", **engine_options)`: model is a checkpoint directory, a GGUF
-    file, or the bundled default model's id `HuggingFaceTB/SmolLM2-135M-Instruct`."""
+    file, or the bundled default model's id `HuggingFaceTB/SmolLM2-135M-Instruct`; the engine
+    options are `lmserve.EngineConfig`'s fields (engine/options.py), as in a config file's `engine:`."""
 
     def __init__(self, model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", dtype: str = "auto", **engine_options):
         self.engine = LLMEngine(model, dtype, **engine_options)

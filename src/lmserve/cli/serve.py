@@ -56,8 +56,12 @@ def _existing_file(text: str) -> str:
 
 
 def register(sub) -> None:
-    from lmserve.config import DTYPES
+    from typing import get_args
 
+    from lmserve.config import DTYPES
+    from lmserve.engine.options import AttentionBackend, DistributedBackend, EngineConfig
+
+    default = EngineConfig()  # the defaults the help texts name
     serve = sub.add_parser(
         "serve", help="serve the OpenAI-compatible API",
         description="Serve the OpenAI-compatible API. With no config and no --model: the bundled SmolLM2.",
@@ -94,12 +98,12 @@ def register(sub) -> None:
                              "--gpu-memory-utilization leaves)")
     engine.add_argument("--gpu-memory-utilization", type=_fraction, metavar="FRACTION",
                         help="on a GPU: the fraction of its total memory for weights, activations and the KV "
-                             "cache, which gets the rest (default 0.9)")
+                             f"cache, which gets the rest (default {default.gpu_memory_utilization})")
     engine.add_argument("--speculative-config", type=_speculative_config, metavar="JSON",
                         help='speculative decoding (vLLM\'s keys), e.g. \'{"method": "ngram", '
                              '"num_speculative_tokens": 5, "prompt_lookup_max": 4}\'')
     engine.add_argument("--max-num-seqs", type=_positive, metavar="N",
-                        help="most sequences decoded together (default 256)")
+                        help=f"most sequences decoded together (default {default.max_num_seqs})")
     engine.add_argument("--quantization", choices=["none", "int8", "int4"],
                         help="weight-only quantization on CPU (default none)")
     engine.add_argument("--quantized-max-rows", type=non_negative_int, metavar="N",
@@ -110,7 +114,7 @@ def register(sub) -> None:
                              "after start (kernels cached in the data directory); default off")
     engine.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="on a GPU: replay decode steps from CUDA graphs captured at start; default on")
-    engine.add_argument("--attention-backend", choices=("auto", "reference", "triton"), default=None,
+    engine.add_argument("--attention-backend", choices=get_args(AttentionBackend), default=None,
                         help="attention kernels: auto (Triton over the paged cache on a GPU, else the reference), "
                              "reference (PyTorch SDPA, any device) or triton")
 
@@ -119,7 +123,7 @@ def register(sub) -> None:
                           help="split the model's layers over N ranks (GPUs, or CPU processes); default 1")
     parallel.add_argument("--enable-expert-parallel", action="store_true", default=None,
                           help="MoE models: whole experts per rank instead of a slice of every expert")
-    parallel.add_argument("--distributed-backend", choices=("nccl", "gloo"),
+    parallel.add_argument("--distributed-backend", choices=get_args(DistributedBackend),
                           help="collectives: nccl (default on GPUs) or gloo (default on CPU)")
     parallel.add_argument("--nnodes", type=_positive, metavar="K",
                           help="the ranks spread over K nodes (tensor-parallel size / K each); default 1")

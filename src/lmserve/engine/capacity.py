@@ -4,7 +4,7 @@ arithmetic of `lmserve plan`, on the engine's own sizing code.
 What is the engine's, not a copy: the KV bytes per token are the sum of the very KV cache specs
 (attention/spec.py) a model's attention layers declare, built for the rank's share of KV heads;
 the cache budget is engine/memory.py's `kv_cache_bytes` (the fraction of the device less what is
-in use) and the blocks are `cache_blocks`, which the engine's `_auto_num_blocks` calls too.
+in use) and the blocks are `cache_blocks`, which the engine's sizing (engine/kv_sizing.py) calls too.
 
 What the planner must predict and the engine measures:
 - weights: counted from the model's tensor inventory (models/inventory.py), split as tensor
@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 
 from lmserve.attention.spec import kv_bytes_per_block
 from lmserve.engine.memory import GiB, kv_cache_blocks, kv_cache_bytes
+from lmserve.engine.options import EngineConfig, Quantization
 from lmserve.models.inventory import Inventory, Tensor
 
 MiB = 1 << 20
-QUANTIZATIONS = ("none", "int8", "int4", "fp8")
+QUANTIZATIONS = get_args(Quantization)
 KV_CACHE_DTYPES = ("auto", "fp8")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INT4_GROUP = 32  # layers/quantization.py's group size
@@ -166,16 +168,19 @@ class Hardware:
         return None
 
 
+_ENGINE = EngineConfig()  # the engine's defaults (engine/options.py)
+
+
 @dataclass
 class Options:
     dtype: torch.dtype = torch.bfloat16
-    quantization: str = "none"
+    quantization: str = _ENGINE.quantization
     kv_cache_dtype: str = "auto"
-    max_model_len: int | None = None  # default: the model's context
-    gpu_memory_utilization: float = 0.9
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048  # the engine's defaults (EngineConfig)
-    max_num_seqs: int = 256
+    max_model_len: int | None = _ENGINE.max_model_len  # default: the model's context
+    gpu_memory_utilization: float = _ENGINE.gpu_memory_utilization
+    block_size: int = _ENGINE.block_size
+    max_num_batched_tokens: int = _ENGINE.max_num_batched_tokens
+    max_num_seqs: int = _ENGINE.max_num_seqs
 
 
 @dataclass

@@ -12,29 +12,15 @@ import logging
 import random
 import threading
 import time
-import weakref
-from dataclasses import dataclass
-
-import torch
 
 from lmserve.device import choose_device, choose_dtype
-from lmserve.distributed.executor import LocalExecutor, MultiprocExecutor, WorkerConfig
-from lmserve.distributed.group import BACKENDS, default_backend
 from lmserve.engine import prompt_logprobs
-from lmserve.engine.batch import ModelInput, build_model_input
+from lmserve.engine.batch import build_model_input
 from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.capacity import cache_blocks
 from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_ids
-from lmserve.engine.memory import (
-    GiB,
-    blocks_for,
-    check_utilization,
-    kv_cache_bytes,
-    measure_peak,
-    peak_in_use,
-    profile_sequence_lengths,
-)
-from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.executor_setup import build_executor
+from lmserve.engine.kv_sizing import auto_num_blocks
+from lmserve.engine.options import EngineConfig
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, SeqStatus, Sequence
@@ -43,122 +29,18 @@ from lmserve.engine.spec_decode.speculator import Speculator
 from lmserve.engine.spec_decode.stats import SpecDecodeStats
 from lmserve.engine.spec_decode.verify import accepted_prefix, sampling_rows
 from lmserve.engine.structured import GrammarBackend, grammar_available
-from lmserve.engine.tokenizer import load_tokenizer
+from lmserve.engine.weight_cache import shared_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
-from lmserve.layers.quantization import QUANTIZATION_CHOICES
-from lmserve.models.loader import LOAD_FORMATS, load_model, read_config, resolve_checkpoint
+from lmserve.models.loader import read_config, resolve_checkpoint
 from lmserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmserve.sampling_params import SamplingParams
 
 log = logging.getLogger("lmserve.engine")
 
 
-@dataclass
-class EngineConfig:
-    """Engine options (the `**engine_options` of `LLM`)."""
-
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit cache size; else from kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, from gpu_memory_utilization on CUDA
-    # On CUDA without num_kv_blocks / kv_cache_memory: the fraction of the device's total memory
-    # for weights + activation peak + KV cache, the cache getting the rest (engine/memory.py).
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    # Most tokens one prompt's prefill takes per step, so decodes and short prompts share every
-    # step with a long prefill (0: a prefill may take the whole step).
-    long_prefill_token_threshold: int = 512
-    # Most of the KV cache that less urgent requests (priority > 0: batch API lines) are admitted
-    # into, so interactive requests always find room (engine/scheduler.py).
-    batch_kv_share: float = 0.5
-    max_model_len: int | None = None  # default: the model's own context
-    enable_prefix_caching: bool = True
-    device: str = "auto"
-    quantization: str = "none"  # weight-only int8 / int4 on CPU (layers/quantization.py)
-    # Products of more rows than this (prefill, big decode batches) run on a bf16 copy kept beside
-    # the quantized weights: the quantized kernels win only for a few rows. None: no copy.
-    quantized_max_rows: int | None = None
-    # Decode-only steps through a torch.compile'd forward, compiled in the background after
-    # start (engine/compiled_decode.py); off: every step eager, the exact-parity path.
-    compile: bool = False
-    # "auto": the checkpoint's weights; "dummy": random weights drawn on the device from
-    # config.json alone (benchmarks and device checks of model shapes we hold no weights for).
-    load_format: str = "auto"
-    # Attention kernels: "auto" (Triton over the paged cache on CUDA, else the reference),
-    # "reference" (the CPU SDPA backend, any device) or "triton" (attention/selector.py).
-    attention_backend: str = "auto"
-    # CUDA: decode steps replay graphs captured at start for a ladder of batch sizes
-    # (engine/cuda_graphs.py); off: every step eager.
-    cuda_graphs: bool = True
-    # Tensor parallelism: the model's layers split over this many ranks (processes), rank 0 in
-    # this process (distributed/executor.py). Expert parallelism gives MoE layers whole experts
-    # per rank instead of a slice of each. Backend: nccl on CUDA, gloo on CPU by default.
-    tensor_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    distributed_backend: str | None = None
-    # Multi-node: the ranks spread over nnodes nodes; this engine is node 0, hosting the
-    # rendezvous at dist_init_addr (HOST:PORT) that the other nodes' `lmserve serve` join.
-    nnodes: int = 1
-    dist_init_addr: str | None = None
-    # Speculative decoding (engine/spec_decode/), vLLM's keys as a dict or its JSON text, e.g.
-    # {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}. None: off.
-    speculative_config: dict | str | None = None
-
-
-# Engines of one process that serve the same checkpoint (a model and its Pro/ replica, several
-# test engines) share its weights and tokenizer: both are read-only once loaded. Each engine
-# keeps its own KV cache and scheduler. Entries go away with the last engine using them.
-_SHARED_WEIGHTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_SHARED_TOKENIZERS: dict[tuple, object] = {}
-
-
-def _load_shared(ckpt, config, dtype: torch.dtype, device: torch.device, quantization: str,
-                 quantized_max_rows: int | None, load_format: str = "auto"):
-    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns, str(dtype), str(device), quantization,
-           quantized_max_rows, load_format)
-    model = _SHARED_WEIGHTS.get(key)
-    if model is None:
-        started = time.perf_counter()
-        model = load_model(ckpt, config, dtype, device, quantization, quantized_max_rows, load_format)
-        _SHARED_WEIGHTS[key] = model
-        log.info("weights of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
-    return model, _load_shared_tokenizer(ckpt)
-
-
-def _load_shared_tokenizer(ckpt):
-    key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns)
-    if key not in _SHARED_TOKENIZERS:
-        started = time.perf_counter()
-        _SHARED_TOKENIZERS[key] = load_tokenizer(ckpt)
-        log.info("tokenizer of %s loaded in %.1fs", ckpt.path.name, time.perf_counter() - started)
-    return _SHARED_TOKENIZERS[key]
-
-
-def check_parallel_options(tp: int, nnodes: int, dist_init_addr: str | None, backend: str,
-                           device: torch.device) -> None:
-    if tp < 1 or nnodes < 1:
-        raise ValueError(f"tensor_parallel_size and nnodes must be at least 1, got {tp} and {nnodes}")
-    if tp % nnodes:
-        raise ValueError(f"tensor_parallel_size {tp} does not divide over {nnodes} nodes")
-    if nnodes > 1 and not dist_init_addr:
-        raise ValueError("a multi-node engine needs dist_init_addr (HOST:PORT of node 0's rendezvous)")
-    if backend not in BACKENDS:
-        raise ValueError(f"distributed_backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError("distributed_backend nccl needs CUDA devices; use gloo on CPU")
-
-
 class LLMEngine:
     def __init__(self, model: str, dtype: str = "auto", **engine_options):
-        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        self.engine_config = cfg = EngineConfig(**engine_options)
-        if cfg.quantization not in QUANTIZATION_CHOICES:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {cfg.quantization!r}")
-        if cfg.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {cfg.load_format!r}")
-        check_utilization(cfg.gpu_memory_utilization)
+        self.engine_config = cfg = EngineConfig.from_options(**engine_options)  # engine/options.py
         spec_config = SpeculativeConfig.parse(cfg.speculative_config)  # a bad config fails before loading
         self.device = choose_device(cfg.device)
         self.dtype = choose_dtype(dtype, self.device)
@@ -167,11 +49,15 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or self.model_config.context_length,
                                  self.model_config.context_length)
         started = time.perf_counter()
-        self.executor = self._build_executor(model)
+        self.executor = build_executor(cfg, self.checkpoint, self.model_config, self.dtype, self.device,
+                                       self.max_model_len)
         self.model = self.executor.model  # rank 0's shard under tensor parallelism
+        self.tokenizer = shared_tokenizer(self.checkpoint)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
         try:
-            num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+            num_blocks = cfg.num_kv_blocks or auto_num_blocks(
+                cfg, self.executor, self.model_config, self.dtype, self.device, self.max_model_len,
+                spec_config.num_speculative_tokens if spec_config is not None else 0)
             started = time.perf_counter()
             self.executor.init_cache(num_blocks, cfg.block_size)
         except BaseException:
@@ -199,33 +85,6 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
         self._grammar_lock = threading.Lock()
-
-    def _build_executor(self, model: str):
-        """The model on this process (one rank), or split over tensor-parallel ranks."""
-        cfg = self.engine_config
-        runner_options = dict(compile_decode=cfg.compile, attention_backend=cfg.attention_backend,
-                              use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
-                              max_model_len=self.max_model_len)
-        tp = cfg.tensor_parallel_size
-        # An explicit backend at one rank still goes through the executor (a device check of the
-        # NCCL setup on a one-GPU host).
-        if tp == 1 and cfg.nnodes == 1 and cfg.distributed_backend is None:
-            weights, self.tokenizer = _load_shared(self.checkpoint, self.model_config, self.dtype, self.device,
-                                                   cfg.quantization, cfg.quantized_max_rows, cfg.load_format)
-            return LocalExecutor(weights, self.model_config, self.dtype, self.device, runner_options)
-        if self.device.type == "cuda" and (cfg.cuda_graphs or cfg.compile):
-            # Graph capture and compiled decode would have to capture the collectives too.
-            log.warning("CUDA graphs and compiled decode are off under tensor parallelism; decode runs eager")
-        runner_options.update(use_cuda_graphs=False, compile_decode=False)
-        backend = cfg.distributed_backend or default_backend(self.device)
-        check_parallel_options(tp, cfg.nnodes, cfg.dist_init_addr, backend, self.device)
-        threads = max(torch.get_num_threads() // tp, 1) if self.device.type == "cpu" else None
-        config = WorkerConfig(str(self.checkpoint.path), str(self.dtype).removeprefix("torch."), self.device.type,
-                              tp, backend, cfg.enable_expert_parallel, cfg.quantization, cfg.quantized_max_rows,
-                              cfg.load_format, cfg.nnodes, threads, runner_options)
-        executor = MultiprocExecutor(config, dist_init_addr=cfg.dist_init_addr)
-        self.tokenizer = _load_shared_tokenizer(self.checkpoint)
-        return executor
 
     @property
     def runner(self):
@@ -255,61 +114,6 @@ class LLMEngine:
                                                sorted(self.eos_token_ids))
                 self.sampler.grammar = self._grammar
             return self._grammar
-
-    def _auto_num_blocks(self) -> int:
-        cfg = self.engine_config
-        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
-        if cfg.kv_cache_memory is None and self.device.type == "cuda":
-            started = time.perf_counter()
-            try:
-                reading = measure_peak(self.device, self._profile_step)
-            except torch.cuda.OutOfMemoryError:
-                raise ValueError(
-                    f"the memory profiling step ({cfg.max_num_batched_tokens} tokens, up to {cfg.max_num_seqs} sampled "
-                    "rows) ran out of GPU memory after the weights loaded; lower max_num_batched_tokens or "
-                    "max_num_seqs") from None
-            in_use = peak_in_use(reading)
-            budget = kv_cache_bytes(reading.total, cfg.gpu_memory_utilization, in_use)
-            log.info("memory profile in %.1fs: peak step %.2f GiB in use of %.2f GiB; KV cache gets %.2f GiB "
-                     "(gpu_memory_utilization %g)", time.perf_counter() - started, in_use / GiB,
-                     reading.total / GiB, budget / GiB, cfg.gpu_memory_utilization)
-            # Under tensor parallelism every rank profiled its own device: the tightest one decides.
-            return self.executor.min_blocks(cache_blocks(budget, per_block, cfg.gpu_memory_utilization))
-        budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else 1 << 30
-        return cache_blocks(budget, per_block)  # the planner's arithmetic too (engine/capacity.py)
-
-    def _profile_step(self) -> int:
-        """The largest step the scheduler can hand out, run once before the real cache exists so
-        its activation peak can be measured: `max_num_batched_tokens` prefill tokens through the
-        model and a runner whose temporary cache holds just them, then the sampler's heaviest
-        path (nucleus sampling with top logprobs, a full-vocabulary sort on a GPU) over up to
-        `max_num_seqs` rows. Returns the temporary cache's bytes; nothing it made outlives it."""
-        cfg = self.engine_config
-        lengths = profile_sequence_lengths(cfg.max_num_batched_tokens, self.max_model_len)
-        num_blocks = blocks_for(lengths, cfg.block_size)
-        runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.dtype, self.device,
-                             attention_backend=cfg.attention_backend)
-        tables, next_block = [], 0
-        for n in lengths:
-            used = -(-n // cfg.block_size)
-            tables.append(list(range(next_block, next_block + used)))
-            next_block += used
-        total = sum(lengths)
-        # With speculation a decoding sequence samples one row per proposed token too.
-        per_seq = 1 + (self.speculator.config.num_speculative_tokens if self.speculator else 0)
-        rows = min(cfg.max_num_seqs * per_seq, total)
-        vocab = self.model_config.vocab_size
-        batch = ModelInput(token_ids=[i % vocab for i in range(total)], query_lens=lengths,
-                           context_lens=[0] * len(lengths), block_tables=tables, num_decodes=0,
-                           logit_rows=list(range(total - rows, total)))
-        params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, logprobs=True, top_logprobs=20)
-        request = Request("memory-profile", [0], params, time.monotonic(), seed=0)
-        seqs = [Sequence(seq_id=-1 - i, request=request, index=i, token_ids=[0], sampling_key=i, detok=None)
-                for i in range(rows)]
-        self.executor.profile(batch, num_blocks, cfg.block_size, cfg.gpu_memory_utilization)  # the other ranks' share
-        logits = runner.execute(batch)
-        Sampler()(logits, seqs)
-        return num_blocks * ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
 
     # ---- requests -------------------------------------------------------------------------
 
