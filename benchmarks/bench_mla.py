@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from lmserve.attention import MLAAttention, MLAKVCacheSpec
 from lmserve.attention.cpu_sdpa import CpuSdpaBackend
-from lmserve.engine.batch import ModelInput
 from lmserve.layers.linear import Linear
+from lmserve.model_input import ModelInput
 
 NOPE, ROPE, V, RANK, BLOCK = 128, 64, 128, 512, 16
 

@@ -17,7 +17,7 @@ from lmserve.attention import Attention
 from lmserve.attention.cpu_sdpa import CpuSdpaBackend
 from lmserve.attention.selector import get_attention_backend
 from lmserve.attention.triton_backend import TritonPagedBackend, choose_num_splits
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 
 PAGE = 4
 NUM_BLOCKS = 96

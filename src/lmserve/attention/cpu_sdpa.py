@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from lmserve.engine.batch import ModelInput
+    from lmserve.model_input import ModelInput
 
 
 @dataclass

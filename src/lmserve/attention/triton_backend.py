@@ -27,7 +27,7 @@ from lmserve.attention.triton_paged import paged_attention, prefill_block_q, spl
 from lmserve.staging import ints_to_device, padded_rows
 
 if TYPE_CHECKING:
-    from lmserve.engine.batch import ModelInput
+    from lmserve.model_input import ModelInput
 
 MAX_SPLITS = 16
 # A decode batch whose every sequence has at most this many cached tokens runs in one pass (no

@@ -34,7 +34,7 @@ import torch
 
 from lmserve.attention.compiled_decode import CompiledDecodeBackend, CompiledDecodeMetadata, decode_mask
 from lmserve.attention.layer import Attention, MLAAttention
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 from lmserve.staging import host_to_device
 
 log = logging.getLogger("lmserve.engine")

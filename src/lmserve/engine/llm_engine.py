@@ -22,7 +22,7 @@ from lmserve.device import choose_device, choose_dtype
 from lmserve.distributed.executor import LocalExecutor, MultiprocExecutor, WorkerConfig
 from lmserve.distributed.group import BACKENDS, default_backend
 from lmserve.engine import prompt_logprobs
-from lmserve.engine.batch import ModelInput, build_model_input
+from lmserve.engine.batch import build_model_input
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.capacity import cache_blocks
 from lmserve.engine.detokenizer import IncrementalDetokenizer, hidden_special_ids
@@ -47,6 +47,7 @@ from lmserve.engine.structured import GrammarBackend, grammar_available
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
 from lmserve.layers.quantization import QUANTIZATION_CHOICES
+from lmserve.model_input import ModelInput
 from lmserve.models.loader import LOAD_FORMATS, load_model, read_config, resolve_checkpoint
 from lmserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmserve.sampling_params import SamplingParams

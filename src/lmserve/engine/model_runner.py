@@ -18,9 +18,9 @@ from lmserve.attention import KVCacheSpec, get_attention_backend
 from lmserve.attention.cpu_sdpa import CpuSdpaBackend
 from lmserve.attention.spec import kv_bytes_per_block
 from lmserve.engine import cuda_graphs
-from lmserve.engine.batch import ModelInput
 from lmserve.engine.compiled_decode import CompiledDecode, unsupported_reason
 from lmserve.engine.prompt_logprobs import PromptScores, score_rows
+from lmserve.model_input import ModelInput
 from lmserve.models.config import ModelConfig
 from lmserve.staging import ints_to_device
 
