@@ -1000,7 +1000,7 @@ def check_mla_kernel(device: torch.device) -> dict:
     within 1e-4 of the reference; bf16: error against float32 within KERNEL_BF16_ERROR_RATIO x
     the bf16 reference's. Then batch-64 decode at a 1,024-token context, timed against the
     reference backend."""
-    from lmserve.attention.cpu_sdpa import CpuSdpaBackend
+    from lmserve.attention.reference import ReferenceBackend as CpuSdpaBackend
     from lmserve.attention.triton_backend import TritonPagedBackend
 
     cuda = device.type == "cuda"

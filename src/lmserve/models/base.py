@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from lmserve.attention import Attention, KVCacheSpec
+from lmserve.attention import Attention, KVSpec
 from lmserve.models.config import DecoderConfig, ModelConfig
 
 # Checkpoint name fragment -> (our packed parameter fragment, shard id): q/k/v and gate/up
@@ -51,6 +51,6 @@ class CausalLM(nn.Module):
                 return name.replace(f".{fragment}.", f".{packed}."), shard
         return name, None
 
-    def kv_cache_specs(self) -> list[KVCacheSpec]:
+    def kv_cache_specs(self) -> list[KVSpec]:
         """One spec per attention layer, in the order the forward takes their caches."""
         return [m.kv_spec for m in self.modules() if isinstance(m, Attention)]

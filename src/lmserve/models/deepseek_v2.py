@@ -8,7 +8,7 @@ Reference: transformers' modeling_deepseek_v2 (and DeepSeek's remote code where 
   normalized (kv_a_layernorm), and kv_b_proj(c) gives each head [k_nope | v]; k_rope is one
   key shared by every head. The paged cache keeps only [c | rotated k_rope] per token (576
   values for the released models; MLAKVCacheSpec), attention reads it back through kv_b_proj
-  (attention/cpu_sdpa.py: absorbed for decode, expanded for prefill).
+  (attention/reference.py: absorbed for decode, expanded for prefill).
 - Rope on the rope parts only, interleaved pairs (x[2i], x[2i+1]) as transformers' complex
   multiplication (the remote code de-interleaves and rotates halves: the same scores), with
   YaRN scaling; the cos/sin factor is mscale(f, mscale) / mscale(f, mscale_all_dim) and the
