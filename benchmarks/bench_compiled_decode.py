@@ -25,7 +25,7 @@ import time
 import torch
 
 from lmserve import LLM, SamplingParams
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 from lmserve.models.loader import DEFAULT_MODEL_ID
 
 _TEXT = ("The history of computing is a story of people who turned ideas into machines, and machines "

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.attention import MLAAttention, MLAKVCacheSpec
-from lmserve.attention.cpu_sdpa import CpuSdpaBackend
-from lmserve.engine.batch import ModelInput
+from lmserve.attention.reference import ReferenceBackend
 from lmserve.layers.linear import Linear
+from lmserve.model_input import ModelInput
 
 NOPE, ROPE, V, RANK, BLOCK = 128, 64, 128, 512, 16
 
@@ -67,7 +67,7 @@ def main() -> None:
 def bench_context(layer: MLAAttention, kv_b_proj: Linear, ctx: int, b: int, heads: int, dtype: torch.dtype,
                   repeats: int) -> tuple[float, float]:
     """(absorbed ms/step, expanded ms/step) for b sequences decoding at context ctx."""
-    backend = CpuSdpaBackend()
+    backend = ReferenceBackend()
     blocks = -(-ctx // BLOCK)
     cache = MLAKVCacheSpec(RANK, ROPE).allocate(b * blocks, BLOCK, dtype, torch.device("cpu"))
     cache[0].normal_()

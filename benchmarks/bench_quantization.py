@@ -82,7 +82,7 @@ def run_mode(mode: str, threads: int | None) -> dict:
     llm = LLM(dtype="bfloat16", quantization=quant, quantized_max_rows=int(rows) if rows else None,
               num_kv_blocks=1024, **model)
     out = {"rss_mib": _rss_mib(), "load_peak_rss_mib": _peak_rss_mib()}
-    from lmserve.engine.tokenizer import render_chat
+    from lmserve.chat.prompt import render_chat
 
     prompts = [llm.engine.encode(render_chat(llm.tokenizer, [{"role": "user", "content": f"{q} (#{i})"}]),
                                  add_special_tokens=False) for i in range(4) for q in _QUESTIONS[:8]]

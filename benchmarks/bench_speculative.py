@@ -24,7 +24,7 @@ import time
 import torch
 
 from lmserve import LLM, SamplingParams
-from lmserve.engine.tokenizer import render_chat
+from lmserve.chat.prompt import render_chat
 from lmserve.models.loader import DEFAULT_MODEL_ID
 
 PASSAGE = (

@@ -29,8 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lmserve.engine.batch import ModelInput  # noqa: E402
 from lmserve.engine.llm_engine import LLMEngine  # noqa: E402
+from lmserve.model_input import ModelInput  # noqa: E402
 
 
 def write_config(directory: Path, layers: int, hidden: int) -> None:

@@ -71,7 +71,7 @@ def _no_leaked_blocks():
 
 
 def chat_ids(llm: LLM, user: str, system: str | None = None) -> list[int]:
-    from lmserve.engine.tokenizer import render_chat
+    from lmserve.chat.prompt import render_chat
 
     conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return llm.engine.encode(render_chat(llm.tokenizer, conv), add_special_tokens=False)

@@ -400,7 +400,7 @@ def test_catalog_id_served_from_local_weights(family_server):
 def test_remote_code_families_stop_on_their_end_of_turn(family_server, model):
     """Their prompts are built by lmserve's own tokenizer and template (never the checkpoint's
     code) and generation ends at the family's end-of-turn token, streamed and not."""
-    from lmserve.engine.tokenizer import encode_chat
+    from lmserve.chat.prompt import encode_chat
 
     client, toks = family_server
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "今天天气 in Paris?"}]
@@ -414,7 +414,7 @@ def test_remote_code_families_stop_on_their_end_of_turn(family_server, model):
 
 @pytest.mark.parametrize("model", list(REMOTE_CODE_FAMILIES))
 def test_remote_code_families_render_tools_and_results(family_server, model):
-    from lmserve.engine.tokenizer import encode_chat
+    from lmserve.chat.prompt import encode_chat
 
     client, toks = family_server
     call = {"id": "call_1", "type": "function",

@@ -14,7 +14,7 @@ import torch
 from conftest import chat_ids
 
 from lmserve import SamplingParams
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="torch.compile on CPU needs a C++ compiler")

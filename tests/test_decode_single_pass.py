@@ -10,7 +10,7 @@ import torch
 from lmserve.attention import triton_backend
 from lmserve.attention.spec import KVCacheSpec, MLAKVCacheSpec
 from lmserve.attention.triton_backend import SINGLE_PASS_MAX_KEYS, TritonPagedBackend
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 
 
 def _decode_batch(contexts: list[int], page: int = 16) -> ModelInput:

@@ -125,7 +125,7 @@ def test_deepseek_v2_quantized_keeps_the_latent_up_projection_dense(tmp_path):
 
 
 def test_decode_groups_pad_each_sequence_at_most_to_twice_its_blocks():
-    from lmserve.attention.cpu_sdpa import _decode_groups
+    from lmserve.attention.reference import _decode_groups
 
     tables = [[1], [2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     groups = _decode_groups(tables, torch.tensor([2, 33, 5, 9]), torch.float32, 4)

@@ -22,7 +22,8 @@ import pytest
 
 from lmserve.chat.family_tokenizers import load_family_tokenizer
 from lmserve.chat.family_tokenizers.tiktoken_tokenizer import GLM4_PATTERN, byte_level_alphabet
-from lmserve.engine.tokenizer import encode_chat, token_bytes
+from lmserve.chat.prompt import encode_chat
+from lmserve.engine.tokenizer import token_bytes
 
 CORPUS = ["The weather in Paris is sunny today.", "Call a function to get the weather.",
           "今天天气很好，我们去公园吧。", "Bonjour, comment allez-vous ? Très bien.",

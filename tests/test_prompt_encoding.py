@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmserve.engine.tokenizer import control_strings, encode_chat, render_chat, token_bytes
+from lmserve.chat.prompt import control_strings, encode_chat, render_chat
+from lmserve.engine.tokenizer import token_bytes
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_seeded_sampling_and_grammar_state_survive_preemption(smollm, make_llm):
     """A preempted sequence is recomputed from prompt + the tokens it had: its random stream (a
     function of seed and position) and its grammar matcher (kept on the sequence) must carry on
     where they were, so every request gives what it gives alone on a roomy cache."""
-    from lmserve.engine.structured import StructuredOutput
+    from lmserve.sampling_params import StructuredOutput
 
     spec = StructuredOutput.json_schema(PERSON_SCHEMA)
     prompts = QUESTIONS[:1] + ["Describe a fictional person as JSON.", QUESTIONS[6], QUESTIONS[7]]

@@ -20,8 +20,8 @@ from lmserve.engine.block_manager import hash_block
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.spec_decode.config import SpeculativeConfig
 from lmserve.engine.spec_decode.ngram import propose_ngram
-from lmserve.engine.structured import StructuredOutput
 from lmserve.models.loader import DEFAULT_MODEL_ID
+from lmserve.sampling_params import StructuredOutput
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 PASSAGE = ("The keeper logged every ship that passed the cape: the Aurora on Monday, the Kestrel on Wednesday, "

@@ -10,8 +10,8 @@ import pytest
 from conftest import chat_ids
 
 from lmserve import SamplingParams
-from lmserve.engine.structured import StructuredOutput
 from lmserve.errors import InvalidParameter
+from lmserve.sampling_params import StructuredOutput
 
 PERSON = "Describe a fictional person as JSON."
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"],

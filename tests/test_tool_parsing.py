@@ -261,3 +261,18 @@ def test_marker_formats_also_read_a_reply_that_is_one_json_object_call(fmt):
     assert streamed == ["", ""] and rest == "" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
     streamed, rest, calls = _stream(fmt, ['{"answer": ', '42}'], plan_tools(_req()))
     assert calls == [] and "".join(streamed) + rest == '{"answer": 42}'
+
+
+def test_every_architecture_has_its_chat_format():
+    """The chat-format registry covers exactly the architectures a model class is registered for,
+    and the model classes no longer carry chat knowledge of their own."""
+    from lmserve.chat.formats import architectures_with_formats, chat_format
+    from lmserve.models.registry import get_model_class, supported_architectures
+
+    assert architectures_with_formats() == supported_architectures()
+    for arch in supported_architectures():
+        cls = get_model_class(arch)
+        assert not any(hasattr(cls, a) for a in ("end_of_turn_tokens", "tool_call_format", "tool_call_tokens")), arch
+    assert chat_format("Qwen2MoeForCausalLM").tool_call_format == "hermes"
+    assert "<｜tool▁sep｜>" in chat_format("DeepseekV2ForCausalLM").tool_call_tokens
+    assert chat_format("NoSuchForCausalLM").tool_call_format == "json"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from lmserve.attention import Attention
-from lmserve.attention.cpu_sdpa import CpuSdpaBackend
+from lmserve.attention.reference import ReferenceBackend
 from lmserve.attention.selector import get_attention_backend
 from lmserve.attention.triton_backend import TritonPagedBackend, choose_num_splits
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 
 PAGE = 4
 NUM_BLOCKS = 96
@@ -47,7 +47,7 @@ def _run_both(batch: ModelInput, layer: Attention, dtype: torch.dtype, num_split
     v = torch.randn(t, hkv, d, generator=g).to(dtype)
     positions = torch.tensor(batch.positions)
     outs, caches = [], []
-    for backend in (CpuSdpaBackend(), TritonPagedBackend([layer.kv_spec], torch.device("cpu"))):
+    for backend in (ReferenceBackend(), TritonPagedBackend([layer.kv_spec], torch.device("cpu"))):
         kv = tuple(c.clone() for c in cache)
         meta = backend.build_metadata(batch, positions, PAGE, dtype)
         if num_splits is not None and isinstance(backend, TritonPagedBackend):
@@ -102,7 +102,7 @@ def test_half_precision_within_rounding():
 def test_write_kv_equals_index_copy(dtype):
     """Both caches in one launch, from strided views of a packed qkv projection, equal to the
     reference backend's two index_copy_ calls; slots out of order and across pages."""
-    from lmserve.attention.cpu_sdpa import write_kv_cache
+    from lmserve.attention.reference import write_kv_cache
     from lmserve.attention.triton_paged import write_kv
 
     g = torch.Generator().manual_seed(3)
@@ -129,8 +129,8 @@ def test_selector_keeps_the_reference_for_plain_cpu():
     from lmserve.attention.spec import KVCacheSpec, MLAKVCacheSpec
 
     cpu = torch.device("cpu")
-    assert isinstance(get_attention_backend(cpu, [KVCacheSpec(2, 16)]), CpuSdpaBackend)
-    assert isinstance(get_attention_backend(cpu, [MLAKVCacheSpec(16, 8)]), CpuSdpaBackend)
+    assert isinstance(get_attention_backend(cpu, [KVCacheSpec(2, 16)]), ReferenceBackend)
+    assert isinstance(get_attention_backend(cpu, [MLAKVCacheSpec(16, 8)]), ReferenceBackend)
     assert isinstance(get_attention_backend(cpu, [KVCacheSpec(2, 16)], "triton"), TritonPagedBackend)
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         get_attention_backend(cpu, [KVCacheSpec(2, 16)], "flash")

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from lmserve.attention import MLAAttention
-from lmserve.attention.cpu_sdpa import CpuSdpaBackend
+from lmserve.attention.reference import ReferenceBackend
 from lmserve.attention.selector import get_attention_backend
 from lmserve.attention.triton_backend import TritonPagedBackend
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 
 PAGE = 4
 NUM_BLOCKS = 64
@@ -45,7 +45,7 @@ def _run_both(batch: ModelInput, heads: int, nope: int, rope: int, v_dim: int, r
     entry = torch.randn(t, rank + rope, generator=g)
     positions = torch.tensor(batch.positions)
     outs, caches = [], []
-    for backend in (CpuSdpaBackend(), TritonPagedBackend([layer.kv_spec], torch.device("cpu"))):
+    for backend in (ReferenceBackend(), TritonPagedBackend([layer.kv_spec], torch.device("cpu"))):
         kv = (cache.clone(),)
         meta = backend.build_metadata(batch, positions, PAGE, torch.float32)
         if num_splits is not None:

@@ -70,7 +70,7 @@ def _mla_case(device: torch.device, dims: dict, decode_contexts: list[int], pref
     """One MLA layer, its kv_b_proj, a latent cache and a step's queries (float32, on the device),
     with the step's sequences on scattered pages."""
     from lmserve.attention import MLAAttention
-    from lmserve.engine.batch import ModelInput
+    from lmserve.model_input import ModelInput
 
     g = torch.Generator().manual_seed(seed)
     heads, nope, rope, v, rank = (dims[k] for k in ("heads", "nope", "rope", "v", "rank"))
@@ -115,7 +115,7 @@ def check_mla_kernel(device: torch.device) -> dict:
     within 1e-4 of the reference; bf16: error against float32 within KERNEL_BF16_ERROR_RATIO x
     the bf16 reference's. Then batch-64 decode at a 1,024-token context, timed against the
     reference backend."""
-    from lmserve.attention.cpu_sdpa import CpuSdpaBackend
+    from lmserve.attention.reference import ReferenceBackend
     from lmserve.attention.triton_backend import TritonPagedBackend
 
     cuda = device.type == "cuda"
@@ -130,14 +130,14 @@ def check_mla_kernel(device: torch.device) -> dict:
     for name, (decodes, prefills, splits) in cases.items():
         layer, kv_b, data, batch = _mla_case(device, dims, decodes, prefills, page, seed=len(out))
         triton_backend = TritonPagedBackend([layer.kv_spec], device)
-        truth, _ = _mla_run(CpuSdpaBackend(), layer, kv_b, data, batch, torch.float32, page)
+        truth, _ = _mla_run(ReferenceBackend(), layer, kv_b, data, batch, torch.float32, page)
         got32, _ = _mla_run(triton_backend, layer, kv_b, data, batch, torch.float32, page, splits)
         err32 = float((got32 - truth).abs().max())
         row = {"fp32_max_err": err32}
         if err32 > 1e-4:
             problems.append(f"{name}: float32 differs from the reference by {err32:.2e}")
         if cuda:  # the interpreter's bf16 dot products are wrong (check_variant says so)
-            ref16, _ = _mla_run(CpuSdpaBackend(), layer, kv_b, data, batch, torch.bfloat16, page)
+            ref16, _ = _mla_run(ReferenceBackend(), layer, kv_b, data, batch, torch.bfloat16, page)
             got16, _ = _mla_run(triton_backend, layer, kv_b, data, batch, torch.bfloat16, page, splits)
             ours, theirs = float((got16 - truth).abs().max()), float((ref16 - truth).abs().max())
             row.update(bf16_max_err=ours, reference_bf16_max_err=theirs)
@@ -148,7 +148,7 @@ def check_mla_kernel(device: torch.device) -> dict:
     layer, kv_b, data, batch = _mla_case(device, dims, [context] * batch_size, [], page, seed=9)
     dtype = torch.bfloat16 if cuda else torch.float32
     timed = {}
-    for label, backend in (("triton", TritonPagedBackend([layer.kv_spec], device)), ("reference", CpuSdpaBackend())):
+    for label, backend in (("triton", TritonPagedBackend([layer.kv_spec], device)), ("reference", ReferenceBackend())):
         _, call = _mla_run(backend, layer, kv_b, data, batch, dtype, page)
         timed[label] = time_call(call, device, 20 if cuda else 2)
     out["decode_timing_us"] = {k: round(v, 1) for k, v in timed.items()}

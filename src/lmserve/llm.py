@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+from lmserve.chat.prompt import render_chat
 from lmserve.engine.llm_engine import LLMEngine
-from lmserve.engine.tokenizer import render_chat
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 

@@ -1,12 +1,64 @@
 """Per-request generation settings. Defaults are neutral (greedy-safe); the API layer applies
-the platform's own defaults (temperature 0.7, top_p 0.7, ...) before building these."""
+the platform's own defaults (temperature 0.7, top_p 0.7, ...) before building these.
+
+What a request's output must match (`StructuredOutput`) is one of those settings, declared here
+as plain data with its bounds; compiling it into token masks is the engine's business
+(engine/structured.py)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
-from lmserve.engine.structured import StructuredOutput
 from lmserve.errors import InvalidParameter
+
+# Bounds a schema must stay within before it is compiled. Real response formats and tool
+# signatures sit far below them; past them the compiler's time and memory grow much faster than
+# the schema (a 50,000-value enum ran for minutes), so they are refused up front, cheaply.
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32  # nested objects/arrays of the schema document itself
+MAX_ENUM_VALUES = 1000  # over all `enum` lists of the schema
+
+
+def check_schema_bounds(schema: Any, param: str = "response_format") -> None:
+    """Refuse a schema past the bounds above, without recursion (a deep document must not
+    overflow the stack on its way to being refused)."""
+    enum_values = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidParameter(param, f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, dict):
+            enum = node.get("enum")
+            if isinstance(enum, list):
+                enum_values += len(enum)
+                if enum_values > MAX_ENUM_VALUES:
+                    raise InvalidParameter(param, f"the JSON schema has more than {MAX_ENUM_VALUES} enum values")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must be: "json_object" (any JSON object) or "json_schema"."""
+
+    kind: str
+    schema: str | None = None  # JSON text of the schema, for "json_schema"
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | str, param: str = "response_format") -> StructuredOutput:
+        if isinstance(schema, str):
+            if len(schema) > MAX_SCHEMA_BYTES:
+                raise InvalidParameter(param, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
+            return cls("json_schema", schema)
+        check_schema_bounds(schema, param)
+        text = json.dumps(schema, sort_keys=True)
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise InvalidParameter(param, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
+        return cls("json_schema", text)
 
 
 @dataclass

@@ -49,7 +49,7 @@ class MLAAttention(Attention):
     The layer caches, per token, the normalized latent c (kv_lora_rank) and the rotated rope key
     (rope_dim, one for all heads); per-head keys are [W_UK_h c ; k_rope] and values W_UV_h c,
     with W_UK/W_UV the two halves of each head's kv_b_proj rows. The backend computes them from
-    the cache when it reads it (see CpuSdpaBackend.forward_mla for how).
+    the cache when it reads it (see ReferenceBackend.forward_mla for how).
     """
 
     def __init__(self, num_heads: int, qk_nope_dim: int, rope_dim: int, v_head_dim: int, kv_lora_rank: int,

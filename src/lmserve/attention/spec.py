@@ -6,13 +6,38 @@ A spec belongs to a layer: Gemma-2 alternates sliding-window and global layers, 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 
+class KVSpec(ABC):
+    """What every layer kind's spec answers: the runner allocates, sizes and copies the cache by
+    these alone, whatever the layer kind."""
+
+    # Declared, not defined, here: each kind is a frozen dataclass that has them as fields or
+    # properties. W: a query attends to itself and the W - 1 tokens before it (None: the whole
+    # context); num_kv_heads: key/value heads the queries read (what kernels launch programs over).
+    sliding_window: int | None
+    num_kv_heads: int
+
+    @abstractmethod
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """The shape of each of the layer's cache tensors."""
+
+    @abstractmethod
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        ...
+
+    @abstractmethod
+    def allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The layer's cache tensors, zeroed (the runner copies blocks part by part)."""
+
+
 @dataclass(frozen=True)
-class KVCacheSpec:
+class KVCacheSpec(KVSpec):
     """Per-head keys and values; `sliding_window` W bounds what a query attends to (itself and
     the W - 1 tokens before it), None for full attention."""
 
@@ -34,7 +59,7 @@ class KVCacheSpec:
 
 
 @dataclass(frozen=True)
-class MLAKVCacheSpec:
+class MLAKVCacheSpec(KVSpec):
     """Multi-head latent attention (DeepSeek-V2): per token one normalized latent of
     `kv_lora_rank` values and the rotated rope key (`rope_dim`, shared by every head), stored
     side by side in ONE tensor: [latent | rope key], 512 + 64 = 576 values for the real model.
@@ -44,6 +69,11 @@ class MLAKVCacheSpec:
     kv_lora_rank: int
     rope_dim: int
     sliding_window: None = None  # MLA layers attend to the whole context
+
+    @property
+    def num_kv_heads(self) -> int:
+        """One latent entry per token, read by every query head: one "KV head"."""
+        return 1
 
     @property
     def entry_size(self) -> int:
@@ -61,6 +91,6 @@ class MLAKVCacheSpec:
         return (torch.zeros(self.cache_shape(num_blocks, block_size), dtype=dtype, device=device),)
 
 
-def kv_bytes_per_block(specs: list[KVCacheSpec | MLAKVCacheSpec], block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(specs: list[KVSpec], block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block (block_size tokens) takes across every layer."""
     return block_size * sum(spec.bytes_per_token(dtype) for spec in specs)

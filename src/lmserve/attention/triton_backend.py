@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmserve.attention.spec import KVCacheSpec, MLAKVCacheSpec
+from lmserve.attention.backend import AttentionBackend
+from lmserve.attention.spec import KVSpec, MLAKVCacheSpec
 from lmserve.attention.triton_mla import mla_decode
 from lmserve.attention.triton_paged import paged_attention, prefill_block_q, split_buffer_sizes, write_kv
 from lmserve.staging import ints_to_device, padded_rows
 
 if TYPE_CHECKING:
-    from lmserve.engine.batch import ModelInput
+    from lmserve.model_input import ModelInput
 
 MAX_SPLITS = 16
 # A decode batch whose every sequence has at most this many cached tokens runs in one pass (no
@@ -100,12 +101,14 @@ class MLAPrefill:
         return self._tiles[block_q]
 
 
-class TritonPagedBackend:
-    def __init__(self, kv_specs: list, device: torch.device, num_sms: int | None = None):
+class TritonPagedBackend(AttentionBackend):
+    supports_cuda_graphs = True  # fixed-shape metadata in device buffers (engine/cuda_graphs.py)
+
+    def __init__(self, kv_specs: list[KVSpec], device: torch.device, num_sms: int | None = None):
         self.device = device
         # An MLA layer's entries are one "KV head" every query head reads (programs per decode
-        # sequence: its head blocks, 1 for V2-Lite's 16 heads).
-        self.num_kv_heads = max(s.num_kv_heads if isinstance(s, KVCacheSpec) else 1 for s in kv_specs)
+        # sequence: its head blocks, 1 for V2-Lite's 16 heads): its spec says 1.
+        self.num_kv_heads = max(s.num_kv_heads for s in kv_specs)
         self.mla = any(isinstance(s, MLAKVCacheSpec) for s in kv_specs)
         override = os.environ.get("LMSERVE_DECODE_SINGLE_PASS_KEYS")
         self.single_pass_max_keys = int(override) if override else 0 if self.mla else SINGLE_PASS_MAX_KEYS

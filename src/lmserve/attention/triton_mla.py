@@ -2,7 +2,7 @@
 
 The cache keeps one entry per token, [c (kv_lora_rank) | k_rope (rope_dim)], shared by every
 head (attention/spec.py, MLAKVCacheSpec). Decode runs in the absorbed form the reference backend
-uses (attention/cpu_sdpa.py, forward_mla): each head's query is moved into latent space once
+uses (attention/reference.py, forward_mla): each head's query is moved into latent space once
 (q_latent = W_UK^T q_nope, a batched matmul outside the kernel), so a head's score against a
 cached token is q_latent . c + q_rope . k_rope and its output is sum_k p_k c_k, mapped through
 W_UV afterwards. Every head reads the same entries, so the kernel is GQA with one KV head and

@@ -13,6 +13,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from lmserve.backends.base import PROMPT_SCORES, ChatJob, Health
+from lmserve.chat.prompt import encode_chat
 from lmserve.chat.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from lmserve.chat.tool_parsers import tool_call_stream
 from lmserve.chat.tools import ToolPlan, output_constraint, plan_tools, template_messages
@@ -20,7 +21,7 @@ from lmserve.config import ModelDeployment
 from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.serving_defaults import serving_options
-from lmserve.engine.tokenizer import encode_chat, max_token_chars, token_bytes
+from lmserve.engine.tokenizer import max_token_chars, token_bytes
 from lmserve.errors import BackendError, CheckpointError, ContextLengthExceeded, InvalidParameter
 from lmserve.models import catalog
 from lmserve.models.loader import read_config, resolve_checkpoint
@@ -208,7 +209,7 @@ class LocalBackend:
             yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}], "usage": None}
         report_eos_as_stop = self.deployment.report_eos_as_stop
-        fmt = self.engine.model.tool_call_format
+        fmt = self.engine.chat_format.tool_call_format
         readers = [tool_call_stream(fmt, state.tool_plan) if state.tool_plan else None for _ in range(job.n)]
         try:
             async for out in self.async_engine.generate(job.request_id, state.prompt_ids, state.params):

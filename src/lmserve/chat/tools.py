@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmserve.chat.schemas import ChatCompletionRequest
-from lmserve.engine.structured import StructuredOutput
 from lmserve.errors import InvalidParameter
+from lmserve.sampling_params import StructuredOutput
 
 
 @dataclass

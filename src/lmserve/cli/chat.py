@@ -53,7 +53,7 @@ class LocalChat:
         self.name = args.model or DEFAULT_MODEL_ID
 
     def reply(self, messages: list[dict]) -> Iterator[str]:
-        from lmserve.engine.tokenizer import render_chat
+        from lmserve.chat.prompt import render_chat
 
         text = render_chat(self.engine.tokenizer, messages)
         prompt = self.engine.encode(text, add_special_tokens=False)

@@ -1,4 +1,4 @@
-"""The step's work for the model runner as plain data.
+"""The step's work for the model runner as plain data (lmserve/model_input.py's `ModelInput`).
 
 The scheduler works with live `Sequence` objects (tokenizer state, grammar matcher, request);
 the runner gets only lists of ints, so a model worker in another process (tensor parallelism)
@@ -7,33 +7,12 @@ can receive a step, and the runner never sees anything request-shaped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from lmserve.model_input import ModelInput
 
 if TYPE_CHECKING:
     from lmserve.engine.scheduler import ScheduledBatch
-
-
-@dataclass
-class ModelInput:
-    """Sequences in batch order, decodes (one new token each) first, then prefill chunks."""
-
-    token_ids: list[int]  # the new tokens of every sequence, flattened in batch order
-    query_lens: list[int]  # new tokens per sequence
-    context_lens: list[int]  # tokens already in the cache before this step, per sequence
-    block_tables: list[list[int]]  # per sequence
-    num_decodes: int  # the first num_decodes sequences decode (query_len 1)
-    logit_rows: list[int]  # flattened rows whose next-token logits are wanted, in sampling order
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the step
-    # Prompt logprobs (engine/prompt_logprobs.py): rows whose logprob of the next prompt token
-    # (and top k alternatives) is wanted; empty in the steps of requests that do not ask.
-    score_rows: list[int] = field(default_factory=list)
-    score_targets: list[int] = field(default_factory=list)
-    score_top_k: int = 0
-
-    @property
-    def positions(self) -> list[int]:
-        return [p for c, q in zip(self.context_lens, self.query_lens) for p in range(c, c + q)]
 
 
 def build_model_input(batch: ScheduledBatch, logit_seq_ids: list[int],

@@ -6,7 +6,7 @@ every prompt, and their cost is in the matmuls, which compiling does not change.
 
 How:
 - The graph is the model's forward plus the LM head over a decode batch, with the attention of
-  every layer as one opaque in-place operator (lmserve.attention.compiled_decode); weights are
+  every layer as one opaque in-place operator (lmserve.attention.compiled_decode_backend); weights are
   frozen into the graph (Inductor's `freezing`, which also lays the bf16 weights out for oneDNN).
 - One graph covers every decode batch: the batch size and the block-table width are dynamic
   (torch specializes sizes 0 and 1, so a batch of one is padded with a dummy row and tables to
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from lmserve.attention.compiled_decode import CompiledDecodeBackend, CompiledDecodeMetadata, decode_mask
+from lmserve.attention.compiled_decode_backend import CompiledDecodeBackend, CompiledDecodeMetadata, decode_mask
 from lmserve.attention.layer import Attention, MLAAttention
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 from lmserve.staging import host_to_device
 
 log = logging.getLogger("lmserve.engine")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 from lmserve.staging import host_to_device, ints_to_device, padded_rows
 
 if TYPE_CHECKING:  # the Triton modules import Triton, which a CPU install may lack

@@ -13,6 +13,7 @@ import random
 import threading
 import time
 
+from lmserve.chat.formats import chat_format
 from lmserve.device import choose_device, choose_dtype
 from lmserve.engine import prompt_logprobs
 from lmserve.engine.batch import build_model_input
@@ -72,12 +73,13 @@ class LLMEngine:
         # A sequence also can never outgrow the whole cache.
         self.max_seq_len = min(self.max_model_len, self.block_manager.capacity_tokens)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
+        self.chat_format = chat_format(self.model_config.architecture)
         if self.tokenizer is not None:
             if self.tokenizer.eos_token_id is not None:
                 self.eos_token_ids.add(self.tokenizer.eos_token_id)
             vocab = self.tokenizer.get_vocab()
-            self.eos_token_ids.update(vocab[t] for t in self.model.end_of_turn_tokens if t in vocab)
-        self.hidden_token_ids = hidden_special_ids(self.tokenizer, self.model.tool_call_tokens)
+            self.eos_token_ids.update(vocab[t] for t in self.chat_format.end_of_turn_tokens if t in vocab)
+        self.hidden_token_ids = hidden_special_ids(self.tokenizer, self.chat_format.tool_call_tokens)
         self.sampler.eos_token_ids = sorted(self.eos_token_ids)  # held back until min_tokens
         self.speculator = (Speculator(spec_config, self.eos_token_ids, self.max_seq_len)
                            if spec_config is not None else None)

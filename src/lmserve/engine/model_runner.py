@@ -14,13 +14,12 @@ import logging
 
 import torch
 
-from lmserve.attention import KVCacheSpec, get_attention_backend
-from lmserve.attention.cpu_sdpa import CpuSdpaBackend
+from lmserve.attention import KVSpec, get_attention_backend
 from lmserve.attention.spec import kv_bytes_per_block
 from lmserve.engine import cuda_graphs
-from lmserve.engine.batch import ModelInput
 from lmserve.engine.compiled_decode import CompiledDecode, unsupported_reason
 from lmserve.engine.prompt_logprobs import PromptScores, score_rows
+from lmserve.model_input import ModelInput
 from lmserve.models.config import ModelConfig
 from lmserve.staging import ints_to_device
 
@@ -37,7 +36,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
-        self.kv_specs: list[KVCacheSpec] = model.kv_cache_specs()
+        self.kv_specs: list[KVSpec] = model.kv_cache_specs()
         self.attention_backend = get_attention_backend(device, self.kv_specs, attention_backend)
         self.compiled: CompiledDecode | None = None
         self.graphs: cuda_graphs.DecodeGraphs | None = None
@@ -70,7 +69,7 @@ class ModelRunner:
         interpreter, where the same padded path runs without capture."""
         if not wanted:
             return "off"
-        if isinstance(self.attention_backend, CpuSdpaBackend):
+        if not self.attention_backend.supports_cuda_graphs:
             return "they need the Triton attention backend"
         return cuda_graphs.unsupported_reason(self.model)
 

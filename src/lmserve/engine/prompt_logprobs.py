@@ -27,9 +27,9 @@ from lmserve.outputs import TokenLogprob
 from lmserve.staging import ints_to_device
 
 if TYPE_CHECKING:
-    from lmserve.engine.batch import ModelInput
     from lmserve.engine.scheduler import ScheduledBatch
     from lmserve.engine.sequence import Request
+    from lmserve.model_input import ModelInput
 
 # Rows sent through the LM head at once when scoring: bounds the float32 logits a chunk of any
 # length needs to SLICE_ROWS x vocab (a few of them: logits, log-softmax, top-k).

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.engine.batch import ModelInput
+from lmserve.model_input import ModelInput
 from lmserve.sampling_params import SamplingParams
 
 

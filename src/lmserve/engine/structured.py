@@ -9,73 +9,26 @@ without it is rejected up front with a clear error.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmserve.errors import BackendError, InvalidParameter
+from lmserve.sampling_params import StructuredOutput
 from lmserve.staging import host_to_device
 
 log = logging.getLogger("lmserve.structured")
 
-# Bounds a schema must stay within before it is compiled. Real response formats and tool
-# signatures sit far below them; past them the compiler's time and memory grow much faster than
-# the schema (a 50,000-value enum ran for minutes), so they are refused up front, cheaply.
-MAX_SCHEMA_BYTES = 64 * 1024
-MAX_SCHEMA_DEPTH = 32  # nested objects/arrays of the schema document itself
-MAX_ENUM_VALUES = 1000  # over all `enum` lists of the schema
 # Compiled grammars kept per model (least recently used go first); each holds token-mask tables.
 GRAMMAR_CACHE_SIZE = 128
 # Compiles that outlived their time bound and still occupy a thread; past this many, new
 # (uncached) compiles are refused with 503 until they end, so they cannot pile up.
 MAX_ABANDONED_COMPILES = 2
-
-
-def check_schema_bounds(schema: Any, param: str = "response_format") -> None:
-    """Refuse a schema past the bounds above, without recursion (a deep document must not
-    overflow the stack on its way to being refused)."""
-    enum_values = 0
-    stack: list[tuple[Any, int]] = [(schema, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidParameter(param, f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
-        if isinstance(node, dict):
-            enum = node.get("enum")
-            if isinstance(enum, list):
-                enum_values += len(enum)
-                if enum_values > MAX_ENUM_VALUES:
-                    raise InvalidParameter(param, f"the JSON schema has more than {MAX_ENUM_VALUES} enum values")
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
-
-
-@dataclass(frozen=True)
-class StructuredOutput:
-    """What a request's output must be: "json_object" (any JSON object) or "json_schema"."""
-
-    kind: str
-    schema: str | None = None  # JSON text of the schema, for "json_schema"
-
-    @classmethod
-    def json_schema(cls, schema: dict[str, Any] | str, param: str = "response_format") -> StructuredOutput:
-        if isinstance(schema, str):
-            if len(schema) > MAX_SCHEMA_BYTES:
-                raise InvalidParameter(param, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
-            return cls("json_schema", schema)
-        check_schema_bounds(schema, param)
-        text = json.dumps(schema, sort_keys=True)
-        if len(text) > MAX_SCHEMA_BYTES:
-            raise InvalidParameter(param, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
-        return cls("json_schema", text)
 
 
 def grammar_available() -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from lmserve.attention import Attention, KVCacheSpec
+from lmserve.attention import Attention, KVSpec
 from lmserve.models.config import DecoderConfig, ModelConfig
 
 # Checkpoint name fragment -> (our packed parameter fragment, shard id): q/k/v and gate/up
@@ -29,13 +29,6 @@ class CausalLM(nn.Module):
     packed_modules: dict[str, tuple[str, int]] = LLAMA_PACKING
     # Tensors some checkpoints carry that are derived instead (rope tables).
     skipped_fragments: tuple[str, ...] = ("rotary_emb.inv_freq",)
-    # Tokens that end an assistant turn in the family's chat format: generation stops on them
-    # (reported as eos) even where config.json names only the pretraining end of text.
-    end_of_turn_tokens: tuple[str, ...] = ()
-    # How the family writes tool calls (a module of lmserve.chat.tool_parsers), and the tokens
-    # that format is made of: they stay in the decoded text even if the tokenizer flags them special.
-    tool_call_format: str = "json"
-    tool_call_tokens: tuple[str, ...] = ()
     # Linear layers (by name suffix) that stay dense under weight-only quantization: the family
     # reads their weight itself, not only through the layer's forward.
     dense_modules: tuple[str, ...] = ()
@@ -58,6 +51,6 @@ class CausalLM(nn.Module):
                 return name.replace(f".{fragment}.", f".{packed}."), shard
         return name, None
 
-    def kv_cache_specs(self) -> list[KVCacheSpec]:
+    def kv_cache_specs(self) -> list[KVSpec]:
         """One spec per attention layer, in the order the forward takes their caches."""
         return [m.kv_spec for m in self.modules() if isinstance(m, Attention)]

@@ -80,9 +80,6 @@ class ChatGLMForCausalLM(GlmForCausalLM):
     """`ChatGLMModel` checkpoints (the architecture name their config.json declares)."""
 
     config_class = ChatGLMConfig
-    # ChatGLM3 writes its tool calls as python `tool_call(...)` under the tool's name; GLM-4 as
-    # JSON arguments under it. Both start with the name line the glm4 reader understands.
-    tool_call_format = "glm4"
 
     def map_checkpoint_name(self, name: str) -> tuple[str, int | None] | None:
         if not name.startswith("transformer."):

@@ -8,7 +8,7 @@ Reference: transformers' modeling_deepseek_v2 (and DeepSeek's remote code where 
   normalized (kv_a_layernorm), and kv_b_proj(c) gives each head [k_nope | v]; k_rope is one
   key shared by every head. The paged cache keeps only [c | rotated k_rope] per token (576
   values for the released models; MLAKVCacheSpec), attention reads it back through kv_b_proj
-  (attention/cpu_sdpa.py: absorbed for decode, expanded for prefill).
+  (attention/reference.py: absorbed for decode, expanded for prefill).
 - Rope on the rope parts only, interleaved pairs (x[2i], x[2i+1]) as transformers' complex
   multiplication (the remote code de-interleaves and rotates halves: the same scores), with
   YaRN scaling; the cos/sin factor is mscale(f, mscale) / mscale(f, mscale_all_dim) and the
@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from lmserve.attention import MLAAttention
-from lmserve.chat.tool_parsers.deepseek_v2 import MARKERS as TOOL_CALL_MARKERS
 from lmserve.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from lmserve.layers.mlp import GatedMLP
 from lmserve.layers.moe import SparseMoE, deepseek_is_sparse, map_expert_name
@@ -169,9 +168,6 @@ class DeepseekV2ForCausalLM(CausalLM):
     config_class = DeepseekV2Config
     # Only the MLPs' gate/up pack; the attention projections keep the checkpoint's names.
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    end_of_turn_tokens = ("<｜end▁of▁sentence｜>",)
-    tool_call_format = "deepseek_v2"  # DeepSeek-V2.5's <｜tool▁calls▁begin｜> section
-    tool_call_tokens = TOOL_CALL_MARKERS
     # The absorbed MLA decode multiplies by kv_b_proj's weight directly (split per head into
     # W_UK and W_UV): it stays dense when the rest is quantized (~0.4% of V2's weights).
     dense_modules = ("kv_b_proj",)

@@ -72,7 +72,6 @@ class Gemma2DecoderLayer(nn.Module):
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
     config_class = Gemma2Config
-    end_of_turn_tokens = ("<end_of_turn>", "<eos>")
     layer_class = Gemma2DecoderLayer
     norm_class = GemmaRMSNorm
 

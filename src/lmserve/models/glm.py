@@ -20,10 +20,6 @@ from lmserve.layers.rotary import RotaryEmbedding, get_rope
 from lmserve.models.config import DecoderConfig
 from lmserve.models.llama import LlamaForCausalLM
 
-# GLM-4's turn ends: end of text, and the role tokens the model writes to hand the turn over
-# (<|user|> after an answer, <|observation|> after a tool call). ChatGLM3 uses the same names.
-GLM_END_OF_TURN = ("<|endoftext|>", "<|user|>", "<|observation|>")
-
 
 @dataclass
 class GlmConfig(DecoderConfig):
@@ -41,8 +37,6 @@ class GlmConfig(DecoderConfig):
 
 class GlmForCausalLM(LlamaForCausalLM):
     config_class = GlmConfig
-    end_of_turn_tokens = GLM_END_OF_TURN
-    tool_call_format = "glm4"
 
     def build_rotary(self, config: GlmConfig, dtype: torch.dtype) -> RotaryEmbedding:
         rotary_dim = int(config.head_dim * config.partial_rotary_factor)

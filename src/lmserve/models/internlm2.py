@@ -50,10 +50,6 @@ def kv_grouped_to_packed(tensor: torch.Tensor, num_kv_heads: int, head_dim: int)
 
 class InternLM2ForCausalLM(LlamaForCausalLM):
     config_class = InternLM2Config
-    end_of_turn_tokens = ("<|im_end|>",)
-    tool_call_format = "internlm2"
-    # Kept in decoded text even where a tokenizer flags them special: the call reader needs them.
-    tool_call_tokens = ("<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>")
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype):
         super().__init__(config, dtype)

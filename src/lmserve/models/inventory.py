@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmserve.attention.spec import KVCacheSpec, MLAKVCacheSpec
+from lmserve.attention.spec import KVCacheSpec, KVSpec, MLAKVCacheSpec
 from lmserve.layers.moe import deepseek_is_sparse, qwen2_moe_is_sparse
 from lmserve.layers.rotary import rope_context_length
 from lmserve.models.config import DecoderConfig
@@ -107,7 +107,7 @@ class Inventory:
     num_heads: int
     context_length: int
     tensors: list[Tensor]
-    kv_specs: Callable[[int], list[KVCacheSpec | MLAKVCacheSpec]]  # ranks -> one rank's specs, one per layer
+    kv_specs: Callable[[int], list[KVSpec]]  # ranks -> one rank's specs, one per layer
     rope_table: tuple[int, int, bool]  # (positions, values per position, kept in float32)
     peak_width: Callable[[int], int]  # ranks -> values per token a layer holds at its widest
     notes: list[str] = field(default_factory=list)

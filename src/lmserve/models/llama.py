@@ -71,7 +71,6 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
 
 
 class LlamaForCausalLM(CausalLM):
-    end_of_turn_tokens = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>")  # Llama 3, Yi-1.5 / SmolLM2 (ChatML)
     layer_class: type[nn.Module] = LlamaDecoderLayer  # built as layer_class(config, rotary, index)
     norm_class: type[nn.Module] = RMSNorm
 

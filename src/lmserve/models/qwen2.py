@@ -23,5 +23,3 @@ class Qwen2Config(DecoderConfig):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     config_class = Qwen2Config
-    end_of_turn_tokens = ("<|im_end|>", "<|endoftext|>")
-    tool_call_format = "hermes"  # Qwen2.5: <tool_call>{"name": ..., "arguments": ...}</tool_call>

@@ -87,9 +87,6 @@ class TeleChat2DecoderLayer(LlamaDecoderLayer):
 class TeleChat2ForCausalLM(LlamaForCausalLM):
     config_class = TeleChat2Config
     layer_class = TeleChat2DecoderLayer
-    end_of_turn_tokens = ("<_end>",)
-    tool_call_format = "hermes"  # <tool_call>{"name": ..., "arguments": ...}</tool_call>
-    tool_call_tokens = ("<tool_call>", "</tool_call>")  # special in TeleChat2's vocabulary
 
     def __init__(self, config: TeleChat2Config, dtype: torch.dtype):
         super().__init__(config, dtype)

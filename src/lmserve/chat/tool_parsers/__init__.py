@@ -1,6 +1,6 @@
 """Reading tool calls out of a model's reply, one module per output format.
 
-Each family names its format (`tool_call_format` on the model class); a forced call (tool_choice
+Each family names its format (`tool_call_format` in chat/formats.py); a forced call (tool_choice
 "required" or a named function) is grammar-constrained to the plain JSON object, so it always
 uses the JSON reader. Unknown formats fall back to JSON.
 """

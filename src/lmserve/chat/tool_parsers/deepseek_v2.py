@@ -27,7 +27,7 @@ from lmserve.chat.tool_parsers.base import MarkedCallsStream, make_call
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 # The markers the model must be able to write: kept in decoded text even where the tokenizer
-# flags them special (DeepSeekV2ForCausalLM.tool_call_tokens).
+# flags them special (chat/formats.py, DEEPSEEK_V2.tool_call_tokens).
 MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
 
 _CALL = re.compile(re.escape(CALL_BEGIN) + r"(.*?)" + re.escape(CALL_END), re.DOTALL)

@@ -1,6 +1,8 @@
 """The reference attention backend: gather each sequence's pages, then PyTorch's
 scaled_dot_product_attention (or, for softcapped layers, the same math written out, since SDPA
-has no softcap). Correct on every device; faster backends are checked against it.
+has no softcap). Correct on every device and for every layer kind (MLA included); faster
+backends are checked against it. It is the default on CPU and the fallback wherever Triton's
+kernels do not apply.
 
 A step's tokens arrive flattened: decode tokens (one per sequence) first, then prefill chunks.
 The metadata is built once per step and shared by every layer, so per-layer work is pure tensor
@@ -16,8 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from lmserve.attention.backend import AttentionBackend
+
 if TYPE_CHECKING:
-    from lmserve.engine.batch import ModelInput
+    from lmserve.model_input import ModelInput
 
 
 @dataclass
@@ -60,8 +64,8 @@ class DecodeGroup:
 
 
 @dataclass
-class CpuAttentionMetadata:
-    backend: CpuSdpaBackend
+class ReferenceMetadata:
+    backend: ReferenceBackend
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     dtype: torch.dtype
     num_decode: int = 0
@@ -85,15 +89,15 @@ class CpuAttentionMetadata:
         return self._masks[key]
 
 
-class CpuSdpaBackend:
+class ReferenceBackend(AttentionBackend):
     block_size: int = 16
 
     def build_metadata(self, batch: ModelInput, positions: torch.Tensor, block_size: int,
-                       dtype: torch.dtype) -> CpuAttentionMetadata:
+                       dtype: torch.dtype) -> ReferenceMetadata:
         self.block_size = bs = block_size
         dev = positions.device
         nd = batch.num_decodes
-        meta = CpuAttentionMetadata(backend=self, slot_mapping=torch.empty(0), dtype=dtype, num_decode=nd)
+        meta = ReferenceMetadata(backend=self, slot_mapping=torch.empty(0), dtype=dtype, num_decode=nd)
         slot_parts: list[torch.Tensor] = []
         if nd:
             pos = positions[:nd]
@@ -118,7 +122,7 @@ class CpuSdpaBackend:
         return last * bs + positions % bs
 
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: CpuAttentionMetadata) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ReferenceMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         t, hq, d = q.shape
@@ -175,7 +179,7 @@ class CpuSdpaBackend:
         return out
 
     def forward_mla(self, layer, q: torch.Tensor, entry: torch.Tensor, kv_b_proj, kv_cache: tuple[torch.Tensor],
-                    meta: CpuAttentionMetadata) -> torch.Tensor:
+                    meta: ReferenceMetadata) -> torch.Tensor:
         """Multi-head latent attention. q: [T, H, nope + rope]; entry: [T, latent + rope], what
         the cache keeps per token. Returns [T, H, v_head_dim].
 

@@ -5,7 +5,7 @@ first use, a dict cache) cannot be traced without graph breaks, and a functional
 would copy the whole KV cache every layer. So a decode step's attention is a custom op that
 mutates the cache in place (`mutates_args`), which Inductor calls as an extern kernel: the new
 K/V rows go into the paged cache, the sequences' pages are gathered and SDPA runs, exactly what
-the eager CPU backend does for a decode group. The additive mask is built once per step inside
+the reference backend does for a decode group. The additive mask is built once per step inside
 the compiled graph (from the positions and the block-table width) and shared by every layer.
 
 Only plain attention layers take this path (no sliding window, no softcap, no MLA): the compiled
@@ -15,9 +15,15 @@ decode is offered for models made of those alone (lmserve.engine.compiled_decode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from lmserve.attention.backend import AttentionBackend
+
+if TYPE_CHECKING:
+    from lmserve.model_input import ModelInput
 
 
 @torch.library.custom_op("lmserve::paged_decode_attention", mutates_args=("k_cache", "v_cache"))
@@ -55,16 +61,30 @@ class CompiledDecodeMetadata:
     mask: torch.Tensor  # [B, 1, 1, W * block_size], 0 / -inf in the compute dtype
 
 
-class CompiledDecodeBackend:
-    """The attention backend the compiled decode forward hands its layers (same interface as
-    CpuSdpaBackend.forward)."""
+class CompiledDecodeBackend(AttentionBackend):
+    """The attention backend the compiled decode forward hands its layers. Inside the graph its
+    metadata is built from the graph's tensor inputs (engine/compiled_decode.py's DecodeGraph);
+    `build_metadata` builds the same from a decode-only step, outside a graph."""
+
+    def build_metadata(self, batch: ModelInput, positions: torch.Tensor, block_size: int,
+                       dtype: torch.dtype) -> CompiledDecodeMetadata:
+        if batch.num_decodes != len(batch.query_lens):
+            raise ValueError("the compiled decode backend takes decode-only steps")
+        width = max(len(t) for t in batch.block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.int64,
+                              device=positions.device)  # padding is masked out
+        pages = tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
+        return CompiledDecodeMetadata(self, pages * block_size + positions % block_size, tables,
+                                      decode_mask(positions, width, block_size, dtype))
 
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: CompiledDecodeMetadata) -> torch.Tensor:
         return torch.ops.lmserve.paged_decode_attention(q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping,
                                                         meta.block_tables, meta.mask, layer.scale)
 
-    def forward_mla(self, *args, **kwargs):
+    def forward_mla(self, layer, q, entry, kv_b_proj, kv_cache, meta) -> torch.Tensor:
+        # Never reached: the compiled decode is offered only for models without MLA layers
+        # (engine/compiled_decode.py, unsupported_reason).
         raise NotImplementedError("MLA layers run the eager backend (no compiled decode for them)")
 
 
