@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from gpu_check_parts.common import free_device_memory
 from gpu_check_parts.deepseek import deepseek_kernels_unavailable, time_call
 from gpu_check_parts.report import CheckFailed, Report

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from family_checkpoints import FAMILIES, STEPS, WAVES, FamilySpec, serve_and_capture
+
 from gpu_check_parts.common import backend_unavailable, engine_variants, free_device_memory, variant_label
 from gpu_check_parts.report import CheckFailed, Report
 from gpu_check_parts.shapes import PROMPTS
-
 from lmserve import SamplingParams
 from lmserve.engine.llm_engine import LLMEngine
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from gpu_check_parts.common import accepted, free_device_memory
 from gpu_check_parts.report import CheckFailed, Report
 from gpu_check_parts.shapes import DEEPSEEK_V2_LITE

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from gpu_check_parts.common import free_device_memory
 from gpu_check_parts.report import Report
 

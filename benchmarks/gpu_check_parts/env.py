@@ -8,6 +8,7 @@ import platform
 import time
 
 import torch
+
 from gpu_check_parts.common import free_device_memory, sync
 from gpu_check_parts.report import Report
 

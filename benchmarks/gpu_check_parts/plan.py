@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from gpu_check_parts.common import accepted, free_device_memory
 from gpu_check_parts.report import CheckFailed, Report
 from gpu_check_parts.shapes import DEEPSEEK_V2_LITE, LLAMA_8B, QWEN2_57B_A14B, TINY_SPEED_MODEL
-
 from lmserve.engine.llm_engine import LLMEngine
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from gpu_check_parts.common import ENGINE_FIELDS, accepted, free_device_memory, sync
 from gpu_check_parts.report import CheckFailed, Report
 from gpu_check_parts.shapes import LLAMA_8B, SGLANG_H200_TOK_S, TARGET_THROUGHPUT, TINY_SPEED_MODEL
-
 from lmserve import SamplingParams
 from lmserve.engine.llm_engine import LLMEngine
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from gpu_check_parts.common import ENGINE_FIELDS, free_device_memory
 from gpu_check_parts.report import CheckFailed, Report
 
