@@ -22,7 +22,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmserve import __version__
-from lmserve.backends.base import Backend, ChatJob
+from lmserve.backends.base import Backend, ChatJob, completion_backend, tokenizer_backend
 from lmserve.chat.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -193,7 +193,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         this deployment uses for fields a request leaves out, and its context length."""
         out = dict(backend.model_card(started))
         out["defaults"] = dict(backend.defaults)
-        context = getattr(backend, "context_len", None)
+        context = backend.context_len
         if context is not None:
             out["max_model_len"] = context
         return out
@@ -214,7 +214,8 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         framing: dict = {"echo": None}  # text_chunks' echo, echo_logprobs, prompt_logprobs
 
         async def prepare(backend, req: CompletionRequest, request_id: str) -> ChatJob:
-            if not hasattr(backend, "prepare_completion"):
+            backend = completion_backend(backend)
+            if backend is None:
                 raise bad_request(f"model {req.model!r} does not serve legacy completions", "model")
             if req.suffix:
                 raise bad_request("suffix is not supported", "suffix")
@@ -239,7 +240,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         """Token ids of a text, or of a conversation rendered by the model's chat template."""
         principal = await principal_of(request)
         req = validate(TokenizeRequest, await _read_json(request, config.server.max_body_bytes))
-        backend = tokenizer_backend(principal, req.model)
+        backend = tokenizer_of(principal, req.model)
         ids = await asyncio.to_thread(backend.tokenize, req)
         return {"tokens": ids, "count": len(ids), "max_model_len": backend.context_len}
 
@@ -248,18 +249,19 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         """The text of a list of token ids."""
         principal = await principal_of(request)
         req = validate(DetokenizeRequest, await _read_json(request, config.server.max_body_bytes))
-        backend = tokenizer_backend(principal, req.model)
+        backend = tokenizer_of(principal, req.model)
         return {"prompt": await asyncio.to_thread(backend.detokenize, req.tokens)}
 
-    def tokenizer_backend(principal: Principal, model: str):
+    def tokenizer_of(principal: Principal, model: str):
         backend = backends.get(model)
         if backend is None:
             raise unknown_model(model, [m for m in backends if principal.may_use(m)])
         if not principal.may_use(model):  # tokenizing costs nothing: no balance check
             raise APIError(403, f"this API key may not use model {model!r}", "model", "model_not_allowed")
-        if not hasattr(backend, "tokenize"):
+        tokenizer = tokenizer_backend(backend)
+        if tokenizer is None:
             raise bad_request(f"model {model!r} does not expose its tokenizer", "model")
-        return backend
+        return tokenizer
 
     async def generate(request: Request, parse, prepare, id_prefix: str, chunks, collect):
         """One generation request, chat or legacy: validate, admit, prepare, then stream or collect.
@@ -414,7 +416,7 @@ def _openapi(app: FastAPI) -> dict:
 def _check_prompt_logprobs(backend: Backend, req) -> None:
     """vLLM's prompt_logprobs: local engines only, and (as in vLLM) not on a stream; a streamed
     completion scores its prompt with echo and logprobs."""
-    if not getattr(backend, "scores_prompts", False):
+    if not backend.capabilities.prompt_scores:
         raise bad_request(f"model {req.model!r} does not score prompts (prompt_logprobs)", "prompt_logprobs")
     if req.stream:
         raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")

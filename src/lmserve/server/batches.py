@@ -21,7 +21,7 @@ import uuid
 
 from fastapi import APIRouter, FastAPI, Request
 
-from lmserve.backends.base import Backend
+from lmserve.backends.base import Backend, completion_backend
 from lmserve.chat.schemas import CompletionRequest, parse_chat_request, validate
 from lmserve.config import PlatformSettings
 from lmserve.errors import BackendError, InvalidParameter, Refused
@@ -267,7 +267,8 @@ class BatchWorker:
             if chat:
                 job = await backend.prepare(req, request_id)
             else:
-                if not hasattr(backend, "prepare_completion") or req.suffix or req.prompt_logprobs is not None:
+                backend = completion_backend(backend)
+                if backend is None or req.suffix or req.prompt_logprobs is not None:
                     raise bad_request("this completion is not supported in a batch", "body")
                 job = await backend.prepare_completion(req, request_id)
             ticket = await self.platform.admit_batch_line(principal, req.model, job.prompt_tokens,
