@@ -8,43 +8,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmserve import __version__
-from lmserve.backends.base import Backend, ChatJob, completion_backend, tokenizer_backend
+from lmserve.backends.base import Backend, tokenizer_backend
 from lmserve.chat.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
-    parse_chat_request,
     validate,
 )
 from lmserve.config import DeploymentConfig
-from lmserve.errors import BackendError, InvalidParameter, Refused
+from lmserve.errors import BackendError, InvalidParameter
 from lmserve.platform.keys import Principal
-from lmserve.platform.service import Platform, Ticket
+from lmserve.platform.service import Platform
 from lmserve.server.admin import admin_router
 from lmserve.server.admission import Admission
 from lmserve.server.apidocs import mount_api_docs
+from lmserve.server.auth import authenticate
 from lmserve.server.batches import batch_api
-from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
-from lmserve.server.completions import collect_text, text_chunks
-from lmserve.server.errors import APIError, bad_request, unknown_model
+from lmserve.server.body import read_json
+from lmserve.server.errors import APIError, as_api_error, bad_request, unknown_model
+from lmserve.server.generation import CHAT, COMPLETIONS
 from lmserve.server.lifecycle import Lifecycle
 from lmserve.server.logs import PROBE_PATHS, TokenTally, access_line, stats_loop
 from lmserve.server.metrics import Metrics
+from lmserve.server.pipeline import GenerationPipeline
 from lmserve.server.security import SecurityHeaders
 from lmserve.server.shutdown import Drain
 from lmserve.server.ui import mount_ui
@@ -90,15 +88,11 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     metrics.registry.register(platform)  # the usage spool and the limiter bypass
     admission = Admission({m.id: m.max_pending_requests for m in config.models})
     app.state.admission = admission
+    pipeline = GenerationPipeline(platform, backends, admission, metrics, tally, drain, server.max_body_bytes)
     started = int(time.time())
 
     async def principal_of(request: Request) -> Principal:
-        try:
-            principal = await platform.authenticate(request.headers.get("authorization"))
-        except Refused as e:
-            raise as_api_error(e) from None
-        request.state.account = principal.account_name
-        return principal
+        return await authenticate(platform, request)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -201,45 +195,18 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     @app.post("/v1/chat/completions", openapi_extra=_body_schema("ChatCompletionRequest"))
     async def chat_completions(request: Request):
         """Chat completion (OpenAI-compatible), streamed (SSE) or not."""
-        async def prepare(backend, req: ChatCompletionRequest, request_id: str) -> ChatJob:
-            if req.prompt_logprobs is not None:
-                _check_prompt_logprobs(backend, req)
-            return await backend.prepare(req, request_id)
-
-        return await generate(request, parse_chat_request, prepare, "chatcmpl", completion_chunks, collect_completion)
+        return await pipeline.handle(request, CHAT)
 
     @app.post("/v1/completions", openapi_extra=_body_schema("CompletionRequest"))
     async def completions(request: Request):
         """Legacy prompt completion: one prompt (text or token ids), n, logprobs, echo, streamed or not."""
-        framing: dict = {"echo": None}  # text_chunks' echo, echo_logprobs, prompt_logprobs
-
-        async def prepare(backend, req: CompletionRequest, request_id: str) -> ChatJob:
-            backend = completion_backend(backend)
-            if backend is None:
-                raise bad_request(f"model {req.model!r} does not serve legacy completions", "model")
-            if req.suffix:
-                raise bad_request("suffix is not supported", "suffix")
-            if req.max_tokens == 0 and not req.echo:
-                raise bad_request("max_tokens must be at least 1 (0 only with echo: the prompt is scored, "
-                                  "nothing generated)", "max_tokens")
-            if req.prompt_logprobs is not None:
-                _check_prompt_logprobs(backend, req)
-            job = await backend.prepare_completion(req, request_id)
-            if req.echo:
-                framing["echo"] = req.prompt if isinstance(req.prompt, str) else \
-                    await asyncio.to_thread(backend.detokenize, req.prompt)
-                framing["echo_logprobs"] = req.logprobs
-            framing["prompt_logprobs"] = req.prompt_logprobs
-            return job
-
-        return await generate(request, lambda payload: validate(CompletionRequest, payload), prepare, "cmpl",
-                              lambda *a: text_chunks(*a, **framing), lambda *a: collect_text(*a, **framing))
+        return await pipeline.handle(request, COMPLETIONS)
 
     @app.post("/tokenize", openapi_extra=_body_schema("TokenizeRequest"))
     async def tokenize(request: Request):
         """Token ids of a text, or of a conversation rendered by the model's chat template."""
         principal = await principal_of(request)
-        req = validate(TokenizeRequest, await _read_json(request, config.server.max_body_bytes))
+        req = validate(TokenizeRequest, await read_json(request, config.server.max_body_bytes))
         backend = tokenizer_of(principal, req.model)
         ids = await asyncio.to_thread(backend.tokenize, req)
         return {"tokens": ids, "count": len(ids), "max_model_len": backend.context_len}
@@ -248,7 +215,7 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     async def detokenize(request: Request):
         """The text of a list of token ids."""
         principal = await principal_of(request)
-        req = validate(DetokenizeRequest, await _read_json(request, config.server.max_body_bytes))
+        req = validate(DetokenizeRequest, await read_json(request, config.server.max_body_bytes))
         backend = tokenizer_of(principal, req.model)
         return {"prompt": await asyncio.to_thread(backend.detokenize, req.tokens)}
 
@@ -262,123 +229,6 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
         if tokenizer is None:
             raise bad_request(f"model {model!r} does not expose its tokenizer", "model")
         return tokenizer
-
-    async def generate(request: Request, parse, prepare, id_prefix: str, chunks, collect):
-        """One generation request, chat or legacy: validate, admit, prepare, then stream or collect.
-        `chunks`/`collect` frame the backend's chunk stream (backend, job, metrics, timing)."""
-        arrival = time.perf_counter()
-        principal = await principal_of(request)
-        named = counted_model = None
-
-        def refused(err: APIError) -> None:
-            """A request refused after its key was accepted: a ledger row with its status, cost 0."""
-            platform.refused(principal, named if isinstance(named, str) else None, err.status,
-                             (time.perf_counter() - arrival) * 1000, request.state.trace_id)
-
-        try:
-            if drain.draining:
-                raise _shutting_down()
-            payload = await _read_json(request, config.server.max_body_bytes)
-            # Rejections count by status too, under the model id when it names a deployed model.
-            named = payload.get("model")
-            counted_model = named if isinstance(named, str) and named in backends else None
-            req = parse(payload)
-            backend = backends.get(req.model)
-            if backend is None:
-                raise unknown_model(req.model, [m for m in backends if principal.may_use(m)])
-            request.state.model = req.model
-            platform.authorize(principal, req.model)
-            request_id = f"{id_prefix}-{request.state.trace_id}"
-            if backend.overloaded or not admission.try_enter(req.model):
-                raise APIError(503, f"model {req.model!r} is overloaded; retry later", code="overloaded",
-                               headers={"Retry-After": "1"})
-        except (APIError, InvalidParameter, BackendError) as e:
-            err = as_api_error(e)
-            if counted_model:
-                metrics.requests.labels(counted_model, str(err.status)).inc()
-            refused(err)
-            raise err from None
-        # Admitted: from here every way out releases the slot exactly once.
-        release = _once(lambda: admission.leave(req.model))
-        try:
-            job = await prepare(backend, req, request_id)
-            ticket = await platform.admit(principal, req.model, job.prompt_tokens, job.max_completion_tokens)
-        except BaseException as e:
-            release()
-            if isinstance(e, APIError | InvalidParameter | BackendError):
-                err = as_api_error(e)
-                metrics.requests.labels(req.model, str(err.status)).inc()
-                if isinstance(e, Refused) and e.limit:
-                    metrics.rate_limited.labels(req.model, e.limit).inc()
-                refused(err)
-                raise err from None
-            raise
-        timing = Timing(arrival)
-        tally.start(job)
-        try:
-            await backend.open(job)
-        except BaseException as e:
-            release()
-            err = as_api_error(e) if isinstance(e, Exception) else None
-            finished(job, ticket, request, timing, err.status if err else 499)
-            if err is None:
-                raise
-            raise err from None
-        if req.stream:
-            body_stream = _stream(_until_stopped(chunks(backend, job, metrics, timing), drain.stop), job, ticket,
-                                  request, timing)
-            return AdmittedStreamingResponse(body_stream, release, media_type="text/event-stream",
-                                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        status = 200
-        try:
-            body = await _unless_disconnected(request, collect(backend, job, metrics, timing), drain.stop)
-        except Exception as e:
-            err = as_api_error(e)
-            status = err.status
-            raise err from None
-        except BaseException:  # cancelled (server shutting down)
-            status = 499
-            raise
-        finally:
-            release()
-            ledger = finished(job, ticket, request, timing, status)
-        await platform.settled(ledger)  # the row is in the database or the spool before the answer goes out
-        return body
-
-    async def _stream(chunks: AsyncIterator[dict], job: ChatJob, ticket: Ticket, request: Request,
-                      timing: Timing):
-        status = 200
-        ledger = None
-        try:
-            async for chunk in chunks:
-                yield sse(chunk)
-        except Exception as e:  # after the 200: one error event, then [DONE]
-            err = as_api_error(e)
-            status = err.status
-            yield stream_error_event(err)
-        except BaseException:  # the client went away mid-stream (the generator is closed/cancelled)
-            status = 499
-            raise
-        finally:
-            ledger = finished(job, ticket, request, timing, status)
-        await platform.settled(ledger)  # the row is in the database or the spool before [DONE]
-        yield sse("[DONE]")
-
-    def finished(job: ChatJob, ticket: Ticket, request: Request, timing: Timing, status: int) -> asyncio.Task:
-        """Every admitted request ends here exactly once, however it ends: metrics, the rate-limit
-        settlement and the usage row (tokens so far for a client that left)."""
-        metrics.requests.labels(job.model, str(status)).inc()
-        metrics.prompt_tokens.labels(job.model).inc(job.prompt_tokens)
-        metrics.generation_tokens.labels(job.model).inc(job.completion_tokens)
-        request.state.tokens = job.prompt_tokens + job.completion_tokens
-        request.state.final_status = status  # a stream's 200 went out first; the log wants how it ended
-        ledger = platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status,
-                                 (time.perf_counter() - timing.arrival) * 1000, timing.ttft_ms, request.state.trace_id)
-        tally.finish(job)
-        request.state.prompt_tokens = job.prompt_tokens
-        request.state.completion_tokens = job.completion_tokens
-        request.state.timing = timing
-        return ledger
 
     app.include_router(admin_router(platform))
     batch_worker = batch_api(app, platform, backends, metrics, lambda: lifecycle.ready and not drain.draining)
@@ -411,114 +261,6 @@ def _openapi(app: FastAPI) -> dict:
         schema["security"] = [{"bearer": []}]
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def _check_prompt_logprobs(backend: Backend, req) -> None:
-    """vLLM's prompt_logprobs: local engines only, and (as in vLLM) not on a stream; a streamed
-    completion scores its prompt with echo and logprobs."""
-    if not backend.capabilities.prompt_scores:
-        raise bad_request(f"model {req.model!r} does not score prompts (prompt_logprobs)", "prompt_logprobs")
-    if req.stream:
-        raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")
-
-
-def as_api_error(exc: BaseException) -> APIError:
-    """What a failure during generation means for the client (the log keeps the details)."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, InvalidParameter):
-        return bad_request(str(exc), exc.param, exc.code)
-    if isinstance(exc, BackendError):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
-        return APIError(exc.status, exc.message, code=exc.code, headers=headers)
-    log.error("unexpected error during generation", exc_info=exc)
-    return APIError(500, "internal server error", code="internal_error")
-
-
-def _shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down",
-                    headers={"Retry-After": "1"})
-
-
-async def _unless_disconnected(request: Request, work, stop: asyncio.Event):
-    """Run `work`, cancelling it if the client goes away first (its KV blocks are then freed
-    instead of finishing a completion nobody will read) or when shutdown ends it."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if stop.is_set():
-                task.cancel()
-                raise _shutting_down()
-            if await request.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client closed the request", code="client_closed_request")
-    finally:
-        if not task.done():
-            task.cancel()
-
-
-async def _until_stopped(chunks, stop: asyncio.Event):
-    """The chunks, until shutdown says stop: then the pending step is cancelled (which aborts the
-    request in its backend) and the stream ends with the shutdown error."""
-
-    async def next_chunk():
-        return await chunks.__anext__()
-
-    stopped = asyncio.ensure_future(stop.wait())
-    step = None
-    try:
-        while True:
-            step = asyncio.ensure_future(next_chunk())
-            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                raise _shutting_down()
-            try:
-                chunk = step.result()
-            except StopAsyncIteration:
-                return
-            yield chunk
-    finally:
-        # Shutdown, or the client left (this generator is cancelled or closed): stop the pending
-        # step first (a generator cannot be closed while a step of it runs), then close it.
-        stopped.cancel()
-        if step is not None and not step.done():
-            step.cancel()
-            await asyncio.gather(step, return_exceptions=True)
-        await chunks.aclose()
-
-
-def _once(fn):
-    done = False
-
-    def call():
-        nonlocal done
-        if not done:
-            done = True
-            fn()
-
-    return call
-
-
-class AdmittedStreamingResponse(StreamingResponse):
-    """A streamed response that holds an admission slot: released when the response is over,
-    however it ends (finished, failed, client gone, cancelled). The body generator is closed right
-    then too, so its cleanup (engine abort, metrics) never waits for the garbage collector."""
-
-    def __init__(self, content, release, **kwargs):
-        super().__init__(content, **kwargs)
-        self._release = release
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                self._release()
 
 
 class LoadingGate:
@@ -605,53 +347,3 @@ def _log_request(scope, state: dict, status: int | None, trace_id: str, latency_
     fields["latency_ms"] = round(latency_s * 1000, 1)
     fields["request_id"] = trace_id
     access_log.info(access_line(fields), extra={"fields": fields})
-
-
-# Bodies above this are decoded on a worker thread: parsing megabytes would stall the event loop.
-_INLINE_JSON_BYTES = 64 * 1024
-
-
-async def _read_json(request: Request, cap: int) -> dict:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > cap:
-            raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
-    if len(body) <= _INLINE_JSON_BYTES:
-        return _decode_json(bytes(body))
-    return await asyncio.to_thread(_decode_json, bytes(body))
-
-
-def _decode_json(body: bytes) -> dict:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-    except RecursionError:
-        raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    _reject_lone_surrogates(payload)
-    return payload
-
-
-def _reject_lone_surrogates(payload: dict) -> None:
-    """JSON may escape half a UTF-16 pair ("\\ud800"), which no tokenizer or UTF-8 encoder takes:
-    refuse it up front, wherever in the body it is, instead of failing deep in the pipeline."""
-    stack: list = [payload]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise bad_request("the request body contains invalid Unicode text (a lone UTF-16 surrogate)",
-                                  None, "invalid_json") from None
