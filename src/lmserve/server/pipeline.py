@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -36,16 +37,15 @@ from lmserve.server.streaming import AdmittedStreamingResponse, once, unless_dis
 _REFUSALS = (APIError, InvalidParameter, BackendError)  # what a client is told; anything else is a bug
 
 
+@dataclass
 class GenerationPipeline:
-    def __init__(self, platform: Platform, backends: dict[str, Backend], admission: Admission, metrics: Metrics,
-                 tally: TokenTally, drain: Drain, max_body_bytes: int):
-        self.platform = platform
-        self.backends = backends
-        self.admission = admission
-        self.metrics = metrics
-        self.tally = tally
-        self.drain = drain
-        self.max_body_bytes = max_body_bytes
+    platform: Platform
+    backends: dict[str, Backend]  # filled once the models have loaded
+    admission: Admission
+    metrics: Metrics
+    tally: TokenTally
+    drain: Drain
+    max_body_bytes: int
 
     async def handle(self, request: Request, endpoint: Endpoint):
         """The response for one generation request: a StreamingResponse or the folded body."""
