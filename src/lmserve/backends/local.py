@@ -12,7 +12,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from lmserve.backends.base import PROMPT_SCORES, ChatJob, Health
+from lmserve.backends.base import PROMPT_SCORES, Capabilities, ChatJob, Health
+from lmserve.backends.logprob_entries import logprob_entry, prompt_entries
 from lmserve.chat.prompt import encode_chat
 from lmserve.chat.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 from lmserve.chat.tool_parsers import tool_call_stream
@@ -21,11 +22,10 @@ from lmserve.config import ModelDeployment
 from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.serving_defaults import serving_options
-from lmserve.engine.tokenizer import max_token_chars, token_bytes
+from lmserve.engine.tokenizer import max_token_chars
 from lmserve.errors import BackendError, CheckpointError, ContextLengthExceeded, InvalidParameter
 from lmserve.models import catalog
 from lmserve.models.loader import read_config, resolve_checkpoint
-from lmserve.outputs import TokenLogprob
 from lmserve.sampling_params import SamplingParams
 
 log = logging.getLogger("lmserve.backends.local")
@@ -40,7 +40,9 @@ class _LocalState:
 
 
 class LocalBackend:
-    scores_prompts = True  # prompt logprobs (the engine scores prompts during prefill)
+    """Implements Backend, CompletionBackend and TokenizerBackend (backends/base.py)."""
+
+    capabilities = Capabilities(completions=True, tokenizer=True, prompt_scores=True)
 
     def __init__(self, deployment: ModelDeployment, defaults: dict[str, Any], max_n: int):
         self.model_id = deployment.id
@@ -56,12 +58,13 @@ class LocalBackend:
             raise CheckpointError(f"{deployment.source}: {e}") from None
         options = serving_options(deployment.source, deployment.dtype, deployment.engine.options())
         self.engine = LLMEngine(deployment.source, deployment.dtype, **options)
+        self.tokenizer = self.engine.tokenizer  # None for a checkpoint without one (ids in, ids out)
         # A configured template replaces the checkpoint's for this deployment only (the tokenizer
         # is shared with other deployments of the same weights).
         self.chat_template: str | None = deployment.chat_template_text() or getattr(
-            self.engine.tokenizer, "chat_template", None)
+            self.tokenizer, "chat_template", None)
         self.async_engine = AsyncEngine(self.engine)
-        self._max_token_chars = max_token_chars(self.engine.tokenizer) if self.engine.tokenizer is not None else 1
+        self._max_token_chars = max_token_chars(self.tokenizer) if self.tokenizer is not None else 1
 
     def checkpoint_generation_config(self) -> dict[str, Any]:
         """The sampling values the checkpoint recommends (generation_config.json), if it has any."""
@@ -90,6 +93,11 @@ class LocalBackend:
     def context_len(self) -> int:
         """Prompt plus completion may not exceed this (the model's context, capped by the cache)."""
         return self.engine.max_seq_len
+
+    def describe(self) -> str:
+        engine = self.engine
+        return (f"{engine.dtype}, {engine.device}, context {self.context_len} tokens, "
+                f"KV cache {engine.num_blocks} blocks")
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str) -> ChatJob:
         tool_plan = plan_tools(req)
@@ -124,16 +132,14 @@ class LocalBackend:
         """A legacy completion: the prompt as given (text is tokenized with the tokenizer's own
         special tokens, e.g. BOS), no template. `stream` then yields the same chunks as for chat."""
         if isinstance(req.prompt, str):
-            if self.engine.tokenizer is None:
+            if self.tokenizer is None:
                 raise InvalidParameter("prompt", "this model has no tokenizer; send token ids")
             self._reject_by_characters(len(req.prompt), "prompt")
             prompt_ids = await asyncio.to_thread(self.engine.encode, req.prompt, True)
             if not prompt_ids:
                 raise InvalidParameter("prompt", "the prompt is empty")
         else:
-            vocab = self.engine.model_config.vocab_size
-            if any(t < 0 or t >= vocab for t in req.prompt):
-                raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
+            self.engine.check_token_ids(req.prompt)
             prompt_ids = list(req.prompt)
         logprobs = req.logprobs is not None
         # The prompt is scored for echo with logprobs (the legacy shape) and for vLLM's
@@ -182,7 +188,7 @@ class LocalBackend:
     def tokenize(self, req: TokenizeRequest) -> list[int]:
         """Token ids of a text, or of a conversation rendered by this deployment's template the way a
         chat request's prompt is (blocking: call it off the event loop)."""
-        if self.engine.tokenizer is None:
+        if self.tokenizer is None:
             raise InvalidParameter("model", "this model has no tokenizer")
         if req.prompt is not None:
             return self.engine.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -192,12 +198,10 @@ class LocalBackend:
         return self._encode_chat([m.for_template() for m in req.messages], kwargs)
 
     def detokenize(self, token_ids: list[int]) -> str:
-        if self.engine.tokenizer is None:
+        if self.tokenizer is None:
             raise InvalidParameter("tokens", "this model has no tokenizer")
-        vocab = self.engine.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in token_ids):
-            raise InvalidParameter("tokens", f"token ids must be in [0, {vocab})")
-        return self.engine.tokenizer.decode(token_ids)
+        self.engine.check_token_ids(token_ids, "tokens", "token ids")
+        return self.tokenizer.decode(token_ids)
 
     async def open(self, job: ChatJob) -> None:
         pass  # the engine starts the request when the stream is first read
@@ -215,7 +219,8 @@ class LocalBackend:
             async for out in self.async_engine.generate(job.request_id, state.prompt_ids, state.params):
                 if out.prompt_logprobs is not None:
                     # A long prompt's thousands of token texts: built off the event loop.
-                    entries = await asyncio.to_thread(self._prompt_entries, out.prompt_token_ids, out.prompt_logprobs)
+                    entries = await asyncio.to_thread(prompt_entries, self.tokenizer, out.prompt_token_ids,
+                                                    out.prompt_logprobs)
                     yield {**base, "choices": [], PROMPT_SCORES: entries, "usage": None}
                 if state.score_only:  # the prefill is done: the token it sampled is not wanted
                     for i in range(job.n):
@@ -242,7 +247,7 @@ class LocalBackend:
                         delta["content"] = text
                     if not delta and finish is None and not (o.logprobs and job.logprobs):
                         continue
-                    logprobs = ({"content": [self._logprob_entry(lp) for lp in o.logprobs]}
+                    logprobs = ({"content": [logprob_entry(self.tokenizer, lp) for lp in o.logprobs]}
                                 if job.logprobs and o.logprobs else None)
                     yield {**base, "choices": [{"index": o.index, "delta": delta, "finish_reason": finish,
                                                 "logprobs": logprobs}], "usage": None}
@@ -269,7 +274,7 @@ class LocalBackend:
 
     def _encode_chat(self, messages: list[dict], template_kwargs: dict) -> list[int]:
         try:
-            return encode_chat(self.engine.tokenizer, messages, **template_kwargs)
+            return encode_chat(self.tokenizer, messages, **template_kwargs)
         except (TemplateError, ValueError) as e:  # the template's own words (e.g. roles must alternate)
             raise InvalidParameter("messages", f"the messages cannot be rendered by the model's chat template: "
                                                f"{str(e)[:300]}") from None
@@ -280,43 +285,8 @@ class LocalBackend:
     def abort(self, request_id: str) -> None:
         self.async_engine.abort(request_id)
 
-    def _prompt_entries(self, prompt_ids: list[int], scores: list[TokenLogprob | None]) -> list[dict]:
-        """The engine's prompt logprobs with each token's text (server/prompt_scores.py's entries)."""
-        texts: dict[int, str] = {}
-
-        def text(token_id: int) -> str:
-            if token_id not in texts:
-                texts[token_id] = self.engine.tokenizer.decode([token_id]) if self.engine.tokenizer else ""
-            return texts[token_id]
-
-        entries = [{"token_id": prompt_ids[0], "token": text(prompt_ids[0]), "logprob": None, "rank": None, "top": []}]
-        for lp in scores[1:]:
-            entries.append({"token_id": lp.token_id, "token": text(lp.token_id), "logprob": lp.logprob,
-                            "rank": lp.rank, "top": [[t, text(t), v] for t, v in lp.top]})
-        return entries
-
-    def _logprob_entry(self, lp: TokenLogprob) -> dict:
-        raw = token_bytes(self.engine.tokenizer)
-
-        def entry(token_id: int, logprob: float) -> dict:
-            # `bytes` is the token's own bytes, so a client can rebuild text split mid-character.
-            text = self.engine.tokenizer.decode([token_id])
-            return {"token": text, "logprob": logprob, "bytes": list(raw[token_id]) if token_id < len(raw) else []}
-
-        return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-
     def stats(self) -> dict[str, float]:
-        """A snapshot for /metrics (read from the engine thread's state without locking: gauges)."""
-        sched = self.engine.scheduler
-        bm = self.engine.block_manager
-        return {
-            "running": len(sched.running),
-            "waiting": len(sched.waiting),
-            "kv_cache_usage": bm.usage,
-            "prefix_cache_queries": bm.prefix_queries,
-            "prefix_cache_hits": bm.prefix_hits,
-            "spec_decode": spec.as_dict() if (spec := self.engine.spec_decode_stats) is not None else None,
-        }
+        return self.engine.stats()
 
     async def close(self) -> None:
         self.shutdown()

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from lmserve.backends.base import ChatJob, Health
+from lmserve.backends.base import Capabilities, ChatJob, Health
 from lmserve.chat.schemas import ChatCompletionRequest
 from lmserve.config import ModelDeployment
 from lmserve.errors import BackendError, InvalidParameter
@@ -42,6 +42,10 @@ class _UpstreamState:
 
 
 class UpstreamBackend:
+    """Implements Backend only (backends/base.py): chat completions, forwarded."""
+
+    capabilities = Capabilities()  # no legacy completions, no tokenizer, no prompt scores
+
     def __init__(self, deployment: ModelDeployment, defaults: dict[str, Any], max_n: int):
         up = deployment.upstream or {}
         self.model_id = deployment.id
@@ -57,6 +61,13 @@ class UpstreamBackend:
         connect = float(up.get("connect_timeout", 5.0))
         read = float(up.get("read_timeout", 60.0))
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect))
+
+    @property
+    def context_len(self) -> int | None:
+        return None  # the upstream's own; its 400 tells a client that went over it
+
+    def describe(self) -> str:
+        return f"upstream {', '.join(self.base_urls)}"
 
     def model_card(self, created: int) -> dict:
         return {"id": self.model_id, "object": "model", "created": created, "owned_by": self.deployment.owned_by}
@@ -180,6 +191,9 @@ class UpstreamBackend:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    def shutdown(self) -> None:
+        pass  # no threads; the HTTP client is closed by `close`, on the loop that owns it
 
 
 async def _error_message(response: httpx.Response) -> str:

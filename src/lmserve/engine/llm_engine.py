@@ -124,6 +124,13 @@ class LLMEngine:
             raise InvalidParameter("prompt", "this model has no tokenizer; pass token ids")
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
+    def check_token_ids(self, token_ids: list[int], param: str = "prompt", what: str = "prompt token ids") -> None:
+        """Every id inside the model's vocabulary, or InvalidParameter naming `param` (the one
+        range check for prompts given as ids and for detokenizing)."""
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in token_ids):
+            raise InvalidParameter(param, f"{what} must be in [0, {vocab})")
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_text: str | None = None) -> Request:
         """Queue a request. `prompt` is text (tokenized here) or token ids."""
@@ -135,9 +142,7 @@ class LLMEngine:
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise InvalidParameter("prompt", "the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_ids):
-            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
+        self.check_token_ids(prompt_ids)
         if len(prompt_ids) >= self.max_seq_len:
             limit = ("the model's context" if self.max_seq_len == self.max_model_len else "the KV cache")
             raise ContextLengthExceeded(
@@ -347,6 +352,20 @@ class LLMEngine:
     def spec_decode_stats(self) -> SpecDecodeStats | None:
         """What speculative decoding proposed, accepted and emitted so far (None: it is off)."""
         return self.speculator.stats if self.speculator is not None else None
+
+    def stats(self) -> dict:
+        """A snapshot for metrics (read from the step thread's state without locking: gauges):
+        running and waiting sequences, KV cache usage, prefix cache counters, speculation."""
+        bm = self.block_manager
+        spec = self.spec_decode_stats
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "spec_decode": spec.as_dict() if spec is not None else None,
+        }
 
     @property
     def num_free_blocks(self) -> int:

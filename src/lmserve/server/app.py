@@ -1,56 +1,41 @@
-"""The FastAPI app: routes, auth, trace ids, body cap, error mapping, request log.
+"""The FastAPI app: assembles the middlewares, the error handlers and the routers around one
+generation pipeline, and owns the lifespan (stats line, batch worker, orderly shutdown).
 
-Knows nothing about tensors: it validates, picks the backend for the model id, and frames what
-the backend streams (shared/ARCHITECTURE.md, server layer).
+Knows nothing about tensors: the routes validate, pick the backend for the model id through the
+protocol in backends/base.py, and frame what it streams (shared/ARCHITECTURE.md, server layer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
-import math
-import time
-import uuid
-from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmserve import __version__
-from lmserve.backends.base import Backend, ChatJob
-from lmserve.chat.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-    parse_chat_request,
-    validate,
-)
+from lmserve.backends.base import Backend
 from lmserve.config import DeploymentConfig
-from lmserve.errors import BackendError, InvalidParameter, Refused
-from lmserve.platform.keys import Principal
-from lmserve.platform.service import Platform, Ticket
+from lmserve.platform.service import Platform
 from lmserve.server.admin import admin_router
 from lmserve.server.admission import Admission
-from lmserve.server.apidocs import mount_api_docs
+from lmserve.server.apidocs import mount_api_docs, openapi_schema
 from lmserve.server.batches import batch_api
-from lmserve.server.chat import Timing, collect_completion, completion_chunks, sse, stream_error_event
-from lmserve.server.completions import collect_text, text_chunks
-from lmserve.server.errors import APIError, bad_request, unknown_model
+from lmserve.server.errors import as_api_error, install_error_handlers
 from lmserve.server.lifecycle import Lifecycle
-from lmserve.server.logs import PROBE_PATHS, TokenTally, access_line, stats_loop
+from lmserve.server.logs import TokenTally, stats_loop
 from lmserve.server.metrics import Metrics
+from lmserve.server.middleware import LoadingGate, TraceMiddleware
+from lmserve.server.pipeline import GenerationPipeline
+from lmserve.server.routes.generation import generation_router
+from lmserve.server.routes.health import health_router
+from lmserve.server.routes.models import models_router
+from lmserve.server.routes.tokenize import tokenize_router
 from lmserve.server.security import SecurityHeaders
 from lmserve.server.shutdown import Drain
 from lmserve.server.ui import mount_ui
 
-log = logging.getLogger("lmserve.server")
-access_log = logging.getLogger("lmserve.access")
+__all__ = ["as_api_error", "create_app"]  # as_api_error: the failure mapping, imported from here by tests
 
 
 def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform: Platform,
@@ -78,578 +63,27 @@ def create_app(config: DeploymentConfig, backends: dict[str, Backend], platform:
     app = FastAPI(title="lmserve", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   lifespan=lifespan, description="OpenAI-compatible API. `/v1/*`, `/tokenize` and `/detokenize` "
                   "need `Authorization: Bearer <key>`.")
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: openapi_schema(app)
     app.add_middleware(LoadingGate, lifecycle=lifecycle)
     if server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id", "x-siliconcloud-trace-id"])
     app.add_middleware(TraceMiddleware, log_probes=server.log_health_probes, max_header_bytes=server.max_header_bytes)
     app.add_middleware(SecurityHeaders)  # outermost: its headers go on every response, errors included
+    install_error_handlers(app)
+
     drain = app.state.drain = Drain()
     metrics = Metrics(backends)
     metrics.registry.register(platform)  # the usage spool and the limiter bypass
-    admission = Admission({m.id: m.max_pending_requests for m in config.models})
-    app.state.admission = admission
-    started = int(time.time())
+    admission = app.state.admission = Admission({m.id: m.max_pending_requests for m in config.models})
+    pipeline = GenerationPipeline(platform, backends, admission, metrics, tally, drain, server.max_body_bytes)
 
-    async def principal_of(request: Request) -> Principal:
-        try:
-            principal = await platform.authenticate(request.headers.get("authorization"))
-        except Refused as e:
-            raise as_api_error(e) from None
-        request.state.account = principal.account_name
-        return principal
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(BackendError)  # the platform's database or Redis away (StoreUnavailable): 503
-    async def backend_error(request: Request, exc: BackendError):
-        return as_api_error(exc).response()
-
-    @app.exception_handler(InvalidParameter)
-    async def invalid_parameter(request: Request, exc: InvalidParameter):
-        return as_api_error(exc).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        message = "no such route" if exc.status_code == 404 else str(exc.detail)
-        return APIError(exc.status_code, f"{message}: {request.method} {request.url.path}", code=None).response()
-
-    def dead_models() -> list[str]:
-        return [m for m, b in backends.items() if not b.health().alive]
-
-    @app.api_route("/health", methods=["GET", "HEAD"])
-    async def health():
-        """200 when every model is loaded and its engine runs; 503 loading / unhealthy otherwise."""
-        if lifecycle.phase == "loading":
-            return JSONResponse(lifecycle.loading_body(), status_code=503, headers={"Retry-After": "5"})
-        if lifecycle.phase == "failed":
-            return JSONResponse({"status": "failed"}, status_code=503)
-        if drain.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        dead = dead_models()
-        if dead:
-            return JSONResponse({"status": "unhealthy", "dead_models": dead}, status_code=503)
-        return {"status": "ok"}
-
-    @app.api_route("/health/ready", methods=["GET", "HEAD"])
-    async def ready():
-        """Readiness: send traffic here (every model loaded, every engine running, the platform's
-        database and Redis reachable: "degraded" and 503 while one is not)."""
-        response = await health()
-        if isinstance(response, JSONResponse):
-            return response
-        stores = await platform.store_status()
-        if any(v == "unavailable" for v in stores.values()):
-            return JSONResponse({"status": "degraded", "platform": stores}, status_code=503,
-                                headers={"Retry-After": "2"})
-        return {**response, "platform": stores}
-
-    @app.api_route("/health/live", methods=["GET", "HEAD"])
-    async def live():
-        """Liveness: the process answers and no engine has died (loading is alive: do not restart it)."""
-        dead = dead_models()
-        if dead:
-            return JSONResponse({"status": "dead", "dead_models": dead}, status_code=503)
-        return {"status": "alive", "phase": lifecycle.phase}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def list_models(request: Request, type: str | None = None, sub_type: str | None = None):
-        principal = await principal_of(request)
-        # Every model deployed here is a text chat model.
-        match = (type in (None, "", "text")) and (sub_type in (None, "", "chat"))
-        data = [card(b) for m, b in backends.items() if principal.may_use(m)] if match else []
-        return {"object": "list", "data": data}
-
-    @app.get("/v1/user/info")
-    async def user_info(request: Request):
-        principal = await principal_of(request)
-        return {"code": 20000, "message": "OK", "status": True, "data": await platform.user_info(principal)}
-
-    @app.get("/v1/user/usage")
-    async def user_usage(request: Request, days: str = "30"):
-        """The calling key's usage per UTC day and model, and the limits it is held to."""
-        principal = await principal_of(request)
-        if not days.isdigit() or not 1 <= int(days) <= 366:
-            raise bad_request("days must be a whole number from 1 to 366", "days")
-        return await platform.key_usage(principal, int(days))
-
-    @app.get("/v1/models/{model_id:path}")
-    async def retrieve_model(request: Request, model_id: str):
-        principal = await principal_of(request)
-        backend = backends.get(model_id)
-        if backend is None or not principal.may_use(model_id):
-            raise APIError(404, f"Model does not exist: {model_id!r}", "model", "model_not_found")
-        return card(backend)
-
-    def card(backend: Backend) -> dict:
-        """The model's entry, plus what a client (the playground) shows as "default": the values
-        this deployment uses for fields a request leaves out, and its context length."""
-        out = dict(backend.model_card(started))
-        out["defaults"] = dict(backend.defaults)
-        context = getattr(backend, "context_len", None)
-        if context is not None:
-            out["max_model_len"] = context
-        return out
-
-    @app.post("/v1/chat/completions", openapi_extra=_body_schema("ChatCompletionRequest"))
-    async def chat_completions(request: Request):
-        """Chat completion (OpenAI-compatible), streamed (SSE) or not."""
-        async def prepare(backend, req: ChatCompletionRequest, request_id: str) -> ChatJob:
-            if req.prompt_logprobs is not None:
-                _check_prompt_logprobs(backend, req)
-            return await backend.prepare(req, request_id)
-
-        return await generate(request, parse_chat_request, prepare, "chatcmpl", completion_chunks, collect_completion)
-
-    @app.post("/v1/completions", openapi_extra=_body_schema("CompletionRequest"))
-    async def completions(request: Request):
-        """Legacy prompt completion: one prompt (text or token ids), n, logprobs, echo, streamed or not."""
-        framing: dict = {"echo": None}  # text_chunks' echo, echo_logprobs, prompt_logprobs
-
-        async def prepare(backend, req: CompletionRequest, request_id: str) -> ChatJob:
-            if not hasattr(backend, "prepare_completion"):
-                raise bad_request(f"model {req.model!r} does not serve legacy completions", "model")
-            if req.suffix:
-                raise bad_request("suffix is not supported", "suffix")
-            if req.max_tokens == 0 and not req.echo:
-                raise bad_request("max_tokens must be at least 1 (0 only with echo: the prompt is scored, "
-                                  "nothing generated)", "max_tokens")
-            if req.prompt_logprobs is not None:
-                _check_prompt_logprobs(backend, req)
-            job = await backend.prepare_completion(req, request_id)
-            if req.echo:
-                framing["echo"] = req.prompt if isinstance(req.prompt, str) else \
-                    await asyncio.to_thread(backend.detokenize, req.prompt)
-                framing["echo_logprobs"] = req.logprobs
-            framing["prompt_logprobs"] = req.prompt_logprobs
-            return job
-
-        return await generate(request, lambda payload: validate(CompletionRequest, payload), prepare, "cmpl",
-                              lambda *a: text_chunks(*a, **framing), lambda *a: collect_text(*a, **framing))
-
-    @app.post("/tokenize", openapi_extra=_body_schema("TokenizeRequest"))
-    async def tokenize(request: Request):
-        """Token ids of a text, or of a conversation rendered by the model's chat template."""
-        principal = await principal_of(request)
-        req = validate(TokenizeRequest, await _read_json(request, config.server.max_body_bytes))
-        backend = tokenizer_backend(principal, req.model)
-        ids = await asyncio.to_thread(backend.tokenize, req)
-        return {"tokens": ids, "count": len(ids), "max_model_len": backend.context_len}
-
-    @app.post("/detokenize", openapi_extra=_body_schema("DetokenizeRequest"))
-    async def detokenize(request: Request):
-        """The text of a list of token ids."""
-        principal = await principal_of(request)
-        req = validate(DetokenizeRequest, await _read_json(request, config.server.max_body_bytes))
-        backend = tokenizer_backend(principal, req.model)
-        return {"prompt": await asyncio.to_thread(backend.detokenize, req.tokens)}
-
-    def tokenizer_backend(principal: Principal, model: str):
-        backend = backends.get(model)
-        if backend is None:
-            raise unknown_model(model, [m for m in backends if principal.may_use(m)])
-        if not principal.may_use(model):  # tokenizing costs nothing: no balance check
-            raise APIError(403, f"this API key may not use model {model!r}", "model", "model_not_allowed")
-        if not hasattr(backend, "tokenize"):
-            raise bad_request(f"model {model!r} does not expose its tokenizer", "model")
-        return backend
-
-    async def generate(request: Request, parse, prepare, id_prefix: str, chunks, collect):
-        """One generation request, chat or legacy: validate, admit, prepare, then stream or collect.
-        `chunks`/`collect` frame the backend's chunk stream (backend, job, metrics, timing)."""
-        arrival = time.perf_counter()
-        principal = await principal_of(request)
-        named = counted_model = None
-
-        def refused(err: APIError) -> None:
-            """A request refused after its key was accepted: a ledger row with its status, cost 0."""
-            platform.refused(principal, named if isinstance(named, str) else None, err.status,
-                             (time.perf_counter() - arrival) * 1000, request.state.trace_id)
-
-        try:
-            if drain.draining:
-                raise _shutting_down()
-            payload = await _read_json(request, config.server.max_body_bytes)
-            # Rejections count by status too, under the model id when it names a deployed model.
-            named = payload.get("model")
-            counted_model = named if isinstance(named, str) and named in backends else None
-            req = parse(payload)
-            backend = backends.get(req.model)
-            if backend is None:
-                raise unknown_model(req.model, [m for m in backends if principal.may_use(m)])
-            request.state.model = req.model
-            platform.authorize(principal, req.model)
-            request_id = f"{id_prefix}-{request.state.trace_id}"
-            if backend.overloaded or not admission.try_enter(req.model):
-                raise APIError(503, f"model {req.model!r} is overloaded; retry later", code="overloaded",
-                               headers={"Retry-After": "1"})
-        except (APIError, InvalidParameter, BackendError) as e:
-            err = as_api_error(e)
-            if counted_model:
-                metrics.requests.labels(counted_model, str(err.status)).inc()
-            refused(err)
-            raise err from None
-        # Admitted: from here every way out releases the slot exactly once.
-        release = _once(lambda: admission.leave(req.model))
-        try:
-            job = await prepare(backend, req, request_id)
-            ticket = await platform.admit(principal, req.model, job.prompt_tokens, job.max_completion_tokens)
-        except BaseException as e:
-            release()
-            if isinstance(e, APIError | InvalidParameter | BackendError):
-                err = as_api_error(e)
-                metrics.requests.labels(req.model, str(err.status)).inc()
-                if isinstance(e, Refused) and e.limit:
-                    metrics.rate_limited.labels(req.model, e.limit).inc()
-                refused(err)
-                raise err from None
-            raise
-        timing = Timing(arrival)
-        tally.start(job)
-        try:
-            await backend.open(job)
-        except BaseException as e:
-            release()
-            err = as_api_error(e) if isinstance(e, Exception) else None
-            finished(job, ticket, request, timing, err.status if err else 499)
-            if err is None:
-                raise
-            raise err from None
-        if req.stream:
-            body_stream = _stream(_until_stopped(chunks(backend, job, metrics, timing), drain.stop), job, ticket,
-                                  request, timing)
-            return AdmittedStreamingResponse(body_stream, release, media_type="text/event-stream",
-                                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        status = 200
-        try:
-            body = await _unless_disconnected(request, collect(backend, job, metrics, timing), drain.stop)
-        except Exception as e:
-            err = as_api_error(e)
-            status = err.status
-            raise err from None
-        except BaseException:  # cancelled (server shutting down)
-            status = 499
-            raise
-        finally:
-            release()
-            ledger = finished(job, ticket, request, timing, status)
-        await platform.settled(ledger)  # the row is in the database or the spool before the answer goes out
-        return body
-
-    async def _stream(chunks: AsyncIterator[dict], job: ChatJob, ticket: Ticket, request: Request,
-                      timing: Timing):
-        status = 200
-        ledger = None
-        try:
-            async for chunk in chunks:
-                yield sse(chunk)
-        except Exception as e:  # after the 200: one error event, then [DONE]
-            err = as_api_error(e)
-            status = err.status
-            yield stream_error_event(err)
-        except BaseException:  # the client went away mid-stream (the generator is closed/cancelled)
-            status = 499
-            raise
-        finally:
-            ledger = finished(job, ticket, request, timing, status)
-        await platform.settled(ledger)  # the row is in the database or the spool before [DONE]
-        yield sse("[DONE]")
-
-    def finished(job: ChatJob, ticket: Ticket, request: Request, timing: Timing, status: int) -> asyncio.Task:
-        """Every admitted request ends here exactly once, however it ends: metrics, the rate-limit
-        settlement and the usage row (tokens so far for a client that left)."""
-        metrics.requests.labels(job.model, str(status)).inc()
-        metrics.prompt_tokens.labels(job.model).inc(job.prompt_tokens)
-        metrics.generation_tokens.labels(job.model).inc(job.completion_tokens)
-        request.state.tokens = job.prompt_tokens + job.completion_tokens
-        request.state.final_status = status  # a stream's 200 went out first; the log wants how it ended
-        ledger = platform.finish(ticket, job.prompt_tokens, job.completion_tokens, status,
-                                 (time.perf_counter() - timing.arrival) * 1000, timing.ttft_ms, request.state.trace_id)
-        tally.finish(job)
-        request.state.prompt_tokens = job.prompt_tokens
-        request.state.completion_tokens = job.completion_tokens
-        request.state.timing = timing
-        return ledger
-
+    app.include_router(health_router(backends, lifecycle, drain, platform, metrics))
+    app.include_router(models_router(backends, platform))
+    app.include_router(generation_router(pipeline))
+    app.include_router(tokenize_router(backends, platform, server.max_body_bytes))
     app.include_router(admin_router(platform))
     batch_worker = batch_api(app, platform, backends, metrics, lambda: lifecycle.ready and not drain.draining)
     mount_ui(app)
     mount_api_docs(app)  # /docs and /redoc, from local files
     return app
-
-
-# The request bodies the routes validate themselves (they read raw JSON to answer every mistake in
-# the API's own error shape), published in the OpenAPI document so /docs shows the real schema.
-_DOCUMENTED_BODIES = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
-
-
-def _body_schema(name: str) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
-
-
-def _openapi(app: FastAPI) -> dict:
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-        from pydantic.json_schema import models_json_schema
-
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        _, defs = models_json_schema([(m, "validation") for m in _DOCUMENTED_BODIES],
-                                     ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {})
-        components.setdefault("schemas", {}).update(defs.get("$defs", {}))
-        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        schema["security"] = [{"bearer": []}]
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-def _check_prompt_logprobs(backend: Backend, req) -> None:
-    """vLLM's prompt_logprobs: local engines only, and (as in vLLM) not on a stream; a streamed
-    completion scores its prompt with echo and logprobs."""
-    if not getattr(backend, "scores_prompts", False):
-        raise bad_request(f"model {req.model!r} does not score prompts (prompt_logprobs)", "prompt_logprobs")
-    if req.stream:
-        raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")
-
-
-def as_api_error(exc: BaseException) -> APIError:
-    """What a failure during generation means for the client (the log keeps the details)."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, InvalidParameter):
-        return bad_request(str(exc), exc.param, exc.code)
-    if isinstance(exc, BackendError):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
-        return APIError(exc.status, exc.message, code=exc.code, headers=headers)
-    log.error("unexpected error during generation", exc_info=exc)
-    return APIError(500, "internal server error", code="internal_error")
-
-
-def _shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down",
-                    headers={"Retry-After": "1"})
-
-
-async def _unless_disconnected(request: Request, work, stop: asyncio.Event):
-    """Run `work`, cancelling it if the client goes away first (its KV blocks are then freed
-    instead of finishing a completion nobody will read) or when shutdown ends it."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if stop.is_set():
-                task.cancel()
-                raise _shutting_down()
-            if await request.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client closed the request", code="client_closed_request")
-    finally:
-        if not task.done():
-            task.cancel()
-
-
-async def _until_stopped(chunks, stop: asyncio.Event):
-    """The chunks, until shutdown says stop: then the pending step is cancelled (which aborts the
-    request in its backend) and the stream ends with the shutdown error."""
-
-    async def next_chunk():
-        return await chunks.__anext__()
-
-    stopped = asyncio.ensure_future(stop.wait())
-    step = None
-    try:
-        while True:
-            step = asyncio.ensure_future(next_chunk())
-            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                raise _shutting_down()
-            try:
-                chunk = step.result()
-            except StopAsyncIteration:
-                return
-            yield chunk
-    finally:
-        # Shutdown, or the client left (this generator is cancelled or closed): stop the pending
-        # step first (a generator cannot be closed while a step of it runs), then close it.
-        stopped.cancel()
-        if step is not None and not step.done():
-            step.cancel()
-            await asyncio.gather(step, return_exceptions=True)
-        await chunks.aclose()
-
-
-def _once(fn):
-    done = False
-
-    def call():
-        nonlocal done
-        if not done:
-            done = True
-            fn()
-
-    return call
-
-
-class AdmittedStreamingResponse(StreamingResponse):
-    """A streamed response that holds an admission slot: released when the response is over,
-    however it ends (finished, failed, client gone, cancelled). The body generator is closed right
-    then too, so its cleanup (engine abort, metrics) never waits for the garbage collector."""
-
-    def __init__(self, content, release, **kwargs):
-        super().__init__(content, **kwargs)
-        self._release = release
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                self._release()
-
-
-class LoadingGate:
-    """While the models load, the API answers 503 `loading` with Retry-After (probes, /metrics
-    and the docs still answer). Pure ASGI, in front of routing and auth."""
-
-    GATED = ("/v1/", "/tokenize", "/detokenize")
-
-    def __init__(self, app, lifecycle: Lifecycle):
-        self.app = app
-        self.lifecycle = lifecycle
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not self.lifecycle.ready and scope["path"].startswith(self.GATED):
-            if self.lifecycle.phase == "loading":
-                loaded, total = len(self.lifecycle.loaded), self.lifecycle.total_models
-                err = APIError(503, f"the server is loading its models ({loaded}/{total} ready); retry shortly",
-                               code="model_loading", headers={"Retry-After": "5"})
-            else:
-                err = APIError(503, "the server failed to load its models", code="engine_unavailable")
-            return await err.response()(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class TraceMiddleware:
-    """Trace id headers on every response, a 500 in the API's shape for anything unhandled, and
-    one access-log line per request (probes only when asked). Pure ASGI, so streamed responses
-    and client disconnects pass through untouched."""
-
-    def __init__(self, app, log_probes: bool = False, max_header_bytes: int = 16 * 1024):
-        self.app = app
-        self.log_probes = log_probes
-        self.max_header_bytes = max_header_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        # h11 bounds a head that arrives in pieces; one that arrived in a single read is checked here.
-        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
-            len(k) + len(v) + 4 for k, v in scope.get("headers") or [])
-        if head > self.max_header_bytes:
-            return await APIError(431, f"request headers are larger than {self.max_header_bytes} bytes",
-                                  code="request_header_fields_too_large").response()(scope, receive, send)
-        trace_id = uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["trace_id"] = trace_id
-        start = time.perf_counter()
-        status = {"code": None}
-
-        async def send_with_trace(message):
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers["x-siliconcloud-trace-id"] = trace_id
-                headers["x-request-id"] = trace_id
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_trace)
-        except Exception:  # never a stack trace in the body; the log has it
-            log.exception("unhandled error on %s %s [%s]", scope["method"], scope["path"], trace_id)
-            if status["code"] is None:
-                await APIError(500, "internal server error", code="internal_error").response()(
-                    scope, receive, send_with_trace)
-        finally:
-            if self.log_probes or scope["path"] not in PROBE_PATHS:
-                # a stream's 200 went out first; the log wants how it ended
-                final = state.get("final_status", status["code"])
-                _log_request(scope, state, final, trace_id, time.perf_counter() - start)
-
-
-def _log_request(scope, state: dict, status: int | None, trace_id: str, latency_s: float) -> None:
-    """One line per request: route, status, model, tokens, time to first token, decode speed,
-    latency, id (never the prompt)."""
-    fields = {"method": scope["method"], "path": scope["path"], "status": status, "model": state.get("model"),
-              "prompt_tokens": state.get("prompt_tokens"), "completion_tokens": state.get("completion_tokens")}
-    timing = state.get("timing")
-    if timing is not None and timing.first_token is not None:
-        fields["ttft_ms"] = round(timing.ttft_ms, 1)
-        decode_s = (timing.last or timing.first_token) - timing.first_token
-        completion = fields["completion_tokens"] or 0
-        if completion > 1 and decode_s > 0:
-            fields["tok_per_s"] = round((completion - 1) / decode_s, 1)
-    fields["latency_ms"] = round(latency_s * 1000, 1)
-    fields["request_id"] = trace_id
-    access_log.info(access_line(fields), extra={"fields": fields})
-
-
-# Bodies above this are decoded on a worker thread: parsing megabytes would stall the event loop.
-_INLINE_JSON_BYTES = 64 * 1024
-
-
-async def _read_json(request: Request, cap: int) -> dict:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > cap:
-            raise APIError(413, f"request body is larger than {cap} bytes", code="request_too_large")
-    if len(body) <= _INLINE_JSON_BYTES:
-        return _decode_json(bytes(body))
-    return await asyncio.to_thread(_decode_json, bytes(body))
-
-
-def _decode_json(body: bytes) -> dict:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-    except RecursionError:
-        raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    _reject_lone_surrogates(payload)
-    return payload
-
-
-def _reject_lone_surrogates(payload: dict) -> None:
-    """JSON may escape half a UTF-16 pair ("\\ud800"), which no tokenizer or UTF-8 encoder takes:
-    refuse it up front, wherever in the body it is, instead of failing deep in the pipeline."""
-    stack: list = [payload]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise bad_request("the request body contains invalid Unicode text (a lone UTF-16 surrogate)",
-                                  None, "invalid_json") from None

@@ -21,17 +21,17 @@ import uuid
 
 from fastapi import APIRouter, FastAPI, Request
 
-from lmserve.backends.base import Backend
-from lmserve.chat.schemas import CompletionRequest, parse_chat_request, validate
+from lmserve.backends.base import Backend, completion_backend
 from lmserve.config import PlatformSettings
 from lmserve.errors import BackendError, InvalidParameter, Refused
 from lmserve.platform import batches as store
 from lmserve.platform import keys
 from lmserve.platform.files import FileStore
 from lmserve.platform.service import Platform
-from lmserve.server.chat import Timing, collect_completion
-from lmserve.server.completions import collect_text
-from lmserve.server.errors import APIError, bad_request, unknown_model
+from lmserve.server.body import read_json
+from lmserve.server.chat import Timing
+from lmserve.server.errors import APIError, as_api_error, bad_request, unknown_model
+from lmserve.server.generation import COMPLETIONS, ENDPOINTS
 from lmserve.server.metrics import Metrics
 
 log = logging.getLogger("lmserve.batches")
@@ -64,10 +64,8 @@ def batches_router(platform: Platform, backends: dict[str, Backend], files: File
     @router.post("/v1/batches")
     async def create(request: Request):
         """Create a batch from an uploaded JSONL file; its lines are validated now."""
-        from lmserve.server.app import _read_json  # the app's bounded JSON reader
-
         principal = await platform.authenticate(request.headers.get("authorization"))
-        payload = await _read_json(request, 64 * 1024)
+        payload = await read_json(request, 64 * 1024)
         file_id, endpoint = payload.get("input_file_id"), payload.get("endpoint")
         window, metadata, replace = payload.get("completion_window"), payload.get("metadata"), payload.get("replace")
         if not isinstance(file_id, str) or not file_id:
@@ -254,22 +252,20 @@ class BatchWorker:
         """Run one line as its endpoint would; (status code, body, request id). Metered before it returns."""
         arrival = time.perf_counter()
         trace_id = f"{line.batch_id}:{line.line_no}"
-        chat = line.endpoint == "/v1/chat/completions"
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        endpoint = ENDPOINTS[line.endpoint]
+        request_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
         model = line.body.get("model") if isinstance(line.body.get("model"), str) else None
         try:
-            body = {**line.body, "priority": BATCH_PRIORITY}
-            req = parse_chat_request(body) if chat else validate(CompletionRequest, body)
+            req = endpoint.parse({**line.body, "priority": BATCH_PRIORITY})
             backend = self.backends.get(req.model)
             if backend is None:
                 raise unknown_model(req.model)
             self.platform.authorize(principal, req.model)
-            if chat:
-                job = await backend.prepare(req, request_id)
-            else:
-                if not hasattr(backend, "prepare_completion") or req.suffix or req.prompt_logprobs is not None:
-                    raise bad_request("this completion is not supported in a batch", "body")
-                job = await backend.prepare_completion(req, request_id)
+            if endpoint is COMPLETIONS and (req.suffix or req.prompt_logprobs is not None
+                                            or completion_backend(backend) is None):
+                raise bad_request("this completion is not supported in a batch", "body")
+            prepared = await endpoint.prepare(backend, req, request_id)
+            job = prepared.job
             ticket = await self.platform.admit_batch_line(principal, req.model, job.prompt_tokens,
                                                           job.max_completion_tokens)
         except Refused as e:
@@ -283,14 +279,9 @@ class BatchWorker:
         out: dict | None = None
         try:
             await backend.open(job)
-            if chat:
-                out = await collect_completion(backend, job, self.metrics, timing)
-            else:
-                echo = req.prompt if req.echo and isinstance(req.prompt, str) else (
-                    await asyncio.to_thread(backend.detokenize, req.prompt) if req.echo else None)
-                out = await collect_text(backend, job, self.metrics, timing, echo, req.logprobs if req.echo else None)
+            out = await prepared.collect(backend, job, self.metrics, timing)
         except (APIError, InvalidParameter, BackendError) as e:
-            err = _api_error(e)
+            err = as_api_error(e)
             status, out = err.status, err.body()
         except asyncio.CancelledError:
             raise  # not metered: an aborted line runs again, and is billed, once
@@ -301,14 +292,9 @@ class BatchWorker:
         return status, out, request_id
 
     async def _refused(self, principal, model, e, arrival, trace_id, batch_id, request_id):
-        err = _api_error(e)
+        err = as_api_error(e)
         await self.platform.settled(self.platform.refused(principal, model, err.status,
                                                           (time.perf_counter() - arrival) * 1000, trace_id,
                                                           batch_id=batch_id))
         return err.status, err.body(), request_id
 
-
-def _api_error(e: BaseException) -> APIError:
-    from lmserve.server.app import as_api_error
-
-    return as_api_error(e)

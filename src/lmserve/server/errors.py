@@ -5,7 +5,16 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmserve.errors import BackendError, InvalidParameter
+
+log = logging.getLogger("lmserve.server")
 
 # Platform numeric codes. 20012 is the hosted platform's "Model does not exist"; the others are
 # ours, one per status, so a client can branch on the number alone.
@@ -57,3 +66,42 @@ def unknown_model(model: str, deployed: list[str] | None = None) -> APIError:
         more = f" and {len(deployed) - _LISTED_MODELS} more (GET /v1/models)" if len(deployed) > _LISTED_MODELS else ""
         message += f". Deployed models: {shown}{more}"
     return APIError(400, message, "model", "model_not_found", 20012)
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down",
+                    headers={"Retry-After": "1"})
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """What a failure during generation means for the client (the log keeps the details)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidParameter):
+        return bad_request(str(exc), exc.param, exc.code)
+    if isinstance(exc, BackendError):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
+        return APIError(exc.status, exc.message, code=exc.code, headers=headers)
+    log.error("unexpected error during generation", exc_info=exc)
+    return APIError(500, "internal server error", code="internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error a route raises answers in the API's shape (above)."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(BackendError)  # the platform's database or Redis away (StoreUnavailable): 503
+    async def backend_error(request: Request, exc: BackendError):
+        return as_api_error(exc).response()
+
+    @app.exception_handler(InvalidParameter)
+    async def invalid_parameter(request: Request, exc: InvalidParameter):
+        return as_api_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, f"{message}: {request.method} {request.url.path}", code=None).response()

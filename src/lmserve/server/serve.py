@@ -14,7 +14,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 from lmserve.config import DeploymentConfig
 
@@ -81,11 +80,9 @@ def serve(config: DeploymentConfig) -> int:
         print(f"lmserve serve: cannot use {what}: {reason}", file=sys.stderr, flush=True)
         return 2
 
-    if any(m.engine.compile for m in config.models):
-        from lmserve.engine.compiled_decode import use_cache_dir
+    from lmserve.backends.factory import prepare_backends
 
-        # Compiled kernels persist next to the database, so a restart compiles in seconds.
-        use_cache_dir(Path(config.platform.data_dir).expanduser() / "compile-cache")
+    prepare_backends(config)
     backends: dict = {}
     lifecycle = Lifecycle(total_models=len(config.models))
     app = create_app(config, backends, platform, lifecycle)
@@ -103,8 +100,7 @@ def serve(config: DeploymentConfig) -> int:
         interrupted = e
     finally:
         for backend in list(backends.values()):
-            if hasattr(backend, "shutdown"):
-                backend.shutdown()  # the engine threads, also when uvicorn never started
+            backend.shutdown()  # the engine threads, also when uvicorn never started
         sock.close()
         platform.release_generated_key()
     if lifecycle.phase == "failed":
@@ -122,8 +118,7 @@ def serve(config: DeploymentConfig) -> int:
 
 
 def _load_all(config: DeploymentConfig, backends: dict, lifecycle, uv, platform) -> None:
-    from lmserve.backends.local import LocalBackend
-    from lmserve.backends.upstream import UpstreamBackend
+    from lmserve.backends.factory import build_backend
 
     loaded = {}
     try:
@@ -132,22 +127,15 @@ def _load_all(config: DeploymentConfig, backends: dict, lifecycle, uv, platform)
             if deployment.upstream:
                 log.info("model %d/%d: %s via upstream %s", i, len(config.models), deployment.id,
                          ", ".join(deployment.upstream["base_urls"]))
-                loaded[deployment.id] = UpstreamBackend(deployment, config.generation_defaults(deployment),
-                                                        config.server.max_n)
-                lifecycle.loaded.append(deployment.id)
-                continue
-            log.info("loading model %d/%d: %s from %s", i, len(config.models), deployment.id, deployment.source)
-            backend = LocalBackend(deployment, config.generation_defaults(deployment), config.server.max_n)
-            backend.defaults = config.generation_defaults(deployment, backend.checkpoint_generation_config())
-            loaded[deployment.id] = backend
+            else:
+                log.info("loading model %d/%d: %s from %s", i, len(config.models), deployment.id,
+                         deployment.source)
+            backend = loaded[deployment.id] = build_backend(config, deployment)
             lifecycle.loaded.append(deployment.id)
-            engine = backend.engine
-            log.info("model %s ready in %.1fs (%s, %s, context %d tokens, KV cache %d blocks)", deployment.id,
-                     time.monotonic() - t0, engine.dtype, engine.device, backend.context_len, engine.num_blocks)
+            log.info("model %s ready in %.1fs (%s)", deployment.id, time.monotonic() - t0, backend.describe())
     except BaseException as e:  # noqa: BLE001 - any load failure stops the server with its message
         for backend in loaded.values():
-            if hasattr(backend, "shutdown"):
-                backend.shutdown()
+            backend.shutdown()
         lifecycle.error = _load_error(deployment, e)
         lifecycle.phase = "failed"
         uv.should_exit = True
@@ -159,8 +147,7 @@ def _load_all(config: DeploymentConfig, backends: dict, lifecycle, uv, platform)
             platform.adopt_generated_key(config.server.api_keys[0], instance_owner(config.server.port))
         except Exception as e:  # noqa: BLE001 - the database failed between start and now
             for backend in loaded.values():
-                if hasattr(backend, "shutdown"):
-                    backend.shutdown()
+                backend.shutdown()
             lifecycle.error = f"cannot record the generated API key: {e}"
             lifecycle.phase = "failed"
             uv.should_exit = True
