@@ -1,7 +1,7 @@
 """The batch API through a real server and the official `openai` SDK: files.create ->
 batches.create -> batches.retrieve (polled) -> files.content, outputs equal to the same requests
 sent interactively (greedy), bad lines in the error file with their line numbers, the ledger's
-batch rows at the batch price, another account's 404s, interactive TTFT while a batch runs, and
+batch rows at the batch price, another account's 404s, interactive requests admitted ahead of queued lines, and
 SIGTERM in the middle of a batch: after a restart every line is in the output once and billed once.
 
 One `lmserve serve` of its own on the test PostgreSQL (the store tests cover SQLite too); the
@@ -11,7 +11,6 @@ SIGTERM test restarts it, so keep that one last.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,9 +20,12 @@ import pytest
 from platform_services import fresh_postgres_url
 from sqlalchemy import create_engine, text
 
+from .conftest import metric_total
+
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BOOT_KEY = "sk-batch-boot"
 ADMIN_KEY = "sk-batch-admin"
+SEATS = 16  # the engine's max_num_seqs
 PRICE_IN, PRICE_OUT = 2.0, 4.0  # per million tokens; batch lines cost half
 ENDPOINT = "/v1/chat/completions"
 QUESTIONS = ["What is 2+2?", "Name a color.", "Say hello.", "Count to three.", "What is the capital of France?",
@@ -41,12 +43,12 @@ platform:
   admin_keys: ["{ADMIN_KEY}"]
   batch_poll_s: 0.2
   batch_lease_s: 10
-  batch_concurrency: 8
+  batch_concurrency: 64  # more lines than seats: the engine queues the rest
 models:
   - id: {MODEL}
     path: {MODEL}
     dtype: float32
-    engine: {{num_kv_blocks: 256, max_num_seqs: 16}}
+    engine: {{num_kv_blocks: 256, max_num_seqs: {SEATS}}}
     price: {{input: {PRICE_IN}, output: {PRICE_OUT}}}
 """
     work = tmp_path_factory.mktemp("lmserve-batch")
@@ -163,34 +165,40 @@ def test_another_account_gets_404(plat):
     assert alice.files.delete(f.id).deleted
 
 
-def _ttft(client: openai.OpenAI) -> float:
-    start = time.perf_counter()
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}],
-                                            max_tokens=2, temperature=0, stream=True)
-    first = None
-    for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
-    return (first or time.perf_counter()) - start
+def _completed(client: openai.OpenAI, batch_id: str) -> int:
+    return client.batches.retrieve(batch_id).request_counts.completed
 
 
-def test_interactive_ttft_while_a_batch_runs(plat):
+def test_interactive_request_goes_ahead_of_queued_batch_lines(plat):
+    """Priority as behaviour, not as a time: with the engine full of batch lines and more of them
+    queued, an interactive request is admitted ahead of every queued line (preempting one for a
+    seat), so it streams its first token while fewer lines complete than were queued before it.
+    First come, first served would have run every queued line first. (How much the batch slows an
+    interactive request down is a speed question: benchmarks/bench_batch.py.)"""
     client = sdk(plat, BOOT_KEY)
-    idle = statistics.median(_ttft(client) for _ in range(5))
-    lines = [request_line(f"t{i}", {**body(i), "max_tokens": 24}) for i in range(60)]
+    http = httpx.Client(base_url=plat["srv"].url, headers={"Authorization": f"Bearer {BOOT_KEY}"}, timeout=60)
+    lines = [request_line(f"t{i}", {**body(i), "max_tokens": 24, "temperature": 0}) for i in range(60)]
     f = client.files.create(file=("t.jsonl", jsonl(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h")
-    deadline = time.monotonic() + 60
-    while client.batches.retrieve(batch.id).request_counts.completed < 1:  # the batch runs at full width
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    busy = [_ttft(client) for _ in range(5)]
-    during = client.batches.retrieve(batch.id)
-    assert during.status == "in_progress", "the batch ended before the measurement: make it longer"
-    # generous (a shared, noisy machine): the numbers that matter are in benchmarks/bench_batch.py
-    assert statistics.median(busy) <= 2 * idle + 0.5, (idle, busy)
+    deadline = time.monotonic() + 120
+    while (queued := metric_total(http, "lmserve_num_requests_waiting", model=MODEL)) < SEATS:
+        assert time.monotonic() < deadline, "the batch never filled the engine"
+        assert client.batches.retrieve(batch.id).status in ("validating", "in_progress")
+        time.sleep(0.1)
+    assert metric_total(http, "lmserve_num_requests_running", model=MODEL) == SEATS  # every seat a batch line's
+    before = _completed(client, batch.id)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}],
+                                            max_tokens=2, temperature=0, stream=True)
+    ran_meanwhile = None
+    for chunk in stream:
+        if ran_meanwhile is None and chunk.choices and chunk.choices[0].delta.content:
+            ran_meanwhile = _completed(client, batch.id) - before
+    assert ran_meanwhile is not None, "the interactive request streamed no content"
+    assert ran_meanwhile < queued, (ran_meanwhile, queued)
+    assert client.batches.retrieve(batch.id).status == "in_progress"
     client.batches.cancel(batch.id)
     assert wait_done(client, batch.id).status == "cancelled"
+    http.close()
 
 
 def test_sigterm_mid_batch_then_restart_runs_every_line_once(plat, servers):
