@@ -14,7 +14,7 @@ $(BIN)/python:
 # xgrammar (structured output) goes in with --no-deps: the CPU path needs only its compiled core
 # and apache-tvm-ffi. Triton (~290 MB) goes in only where none is present (a CUDA torch brings
 # its own): CI runs the CUDA backend's kernels under Triton's interpreter on CPU
-# (tests/test_triton_attention.py).
+# (tests/attention/test_triton_attention.py).
 # The pinned CPU torch goes in first, and only where no torch is present: a GPU user's own
 # build is left alone, and on these machines 2.13.0 installs offline while a looser request
 # would fetch a multi-GB CUDA build.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Chromium and its matching chromedriver for the web UI tests (tests/api/test_web_ui.py drives
+# Chromium and its matching chromedriver for the web UI tests (tests/server/test_web_ui.py drives
 # Debian's Chromium through Selenium; those tests fail, never skip, without them). Run by
 # `make test` before pytest: installed from Debian's packages when missing and run as root,
 # otherwise it stops and says what to install. LMSERVE_CHROMIUM / LMSERVE_CHROMEDRIVER point the

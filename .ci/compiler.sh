@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A C++ compiler for tests/test_compiled_decode.py (torch.compile's C++ backend builds the compiled
+# A C++ compiler for tests/engine/test_compiled_decode.py (torch.compile's C++ backend builds the compiled
 # decode step; without g++ those tests would skip). Run by `make test` before pytest: installed from
 # Debian's packages when missing and run as root, otherwise it stops and says what to install.
 set -euo pipefail

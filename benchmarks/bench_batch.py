@@ -34,8 +34,8 @@ from pathlib import Path
 import httpx
 
 # The test harness's port picker and parent-death guard, as benchmarks/soak.py uses them.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from private_services import die_with_parent, free_port  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
+from tests.support.private_services import die_with_parent, free_port  # noqa: E402
 
 KEY = "sk-bench"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"

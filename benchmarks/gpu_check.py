@@ -3,7 +3,7 @@ of a Llama-3.1-8B-shaped model against the HBM roofline and transformers' `gener
 
 Written for a lent H100/H200 that has torch, triton, transformers, numpy, safetensors and
 tokenizers but no network, no model files and maybe no pytest/gguf/fastapi/xgrammar: every model
-is built here (tiny random checkpoints from tests/family_checkpoints.py; the 8B shape from a
+is built here (tiny random checkpoints from tests/support/family_checkpoints.py; the 8B shape from a
 config.json alone with `load_format="dummy"`), lmserve is imported from this repo's src/, and
 only what truly needs a missing package is skipped (and said so).
 
@@ -14,7 +14,7 @@ only what truly needs a missing package is skipped (and said so).
 
 Parts (--parts):
   env          device, versions, measured copy bandwidth (bytes read + written / time)
-  engine       the check_* functions of tests/cuda_engine_checks.py (sampler syncs, memory sizing)
+  engine       the check_* functions of tests/support/cuda_engine_checks.py (sampler syncs, memory sizing)
   correctness  per family, float32: lmserve on the device == transformers on the device ==
                lmserve on CPU, greedy, 32 steps, through the batched paged engine (chunked
                prefill, a second wave hitting the prefix cache), for every attention backend and
@@ -58,7 +58,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's lmserve (not an installed one) and the test checkpoints, which import no pytest.
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # lmserve from this checkout; tests.support
 
 import torch  # noqa: E402
 from gpu_check_parts.attention import part_attention  # noqa: E402

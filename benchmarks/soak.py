@@ -33,9 +33,9 @@ from pathlib import Path
 import httpx
 from sqlalchemy import create_engine, text
 
-# The private PostgreSQL and Redis the fault-injection tests start (tests/private_services.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from private_services import PrivatePostgres, PrivateRedis, die_with_parent, free_port  # noqa: E402
+# The private PostgreSQL and Redis the fault-injection tests start (tests/support/private_services.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
+from tests.support.private_services import PrivatePostgres, PrivateRedis, die_with_parent, free_port  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BOOT, ADMIN = "sk-soak-boot", "sk-soak-admin"

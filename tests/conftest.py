@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # No GPU here: the CUDA backend's Triton kernels run under Triton's interpreter on CPU tensors
-# (tests/test_triton_attention.py). Read when a kernel is defined, so set before any import.
+# (tests/attention/test_triton_attention.py). Read when a kernel is defined, so set before any import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from family_checkpoints import FAMILIES, STEPS, WAVES, FamilySpec, serve_and_capture
 
 from gpu_check_parts.common import backend_unavailable, engine_variants, free_device_memory, variant_label
 from gpu_check_parts.report import CheckFailed, Report
 from gpu_check_parts.shapes import PROMPTS
 from lmserve import SamplingParams
 from lmserve.engine.llm_engine import LLMEngine
+from tests.support.family_checkpoints import FAMILIES, STEPS, WAVES, FamilySpec, serve_and_capture
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Reference:
 
 
 def family_engine(source: str, spec: FamilySpec, device: torch.device, dtype: str, **options) -> LLMEngine:
-    """The engine setup of tests/test_family_parity.py: a small token budget (chunked prefill),
+    """The engine setup of tests/models/test_family_parity.py: a small token budget (chunked prefill),
     block size 4, few sequences (a short CUDA-graph ladder)."""
     base = {"num_kv_blocks": 96, "block_size": 4, "max_num_batched_tokens": 16, "max_num_seqs": 8}
     return LLMEngine(source, dtype=dtype, device=str(device), **{**base, **spec.engine_options, **options})

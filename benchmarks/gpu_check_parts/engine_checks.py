@@ -1,4 +1,4 @@
-"""Part engine: the check_* functions of tests/cuda_engine_checks.py."""
+"""Part engine: the check_* functions of tests/support/cuda_engine_checks.py."""
 
 from __future__ import annotations
 
@@ -13,20 +13,20 @@ from gpu_check_parts.report import Report
 
 
 def part_engine_checks(report: Report, device: torch.device) -> None:
-    """Every `check_*` function of tests/cuda_engine_checks.py (the sampler's one sync per step,
+    """Every `check_*` function of tests/support/cuda_engine_checks.py (the sampler's one sync per step,
     the KV cache sized by gpu_memory_utilization, and whatever is added there), so the one device
     run covers them; each returns a dict of numbers, a `directory` argument gets a fresh folder."""
     import inspect
 
     try:
-        import cuda_engine_checks
+        from tests.support import cuda_engine_checks
     except ImportError as e:
-        report.skip("engine checks", f"tests/cuda_engine_checks.py cannot be imported here ({e})")
+        report.skip("engine checks", f"tests/support/cuda_engine_checks.py cannot be imported here ({e})")
         return
     checks = [(name, fn) for name, fn in vars(cuda_engine_checks).items()
               if name.startswith("check_") and inspect.isfunction(fn) and fn.__module__ == cuda_engine_checks.__name__]
     if device.type != "cuda":
-        report.skip("engine checks", f"{len(checks)} checks of tests/cuda_engine_checks.py need a CUDA device")
+        report.skip("engine checks", f"{len(checks)} checks of tests/support/cuda_engine_checks.py need a CUDA device")
         return
     results = report.numbers.setdefault("engine_checks", {})
     for name, fn in checks:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from family_checkpoints import WAVES
+from tests.support.family_checkpoints import WAVES
 
 PROMPTS = [p for wave in WAVES for p in wave]
 

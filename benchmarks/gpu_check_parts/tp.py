@@ -20,7 +20,7 @@ def part_tp(report: Report, device: torch.device) -> None:
     gloo with CUDA tensors (the sharded layers and kernels); both serve family_checkpoints' WAVES
     in float32 and must give the one-rank engine's greedy tokens, logits within 1e-4 (2e-3 on
     CUDA, where the sharded matmuls sum in another order). On CPU (the smoke mode) gloo at two ranks."""
-    from family_checkpoints import assert_same_greedy_run, build_llama, serve_waves_greedy
+    from tests.support.family_checkpoints import assert_same_greedy_run, build_llama, serve_waves_greedy
 
     if "tensor_parallel_size" not in ENGINE_FIELDS:
         report.skip("tp", "this checkout's engine has no tensor_parallel_size")

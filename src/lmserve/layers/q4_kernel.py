@@ -12,7 +12,7 @@ own intra-op threads (at::parallel_for: no second OpenMP pool).
 The weights keep the checkpoint's grid: w = d * q + m per block of 32 (a GGUF Q4_1 tensor's own
 fp16 d and m, bit for bit). The activations are rounded to int8 per block (llama.cpp's Q8_1), the
 only new rounding; perplexity on tests/data/perplexity_text.txt bounds its effect
-(tests/test_q4_kernel.py, docs/benchmarks.md).
+(tests/layers/test_q4_kernel.py, docs/benchmarks.md).
 
 Building: the C++ is compiled once per machine at first use by torch's extension builder (g++ and
 ninja, as the compiled decode path needs; `.ci/compiler.sh` installs g++), cached under

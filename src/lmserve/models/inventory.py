@@ -11,7 +11,7 @@ The split rules are tensor parallelism as vLLM and nano-vllm do it (and as issue
 - norms, MoE routers and MLA's down-projections to the latent (q_a, kv_a) are replicated;
 - MoE experts split each expert's intermediate size (every rank holds every expert's slice).
 
-tests/test_plan.py proves the inventory against the parameters of each family's real model
+tests/engine/test_plan.py proves the inventory against the parameters of each family's real model
 (built with dummy weights), so a family that changes its layers must change this too.
 """
 

@@ -4,7 +4,7 @@ publish, for planning capacity (`lmserve plan`) without the weights on disk.
 Only what sizes memory is here (dimensions, layer counts, vocabulary, MoE and MLA ranks, rope
 settings that set the context length); each dict goes through the family's own config reader,
 the one the engine loads a checkpoint with. Values are the public config.json values
-(../shared/MODEL_FAMILIES.md cites the sources; tests/test_plan.py checks the planner's
+(../shared/MODEL_FAMILIES.md cites the sources; tests/engine/test_plan.py checks the planner's
 arithmetic on three of them by hand). A checkpoint directory, when there is one, always wins.
 """
 

@@ -1,0 +1,297 @@
+"""Speculative decoding against the engine without it: greedy output token for token, seeded
+sampled output seed for seed, the sampled distribution (chi-square, with a mutation that must
+fail it), logprobs, structured output, stop strings, max_tokens, n > 1, preemption, the prefix
+cache, and the KV blocks all free afterwards (conftest checks that after every test)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmserve import LLM, SamplingParams
+from lmserve.engine import llm_engine
+from lmserve.engine.block_manager import hash_block
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.spec_decode.config import SpeculativeConfig
+from lmserve.engine.spec_decode.ngram import propose_ngram
+from lmserve.models.loader import DEFAULT_MODEL_ID
+from lmserve.sampling_params import StructuredOutput
+from tests.conftest import chat_ids, track, untrack
+from tests.support.family_checkpoints import WAVES, build_gemma2, build_llama, build_qwen2
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+PASSAGE = ("The keeper logged every ship that passed the cape: the Aurora on Monday, the Kestrel on Wednesday, "
+           "and the Tidewater on Friday.")
+COPY = f"Copy this text exactly, word for word:\n\n{PASSAGE}"
+
+
+@pytest.fixture(scope="module")
+def spec_llm():
+    llm = track(LLM(DEFAULT_MODEL_ID, dtype="float32", speculative_config=NGRAM, kv_cache_memory=64 << 20))
+    yield llm
+    untrack(llm)
+
+
+def _outs(results):
+    return [[(o.token_ids, o.text, o.finish_reason) for o in r.outputs] for r in results]
+
+
+# ---- configuration and the proposer ------------------------------------------------------
+
+
+def test_config_follows_vllm_keys_and_refuses_bad_ones():
+    cfg = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
+    assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (5, 4, 4)
+    assert SpeculativeConfig.parse({"model": "[ngram]", "num_speculative_tokens": 2}).prompt_lookup_min == 5
+    for bad, words in [({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+                       ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "exceed"),
+                       ({"num_speculative_tokens": 2, "lookahead": 1}, "unknown key"),
+                       ({"model": "/some/draft", "num_speculative_tokens": 2}, "not supported"),
+                       ("{nope", "not valid JSON")]:
+        with pytest.raises(ValueError, match=words):
+            SpeculativeConfig.parse(bad)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        LLMEngine(DEFAULT_MODEL_ID, speculative_config={"num_speculative_tokens": -1})
+
+
+def test_ngram_lookup_takes_the_longest_suffix_then_the_earliest_match():
+    tokens = [1, 2, 3, 9, 2, 3, 4, 5, 7, 2, 3]
+    assert propose_ngram(tokens, 1, 2, 3) == [9, 2, 3]  # "2 3" first occurs at 1, followed by 9 2 3
+    assert propose_ngram(tokens, 3, 3, 3) == []  # "7 2 3" never occurred before
+    assert propose_ngram([5, 6, 5], 1, 1, 4) == [6, 5]  # cut at the end of what is known
+    assert propose_ngram([5], 1, 1, 4) == []
+
+
+# ---- the bundled model --------------------------------------------------------------------
+
+
+def test_greedy_and_seeded_output_equal_plain_decoding_on_the_bundled_model(smollm, spec_llm):
+    """One batch of cases (the machine is small): greedy on a copying and a chat prompt, a stop
+    string inside an accepted run, max_tokens at several offsets of a run, n > 1, seeded
+    sampling with every truncation and penalty, and the target's logprobs."""
+    copy, chat = chat_ids(smollm, COPY), chat_ids(smollm, "Name three colors.")
+    cases = [(copy, SamplingParams(max_tokens=24, temperature=0.0)),
+             (chat, SamplingParams(max_tokens=8, temperature=0.0)),
+             (copy, SamplingParams(max_tokens=24, temperature=0.0, stop=["Kestrel"])),
+             (copy, SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[smollm.engine.encode(" Kestrel",
+                                                                                 False)[0]])),
+             (copy, SamplingParams(max_tokens=5, temperature=0.0)),
+             (copy, SamplingParams(max_tokens=10, temperature=0.0, n=2)),
+             (copy, SamplingParams(max_tokens=16, temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, seed=11, n=2,
+                                   repetition_penalty=1.1, presence_penalty=0.2, logprobs=True, top_logprobs=2)),
+             (copy, SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=3, min_tokens=5))]
+    prompts, params = [c[0] for c in cases], [c[1] for c in cases]
+    plain = smollm.generate(prompts, params)
+    before = spec_llm.engine.spec_decode_stats.accepted
+    spec = spec_llm.generate(prompts, params)
+    assert _outs(spec) == _outs(plain)
+    assert spec[2].outputs[0].finish_reason == "stop" and spec[3].outputs[0].finish_reason == "stop"
+    assert spec_llm.engine.spec_decode_stats.accepted - before >= 8, "the copying prompt should accept proposals"
+    for p, s in zip(plain[-2:], spec[-2:]):
+        for a, b in zip(p.outputs, s.outputs):
+            assert len(a.logprobs) == len(b.logprobs) == len(a.token_ids)
+            for x, y in zip(a.logprobs, b.logprobs):  # the target's logprobs, as plain decoding reports them
+                assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+                assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
+def test_structured_output_masks_every_proposed_position(smollm, spec_llm):
+    pytest.importorskip("xgrammar")
+    prompt = [chat_ids(smollm, 'Return exactly this JSON: {"ship": "Aurora", "day": "Monday", "ship2": "Aurora"}')]
+    params = SamplingParams(max_tokens=24, temperature=0.0, structured_output=StructuredOutput("json_object"))
+    plain, spec = smollm.generate(prompt, params), spec_llm.generate(prompt, params)
+    assert _outs(spec) == _outs(plain)
+    assert spec_llm.engine.spec_decode_stats.proposed > 0
+
+
+# ---- tiny checkpoints of three families: any proposer, preemption, the prefix cache --------
+
+
+class OracleProposer:
+    """Proposes the reference greedy continuation: every proposal must be accepted."""
+
+    def __init__(self, references: dict[tuple, list[int]]):
+        self.references = references
+
+    def propose(self, seq, k):
+        full = self.references[tuple(seq.request.prompt_token_ids)]
+        n = len(seq.token_ids)
+        return full[n:n + k] if full[:n] == seq.token_ids else []
+
+
+class RandomProposer:
+    """Random tokens: almost none can be accepted, so nearly every run rolls slots back."""
+
+    def __init__(self, vocab: int):
+        self.gen = torch.Generator().manual_seed(5)
+        self.vocab = vocab
+
+    def propose(self, seq, k):
+        return torch.randint(3, self.vocab, (k,), generator=self.gen).tolist()
+
+
+def _check_hashes(engine: LLMEngine) -> None:
+    """Every hashed block of a running sequence holds its final tokens (no rejected proposal)."""
+    bs = engine.block_manager.block_size
+    for seq in engine.scheduler.running:
+        parent = None
+        assert len(seq.block_hashes) <= seq.num_computed_tokens // bs
+        for i, h in enumerate(seq.block_hashes):
+            parent = hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            assert h == parent
+
+
+def _serve(engine: LLMEngine, steps: int, check_hashes: bool = False) -> list[list[int]]:
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for w, wave in enumerate(WAVES):
+        for i, prompt in enumerate(wave):
+            engine.add_request(f"w{w}p{i}", prompt, params)
+            tokens[f"w{w}p{i}"] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.outputs[0].token_ids
+            if check_hashes:
+                _check_hashes(engine)
+    assert engine.num_free_blocks == engine.num_blocks
+    return list(tokens.values())
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma2"])
+def family(request, tmp_path_factory):
+    build = {"llama": build_llama, "qwen2": build_qwen2, "gemma2": build_gemma2}[request.param]
+    directory = tmp_path_factory.mktemp(request.param)
+    build(directory)
+    return directory
+
+
+def test_any_proposer_gives_plain_greedy_on_three_families(family):
+    steps = 16
+    options = dict(dtype="float32", block_size=4, max_num_batched_tokens=16, max_num_seqs=6)
+    spec_options = dict(options, speculative_config=dict(NGRAM, min_acceptance_rate=0.0))
+    reference = _serve(LLMEngine(str(family), num_kv_blocks=96, **options), steps)
+    references = {tuple(p): p + t for p, t in zip([p for wave in WAVES for p in wave], reference)}
+    cases = {"ngram": None, "oracle": OracleProposer(references), "random": RandomProposer(320)}
+    for name, proposer in cases.items():
+        engine = LLMEngine(str(family), num_kv_blocks=96, **spec_options)
+        if proposer is not None:
+            engine.speculator.proposer = proposer
+        assert _serve(engine, steps, check_hashes=True) == reference, name
+        stats = engine.spec_decode_stats
+        assert engine.block_manager.prefix_hits >= 16, "the second wave should hit the prefix cache"
+        assert stats.proposed > 0, name
+        if name == "oracle":
+            assert stats.accepted == stats.proposed
+        if name == "random":
+            assert stats.accepted <= 0.1 * stats.proposed
+    # A cache too small for the first wave: sequences are preempted and recomputed mid-speculation.
+    small = LLMEngine(str(family), num_kv_blocks=18, **spec_options)
+    small.speculator.proposer = OracleProposer(references)
+    assert _serve(small, steps, check_hashes=True) == reference
+    assert small.scheduler.num_preemptions > 0
+
+
+# ---- the sampled distribution ----------------------------------------------------------
+
+
+def _chi_square_p(a: Counter, b: Counter) -> float:
+    """Two-sample chi-square test of homogeneity; bins with few counts are pooled."""
+    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
+    rows = [(a[k], b[k]) for k in keys]
+    rest = (sum(a.values()) - sum(r[0] for r in rows), sum(b.values()) - sum(r[1] for r in rows))
+    if sum(rest):
+        rows.append(rest)
+    obs = torch.tensor(rows, dtype=torch.float64)
+    expected = obs.sum(1, keepdim=True) * obs.sum(0, keepdim=True) / obs.sum()
+    stat = ((obs - expected) ** 2 / expected).sum()
+    df = len(rows) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
+
+
+def test_sampled_distribution_is_the_targets_and_naive_acceptance_is_not(tmp_path, monkeypatch):
+    build_llama(tmp_path)
+    # A sharper LM head, so the tiny model is as confident as a real one and its own greedy text
+    # (the prompt) makes n-gram proposals that are accepted often and rejected often.
+    weights = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["lm_head.weight"] *= 6.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    options = dict(dtype="float32", num_kv_blocks=2000, block_size=16, max_num_seqs=64)
+    plain = LLMEngine(str(tmp_path), **options)
+    spec = LLMEngine(str(tmp_path), speculative_config=dict(NGRAM, min_acceptance_rate=0.0), **options)
+    prompt = [5, 17, 100] + _generate(plain, [([5, 17, 100], SamplingParams(max_tokens=80, temperature=0.0,
+                                                                                 ignore_eos=True))])[0]
+    draws = 200
+    cases = [dict(temperature=1.0), dict(temperature=0.9, top_k=20, top_p=0.9, presence_penalty=0.5)]
+
+    def sample(engine, seeds, p):
+        return _generate(engine, [(prompt, SamplingParams(max_tokens=3, seed=s, ignore_eos=True, **p))
+                                  for s in seeds])
+
+    references = []
+    for p in cases:
+        reference = sample(plain, range(draws, 2 * draws), p)  # other seeds: independent draws
+        references.append(reference)
+        proposed, accepted = spec.spec_decode_stats.proposed, spec.spec_decode_stats.accepted
+        got = sample(spec, range(draws), p)
+        proposed, accepted = spec.spec_decode_stats.proposed - proposed, spec.spec_decode_stats.accepted - accepted
+        assert 15 <= accepted <= proposed - 15, "the rule should both accept and reject often"
+        for pos in (1, 2):
+            assert _chi_square_p(Counter(t[pos] for t in got), Counter(t[pos] for t in reference)) > 1e-3, (p, pos)
+    # The mutation: accepting every proposal unchecked must be caught by the same test.
+    monkeypatch.setattr(llm_engine, "accepted_prefix", lambda proposed, target: len(proposed))
+    naive = sample(spec, range(draws), cases[0])
+    assert _chi_square_p(Counter(t[1] for t in naive), Counter(t[1] for t in references[0])) < 1e-3
+
+
+def _generate(engine: LLMEngine, requests: list) -> list[list[int]]:
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, params)
+    got = {f"r{i}": [] for i in range(len(requests))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.outputs[0].token_ids
+    return list(got.values())
+
+
+# ---- interfaces: the config file, the CLI flag, /metrics ----------------------------------
+
+
+def test_config_file_and_cli_flag_carry_the_speculative_config(tmp_path):
+    from lmserve.cli import build_parser
+    from lmserve.config import ConfigError, load_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text('models:\n  - {id: a, path: x.gguf, engine: {speculative_config: {method: ngram, '
+                 'num_speculative_tokens: 3, prompt_lookup_max: 2}}}\n')
+    assert load_config(str(f)).models[0].engine.options()["speculative_config"]["num_speculative_tokens"] == 3
+    f.write_text('models:\n  - {id: a, path: x.gguf, engine: {speculative_config: {num_speculative_tokens: 0}}}\n')
+    with pytest.raises(ConfigError, match="num_speculative_tokens"):
+        load_config(str(f))
+    flag = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}'
+    args = build_parser().parse_args(["serve", "--speculative-config", flag])
+    cfg = load_config(None, speculative_config=args.speculative_config)
+    assert cfg.models[0].engine.options()["speculative_config"] == json.loads(flag)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--speculative-config", '{"num_speculative_tokens": "many"}'])
+
+
+def test_metrics_count_proposed_accepted_and_emitted_tokens(spec_llm):
+    from types import SimpleNamespace
+
+    from lmserve.backends.local import LocalBackend
+    from lmserve.server.metrics import Metrics
+
+    backend = SimpleNamespace(engine=spec_llm.engine)
+    backend.stats = lambda: LocalBackend.stats(backend)  # the real snapshot of the real engine
+    stats = spec_llm.engine.spec_decode_stats
+    if not stats.runs:
+        spec_llm.generate([[1, 2, 3, 1, 2, 3, 1, 2]], SamplingParams(max_tokens=4, temperature=0.0))
+    text = Metrics({"m": backend}).render().decode()
+    assert f'lmserve_spec_decode_num_draft_tokens_total{{model="m"}} {float(stats.proposed)}' in text
+    assert f'lmserve_spec_decode_num_accepted_tokens_total{{model="m"}} {float(stats.accepted)}' in text
+    assert f'lmserve_spec_decode_acceptance_rate_count{{model="m"}} {float(stats.runs)}' in text
