@@ -49,6 +49,10 @@ class Traffic:
         self.results: list[tuple[str, int, str | None, str | None]] = []  # kind, status, trace, error code
         self.stop = threading.Event()
         self.lock = threading.Lock()
+        # 0 before the database restart, 1 between the restarts, 2 after the Redis restart: the
+        # run proves something only if requests were answered in each
+        self.phase = 0
+        self.answered_by_phase = [0, 0, 0]
 
     def _chat(self, **body) -> dict:
         return {"model": MODEL, "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 8,
@@ -100,6 +104,8 @@ class Traffic:
                     status, trace, code = -1, None, type(e).__name__
                 with self.lock:
                     self.results.append((kind, status, trace, code))
+                    if status == 200:
+                        self.answered_by_phase[self.phase] += 1
 
 
 def metric(url: str, name: str) -> float:
@@ -224,6 +230,7 @@ models:
                         redis.stop()
                         time.sleep(3)
                         redis.start()
+                    traffic.phase += 1
             time.sleep(0.5)
         traffic.stop.set()
         for t in threads:
@@ -253,7 +260,8 @@ models:
         fd_growth = slope_per_hour([(s["t"], s["fds"]) for s in after])
         summary = {
             "duration_s": round(time.monotonic() - started, 1), "requests": len(results),
-            "answered_200": len(answered), "statuses": status_counts,
+            "answered_200": len(answered), "answered_by_phase": traffic.answered_by_phase,
+            "statuses": status_counts,
             "rows_missing": len(missing), "rows_doubled": len(doubled),
             "disconnects_with_row": sum(1 for t in traces if counts.get(t)),
             "rss_mb_first": round(after[0]["rss_mb"], 1) if after else None,

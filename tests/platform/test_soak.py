@@ -26,7 +26,9 @@ def test_short_soak_loses_no_row_and_holds_memory(tmp_path):
     assert run.returncode == 0, f"soak failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
     summary = json.loads(out.read_text())["summary"]
     # the run did what it says: traffic through both restarts, answered and metered
-    assert summary["answered_200"] >= 20, summary
+    # answered before the database restart, between the restarts and after the Redis one (a count,
+    # not a rate: a loaded 2-core box answers a few per phase, a quiet one hundreds)
+    assert all(n >= 1 for n in summary["answered_by_phase"]), summary
     assert summary["rows_missing"] == 0 and summary["rows_doubled"] == 0, summary
     assert not any(status.startswith("500") for status in summary["statuses"]), summary
     assert summary["rss_growth_mb"] <= 40, summary
