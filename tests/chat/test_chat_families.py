@@ -141,10 +141,10 @@ def _append_piece(model: Path, piece: str) -> None:
 
 
 def _glm4(directory: Path, caller: bool = False):
-    from test_family_tokenizers import glm4_dir
-
     from lmserve.chat.family_tokenizers import load_family_tokenizer
     from lmserve.chat.family_tokenizers.tiktoken_tokenizer import byte_level_alphabet
+
+    from .test_family_tokenizers import glm4_dir
 
     # GLM-4's call after <|assistant|>: the name line, then the JSON arguments, then <|observation|>.
     call = [b"get_weather", b"\n", json.dumps(CALL_ARGS).encode()]
@@ -158,9 +158,9 @@ def _glm4(directory: Path, caller: bool = False):
 
 
 def _chatglm3(directory: Path, caller: bool = False):
-    from test_family_tokenizers import chatglm3_dir
-
     from lmserve.chat.family_tokenizers import load_family_tokenizer
+
+    from .test_family_tokenizers import chatglm3_dir
 
     chatglm3_dir(directory)
     # ChatGLM3's call after <|assistant|>: the name line, then a python tool_call(...) block.
@@ -191,9 +191,9 @@ def _save_chatglm(directory: Path, tok, script: list[int], **config) -> None:
 
 
 def _internlm2(directory: Path, caller: bool = False):
-    from test_family_tokenizers import internlm2_dir
-
     from lmserve.chat.family_tokenizers import load_family_tokenizer
+
+    from .test_family_tokenizers import internlm2_dir
 
     internlm2_dir(directory)
     call = "\n" + json.dumps({"name": "get_weather", "parameters": CALL_ARGS})
@@ -220,9 +220,9 @@ def _internlm2(directory: Path, caller: bool = False):
 
 
 def _telechat2(directory: Path, caller: bool = False):
-    from test_family_tokenizers import telechat2_dir
-
     from lmserve.chat.family_tokenizers import load_family_tokenizer
+
+    from .test_family_tokenizers import telechat2_dir
 
     telechat2_dir(directory)
     call = "\n" + json.dumps({"name": "get_weather", "arguments": CALL_ARGS}) + "\n"

@@ -20,6 +20,9 @@ class Terminal:
     def __init__(self, argv: list[str], env: dict):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the CLI on the pty as its controlling terminal
+            # Ctrl-C as in a terminal a user opened: a suite started in the background (`cmd &` in
+            # a script) ignores SIGINT, exec keeps that, and Python then installs no handler
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvpe(argv[0], argv, env)
         self.out = ""
 
