@@ -71,6 +71,14 @@ MUTATIONS: dict[str, tuple[str, str, list[str]]] = {
         "m.Sampler._sample_random = staticmethod(_sample)\n",
         ["tests/engine/test_scheduling.py::test_seeded_sampling_and_grammar_state_survive_preemption"],
     ),
+    "priority-ignored": (
+        "the scheduler queues every request first come, first served: batch lines stay ahead of a "
+        "later interactive request",
+        "import lmserve.engine.scheduler as m\n"
+        "m.Scheduler.add = lambda self, seq: self.waiting.append(seq)\n",
+        ["tests/engine/test_scheduler_priority.py::test_waiting_interactive_requests_go_before_batch_ones",
+         "tests/server/test_batch_api.py::test_interactive_request_goes_ahead_of_queued_batch_lines"],
+    ),
     "ledger-not-written": (
         "the usage row of a finished request is never written",
         "import lmserve.platform.usage as m\n"
