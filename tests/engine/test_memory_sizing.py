@@ -11,13 +11,13 @@ from lmserve.engine.memory import (
     GiB,
     MemoryReading,
     blocks_for,
-    check_utilization,
     kv_cache_blocks,
     kv_cache_bytes,
     peak_in_use,
     profile_sequence_lengths,
 )
 from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.options import EngineConfig, check_utilization
 from lmserve.models.loader import DEFAULT_MODEL_ID
 
 MiB = 1 << 20
@@ -68,6 +68,13 @@ def test_less_than_one_block_is_an_error():
 def test_utilization_outside_zero_to_one_is_refused(value):
     with pytest.raises(ValueError, match=r"gpu_memory_utilization must be a fraction in \(0, 1\]"):
         check_utilization(value)
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.01, True, "0.9", float("nan")])
+def test_llm_keyword_utilization_outside_zero_to_one_is_refused(value):
+    """The check guards the LLM(...) keyword path (the config file's text goes through pydantic)."""
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization must be a fraction in \(0, 1\]"):
+        EngineConfig.from_options(gpu_memory_utilization=value)
 
 
 def test_utilization_inside_zero_to_one_is_kept():

@@ -22,12 +22,6 @@ import torch
 GiB = 1 << 30
 
 
-def check_utilization(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1]; got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class MemoryReading:
     """What the device and torch reported around the profiling step (bytes)."""

@@ -121,6 +121,10 @@ class EngineConfig(BaseModel):
         unknown = set(options) - set(cls.model_fields)
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        if options.get("gpu_memory_utilization") is not None:
+            # A Python caller's True or "0.9" is a mistake the lax parsing below would take for a
+            # number (right for the config file's text, where the same model reads it)
+            check_utilization(options["gpu_memory_utilization"])
         try:
             return cls.model_validate(options)
         except ValidationError as e:
@@ -130,6 +134,12 @@ class EngineConfig(BaseModel):
         """The keyword arguments for LLMEngine: only what was set (in the file or by a flag)."""
         return {k: int(v) if isinstance(v, ByteSize) else v
                 for k, v in self.model_dump(exclude_unset=True, exclude_none=True).items()}
+
+
+def check_utilization(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1]; got {value!r}")
+    return float(value)
 
 
 def _describe(err: dict[str, Any]) -> str:
