@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 
 from tests.support.platform_services import fresh_postgres_url
 
-from .conftest import metric_total
+from .conftest import Metrics
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BOOT_KEY = "sk-batch-boot"
@@ -182,11 +182,17 @@ def test_interactive_request_goes_ahead_of_queued_batch_lines(plat):
     f = client.files.create(file=("t.jsonl", jsonl(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h")
     deadline = time.monotonic() + 120
-    while (queued := metric_total(http, "lmserve_num_requests_waiting", model=MODEL)) < SEATS:
-        assert time.monotonic() < deadline, "the batch never filled the engine"
+    # every seat a batch line's and at least as many queued, read in one scrape (between two steps
+    # a finished line has left its seat before the next one takes it)
+    while True:
+        scrape = Metrics(http.get("/metrics").text)
+        running = scrape.value("lmserve_num_requests_running", model=MODEL)
+        queued = scrape.value("lmserve_num_requests_waiting", model=MODEL)
+        if running == SEATS and queued >= SEATS:
+            break
+        assert time.monotonic() < deadline, f"the batch never filled the engine ({running} running, {queued} queued)"
         assert client.batches.retrieve(batch.id).status in ("validating", "in_progress")
         time.sleep(0.1)
-    assert metric_total(http, "lmserve_num_requests_running", model=MODEL) == SEATS  # every seat a batch line's
     before = _completed(client, batch.id)
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}],
                                             max_tokens=2, temperature=0, stream=True)
