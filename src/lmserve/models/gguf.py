@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lmserve.errors import CheckpointError
 from lmserve.layers.quantization.int4_kernel import Int4Grid
 from lmserve.models.config import DecoderConfig
+from lmserve.models.gguf_header import GGUFHeader, TruncatedGGUF
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,7 @@ class GGUFFile:
                             f"(supported: {', '.join(sorted(GGUF_ARCHS))})")
 
     def field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.reader.fields.get(key, default)
 
     def arch_field(self, name: str, default: Any = None) -> Any:
         value = self.field(f"{self.arch_name}.{name}", default)
@@ -210,51 +210,16 @@ def int4_grid_types():
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, mtime_ns: int, size: int):
-    """Parsing the metadata takes seconds (every vocabulary entry is a field): engines loading
-    the same file version share one parse."""
+def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFHeader:
+    """Engines loading the same file version share one parse of its header."""
     try:
-        return _bounded_reader()(path)
-    except _Truncated as e:
+        return GGUFHeader(path)
+    except TruncatedGGUF as e:
+        # Named as such rather than failing somewhere inside, e.g. as a reshape error.
         raise CheckpointError(f"{path}: truncated GGUF file: its header describes {e.needed:,} bytes, the file "
                               f"has {size:,} (an interrupted download or copy?); fetch the file again") from None
     except Exception as e:
         raise CheckpointError(f"{path}: malformed GGUF file ({e})") from None
-
-
-class _Truncated(Exception):
-    def __init__(self, needed: int):
-        self.needed = needed
-
-
-def _bounded_reader():
-    """gguf-py's reader, refusing to read past the end of the file. The stock reader slices its
-    memory map wherever the header points: a cut-off file (an interrupted download) then fails
-    somewhere inside, e.g. as `cannot reshape array of size 399424 into shape (576,960)`. Every
-    read, metadata or tensor data, goes through `_get`, so the check there names the cause."""
-    import numpy as np
-    from gguf import GGUFReader
-
-    class BoundedReader(GGUFReader):
-        # The reader maps the file as an np.memmap and slices it once per metadata value (three
-        # times per vocabulary entry): memmap's Python-level __getitem__/__array_finalize__ made
-        # that ~70% of the parse (4.5 s of 6 for SmolLM2's 49k-entry vocabulary). A plain ndarray
-        # view of the same map (the memmap stays alive as its base) slices in C.
-        @property
-        def data(self):
-            return self._plain_data
-
-        @data.setter
-        def data(self, mapped):
-            self._plain_data = np.asarray(mapped)
-
-        def _get(self, offset, dtype, count=1, override_order=None):
-            end = int(offset) + int(np.dtype(dtype).itemsize) * int(count)
-            if end > len(self.data):
-                raise _Truncated(end)
-            return super()._get(offset, dtype, count, override_order)
-
-    return BoundedReader
 
 
 def hf_name(name: str) -> str | None:
