@@ -8,7 +8,7 @@ PostgreSQL connections, spool depth. At the end it checks that every answered re
 exactly one ledger row and no request has two, and fits the RSS growth after warm-up:
 
     python benchmarks/soak.py --duration 1800            # the full run
-    python benchmarks/soak.py --duration 120 --warmup 40 --max-growth-mb 40   # CI's short version
+    python benchmarks/soak.py --duration 60 --warmup 20 --max-growth-mb 40    # CI's short version
 
 It fails (exit 1) on a missing or doubled ledger row, any 500, or RSS growth above
 `--max-growth-mb-per-hour` after warm-up. On this shared 2-core machine the figures are noisy:

@@ -1,4 +1,4 @@
-"""The soak benchmark's short version (issue 21): `benchmarks/soak.py` for 90 seconds of mixed
+"""The soak benchmark's short version (issue 21): `benchmarks/soak.py` for 60 seconds of mixed
 traffic against one server on a PostgreSQL and a Redis of its own, both restarted mid-run. The
 30-minute run's figures are in docs/operations.md; this one proves, on every CI run, that every
 answered request has exactly one ledger row through both restarts, that nothing answered 500,
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_short_soak_loses_no_row_and_holds_memory(tmp_path):
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--duration", "90", "--warmup", "30",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--duration", "60", "--warmup", "20",
            "--clients", "3", "--sample-s", "5", "--max-growth-mb", "40", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, preexec_fn=die_with_parent,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
