@@ -172,7 +172,8 @@ def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.
 
     try:
         if ckpt.format == "gguf" and option == "int4" and load_format != "dummy":
-            qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows)
+            qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows,
+                                     _grid_modules(model, ckpt.gguf.wide_block_tensors()))
         else:
             qconfig = quantization.resolve(config.quantization_config, option, dense_above_rows)
         if qconfig is None:
