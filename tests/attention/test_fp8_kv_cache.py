@@ -208,6 +208,14 @@ def test_fp8_kv_engine_matches_float32_kv_and_doubles_the_blocks(tiny_llama, flo
     assert sized == {"auto": 512, "fp8": 1024}  # 3 MiB over 3 layers x 2 x 2 heads x 16 dims x 16 tokens x 2 | 1 bytes
 
 
+def test_compiled_decode_refuses_an_fp8_cache_and_stays_eager(tiny_llama, caplog):
+    """The compiled CPU decode's operator reads a cache in the compute dtype: with fp8 it is not
+    offered (logged), and decode runs eager over the fp8 cache."""
+    engine = LLMEngine(str(tiny_llama), dtype="float32", num_kv_blocks=8, compile=True, kv_cache_dtype="fp8")
+    assert engine.executor.runner.compiled is None
+    assert "the compiled decode reads a KV cache in the compute dtype, not fp8" in caplog.text
+
+
 def _with_kv_scales(dense: Path, out: Path, scale: float) -> None:
     """A compressed-tensors FP8 checkpoint (written by the compressed-tensors package, as
     tests/layers/test_fp8.py does) with a static per-tensor KV cache scheme: its config block
