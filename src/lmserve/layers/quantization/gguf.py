@@ -8,8 +8,9 @@ its codes, scales and zeros (models/gguf.py yields them as `<module>.codes`, `.g
 layer whose GGUF tensors are all 5- to 8-bit blocks (Q5_0 / Q5_1 / Q5_K / Q6_K / Q8_0: the
 Q4_K_M / Q5_K_M mixes' other types, and llama.cpp's fallbacks for rows that are not whole
 super-blocks) takes int8 instead, the nearest grid our kernels run that keeps their precision
-(4 bits would throw away what the file kept: on SmolLM2's Q4_K_M, perplexity +4% instead of
-+0.2%, docs/benchmarks.md). Any other layer (float tensors, q/k/v of mixed types) is quantized
+(4 bits would round their 32 to 256 levels per block onto 16 again; int8 per channel keeps them
+within half a 255-level step. On SmolLM2's Q4_K_M the 150-token perplexity text does not tell the
+two apart: docs/benchmarks.md). Any other layer (float tensors, q/k/v of mixed types) is quantized
 to int4 as asked. Both are quantized from the layer's dense copy, one layer at a time (the loader
 finishes each layer as soon as it is complete: no dense copy of the model).
 """
