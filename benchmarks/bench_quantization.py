@@ -9,10 +9,14 @@ whole sequences equal).
 
 A mode is `none`, `int8`, `int4` or `fp8` (the `quantization` option), optionally `:N` for
 quantized_max_rows=N (a bf16 copy serves products of more than N rows), optionally prefixed by a
-GGUF type the bundled file is first re-encoded in with gguf-py (benchmarks/gguf_reencode.py:
-Q8_0, Q4_0, Q4_1; e.g. `Q8_0/int8` loads a Q8_0 file as int8, `Q4_0/int4` keeps its 4-bit
-blocks as the int4 grid). The first mode is the reference for agreement and ratios. RSS is the
+GGUF type the bundled file is first re-encoded in (benchmarks/gguf_reencode.py: Q8_0, Q5_0, Q4_0,
+Q4_1 by gguf-py, Q4_K, Q6_K and the Q4_K_M mix by tests/support/gguf_kquants.py; e.g. `Q8_0/int8`
+loads a Q8_0 file as int8, `Q4_0/int4` keeps its 4-bit blocks as the int4 grid, `Q4_K_M/none`
+measures the file itself, dequantized), optionally suffixed `+fp8kv` for an fp8 KV cache
+(kv_cache_dtype fp8). The first mode is the reference for agreement and ratios. RSS is the
 resident size after loading; peak RSS the process's maximum over loading and the whole run.
+Perplexity is of one prefill (no token reads the KV cache); "cached ppl" scores the same text
+in 16-token chunks, each attending to the earlier ones through the cache (what an fp8 cache moves).
 
     .venv/bin/python benchmarks/bench_quantization.py --modes none int4 Q8_0/int8 Q4_0/int4
 
@@ -77,10 +81,11 @@ def run_mode(mode: str, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     gguf_type, _, mode = mode.rpartition("/")
+    mode, fp8kv, _ = mode.partition("+fp8kv")
     quant, _, rows = mode.partition(":")
     model = {"model": gguf_file(gguf_type)} if gguf_type else {}
     llm = LLM(dtype="bfloat16", quantization=quant, quantized_max_rows=int(rows) if rows else None,
-              num_kv_blocks=1024, **model)
+              num_kv_blocks=1024, kv_cache_dtype="fp8" if fp8kv else "auto", **model)
     out = {"rss_mib": _rss_mib(), "load_peak_rss_mib": _peak_rss_mib()}
     from lmserve.chat.prompt import render_chat
 
@@ -98,6 +103,7 @@ def run_mode(mode: str, threads: int | None) -> dict:
     out["decode_b32"] = len(prompts) * TOKENS / (time.perf_counter() - start)
     ids = llm.engine.tokenizer.encode(TEXT.read_text())
     out["perplexity"] = perplexity(llm.engine, ids)
+    out["cached_perplexity"] = cached_perplexity(llm.engine, ids)
     long_prompt = (ids * 4)[:1024]
     llm.generate([long_prompt[:64]], SamplingParams(max_tokens=1))
     start = time.perf_counter()
@@ -105,6 +111,28 @@ def run_mode(mode: str, threads: int | None) -> dict:
     out["prefill_1024_s"] = time.perf_counter() - start
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
+
+
+def cached_perplexity(engine, ids: list[int], chunk: int = 16) -> float:
+    """Perplexity of `ids` scored in chunks of `chunk` tokens, each a prefill over the earlier
+    chunks' cached keys and values (scoring.perplexity's one prefill never reads the cache)."""
+    import math
+
+    import torch
+
+    from lmserve.model_input import ModelInput
+
+    bs = engine.block_manager.block_size
+    table = list(engine.block_manager.free_blocks)[:-(-len(ids) // bs)]
+    nll = 0.0
+    for start in range(0, len(ids) - 1, chunk):
+        end = min(start + chunk, len(ids) - 1)
+        batch = ModelInput(ids[start:end], [end - start], [start], [table], num_decodes=0,
+                           logit_rows=list(range(end - start)))
+        logits = engine.executor.execute(batch).float()
+        targets = torch.tensor(ids[start + 1:end + 1]).unsqueeze(1)
+        nll -= float(torch.log_softmax(logits, dim=-1).gather(1, targets).sum())
+    return math.exp(nll / (len(ids) - 1))
 
 
 def agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float]:
@@ -149,14 +177,16 @@ def main() -> None:
     print(f"# {platform.machine()}, torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, "
           f"bf16 compute, bundled SmolLM2-135M (Q4_1 GGUF); reference mode {args.modes[0]}")
     print("| mode | RSS MiB | load peak MiB | decode b1 tok/s | decode b32 tok/s | prefill 1024 s | perplexity "
-          "| greedy prefix agree | sequences equal |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| cached ppl | greedy prefix agree | sequences equal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in results.items():
         prefix, whole = agreement(ref["tokens"], r["tokens"])
         print(f"| {mode} | {r['rss_mib']:.0f} | {r['load_peak_rss_mib']:.0f} "
               f"| {r['decode_b1']:.1f} ({r['decode_b1'] / ref['decode_b1']:.2f}x) "
               f"| {r['decode_b32']:.0f} ({r['decode_b32'] / ref['decode_b32']:.2f}x) | {r['prefill_1024_s']:.2f} "
-              f"| {r['perplexity']:.2f} ({r['perplexity'] / ref['perplexity']:.3f}x) | {prefix:.0%} | {whole:.0%} |")
+              f"| {r['perplexity']:.2f} ({r['perplexity'] / ref['perplexity']:.3f}x) "
+              f"| {r['cached_perplexity']:.2f} ({r['cached_perplexity'] / ref['cached_perplexity']:.3f}x) "
+              f"| {prefix:.0%} | {whole:.0%} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ Parts (--parts):
                scales, compute capability >= 8.9) against the dequantized dense product, then the 8B
                shape with `quantization: fp8` (per-channel fp8 weights from dummy bf16 at load): batch-1
                decode (fraction of the fp8 roofline, ratio to bf16's) and offline throughput, each
-               beside the same numbers in bf16 measured in this part
+               beside the same numbers in bf16 measured in this part; and the fp8 KV cache
+               (kv_cache_dtype fp8, the Triton kernels' fp8 reads) against a bf16 cache on that shape:
+               greedy logits within 2^-4 of their range, token agreement, blocks gained
   attention    decode attention of the 8B layer shape in one pass vs split keys + merge, by batch size
                and context (graph-replayed kernel time), and where one pass stops paying
 

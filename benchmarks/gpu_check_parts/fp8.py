@@ -57,6 +57,8 @@ def part_fp8(report: Report, device: torch.device, args) -> None:
     (config_dir / "config.json").write_text(json.dumps(shape.config))
     numbers = report.numbers.setdefault("fp8", {})
     vocab = shape.config["vocab_size"]
+    report.check("fp8: KV cache (kv_cache_dtype fp8) vs bf16 KV", lambda: kv_cache_check(device, config_dir, numbers),
+                 needs_s=60)
     for quant in ("none", "fp8"):
         state: dict = {}
 
@@ -95,6 +97,42 @@ def part_fp8(report: Report, device: torch.device, args) -> None:
         report.check(f"fp8: {quant} offline throughput", throughput, needs_s=40)
         del engine
         free_device_memory(device)
+
+
+def kv_cache_check(device: torch.device, config_dir: Path, numbers: dict) -> str:
+    """The 8B shape (dummy weights, the same in both runs) served with a bf16 and an fp8 KV cache
+    (the Triton kernels' fp8 reads, CUDA graphs on): logits of every greedy step within 2^-4 of
+    their range until the runs' first differing token (tests/attention/test_fp8_kv_cache.py's
+    tolerance), the share of greedy tokens that agree, and the blocks each cache gets."""
+    from gpu_check_parts.speed import random_prompts
+    from lmserve import SamplingParams
+    from lmserve.attention.kv_cache_dtype import FP8_RELATIVE_ERROR
+    from tests.support.family_checkpoints import serve_and_capture
+
+    vocab = json.loads((config_dir / "config.json").read_text())["vocab_size"]
+    prompts = [p[:n] for p, n in zip(random_prompts(4, 96, vocab, seed=5), (96, 40, 17, 64))]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    runs, blocks = {}, {}
+    for kv in ("auto", "fp8"):
+        engine = lmserve_engine(config_dir, device, None, {"kv_cache_dtype": kv})
+        runs[kv] = serve_and_capture(engine, prompts, params)
+        blocks[kv] = engine.num_blocks
+        del engine
+        free_device_memory(device)
+    worst, same, total = 0.0, 0, 0
+    for (ref_tokens, ref_logits, _), (tokens, logits, _) in zip(runs["auto"], runs["fp8"]):
+        parted = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), len(tokens))
+        same, total = same + parted, total + len(tokens)
+        for ref_row, row in zip(ref_logits[:parted + 1], logits[:parted + 1]):
+            ref_row, row = ref_row.float(), row.float()
+            worst = max(worst, ((row - ref_row).abs().max() / (ref_row.max() - ref_row.min())).item())
+    numbers.update(kv_fp8_logit_error=round(worst, 4), kv_fp8_greedy_agreement=round(same / total, 3),
+                   kv_fp8_blocks_ratio=round(blocks["fp8"] / blocks["auto"], 3))
+    line = (f"logits within {worst:.4f} of their range (tolerance {FP8_RELATIVE_ERROR}), greedy tokens "
+            f"agree {same}/{total} before parting, {blocks['fp8']} blocks vs {blocks['auto']} in bf16")
+    if worst > FP8_RELATIVE_ERROR or blocks["fp8"] < 1.8 * blocks["auto"]:
+        raise CheckFailed(line)
+    return line
 
 
 def vs_bf16(numbers: dict, quant: str, measure: str, tok_s: float, target: float) -> str:

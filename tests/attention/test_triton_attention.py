@@ -174,7 +174,8 @@ def test_graph_ladder_and_padding():
     assert [padded_size(n, sizes) for n in (1, 3, 5, 8, 9, 63, 64, 65)] == [1, 4, 8, 8, 16, 64, 64, None]
 
 
-# Both kernels compiled for an H100 (tests/support/sm90_compile.py says why), in bfloat16 and float32.
+# Both kernels compiled for an H100 (tests/support/sm90_compile.py says why), in bfloat16 and float32,
+# over a cache in the compute dtype or fp8 (e4m3, kv_cache_dtype: fp8) for a decode and a prefill tile.
 _COMPILE_FOR_SM90 = """
 from lmserve.attention import triton_paged as P
 
@@ -182,29 +183,35 @@ ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_ptr", "tile_seq_ptr", "
 strides = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kt", "stride_kh",
            "stride_vb", "stride_vt", "stride_vh", "stride_bt", "num_q_heads", "window")
 # dtype, head dim, GQA group, queries per tile, key splits, window, softcap: decode (split and
-# not), a Llama-8B prefill tile, Gemma-2's 256-wide heads, a non-power-of-two head dim and group.
-for dt, head_dim, group, block_q, splits, window, softcap in (
-        ("bf16", 128, 4, 1, 8, True, False), ("bf16", 128, 4, 16, 1, False, False),
-        ("bf16", 256, 2, 16, 1, True, True), ("bf16", 80, 7, 9, 1, False, True), ("fp32", 64, 4, 1, 1, False, False)):
+# not), a Llama-8B prefill tile, Gemma-2's 256-wide heads, a non-power-of-two head dim and group;
+# the 8B decode and prefill tiles again over an fp8 cache.
+for dt, head_dim, group, block_q, splits, window, softcap, kv in (
+        ("bf16", 128, 4, 1, 8, True, False, "bf16"), ("bf16", 128, 4, 16, 1, False, False, "bf16"),
+        ("bf16", 256, 2, 16, 1, True, True, "bf16"), ("bf16", 80, 7, 9, 1, False, True, "bf16"),
+        ("fp32", 64, 4, 1, 1, False, False, "fp32"), ("bf16", 128, 4, 1, 8, False, False, "fp8e4nv"),
+        ("bf16", 128, 4, 16, 1, False, False, "fp8e4nv")):
     precision = "ieee" if dt == "fp32" else "tf32"
     block_d = P._next_power_of_2(head_dim)
-    sig = {"q_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "out_ptr": "*" + dt,
+    sig = {"q_ptr": "*" + dt, "k_cache_ptr": "*" + kv, "v_cache_ptr": "*" + kv, "out_ptr": "*" + dt,
            "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
-           **{n: "*i64" for n in ints}, "scale": "fp32", "softcap": "fp32", **{n: "i32" for n in strides}}
+           **{n: "*i64" for n in ints}, "scale": "fp32", "softcap": "fp32", "k_scale": "fp32", "v_scale": "fp32",
+           **{n: "i32" for n in strides}}
     compile_for_sm90(P._paged_attention_kernel, sig, {
         "HEAD_DIM": head_dim, "BLOCK_D": block_d, "PAGE_SIZE": 16, "GROUP": group, "BLOCK_Q": block_q,
         "BLOCK_M": max(16, P._next_power_of_2(block_q * group)), "TILE_N": 64 if block_d <= 128 else 32,
-        "NUM_SPLITS": splits, "USE_SOFTCAP": softcap, "USE_WINDOW": window, "PRECISION": precision})
+        "NUM_SPLITS": splits, "USE_SOFTCAP": softcap, "USE_WINDOW": window, "PRECISION": precision,
+        "KV_FP8": kv == "fp8e4nv"})
     if splits > 1:
         compile_for_sm90(P._merge_splits_kernel, {
             "out_ptr": "*" + dt, "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
             "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "i32"},
             {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "NUM_SPLITS": splits})
     compile_for_sm90(P._write_kv_kernel, {
-        "k_ptr": "*" + dt, "v_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "slots_ptr": "*i64",
+        "k_ptr": "*" + dt, "v_ptr": "*" + dt, "k_cache_ptr": "*" + kv, "v_cache_ptr": "*" + kv, "slots_ptr": "*i64",
         **{n: "i32" for n in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ks", "stride_kch",
-                              "stride_vs", "stride_vch")}},
-        {"NUM_HEADS": group, "HEAD_DIM": head_dim, "BLOCK_H": P._next_power_of_2(group), "BLOCK_D": block_d})
+                              "stride_vs", "stride_vch")}, "k_scale": "fp32", "v_scale": "fp32"},
+        {"NUM_HEADS": group, "HEAD_DIM": head_dim, "BLOCK_H": P._next_power_of_2(group), "BLOCK_D": block_d,
+         "KV_FP8": kv == "fp8e4nv"})
 """
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmserve.attention import MLAAttention
+from lmserve.attention.kv_cache_dtype import dequantize, quantize
 from lmserve.attention.reference import ReferenceBackend
 from lmserve.attention.selector import get_attention_backend
 from lmserve.attention.triton_backend import TritonPagedBackend
@@ -34,7 +35,10 @@ def _batch(decode_contexts: list[int], prefills: list[tuple[int, int]], g: torch
     return ModelInput([0] * tokens, query_lens, context_lens, tables, len(decode_contexts), list(range(tokens)))
 
 
-def _run_both(batch: ModelInput, heads: int, nope: int, rope: int, v_dim: int, rank: int, num_splits=None):
+def _run_both(batch: ModelInput, heads: int, nope: int, rope: int, v_dim: int, rank: int, num_splits=None,
+              fp8_scale: float | None = None):
+    """With fp8_scale: an fp8 cache (kv_cache_dtype: fp8) of that scale, and new entries it
+    holds exactly (Triton's interpreter rounds some float -> fp8 casts wrongly; a GPU does not)."""
     g = torch.Generator().manual_seed(0)
     layer = MLAAttention(heads, nope, rope, v_dim, rank, (nope + rope) ** -0.5)
     kv_b_proj = nn.Linear(rank, heads * (nope + v_dim), bias=False)
@@ -43,6 +47,10 @@ def _run_both(batch: ModelInput, heads: int, nope: int, rope: int, v_dim: int, r
     t = len(batch.token_ids)
     q = torch.randn(t, heads, nope + rope, generator=g)
     entry = torch.randn(t, rank + rope, generator=g)
+    if fp8_scale is not None:
+        layer.k_scale = fp8_scale
+        cache = quantize(cache, fp8_scale)
+        entry = dequantize(quantize(entry, fp8_scale), fp8_scale, torch.float32)
     positions = torch.tensor(batch.positions)
     outs, caches = [], []
     for backend in (ReferenceBackend(), TritonPagedBackend([layer.kv_spec], torch.device("cpu"))):
@@ -52,7 +60,7 @@ def _run_both(batch: ModelInput, heads: int, nope: int, rope: int, v_dim: int, r
             meta.num_splits = num_splits
         outs.append(layer(q, entry, kv_b_proj, kv, meta))
         caches.append(kv[0])
-    assert torch.equal(caches[0], caches[1]), "both backends write the same entries"
+    assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8)), "both write the same entries"
     return outs
 
 
@@ -75,6 +83,14 @@ def test_mixed_mla_batch_matches_reference(heads, nope, rope, v_dim, rank):
 def test_mla_decode_batch_matches_reference(splits):
     batch = _batch([0, 3, 16, 41, 77], [], torch.Generator().manual_seed(2))
     ref, got = _run_both(batch, 4, 12, 8, 10, 20, num_splits=splits)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_mla_over_an_fp8_cache_matches_reference():
+    """kv_cache_dtype: fp8 -- decodes (the kernel dequantizes each tile) and prefill chunks over
+    cached pages (dequantized before kv_b_proj) as the reference backend reads them."""
+    batch = _batch([0, 13, 40], [(0, 7), (9, 6)], torch.Generator().manual_seed(4))
+    ref, got = _run_both(batch, 4, 12, 8, 10, 20, num_splits=4, fp8_scale=0.25)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
 
 
@@ -114,14 +130,17 @@ from lmserve.attention import triton_mla as M
 
 ints = ("block_tables_ptr", "seq_lens_ptr")
 strides = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_ct", "stride_bt", "num_heads")
-# DeepSeek-V2's latent (512 + 64) in bf16 with and without key splits, in fp32, and the tiny sizes.
-for dt, rank, rope, splits in (("bf16", 512, 64, 8), ("bf16", 512, 64, 1), ("fp32", 512, 64, 4), ("fp32", 20, 8, 1)):
+# DeepSeek-V2's latent (512 + 64) in bf16 with and without key splits, in fp32, and the tiny
+# sizes; V2's latent again over an fp8 cache (kv_cache_dtype: fp8).
+for dt, rank, rope, splits, kv in (("bf16", 512, 64, 8, "bf16"), ("bf16", 512, 64, 1, "bf16"),
+                                   ("fp32", 512, 64, 4, "fp32"), ("fp32", 20, 8, 1, "fp32"),
+                                   ("bf16", 512, 64, 8, "fp8e4nv")):
     sizes = M.mla_block_sizes(rank, rope, M.torch.float32 if dt == "fp32" else M.torch.bfloat16)
-    sig = {"q_ptr": "*" + dt, "cache_ptr": "*" + dt, "out_ptr": "*" + dt, "part_acc_ptr": "*fp32",
+    sig = {"q_ptr": "*" + dt, "cache_ptr": "*" + kv, "out_ptr": "*" + dt, "part_acc_ptr": "*fp32",
            "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", **{n: "*i64" for n in ints}, "scale": "fp32",
-           **{n: "i32" for n in strides}}
+           "kv_scale": "fp32", **{n: "i32" for n in strides}}
     constexprs = {"RANK": rank, "ROPE": rope, "PAGE_SIZE": 16, "BLOCK_H": M.BLOCK_H, "NUM_SPLITS": splits,
-                  "PRECISION": "ieee" if dt == "fp32" else "tf32", **sizes}
+                  "PRECISION": "ieee" if dt == "fp32" else "tf32", "KV_FP8": kv == "fp8e4nv", **sizes}
     # Shared memory is checked only at launch: an H100/H200 block may use up to 227 KiB.
     signature = {**sig, **{n: "constexpr" for n in constexprs}}
     kernel = triton.compile(ASTSource(fn=M._mla_decode_kernel, signature=signature, constexprs=constexprs),
@@ -139,10 +158,12 @@ for dt in ("bf16", "fp32"):
     block_q = P.prefill_block_q(1, 192)
     constexprs = {"HEAD_DIM": 192, "BLOCK_D": 256, "PAGE_SIZE": 16, "GROUP": 1, "BLOCK_Q": block_q,
                   "BLOCK_M": max(16, P._next_power_of_2(block_q)), "TILE_N": 32, "NUM_SPLITS": 1,
-                  "USE_SOFTCAP": False, "USE_WINDOW": False, "PRECISION": "ieee" if dt == "fp32" else "tf32"}
+                  "USE_SOFTCAP": False, "USE_WINDOW": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
+                  "KV_FP8": False}
     sig = {"q_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "out_ptr": "*" + dt,
            "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
-           **{n: "*i64" for n in ints}, "scale": "fp32", "softcap": "fp32", **{n: "i32" for n in strides},
+           **{n: "*i64" for n in ints}, "scale": "fp32", "softcap": "fp32", "k_scale": "fp32", "v_scale": "fp32",
+           **{n: "i32" for n in strides},
            **{n: "constexpr" for n in constexprs}}
     kernel = triton.compile(ASTSource(fn=P._paged_attention_kernel, signature=sig, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32))

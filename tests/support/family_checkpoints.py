@@ -395,8 +395,9 @@ def serve_waves_greedy(source, steps: int, **options) -> tuple[LLMEngine, list[t
     """Both WAVES served greedily for `steps` tokens each, in float32 through chunked prefill (a
     16-token budget) with the second wave hitting the prefix cache: the engine and, per request,
     its tokens and the logits of every sampled step. Every KV block is free afterwards."""
-    engine = LLMEngine(str(source), dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16,
-                       max_num_seqs=6, **options)
+    options = {"num_kv_blocks": 96, **options}  # a smaller cache preempts
+    engine = LLMEngine(str(source), dtype="float32", block_size=4, max_num_batched_tokens=16, max_num_seqs=6,
+                       **options)
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
     results = [r for wave in WAVES for r in serve_and_capture(engine, wave, params)]
     assert sum(cached for _, _, cached in results) >= 16, "the second wave should have hit the prefix cache"

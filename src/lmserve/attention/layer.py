@@ -24,6 +24,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.softcap = softcap or None
+        # An fp8 KV cache's scales (attention/kv_cache_dtype.py): from the checkpoint, else 1.0.
+        # MLA layers scale their one latent entry by k_scale.
+        self.k_scale = self.v_scale = 1.0
 
     @property
     def kv_spec(self) -> KVCacheSpec:

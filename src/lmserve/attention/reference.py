@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.attention.backend import AttentionBackend
+from lmserve.attention.kv_cache_dtype import read_rows, store_rows
 
 if TYPE_CHECKING:
     from lmserve.model_input import ModelInput
@@ -124,7 +125,7 @@ class ReferenceBackend(AttentionBackend):
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ReferenceMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale)
         t, hq, d = q.shape
         hkv = k.shape[1]
         group = hq // hkv
@@ -137,8 +138,8 @@ class ReferenceBackend(AttentionBackend):
             qd = q[:nd].view(nd, hkv, group, d)
             od = None
             for g in meta.decode_groups:
-                kd = _gather(kv_cache[0], g.block_tables)
-                vd = _gather(kv_cache[1], g.block_tables)
+                kd = _gather(kv_cache[0], g.block_tables, layer.k_scale, q.dtype)
+                vd = _gather(kv_cache[1], g.block_tables, layer.v_scale, q.dtype)
                 qg = qd if g.rows is None else qd[g.rows]
                 if softcap is None:
                     og = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=g.mask(window), scale=scale)
@@ -160,8 +161,8 @@ class ReferenceBackend(AttentionBackend):
                 kp, vp = k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
             else:
                 total = chunk.context_len + chunk.length
-                kp = _gather(kv_cache[0], chunk.block_table.unsqueeze(0))[:, :, :total]
-                vp = _gather(kv_cache[1], chunk.block_table.unsqueeze(0))[:, :, :total]
+                kp = _gather(kv_cache[0], chunk.block_table.unsqueeze(0), layer.k_scale, q.dtype)[:, :, :total]
+                vp = _gather(kv_cache[1], chunk.block_table.unsqueeze(0), layer.v_scale, q.dtype)[:, :, :total]
             if softcap is None:
                 qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
@@ -195,7 +196,7 @@ class ReferenceBackend(AttentionBackend):
         cache = kv_cache[0]
         rank, nope, heads = layer.kv_lora_rank, layer.qk_nope_dim, layer.num_heads
         width = cache.shape[-1]
-        cache.view(-1, width).index_copy_(0, meta.slot_mapping, entry)
+        store_rows(cache.view(-1, width), meta.slot_mapping, entry, layer.k_scale)
         t = q.shape[0]
         nd = meta.num_decode
         out = q.new_empty(t, heads, layer.v_head_dim)
@@ -207,7 +208,8 @@ class ReferenceBackend(AttentionBackend):
             od = qd.new_empty(nd, heads, rank)
             for g in meta.decode_groups:
                 rows = slice(None) if g.rows is None else g.rows
-                entries = cache.index_select(0, g.block_tables.view(-1)).view(len(g.positions), -1, width)
+                entries = read_rows(cache, g.block_tables.view(-1), layer.k_scale, q.dtype).view(
+                    len(g.positions), -1, width)
                 # Written out (transformers' eager order) rather than SDPA: with all heads as the
                 # query axis against one 576-wide key, PyTorch's CPU SDPA kernels ran ~100x slower
                 # than these two batched matmuls (benchmarks/bench_mla.py).
@@ -221,7 +223,7 @@ class ReferenceBackend(AttentionBackend):
                 ent = entry[rows]
             else:
                 total = chunk.context_len + chunk.length
-                ent = cache.index_select(0, chunk.block_table).view(-1, width)[:total]
+                ent = read_rows(cache, chunk.block_table, layer.k_scale, q.dtype).view(-1, width)[:total]
             s = ent.shape[0]
             kv = kv_b_proj(ent[:, :rank]).view(s, heads, nope + layer.v_head_dim)
             k = torch.cat((kv[..., :nope], ent[:, None, rank:].expand(s, heads, width - rank)), dim=-1)
@@ -243,19 +245,21 @@ def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """The new keys and values into their slots (quantized with the layer's scales in an fp8 cache)."""
     k_cache, v_cache = kv_cache
     kvh, d = k_cache.shape[-2:]
-    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+    store_rows(k_cache.view(-1, kvh, d), slot_mapping, k, k_scale)
+    store_rows(v_cache.view(-1, kvh, d), slot_mapping, v, v_scale)
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[B, max_blocks] block ids -> [B, kvh, max_blocks * block_size, d] keys or values."""
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, kvh, max_blocks * block_size, d] keys or values in the
+    compute dtype (an fp8 cache's pages converted after the gather: only the pages read)."""
     b, nblk = block_tables.shape
     _, bs, kvh, d = cache.shape
     # index_select on the flattened ids is a plain row copy; advanced indexing costs more per call.
-    return cache.index_select(0, block_tables.view(-1)).view(b, nblk * bs, kvh, d).transpose(1, 2)
+    return read_rows(cache, block_tables.view(-1), scale, dtype).view(b, nblk * bs, kvh, d).transpose(1, 2)
 
 
 def _decode_groups(tables: list[list[int]], positions: torch.Tensor, dtype: torch.dtype,

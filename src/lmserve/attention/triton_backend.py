@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmserve.attention.backend import AttentionBackend
+from lmserve.attention.kv_cache_dtype import read_rows, store_rows
 from lmserve.attention.spec import KVSpec, MLAKVCacheSpec
 from lmserve.attention.triton_mla import mla_decode
 from lmserve.attention.triton_paged import paged_attention, prefill_block_q, split_buffer_sizes, write_kv
@@ -170,7 +171,7 @@ class TritonPagedBackend(AttentionBackend):
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: TritonAttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, layer.k_scale, layer.v_scale)
         if q.stride(-1) != 1:
             q = q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -185,7 +186,7 @@ class TritonPagedBackend(AttentionBackend):
             tile_seq, tile_first = meta.tiles(block_q)
         return paged_attention(q, kv_cache[0], kv_cache[1], out, meta.block_tables, meta.seq_lens, meta.query_start,
                                tile_seq, tile_first, block_q, layer.scale, layer.softcap, layer.sliding_window,
-                               splits, meta.split_buffers)
+                               splits, meta.split_buffers, layer.k_scale, layer.v_scale)
 
     def forward_mla(self, layer, q: torch.Tensor, entry: torch.Tensor, kv_b_proj, kv_cache: tuple[torch.Tensor],
                     meta: TritonAttentionMetadata) -> torch.Tensor:
@@ -193,7 +194,7 @@ class TritonPagedBackend(AttentionBackend):
         expanded for prefill). q [T, H, nope + rope]; entry [T, rank + rope]. -> [T, H, v]."""
         cache = kv_cache[0]
         rank, nope, heads, v_dim = layer.kv_lora_rank, layer.qk_nope_dim, layer.num_heads, layer.v_head_dim
-        cache.view(-1, cache.shape[-1]).index_copy_(0, meta.slot_mapping, entry)
+        store_rows(cache.view(-1, cache.shape[-1]), meta.slot_mapping, entry, layer.k_scale)
         t = q.shape[0]
         nd = t if meta.decode_only else meta.num_decodes
         w = kv_b_proj.weight.view(heads, nope + v_dim, rank)
@@ -216,7 +217,8 @@ class TritonPagedBackend(AttentionBackend):
         splits = meta.num_splits if meta.decode_only else 1
         if splits > 1 and meta.split_buffers is None:
             self.allocate_split_buffers(meta, heads, rank)
-        mla_decode(qd, cache, od, meta.block_tables, meta.seq_lens, rank, layer.scale, splits, meta.split_buffers)
+        mla_decode(qd, cache, od, meta.block_tables, meta.seq_lens, rank, layer.scale, splits, meta.split_buffers,
+                   layer.k_scale)
         return torch.bmm(od.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
 
     def _mla_prefill_forward(self, layer, q: torch.Tensor, cache: torch.Tensor, kv_b_proj,
@@ -228,7 +230,7 @@ class TritonPagedBackend(AttentionBackend):
         rank, nope, heads, v_dim = layer.kv_lora_rank, layer.qk_nope_dim, layer.num_heads, layer.v_head_dim
         qk_dim = nope + layer.rope_dim
         dim = max(qk_dim, v_dim)
-        entries = cache.index_select(0, pre.pages)  # [P, page, rank + rope]
+        entries = read_rows(cache, pre.pages, layer.k_scale, q.dtype)  # [P, page, rank + rope]
         p, page = entries.shape[0], entries.shape[1]
         kv = kv_b_proj(entries[..., :rank].reshape(p * page, rank)).view(p, page, heads, nope + v_dim)
         k = q.new_zeros(p, page, heads, dim)

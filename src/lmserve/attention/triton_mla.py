@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmserve.attention.kv_cache_dtype import is_fp8
 from lmserve.attention.triton_paged import _merge_splits_kernel, _next_power_of_2
 
 # Heads per program: tl.dot needs at least 16 rows; DeepSeek-V2-Lite has 16 heads, V2 128.
@@ -40,10 +41,10 @@ BLOCK_H = 16
 @triton.jit(do_not_specialize=["stride_bt"])
 def _mla_decode_kernel(
     q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, block_tables_ptr, seq_lens_ptr,
-    scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_bt, num_heads,
+    scale, kv_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_bt, num_heads,
     RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)  # decodes come first: sequence i's query is row i
     head_block = tl.program_id(1)
@@ -82,6 +83,9 @@ def _mla_decode_kernel(
                          other=0.0)  # [BLOCK_C, TILE_N]
         k_pe = tl.load(entry[None, :] + RANK + rdims[:, None], mask=k_valid[None, :] & r_valid[:, None],
                        other=0.0)  # [BLOCK_R, TILE_N]
+        if KV_FP8:  # an fp8 cache's entries, read back in the compute dtype (attention/kv_cache_dtype.py)
+            latent = (latent.to(tl.float32) * kv_scale).to(q_lat.dtype)
+            k_pe = (k_pe.to(tl.float32) * kv_scale).to(q_pe.dtype)
         s = tl.dot(q_lat, latent, input_precision=PRECISION)
         s = (s + tl.dot(q_pe, k_pe, input_precision=PRECISION)) * scale
         s = tl.where(k_valid[None, :], s, float("-inf"))
@@ -113,7 +117,8 @@ def mla_block_sizes(rank: int, rope: int, dtype: torch.dtype) -> dict:
 
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, rank: int, scale: float, num_splits: int = 1,
-               split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               kv_scale: float = 1.0) -> torch.Tensor:
     """out[b, h] = sum_k softmax_k(scale * q[b, h] . entry_k) entry_k[:rank], over sequence b's
     cached entries.
 
@@ -121,7 +126,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, out: torch.Tensor, block_ta
     sequence, sequence b's query at row b; cache [blocks, page, rank + rope]; out [B, H, rank];
     block_tables [>= B, W]; seq_lens [>= B] (entries including this step's). With num_splits > 1,
     split_buffers holds float32 partials of at least [B * H * num_splits * BLOCK_C] and
-    [B * H * num_splits] twice (triton_paged.split_buffer_sizes(B, H, rank, num_splits))."""
+    [B * H * num_splits] twice (triton_paged.split_buffer_sizes(B, H, rank, num_splits)). An fp8
+    cache is read back as entry * kv_scale."""
     b, heads, width = q.shape
     rope = width - rank
     page = cache.shape[1]
@@ -130,11 +136,11 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, out: torch.Tensor, block_ta
     part_acc, part_max, part_sum = split_buffers if num_splits > 1 else (out, out, out)
     grid = (b, triton.cdiv(heads, BLOCK_H), num_splits)
     _mla_decode_kernel[grid](
-        q, cache, out, part_acc, part_max, part_sum, block_tables, seq_lens, scale,
+        q, cache, out, part_acc, part_max, part_sum, block_tables, seq_lens, scale, kv_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), cache.stride(0), cache.stride(1),
         block_tables.stride(0), heads,
         RANK=rank, ROPE=rope, PAGE_SIZE=page, BLOCK_H=BLOCK_H, NUM_SPLITS=num_splits, PRECISION=precision,
-        num_stages=2, **sizes)
+        KV_FP8=is_fp8(cache), num_stages=2, **sizes)
     if num_splits > 1:
         _merge_splits_kernel[(b, heads)](
             out, part_acc, part_max, part_sum, out.stride(0), out.stride(1), heads,

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmserve.attention.kv_cache_dtype import is_fp8
+
 
 # The block tables' row stride is the batch's longest table: a new value at nearly every
 # prefill. Specialized (Triton's default for ints: ==1, multiple of 16), it would compile the
@@ -35,13 +37,13 @@ import triton.language as tl
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, tile_seq_ptr, tile_first_ptr,
-    scale, softcap, window,
+    scale, softcap, window, k_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
     num_q_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,6 +90,8 @@ def _paged_attention_kernel(
         k_off = page * stride_kb + in_page * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + k_off[None, :] + dims[:, None],
                     mask=k_valid[None, :] & dim_valid[:, None], other=0.0)  # [BLOCK_D, TILE_N]
+        if KV_FP8:  # an fp8 cache's keys, read back in the compute dtype (attention/kv_cache_dtype.py)
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         s = tl.dot(q, k, input_precision=PRECISION) * scale
         if USE_SOFTCAP:
             # tanh(x) = 2 sigmoid(2x) - 1, written out: tl's tanh differs across Triton versions.
@@ -104,6 +108,8 @@ def _paged_attention_kernel(
         v_off = page * stride_vb + in_page * stride_vt + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :],
                     mask=k_valid[:, None] & dim_valid[None, :], other=0.0)  # [TILE_N, BLOCK_D]
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -142,31 +148,38 @@ def _merge_splits_kernel(
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_ks, stride_kch, stride_vs, stride_vch,
-                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     stride_ks, stride_kch, stride_vs, stride_vch, k_scale, v_scale,
+                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     KV_FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < NUM_HEADS) & (dims < HEAD_DIM)
     k = tl.load(k_ptr + t * stride_kt + heads * stride_kh + dims, mask=mask)
+    if KV_FP8:  # fp8(clamp(x / scale)), saturating at e4m3's largest value as kv_cache_dtype.quantize does
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)
     tl.store(k_cache_ptr + slot * stride_ks + heads * stride_kch + dims, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + dims, mask=mask)
+    if KV_FP8:
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
     tl.store(v_cache_ptr + slot * stride_vs + heads * stride_vch + dims, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """k_cache/v_cache [blocks, page, Hkv, D] at slot_mapping[t] = k[t] / v[t] ([T, Hkv, D], any
     token and head strides): both caches in one launch, where two index_copy_ calls take two
-    (each as long as the other small kernels of a decode step)."""
+    (each as long as the other small kernels of a decode step). An fp8 cache stores the values
+    divided by the layer's scales."""
     t, hkv, d = k.shape
     if t == 0:
         return
     kc, vc = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
     _write_kv_kernel[(t,)](k, v, kc, vc, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                           kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-                           NUM_HEADS=hkv, HEAD_DIM=d, BLOCK_H=_next_power_of_2(hkv), BLOCK_D=_next_power_of_2(d))
+                           kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), k_scale, v_scale,
+                           NUM_HEADS=hkv, HEAD_DIM=d, BLOCK_H=_next_power_of_2(hkv), BLOCK_D=_next_power_of_2(d),
+                           KV_FP8=is_fp8(k_cache))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -177,7 +190,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
                     tile_seq: torch.Tensor, tile_first: torch.Tensor, block_q: int, scale: float,
                     softcap: float | None, window: int | None, num_splits: int = 1,
-                    split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """out[t, h] = attention of query q[t, h] over its sequence's cached keys and values.
 
     q, out [T, Hq, D]; caches [blocks, page, Hkv, D] (this step's keys already written);
@@ -185,7 +199,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     query_start [N + 1] (the sequences' first rows in q); tile_seq / tile_first [tiles] (which
     sequence each tile is, and its first query within the chunk), tiles of `block_q` queries.
     num_splits > 1 only for decode tiles (block_q == 1); split_buffers then holds float32
-    partials of at least [T * Hq * num_splits * BLOCK_D], [T * Hq * num_splits] twice."""
+    partials of at least [T * Hq * num_splits * BLOCK_D], [T * Hq * num_splits] twice. An fp8
+    cache is read back as value * k_scale / v_scale."""
     _, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -204,7 +219,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_acc, part_max, part_sum,
         block_tables, seq_lens, query_start, tile_seq, tile_first,
-        scale, softcap or 0.0, window or 0,
+        scale, softcap or 0.0, window or 0, k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -212,6 +227,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HEAD_DIM=d, BLOCK_D=block_d, PAGE_SIZE=page, GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
         TILE_N=64 if block_d <= 128 else 32, NUM_SPLITS=num_splits,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None, PRECISION=precision,
+        KV_FP8=is_fp8(k_cache),
     )
     if num_splits > 1:
         _merge_splits_kernel[(tile_seq.shape[0], hq)](

@@ -59,7 +59,13 @@ def register(sub) -> None:
     from typing import get_args
 
     from lmserve.config import DTYPES
-    from lmserve.engine.options import AttentionBackend, DistributedBackend, EngineConfig
+    from lmserve.engine.options import (
+        FP8_E5M2_REFUSED,
+        AttentionBackend,
+        DistributedBackend,
+        EngineConfig,
+        KVCacheDtype,
+    )
 
     default = EngineConfig()  # the defaults the help texts name
     serve = sub.add_parser(
@@ -114,6 +120,14 @@ def register(sub) -> None:
                              "after start (kernels cached in the data directory); default off")
     engine.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="on a GPU: replay decode steps from CUDA graphs captured at start; default on")
+    def kv_cache_dtype(text: str) -> str:
+        if text == "fp8_e5m2":  # vLLM's other fp8: refused by name, not as a typo
+            raise argparse.ArgumentTypeError(FP8_E5M2_REFUSED)
+        return text
+
+    engine.add_argument("--kv-cache-dtype", type=kv_cache_dtype, choices=get_args(KVCacheDtype), default=None,
+                        help="what the KV cache stores: auto (the compute dtype) or fp8 (= fp8_e4m3: float8 e4m3 "
+                             "with per-layer scales from the checkpoint, else 1.0; half the bytes per token)")
     engine.add_argument("--attention-backend", choices=get_args(AttentionBackend), default=None,
                         help="attention kernels: auto (Triton over the paged cache on a GPU, else the reference), "
                              "reference (PyTorch SDPA, any device) or triton")
@@ -152,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
             quantized_max_rows=args.quantized_max_rows, compile=args.compile,
             gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
-            attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+            attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
             enable_expert_parallel=args.enable_expert_parallel, distributed_backend=args.distributed_backend,
             nnodes=args.nnodes, dist_init_addr=args.dist_init_addr, speculative_config=args.speculative_config,
             log_level=args.log_level, log_format=args.log_format, threads=args.threads)

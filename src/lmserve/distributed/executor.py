@@ -114,19 +114,24 @@ class Worker:
     def profile(self, batch, num_blocks: int, block_size: int, utilization: float) -> int:
         """A worker's share of the engine's memory profile: the same step on a temporary cache,
         its own device's peak, its own block count; every rank then takes the smallest."""
+        from lmserve.attention.kv_cache_dtype import kv_cache_torch_dtype
         from lmserve.engine.capacity import cache_blocks
         from lmserve.engine.memory import kv_cache_bytes, measure_peak, peak_in_use
         from lmserve.engine.model_runner import ModelRunner
 
+        kv_cache_dtype = self.config.runner_options.get("kv_cache_dtype", "auto")
+
         def step() -> int:
             runner = ModelRunner(self.model, self.model_config, num_blocks, block_size, self.dtype, self.device,
-                                 attention_backend=self.config.runner_options.get("attention_backend", "auto"))
+                                 attention_backend=self.config.runner_options.get("attention_backend", "auto"),
+                                 kv_cache_dtype=kv_cache_dtype)
             runner.execute(batch)
-            return num_blocks * ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
+            return num_blocks * ModelRunner.kv_bytes_per_block(self.model, block_size, runner.kv_dtype)
 
         reading = measure_peak(self.device, step)
         budget = kv_cache_bytes(reading.total, utilization, peak_in_use(reading))
-        per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, block_size,
+                                                   kv_cache_torch_dtype(kv_cache_dtype, self.dtype))
         return self.group.min_over_ranks(cache_blocks(budget, per_block, utilization))
 
     def all_reduce_probe(self, repeats: int, shape: tuple[int, ...]) -> None:

@@ -24,6 +24,7 @@ from typing import get_args
 
 import torch
 
+from lmserve.attention.kv_cache_dtype import kv_cache_torch_dtype
 from lmserve.attention.spec import kv_bytes_per_block
 from lmserve.engine.memory import GiB, kv_cache_blocks, kv_cache_bytes
 from lmserve.engine.options import EngineConfig, Quantization
@@ -31,7 +32,6 @@ from lmserve.models.inventory import Inventory, Tensor
 
 MiB = 1 << 20
 QUANTIZATIONS = get_args(Quantization)
-KV_CACHE_DTYPES = ("auto", "fp8")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INT4_GROUP = 32  # layers/quantization.py's group size
 # The activation estimate's constants (see `activation_bytes`, `overhead_bytes`), calibrated on
@@ -48,12 +48,6 @@ def cache_blocks(budget: int, bytes_per_block: int, utilization: float | None = 
     if utilization is not None:
         return kv_cache_blocks(budget, bytes_per_block, utilization)
     return max(budget // bytes_per_block, 1)
-
-
-def kv_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
-    return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
 
 
 def kv_bytes_per_token(inv: Inventory, tensor_parallel_size: int, dtype: torch.dtype) -> int:
@@ -222,7 +216,7 @@ def plan_rank(inv: Inventory, hardware: Hardware, options: Options, tensor_paral
     plan.activation = activation_bytes(inv, tp, options.max_num_batched_tokens, options.max_num_seqs, options.dtype)
     plan.overhead = overhead_bytes(tp)
     plan.usable = int(hardware.gpu_memory * options.gpu_memory_utilization)
-    plan.kv_bytes_per_token = kv_bytes_per_token(inv, tp, kv_dtype(options.kv_cache_dtype, options.dtype))
+    plan.kv_bytes_per_token = kv_bytes_per_token(inv, tp, kv_cache_torch_dtype(options.kv_cache_dtype, options.dtype))
     utilization = options.gpu_memory_utilization
     if plan.weight_total > plan.usable:
         plan.why_not = (f"the weights need {plan.weight_total / GiB:.2f} GiB per rank > {plan.usable / GiB:.2f} GiB "

@@ -35,7 +35,7 @@ def build_executor(cfg: EngineConfig, checkpoint, model_config, dtype: torch.dty
     """The model on this process (one rank), or split over tensor-parallel ranks."""
     runner_options = dict(compile_decode=cfg.compile, attention_backend=cfg.attention_backend,
                           use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
-                          max_model_len=max_model_len)
+                          max_model_len=max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)
     tp = cfg.tensor_parallel_size
     # An explicit backend at one rank still goes through the multi-process executor (a device
     # check of the NCCL setup on a one-GPU host).

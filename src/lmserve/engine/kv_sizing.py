@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from lmserve.attention.kv_cache_dtype import kv_cache_torch_dtype
 from lmserve.engine.batch import ModelInput
 from lmserve.engine.capacity import cache_blocks
 from lmserve.engine.memory import GiB, blocks_for, kv_cache_bytes, measure_peak, peak_in_use, profile_sequence_lengths
@@ -29,7 +30,9 @@ log = logging.getLogger("lmserve.engine")
 def auto_num_blocks(cfg: EngineConfig, executor, model_config, dtype: torch.dtype, device: torch.device,
                     max_model_len: int, num_speculative_tokens: int = 0) -> int:
     """The blocks the KV cache gets on this device (under tensor parallelism: on the tightest rank)."""
-    per_block = ModelRunner.kv_bytes_per_block(executor.model, cfg.block_size, dtype)
+    # The cache's own dtype (fp8 halves the bytes per block: attention/kv_cache_dtype.py).
+    per_block = ModelRunner.kv_bytes_per_block(executor.model, cfg.block_size,
+                                               kv_cache_torch_dtype(cfg.kv_cache_dtype, dtype))
     if cfg.kv_cache_memory is None and device.type == "cuda":
         started = time.perf_counter()
         try:
@@ -62,7 +65,7 @@ def profile_step(cfg: EngineConfig, executor, model_config, dtype: torch.dtype, 
     lengths = profile_sequence_lengths(cfg.max_num_batched_tokens, max_model_len)
     num_blocks = blocks_for(lengths, cfg.block_size)
     runner = ModelRunner(model, model_config, num_blocks, cfg.block_size, dtype, device,
-                         attention_backend=cfg.attention_backend)
+                         attention_backend=cfg.attention_backend, kv_cache_dtype=cfg.kv_cache_dtype)
     tables, next_block = [], 0
     for n in lengths:
         used = -(-n // cfg.block_size)
@@ -82,4 +85,4 @@ def profile_step(cfg: EngineConfig, executor, model_config, dtype: torch.dtype, 
     executor.profile(batch, num_blocks, cfg.block_size, cfg.gpu_memory_utilization)  # the other ranks' share
     logits = runner.execute(batch)
     Sampler()(logits, seqs)
-    return num_blocks * ModelRunner.kv_bytes_per_block(model, cfg.block_size, dtype)
+    return num_blocks * ModelRunner.kv_bytes_per_block(model, cfg.block_size, runner.kv_dtype)

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from lmserve.attention import KVSpec, get_attention_backend
+from lmserve.attention.kv_cache_dtype import kv_cache_torch_dtype
 from lmserve.attention.spec import kv_bytes_per_block
 from lmserve.engine import cuda_graphs
 from lmserve.engine.compiled_decode import CompiledDecode, unsupported_reason
@@ -30,13 +31,14 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, compile_decode: bool = False,
                  attention_backend: str = "auto", use_cuda_graphs: bool = False, max_num_seqs: int = 256,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, kv_cache_dtype: str = "auto"):
         self.model = model
         self.config = config
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
         self.kv_specs: list[KVSpec] = model.kv_cache_specs()
+        self.kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype)  # fp8: attention/kv_cache_dtype.py
         self.attention_backend = get_attention_backend(device, self.kv_specs, attention_backend)
         self.compiled: CompiledDecode | None = None
         self.graphs: cuda_graphs.DecodeGraphs | None = None
@@ -46,12 +48,15 @@ class ModelRunner:
         use_cuda_graphs = use_cuda_graphs and graphs_reason is None
         compile_decode = compile_decode and not use_cuda_graphs  # one decode fast path at a time
         reason = unsupported_reason(model) if compile_decode else None
+        if compile_decode and reason is None and self.kv_dtype != dtype:
+            reason = "the compiled decode reads a KV cache in the compute dtype, not fp8"
         if reason is not None:
             log.warning("compile: not for this model (%s); decode stays eager", reason)
         # The compiled path's warm-up and the graphs' padding rows write to one scratch block past
         # the block manager's.
         extra = 1 if use_cuda_graphs or (compile_decode and reason is None) else 0
-        self.kv_caches = [spec.allocate(num_blocks + extra, block_size, dtype, device) for spec in self.kv_specs]
+        self.kv_caches = [spec.allocate(num_blocks + extra, block_size, self.kv_dtype, device)
+                          for spec in self.kv_specs]
         if use_cuda_graphs:
             max_len = max_model_len or config.context_length
             self.graphs = cuda_graphs.DecodeGraphs(

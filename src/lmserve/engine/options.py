@@ -28,9 +28,13 @@ Quantization = Literal["none", "int8", "int4", "fp8"]  # lmserve.layers.quantiza
 LoadFormat = Literal["auto", "dummy"]  # lmserve.models.loader.LOAD_FORMATS
 AttentionBackend = Literal["auto", "reference", "triton"]  # lmserve.attention.selector.ATTENTION_BACKENDS
 DistributedBackend = Literal["gloo", "nccl"]  # lmserve.distributed.group.BACKENDS
+KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]  # read by lmserve.attention.kv_cache_dtype
 _CHOICES = {"quantization": get_args(Quantization), "load_format": get_args(LoadFormat),
-            "attention_backend": get_args(AttentionBackend), "distributed_backend": get_args(DistributedBackend)}
+            "attention_backend": get_args(AttentionBackend), "distributed_backend": get_args(DistributedBackend),
+            "kv_cache_dtype": get_args(KVCacheDtype)}
 Positive = Annotated[int, Field(ge=1)]
+FP8_E5M2_REFUSED = ("kv_cache_dtype fp8_e5m2 is not supported: lmserve stores an fp8 KV cache as e4m3 (one more "
+                    "mantissa bit, per-layer scales for range); use fp8 or fp8_e4m3")
 
 
 class EngineConfig(BaseModel):
@@ -61,6 +65,10 @@ class EngineConfig(BaseModel):
     # Products of more rows than this (prefill, big decode batches) run on a bf16 copy kept beside
     # the quantized weights: the quantized kernels win only for a few rows. None: no copy.
     quantized_max_rows: Annotated[int, Field(ge=0)] | None = None
+    # What the KV cache stores: "auto" the compute dtype; "fp8" (= "fp8_e4m3") float8 e4m3 with
+    # per-layer scales from the checkpoint (else 1.0), half the bytes per token
+    # (attention/kv_cache_dtype.py). vLLM's "fp8_e5m2" is refused there, by name.
+    kv_cache_dtype: KVCacheDtype = "auto"
     # Decode-only steps through a torch.compile'd forward, compiled in the background after
     # start (engine/compiled_decode.py, docs/compile.md); off: every step eager, the exact-parity path.
     compile: bool = False
@@ -102,6 +110,8 @@ class EngineConfig(BaseModel):
     def _one_of(cls, value: Any, info: ValidationInfo) -> Any:
         """A bad choice is named as the layer that takes it names it (and LLM(...) always did)."""
         choices = _CHOICES[info.field_name]
+        if info.field_name == "kv_cache_dtype" and value == "fp8_e5m2":
+            raise ValueError(FP8_E5M2_REFUSED)
         if value is not None and value not in choices:
             raise ValueError(f"{info.field_name} must be one of {', '.join(choices)}; got {value!r}")
         return value

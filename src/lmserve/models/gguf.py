@@ -137,7 +137,17 @@ class GGUFFile:
     def int4_grid_tensors(self) -> set[str]:
         """The Hugging Face names of the file's weights stored in an int4 group-32 grid (Q4_0,
         Q4_1, Q4_K): an int4 load keeps their grids."""
-        types = int4_grid_types()
+        return self._weights_of_types(int4_grid_types())
+
+    def wide_block_tensors(self) -> set[str]:
+        """The Hugging Face names of the file's weights in 5- to 8-bit blocks (Q5_0, Q5_1, Q5_K,
+        Q6_K, Q8_0: the Q4_K_M / Q5_K_M mixes' other types): an int4 load gives their layers int8,
+        the nearest grid our kernels run that loses none of their bits."""
+        from gguf import GGMLQuantizationType as T
+
+        return self._weights_of_types((T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0))
+
+    def _weights_of_types(self, types) -> set[str]:
         return {name for t in self.reader.tensors
                 if t.tensor_type in types and (name := hf_name(t.name)) is not None
                 and name.endswith(".weight") and len(t.shape) == 2}

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lmserve.attention import Attention
+from lmserve.attention.kv_cache_dtype import load_kv_scale
 from lmserve.defaults import DEFAULT_MODEL_ID
 from lmserve.errors import CheckpointError
 from lmserve.layers import quantization
@@ -170,7 +172,8 @@ def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.
 
     try:
         if ckpt.format == "gguf" and option == "int4" and load_format != "dummy":
-            qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows)
+            qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows,
+                                     _grid_modules(model, ckpt.gguf.wide_block_tensors()))
         else:
             qconfig = quantization.resolve(config.quantization_config, option, dense_above_rows)
         if qconfig is None:
@@ -285,8 +288,14 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
     loaded: set[tuple[str, int | None]] = set()
     files: set[str] = set()
     pending = _linear_pending(model, params)
+    attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
     for name, tensor, source in tensors:
         files.add(source)
+        try:  # an fp8 KV cache's per-layer scales (attention/kv_cache_dtype.py), no parameters
+            if load_kv_scale(attention_layers, name, tensor):
+                continue
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
         target = model.map_checkpoint_name(name)
         if target is None:
             continue

@@ -5,9 +5,14 @@ m + 8d), Q4_0 (w = d * (q - 8): zero 0) and Q4_K (sub-blocks of 32 with 6-bit sc
 under a super-block d and dmin: scale d * sc, zero 8 * scale - dmin * m). Such a tensor is read as
 its codes, scales and zeros (models/gguf.py yields them as `<module>.codes`, `.group_scale`,
 `.group_zero`) and packed for the kernel as they are, never dequantized nor requantized. A
-layer whose GGUF tensors are not all such (Q6_K / Q8_0 / Q5_K in the Q4_K_M / Q5_K_M mixes, or
-q/k/v of mixed types) is quantized from its dense copy by the int4 method instead, one layer at
-a time (the loader finishes each layer as soon as it is complete: no dense copy of the model).
+layer whose GGUF tensors are all 5- to 8-bit blocks (Q5_0 / Q5_1 / Q5_K / Q6_K / Q8_0: the
+Q4_K_M / Q5_K_M mixes' other types, and llama.cpp's fallbacks for rows that are not whole
+super-blocks) takes int8 instead, the nearest grid our kernels run that keeps their precision
+(4 bits would round their 32 to 256 levels per block onto 16 again; int8 per channel keeps them
+within half a 255-level step. On SmolLM2's Q4_K_M the 150-token perplexity text does not tell the
+two apart: docs/benchmarks.md). Any other layer (float tensors, q/k/v of mixed types) is quantized
+to int4 as asked. Both are quantized from the layer's dense copy, one layer at a time (the loader
+finishes each layer as soon as it is complete: no dense copy of the model).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import nn
 from lmserve.layers.linear import Linear, LinearMethod, ShardLayout, create_bias, set_weight_loader
 from lmserve.layers.quantization import int4_kernel
 from lmserve.layers.quantization.int4_kernel import Int4Grid
-from lmserve.layers.quantization.weight_only import INT4_GROUP, Int4LinearMethod, WeightOnlyConfig
+from lmserve.layers.quantization.weight_only import INT4_GROUP, Int4LinearMethod, Int8LinearMethod, WeightOnlyConfig
 
 # The checkpoint tensor suffixes of a grid (models/gguf.py writes them).
 GRID_TENSORS = ("codes", "group_scale", "group_zero")
@@ -56,11 +61,14 @@ class GGUFGridMethod(Int4LinearMethod):
 
 
 class GGUFInt4Config(WeightOnlyConfig):
-    """int4 for a GGUF file: its 4-bit-grid layers keep their grid, the others are requantized."""
+    """int4 for a GGUF file: its 4-bit-grid layers keep their grid, its 5- to 8-bit layers take
+    int8, the others are quantized to int4."""
 
-    def __init__(self, grid_modules: dict[str, set], dense_above_rows: int | None = None):
+    def __init__(self, grid_modules: dict[str, set], dense_above_rows: int | None = None,
+                 wide_modules: dict[str, set] | None = None):
         super().__init__("int4", dense_above_rows)
         self.grid_modules = grid_modules  # module name -> the shard ids whose tensor is a 4-bit grid
+        self.wide_modules = wide_modules or {}  # ... whose tensor is in 5- to 8-bit blocks
 
     def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
         refusal = Int4LinearMethod.refusal(layer) or (
@@ -69,6 +77,8 @@ class GGUFInt4Config(WeightOnlyConfig):
             return refusal
         if set(layer.shard_ids) <= self.grid_modules.get(name, set()):
             return GGUFGridMethod(self.dense_above_rows)
+        if set(layer.shard_ids) <= self.wide_modules.get(name, set()) and Int8LinearMethod.refusal(layer) is None:
+            return Int8LinearMethod(self.dense_above_rows)
         return Int4LinearMethod(self.dense_above_rows)
 
     @staticmethod
