@@ -92,8 +92,7 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", choices=["copy", "chat"], default=["copy", "chat"])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 5, '
-                                                    '"prompt_lookup_min": 2, "prompt_lookup_max": 4, '
-                                                    '"disable_by_batch_size": 32}')
+                                                    '"prompt_lookup_min": 2, "prompt_lookup_max": 4}')
     args = ap.parse_args()
     spec_config = json.loads(args.speculative_config)
     common = dict(dtype=args.dtype, max_num_seqs=max(args.concurrency), kv_cache_memory=512 << 20)

@@ -17,7 +17,9 @@ from lmserve.engine import llm_engine
 from lmserve.engine.block_manager import hash_block
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.spec_decode.config import SpeculativeConfig
+from lmserve.engine.spec_decode.cost_model import FixedCost, StepCostModel, acceptance_threshold, tokens_worth_proposing
 from lmserve.engine.spec_decode.ngram import propose_ngram
+from lmserve.engine.spec_decode.speculator import Speculator, acceptance_estimate
 from lmserve.models.loader import DEFAULT_MODEL_ID
 from lmserve.sampling_params import StructuredOutput
 from tests.conftest import chat_ids, track, untrack
@@ -29,9 +31,17 @@ PASSAGE = ("The keeper logged every ship that passed the cape: the Aurora on Mon
 COPY = f"Copy this text exactly, word for word:\n\n{PASSAGE}"
 
 
+def always_speculate(engine: LLMEngine) -> LLMEngine:
+    """Verified rows priced at nothing: the adaptive rule lets every request propose its full k
+    (the tests below are about exactness, which must hold whatever the rule decides)."""
+    engine.speculator.cost_model = FixedCost(0.0)
+    return engine
+
+
 @pytest.fixture(scope="module")
 def spec_llm():
     llm = track(LLM(DEFAULT_MODEL_ID, dtype="float32", speculative_config=NGRAM, kv_cache_memory=64 << 20))
+    always_speculate(llm.engine)
     yield llm
     untrack(llm)
 
@@ -64,6 +74,93 @@ def test_ngram_lookup_takes_the_longest_suffix_then_the_earliest_match():
     assert propose_ngram(tokens, 3, 3, 3) == []  # "7 2 3" never occurred before
     assert propose_ngram([5, 6, 5], 1, 1, 4) == [6, 5]  # cut at the end of what is known
     assert propose_ngram([5], 1, 1, 4) == []
+
+
+# ---- the adaptive rule: what a proposal costs against how often it is accepted -------------
+
+
+def test_step_cost_fit_recovers_fixed_and_per_row_cost():
+    model = StepCostModel()
+    assert model.row_share() == pytest.approx(0.05)  # the prior, before any step
+    for rows in [16] * 10:
+        model.observe(rows, 0.030 + 0.002 * rows)
+    assert model.line() is None, "one row count cannot separate the slope from the intercept"
+    for i in range(60):
+        rows = 16 + (i * 7) % 80
+        model.observe(rows, 0.030 + 0.002 * rows)
+    fixed, per_row = model.line()
+    assert fixed == pytest.approx(0.030, rel=1e-3) and per_row == pytest.approx(0.002, rel=1e-3)
+    assert model.row_share() == pytest.approx(0.002 / 0.030, rel=1e-3)
+    for i in range(300):  # the machine changes (another job starts): the old steps fade out
+        rows = 16 + (i * 7) % 80
+        model.observe(rows, 0.030 + 0.006 * rows)
+    assert model.line()[1] == pytest.approx(0.006, rel=0.05)
+
+
+def test_threshold_rises_with_the_batch_and_k_shrinks_with_acceptance():
+    share = 0.08  # a row costs 8% of a step's fixed part (about a 2-core CPU)
+    assert acceptance_threshold(share, 1) == pytest.approx(0.08 / 1.08)
+    assert acceptance_threshold(share, 16) == pytest.approx(1.28 / 2.28)
+    assert acceptance_threshold(share, 64) > 0.8
+    assert tokens_worth_proposing(1.0, 0.9, 5) == 5
+    assert tokens_worth_proposing(0.9, 0.5, 5) == 5  # 0.9^5 = 0.59 > 0.5
+    assert tokens_worth_proposing(0.8, 0.5, 5) == 3  # 0.8^3 = 0.512 > 0.5 > 0.8^4
+    assert tokens_worth_proposing(0.5, 0.5, 5) == 0
+    assert tokens_worth_proposing(0.3, 0.0, 5) == 5
+
+
+def _decoding(prompt_len: int = 8, max_tokens: int = 100):
+    from types import SimpleNamespace
+
+    request = SimpleNamespace(prompt_token_ids=list(range(prompt_len)),
+                              params=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    seq = llm_engine.Sequence(seq_id=0, request=request, index=0, token_ids=list(range(prompt_len)),
+                              sampling_key=0, detok=None)
+    seq.num_computed_tokens = prompt_len - 1
+    return seq
+
+
+def test_each_request_proposes_what_pays_at_this_batch_size():
+    cfg = SpeculativeConfig.parse({"num_speculative_tokens": 5, "acceptance_window": 4})
+    spec = Speculator(cfg, {2}, max_seq_len=1000, cost_model=FixedCost(0.08))
+    copying, chatty = _decoding(), _decoding()
+    for i in range(10):
+        spec.record(copying, 5, 5, 6)  # every proposal accepted
+        spec.record(chatty, 4, i % 2, 1 + i % 2)  # one accepted of every three tried
+    assert acceptance_estimate(copying) > 0.95 and 0.2 < acceptance_estimate(chatty) < 0.4
+    # One stream: a row is cheap next to the step, both propose, the middling one fewer tokens.
+    assert spec.wanted_tokens(copying, 1) == 5
+    assert 1 <= spec.wanted_tokens(chatty, 1) < 5
+    # 16 streams: a verified row costs more than a 1-in-4 guess saves; copying still pays.
+    assert spec.wanted_tokens(copying, 16) == 5
+    assert [spec.wanted_tokens(chatty, 16) for _ in range(4)] == [0, 0, 0, 1], "a probe every 4 steps"
+    # 64 streams: only near-certain proposals pay.
+    assert spec.wanted_tokens(copying, 64) == 5 and spec.wanted_tokens(chatty, 64) == 0
+    # A fresh request starts from the optimistic prior; max_tokens bounds k.
+    assert spec.wanted_tokens(_decoding(), 1) == 5 and spec.wanted_tokens(_decoding(max_tokens=3), 1) == 2
+    # disable_by_batch_size stays vLLM's hard switch; min_acceptance_rate a floor under the rule.
+    hard = Speculator(SpeculativeConfig.parse({"num_speculative_tokens": 5, "disable_by_batch_size": 4}), {2}, 1000,
+                      cost_model=FixedCost(0.0))
+    running = [_decoding() for _ in range(4)]
+    hard.proposer = type("Echo", (), {"propose": lambda self, seq, k: [7] * k})()
+    hard.propose(running, None)
+    assert all(s.spec_token_ids == [] for s in running)
+    hard.propose(running[:3], None)
+    assert all(s.spec_token_ids == [7] * 5 for s in running[:3])
+    floor = Speculator(SpeculativeConfig.parse({"num_speculative_tokens": 5, "min_acceptance_rate": 0.5}), {2}, 1000,
+                       cost_model=FixedCost(0.0))
+    assert floor.wanted_tokens(chatty, 1) == 0
+
+
+def test_engine_feeds_its_step_times_to_the_cost_fit(spec_llm):
+    engine = spec_llm.engine
+    model = StepCostModel()
+    engine.speculator.cost_model = model
+    try:
+        spec_llm.generate([[1, 2, 3, 1, 2, 3, 1, 2]] * 3, SamplingParams(max_tokens=6, temperature=0.0))
+    finally:
+        always_speculate(engine)
+    assert model.w > 3 and model.sy > 0 and model.sx >= 3 * model.w * 0.9
 
 
 # ---- the bundled model --------------------------------------------------------------------
@@ -177,7 +274,7 @@ def test_any_proposer_gives_plain_greedy_on_three_families(family):
     references = {tuple(p): p + t for p, t in zip([p for wave in WAVES for p in wave], reference)}
     cases = {"ngram": None, "oracle": OracleProposer(references), "random": RandomProposer(320)}
     for name, proposer in cases.items():
-        engine = LLMEngine(str(family), num_kv_blocks=96, **spec_options)
+        engine = always_speculate(LLMEngine(str(family), num_kv_blocks=96, **spec_options))
         if proposer is not None:
             engine.speculator.proposer = proposer
         assert _serve(engine, steps, check_hashes=True) == reference, name
@@ -189,7 +286,7 @@ def test_any_proposer_gives_plain_greedy_on_three_families(family):
         if name == "random":
             assert stats.accepted <= 0.1 * stats.proposed
     # A cache too small for the first wave: sequences are preempted and recomputed mid-speculation.
-    small = LLMEngine(str(family), num_kv_blocks=18, **spec_options)
+    small = always_speculate(LLMEngine(str(family), num_kv_blocks=18, **spec_options))
     small.speculator.proposer = OracleProposer(references)
     assert _serve(small, steps, check_hashes=True) == reference
     assert small.scheduler.num_preemptions > 0
@@ -222,7 +319,8 @@ def test_sampled_distribution_is_the_targets_and_naive_acceptance_is_not(tmp_pat
     save_file(tensors, weights, metadata={"format": "pt"})
     options = dict(dtype="float32", num_kv_blocks=2000, block_size=16, max_num_seqs=64)
     plain = LLMEngine(str(tmp_path), **options)
-    spec = LLMEngine(str(tmp_path), speculative_config=dict(NGRAM, min_acceptance_rate=0.0), **options)
+    spec = always_speculate(LLMEngine(str(tmp_path), speculative_config=dict(NGRAM, min_acceptance_rate=0.0),
+                                      **options))
     prompt = [5, 17, 100] + _generate(plain, [([5, 17, 100], SamplingParams(max_tokens=80, temperature=0.0,
                                                                                  ignore_eos=True))])[0]
     draws = 200

@@ -83,6 +83,8 @@ class LLMEngine:
         self.sampler.eos_token_ids = sorted(self.eos_token_ids)  # held back until min_tokens
         self.speculator = (Speculator(spec_config, self.eos_token_ids, self.max_seq_len)
                            if spec_config is not None else None)
+        if self.speculator is not None:
+            self.scheduler.on_release = self.speculator.release
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
@@ -198,12 +200,22 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._grammar)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
         spec_lens = self._scheduled_proposals(batch) if self.speculator is not None else {}
+        outputs = self._run(batch, spec_lens)
+        if self.speculator is not None and all(seq.seq_id in spec_lens for seq, _ in batch.prefills):
+            # Decodes and verifications only: a point of the step-time fit the adaptive rule uses.
+            rows = len(batch.decodes) + sum(n for _, n in batch.prefills)
+            self.speculator.observe_step(rows, time.perf_counter() - started)
+        return outputs
+
+    def _run(self, batch, spec_lens: dict[int, int]) -> list[RequestOutput]:
+        """The scheduled step through the model, the sampler and (for proposals) verification."""
         sample_rows: list = []  # what the sampler draws from, one per logits row
         takers: list[tuple[Sequence, int]] = []  # who takes the draws: (sequence, rows), in order
         logit_ids: list[int] = []

@@ -21,11 +21,12 @@ class SpeculativeConfig:
     prompt_lookup_min: int = _DEFAULT_LOOKUP
     prompt_lookup_max: int = _DEFAULT_LOOKUP
     # No proposals in a step whose running batch has at least this many sequences (vLLM's name):
-    # there the forward is compute-bound and verifying k more tokens per sequence costs more than
-    # the accepted ones save. None: always speculate.
+    # a hard switch on top of the adaptive rule (speculator.py), which already weighs each
+    # request's acceptance against what a verified row costs at the batch size. None: no switch.
     disable_by_batch_size: int | None = None
-    # Per request: once `acceptance_window` of its proposed tokens were verified with fewer than
-    # this fraction accepted, it decodes without proposals for as many steps, then tries again.
+    # Per request: no proposals while its acceptance estimate is below this, whatever the cost
+    # model says; a request the rule keeps from proposing gets one probe token every
+    # `acceptance_window` steps, so its estimate can recover when its text turns to copying.
     min_acceptance_rate: float = 0.1
     acceptance_window: int = 32
 
