@@ -57,10 +57,14 @@ def test_config_follows_vllm_keys_and_refuses_bad_ones():
     cfg = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
     assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (5, 4, 4)
     assert SpeculativeConfig.parse({"model": "[ngram]", "num_speculative_tokens": 2}).prompt_lookup_min == 5
+    draft = SpeculativeConfig.parse({"model": "/some/draft", "num_speculative_tokens": 3})
+    assert (draft.method, draft.model) == ("draft_model", "/some/draft")
     for bad, words in [({"num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "exceed"),
                        ({"num_speculative_tokens": 2, "lookahead": 1}, "unknown key"),
-                       ({"model": "/some/draft", "num_speculative_tokens": 2}, "not supported"),
+                       ({"method": "eagle", "model": "/some/draft", "num_speculative_tokens": 2}, "not supported"),
+                       ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
+                       ({"method": "ngram", "model": "/some/draft", "num_speculative_tokens": 2}, "does not go with"),
                        ("{nope", "not valid JSON")]:
         with pytest.raises(ValueError, match=words):
             SpeculativeConfig.parse(bad)
