@@ -17,7 +17,7 @@ from lmserve.engine import llm_engine
 from lmserve.engine.block_manager import hash_block
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.spec_decode.config import SpeculativeConfig
-from lmserve.engine.spec_decode.cost_model import FixedCost, StepCostModel, acceptance_threshold, tokens_worth_proposing
+from lmserve.engine.spec_decode.cost_model import FixedCost, StepCostModel, tokens_worth_proposing
 from lmserve.engine.spec_decode.ngram import propose_ngram
 from lmserve.engine.spec_decode.speculator import Speculator, acceptance_estimate
 from lmserve.models.loader import DEFAULT_MODEL_ID
@@ -83,34 +83,40 @@ def test_ngram_lookup_takes_the_longest_suffix_then_the_earliest_match():
 # ---- the adaptive rule: what a proposal costs against how often it is accepted -------------
 
 
-def test_step_cost_fit_recovers_fixed_and_per_row_cost():
+def test_step_cost_fit_recovers_fixed_per_row_and_per_run_cost():
     model = StepCostModel()
-    assert model.row_share() == pytest.approx(0.05)  # the prior, before any step
-    for rows in [16] * 10:
-        model.observe(rows, 0.030 + 0.002 * rows)
-    assert model.line() is None, "one row count cannot separate the slope from the intercept"
-    for i in range(60):
-        rows = 16 + (i * 7) % 80
-        model.observe(rows, 0.030 + 0.002 * rows)
-    fixed, per_row = model.line()
-    assert fixed == pytest.approx(0.030, rel=1e-3) and per_row == pytest.approx(0.002, rel=1e-3)
-    assert model.row_share() == pytest.approx(0.002 / 0.030, rel=1e-3)
+    assert model.shares() == (0.05, 0.0)  # the prior, before any step
+    for _ in range(10):
+        model.observe(16, 0, 0.030 + 0.002 * 16)
+    assert model.coefficients() is None, "one row count cannot separate a row's cost from the fixed part"
+    for i in range(60):  # steps of 16 sequences, some verifying 1 to 5 proposals
+        runs = i % 9
+        rows = 16 + runs * (1 + i % 5)
+        model.observe(rows, runs, 0.030 + 0.002 * rows + 0.004 * runs)
+    fixed, per_row, per_run = model.coefficients()
+    assert (fixed, per_row, per_run) == pytest.approx((0.030, 0.002, 0.004), rel=0.02)
+    assert model.shares() == pytest.approx((0.002 / 0.030, 0.004 / 0.030), rel=0.03)
     for i in range(300):  # the machine changes (another job starts): the old steps fade out
-        rows = 16 + (i * 7) % 80
-        model.observe(rows, 0.030 + 0.006 * rows)
-    assert model.line()[1] == pytest.approx(0.006, rel=0.05)
+        runs = i % 9
+        rows = 16 + runs * (1 + i % 5)
+        model.observe(rows, runs, 0.030 + 0.006 * rows)
+    fixed, per_row, per_run = model.coefficients()
+    assert per_row == pytest.approx(0.006, rel=0.05) and per_run == pytest.approx(0.0, abs=1e-3)
 
 
-def test_threshold_rises_with_the_batch_and_k_shrinks_with_acceptance():
-    share = 0.08  # a row costs 8% of a step's fixed part (about a 2-core CPU)
-    assert acceptance_threshold(share, 1) == pytest.approx(0.08 / 1.08)
-    assert acceptance_threshold(share, 16) == pytest.approx(1.28 / 2.28)
-    assert acceptance_threshold(share, 64) > 0.8
-    assert tokens_worth_proposing(1.0, 0.9, 5) == 5
-    assert tokens_worth_proposing(0.9, 0.5, 5) == 5  # 0.9^5 = 0.59 > 0.5
-    assert tokens_worth_proposing(0.8, 0.5, 5) == 3  # 0.8^3 = 0.512 > 0.5 > 0.8^4
-    assert tokens_worth_proposing(0.5, 0.5, 5) == 0
-    assert tokens_worth_proposing(0.3, 0.0, 5) == 5
+def test_proposals_shrink_with_acceptance_batch_size_and_verification_cost():
+    cheap = (0.08, 0.0)  # a row costs 8% of a step's fixed part (about a 2-core CPU), verifying nothing more
+    assert tokens_worth_proposing(1.0, cheap, 64, 5) == 5  # certain proposals pay at any batch
+    assert tokens_worth_proposing(0.9, cheap, 1, 5) == 5
+    assert tokens_worth_proposing(0.5, cheap, 1, 5) == 3  # 0.5^3 * 1.08 > 0.08 > 0.5^4 * 1.08
+    assert tokens_worth_proposing(0.8, cheap, 16, 5) == 2  # 0.8^2 * 0.1425 > 0.08 > 0.8^3 * 0.1425
+    assert tokens_worth_proposing(0.3, cheap, 16, 5) == 0
+    assert tokens_worth_proposing(0.3, (0.0, 0.0), 256, 5) == 5  # free rows: always worth it
+    # A sequence that verifies at all pays more (another attention path): short runs stop paying first.
+    assert tokens_worth_proposing(0.6, cheap, 4, 5) == 2
+    assert tokens_worth_proposing(0.6, (0.08, 0.3), 4, 5) == 0
+    assert tokens_worth_proposing(0.6, (0.08, 0.3), 1, 5) == 5
+    assert tokens_worth_proposing(1.0, (0.08, 0.5), 16, 5) == 0
 
 
 def _decoding(prompt_len: int = 8, max_tokens: int = 100):
@@ -140,6 +146,9 @@ def test_each_request_proposes_what_pays_at_this_batch_size():
     assert [spec.wanted_tokens(chatty, 16) for _ in range(4)] == [0, 0, 0, 1], "a probe every 4 steps"
     # 64 streams: only near-certain proposals pay.
     assert spec.wanted_tokens(copying, 64) == 5 and spec.wanted_tokens(chatty, 64) == 0
+    # When verifying at all costs half a step, even a copying request stops at 16 streams.
+    spec.cost_model = FixedCost(0.08, 0.5)
+    assert spec.wanted_tokens(copying, 1) == 5 and spec.wanted_tokens(copying, 16) == 0
     # A fresh request starts from the optimistic prior; max_tokens bounds k.
     assert spec.wanted_tokens(_decoding(), 1) == 5 and spec.wanted_tokens(_decoding(max_tokens=3), 1) == 2
     # disable_by_batch_size stays vLLM's hard switch; min_acceptance_rate a floor under the rule.
@@ -164,7 +173,7 @@ def test_engine_feeds_its_step_times_to_the_cost_fit(spec_llm):
         spec_llm.generate([[1, 2, 3, 1, 2, 3, 1, 2]] * 3, SamplingParams(max_tokens=6, temperature=0.0))
     finally:
         always_speculate(engine)
-    assert model.w > 3 and model.sy > 0 and model.sx >= 3 * model.w * 0.9
+    assert model.weight > 3 and model.xty[0] > 0 and model.xtx[0, 1] >= 3 * model.weight * 0.9
 
 
 # ---- the bundled model --------------------------------------------------------------------

@@ -220,7 +220,7 @@ class LLMEngine:
         if self.speculator is not None and all(seq.seq_id in spec_lens for seq, _ in batch.prefills):
             # Decodes and verifications only: a point of the step-time fit the adaptive rule uses.
             rows = len(batch.decodes) + sum(n for _, n in batch.prefills)
-            self.speculator.observe_step(rows, time.perf_counter() - started)
+            self.speculator.observe_step(rows, len(spec_lens), time.perf_counter() - started)
         return outputs
 
     def _run(self, batch, spec_lens: dict[int, int]) -> list[RequestOutput]:

@@ -1,96 +1,103 @@
 """What a verified proposal costs, measured by the engine from its own step times.
 
-A decode step over R query rows takes about `fixed + per_row * R` seconds: `fixed` is what any
-step pays (reading the weights, launching the layers), `per_row` what each more row adds (its
-share of the matmuls, its attention, its sampling). On a GPU at small batches `per_row` is tiny
-next to `fixed`, so verifying k more rows is nearly free; on a CPU, or a GPU at large batches,
-it is not. The engine feeds every step made only of decodes and verifications into an
-exponentially weighted least-squares fit of that line, so the estimate follows the machine
-(another job's load, a bigger batch) without any constant measured elsewhere.
+A decode step takes about `fixed + per_row * R + per_run * V` seconds for R query rows of which
+V sequences verify proposals: `fixed` is what any step pays (reading the weights, launching the
+layers), `per_row` what each more row adds (its share of the matmuls, its attention, its
+sampling), `per_run` what a sequence pays for verifying at all (it leaves the batched one-token
+decode path for the multi-token one: on the CPU reference attention a per-sequence pass per
+layer). On a GPU at small batches both are small next to `fixed`, so verifying is nearly free;
+on a CPU, or a GPU at large batches, it is not. The engine feeds every step made only of decodes
+and verifications into an exponentially weighted least-squares fit of that plane, so the
+estimate follows the machine (another job's load, a bigger batch) without any constant measured
+elsewhere.
 
-`SpeculationPolicy` turns the fit into a decision per request (speculator.py): with B sequences
-decoding, a plain step yields B tokens for `fixed + per_row * B`, so a token is worth
-`fixed / B + per_row` seconds. The j-th proposed token of a run is reached, and so adds a token,
-only if the j before it were all accepted: with per-token acceptance a it adds a^j tokens on
-average, for `per_row` seconds. It pays while a^j * (fixed / B + per_row) > per_row, that is
-while a^j > threshold(B) = per_row * B / (fixed + per_row * B): a threshold that rises with the
-batch, from near 0 at one stream (speculate freely) towards 1 (speculate only what is nearly
-certain). A request proposes the largest such j (at most num_speculative_tokens): fewer tokens
-when its acceptance is middling, none when even the first does not pay.
+`tokens_worth_proposing` turns the fit into a decision per request (speculator.py): with B
+sequences decoding, a plain step yields B tokens for `fixed + per_row * B`, so a token is worth
+`value = fixed / B + per_row` seconds (keeping the step's throughput is the bar). A run of j
+proposals yields on average a + a^2 + ... + a^j more tokens at per-token acceptance a (the i-th
+counts only if the i - 1 before it were accepted) and costs `per_run + j * per_row`. The request
+proposes the j (at most num_speculative_tokens) with the largest positive net gain, none if no j
+gains: many tokens at one stream, fewer when its acceptance is middling or the batch is large
+(then `value` shrinks towards `per_row`), none when even the best run does not pay.
 """
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
-# Before the fit has data to tell `per_row` from `fixed`: one row costs 5% of a step's fixed
-# part (about what a 2-core CPU measures on the bundled model; a GPU measures far less).
-PRIOR_ROW_SHARE = 0.05
+# Before the fit has data to tell the parts apart: one row costs 5% of a step's fixed part and
+# verifying nothing more (about what a 2-core CPU measures on the bundled model at one stream).
+PRIOR_SHARES = (0.05, 0.0)
 
 
 class StepCostModel:
-    """`fixed + per_row * rows` fit to (rows, seconds) of recent decode steps; older steps weigh
+    """`fixed + per_row * rows + per_run * runs` fit to recent decode steps; older steps weigh
     `decay` less per step, so about the last 1 / (1 - decay) steps count."""
 
-    def __init__(self, decay: float = 0.98, prior_row_share: float = PRIOR_ROW_SHARE):
+    def __init__(self, decay: float = 0.98, prior_shares: tuple[float, float] = PRIOR_SHARES):
         self.decay = decay
-        self.prior_row_share = prior_row_share
-        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.prior_shares = prior_shares
+        self.xtx = np.zeros((3, 3))
+        self.xty = np.zeros(3)
 
-    def observe(self, rows: int, seconds: float) -> None:
-        d = self.decay
-        self.w = d * self.w + 1.0
-        self.sx = d * self.sx + rows
-        self.sy = d * self.sy + seconds
-        self.sxx = d * self.sxx + rows * rows
-        self.sxy = d * self.sxy + rows * seconds
+    @property
+    def weight(self) -> float:
+        """The decayed number of steps behind the fit."""
+        return float(self.xtx[0, 0])
 
-    def line(self) -> tuple[float, float] | None:
-        """(fixed, per_row) in seconds, or None while the recent steps' row counts are too alike
-        to separate the two (or the fit is not a rising line)."""
-        if self.w < 4:
-            return None
-        mean_x = self.sx / self.w
-        var_x = self.sxx / self.w - mean_x * mean_x
-        if var_x < 1.0:  # the same row count every step: slope undetermined
-            return None
-        per_row = (self.sxy / self.w - mean_x * self.sy / self.w) / var_x
-        fixed = self.sy / self.w - per_row * mean_x
-        if per_row <= 0 or fixed <= 0 or not math.isfinite(per_row + fixed):
-            return None
-        return fixed, per_row
+    def observe(self, rows: int, runs: int, seconds: float) -> None:
+        x = np.array([1.0, rows, runs])
+        self.xtx = self.decay * self.xtx + np.outer(x, x)
+        self.xty = self.decay * self.xty + x * seconds
 
-    def row_share(self) -> float:
-        """per_row / fixed: all the decision needs (the absolute scale cancels)."""
-        line = self.line()
-        return self.prior_row_share if line is None else line[1] / line[0]
+    def coefficients(self) -> tuple[float, float, float] | None:
+        """(fixed, per_row, per_run) in seconds, or None while the recent steps' row counts are
+        too alike to separate a row's cost from the fixed part (or the fit is not a rising line)."""
+        w = self.weight
+        if w < 4:
+            return None
+        mean_rows = self.xtx[0, 1] / w
+        if self.xtx[1, 1] / w - mean_rows * mean_rows < 1.0:  # the same row count every step
+            return None
+        # A light ridge on per_run alone: steps that never verify leave it at 0, not undefined.
+        ridge = np.diag([0.0, 0.0, 1e-3 * w])
+        fixed, per_row, per_run = np.linalg.solve(self.xtx + ridge, self.xty)
+        if per_run < 0:  # noise: verifying cannot save time; refit without it
+            per_run = 0.0
+            fixed, per_row = np.linalg.solve(self.xtx[:2, :2], self.xty[:2])
+        if per_row <= 0 or fixed <= 0 or not np.isfinite(fixed + per_row + per_run):
+            return None
+        return float(fixed), float(per_row), float(per_run)
+
+    def shares(self) -> tuple[float, float]:
+        """(per_row, per_run) as fractions of `fixed`: all the decision needs (the scale cancels)."""
+        c = self.coefficients()
+        return self.prior_shares if c is None else (c[1] / c[0], c[2] / c[0])
 
 
 class FixedCost:
-    """A cost model with a given row share: for tests and for runs that must not adapt."""
+    """A cost model with given shares: for tests, and for runs that must not adapt."""
 
-    def __init__(self, row_share: float):
-        self._share = row_share
+    def __init__(self, row_share: float, run_share: float = 0.0):
+        self._shares = (row_share, run_share)
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, runs: int, seconds: float) -> None:
         pass
 
-    def row_share(self) -> float:
-        return self._share
+    def shares(self) -> tuple[float, float]:
+        return self._shares
 
 
-def acceptance_threshold(row_share: float, batch_size: int) -> float:
-    """The per-token acceptance a proposal's j-th token must beat (a^j > this) to pay for its row."""
-    cost = row_share * max(batch_size, 1)
-    return cost / (1.0 + cost)
-
-
-def tokens_worth_proposing(acceptance: float, threshold: float, most: int) -> int:
-    """The largest j <= most with acceptance^j > threshold (0: not even one pays)."""
-    if acceptance <= threshold:
-        return 0
-    if acceptance >= 1.0 or threshold <= 0.0:
-        return most
-    # a^j > t  <=>  j < log t / log a
-    j = math.ceil(math.log(threshold) / math.log(acceptance)) - 1
-    return max(0, min(most, j))
+def tokens_worth_proposing(acceptance: float, shares: tuple[float, float], batch_size: int, most: int) -> int:
+    """The number of proposals (0..most) with the largest positive expected net gain, in units of
+    a step's fixed cost; 0 when no run gains."""
+    row_share, run_share = shares
+    value = 1.0 / max(batch_size, 1) + row_share  # one token's worth
+    best, best_gain = 0, 0.0
+    gain, reach = -run_share, 1.0
+    for j in range(1, most + 1):
+        reach *= acceptance  # the chance the j-th proposal is reached and accepted
+        gain += value * reach - row_share
+        if gain > best_gain:
+            best, best_gain = j, gain
+    return best

@@ -33,6 +33,7 @@ import torch
 
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.spec_decode.verify import accepted_prefix
 from lmserve.engine.weight_cache import shared_tokenizer, shared_weights
 from lmserve.model_input import ModelInput
 from lmserve.models.loader import read_config, resolve_checkpoint
@@ -93,15 +94,6 @@ class DraftState:
     block_hashes: list[int] = field(default_factory=list)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class DraftModel:
     """The proposer: `propose_all([(seq, k), ...])` -> greedy draft tokens; `release(seq)`."""
 
@@ -146,7 +138,7 @@ class DraftModel:
         for i, (seq, k) in enumerate(wanted):
             state = self.states.setdefault(seq.seq_id, DraftState())
             # The fed proposals the target kept are final now; anything after them is recomputed.
-            state.num_computed_tokens += common_prefix(state.fed, seq.token_ids[state.num_computed_tokens:])
+            state.num_computed_tokens += accepted_prefix(state.fed, seq.token_ids[state.num_computed_tokens:])
             state.fed = []
             pending = seq.token_ids[state.num_computed_tokens:]
             k = min(k, self.max_len - seq.num_tokens)

@@ -3,15 +3,16 @@ what verification accepted (each request's acceptance estimate, the step-cost fi
 
 How many tokens a request proposes (the adaptive rule, cost_model.py): each request keeps an
 estimate of its per-token acceptance (decayed counts of accepted and rejected proposals: recent
-runs weigh most), the engine keeps a fit of its step time against query rows, and a request
-proposes j tokens only while the j-th is accepted often enough to pay for its verified row at
-this batch size. `disable_by_batch_size` (vLLM's) stays a hard switch on top when given.
+runs weigh most), the engine keeps a fit of its step time against query rows and verifying
+sequences, and a request proposes the number of tokens whose expected gain at this batch size
+most exceeds what verifying them costs (none if no number gains). `disable_by_batch_size`
+(vLLM's) stays a hard switch on top when given.
 """
 
 from __future__ import annotations
 
 from lmserve.engine.spec_decode.config import SpeculativeConfig
-from lmserve.engine.spec_decode.cost_model import StepCostModel, acceptance_threshold, tokens_worth_proposing
+from lmserve.engine.spec_decode.cost_model import StepCostModel, tokens_worth_proposing
 from lmserve.engine.spec_decode.ngram import NgramProposer
 from lmserve.engine.spec_decode.stats import SpecDecodeStats
 from lmserve.engine.spec_decode.verify import walk_grammar
@@ -72,8 +73,7 @@ class Speculator:
         acceptance = acceptance_estimate(seq)
         k = 0
         if acceptance >= cfg.min_acceptance_rate:
-            threshold = acceptance_threshold(self.cost_model.row_share(), batch_size)
-            k = tokens_worth_proposing(acceptance, threshold, most)
+            k = tokens_worth_proposing(acceptance, self.cost_model.shares(), batch_size, most)
         if k:
             seq.spec_idle_steps = 0
             return k
@@ -114,9 +114,10 @@ class Speculator:
                 proposed, seq.spec_masks = walk_grammar(seq.grammar, grammar_backend, proposed)
             seq.spec_token_ids = proposed
 
-    def observe_step(self, rows: int, seconds: float) -> None:
-        """A step of decodes and verifications only (no prompt chunk) took `seconds` for `rows` query rows."""
-        self.cost_model.observe(rows, seconds)
+    def observe_step(self, rows: int, runs: int, seconds: float) -> None:
+        """A step of decodes and verifications only (no prompt chunk) took `seconds` for `rows`
+        query rows, `runs` of the sequences verifying proposals."""
+        self.cost_model.observe(rows, runs, seconds)
 
     def record(self, seq, proposed: int, accepted: int, emitted: int) -> None:
         """One verified run: the stats, and the request's acceptance estimate."""
