@@ -113,17 +113,16 @@ def test_preemption_n_stop_tokens_max_tokens_and_seeded_sampling_with_a_draft(tm
     _check_draft_free(spec)
 
 
-def test_stop_strings_and_chat_on_the_bundled_model_as_its_own_draft(smollm, make_llm):
+def test_a_stop_string_inside_an_accepted_run_on_the_bundled_model_as_its_own_draft(smollm, make_llm):
     spec = make_llm(speculative_config=_draft(bundled_model_path(), 3), kv_cache_memory=16 << 20)
     always_speculate(spec.engine)
-    copy = chat_ids(smollm, COPY)
-    params = [SamplingParams(max_tokens=12, temperature=0.0), SamplingParams(max_tokens=12, temperature=0.0,
-                                                                             stop=[" ship"])]
-    plain, got = smollm.generate([copy] * 2, params), spec.generate([copy] * 2, params)
+    copy = [chat_ids(smollm, COPY)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, stop=[" ship"])
+    plain, got = smollm.generate(copy, params), spec.generate(copy, params)
     assert _outs(got) == _outs(plain)
-    assert got[1].outputs[0].finish_reason == "stop"
+    assert got[0].outputs[0].finish_reason == "stop" and got[0].outputs[0].text.endswith("every")
     stats = spec.engine.spec_decode_stats
-    assert stats.proposed > 6 and stats.accepted == stats.proposed
+    assert stats.proposed >= 3 and stats.accepted == stats.proposed
     _check_draft_free(spec.engine)
 
 
