@@ -9,7 +9,7 @@ Greedy, EOS honoured, --max-tokens new tokens. Prints output tokens/s of both, t
 (speculative / plain; above 1 is faster), the acceptance rate and tokens emitted per verified
 run, whether both engines produced the same tokens (they must: greedy is exact, up to bf16
 near-ties between batch shapes), and the adaptive rule's fitted costs of a query row and of a verifying
-sequence (fractions of a step's fixed cost: spec_decode/cost_model.py).
+sequence's cached token (fractions of a step's fixed cost: spec_decode/cost_model.py).
 
     .venv/bin/python benchmarks/bench_speculative.py [--concurrency 1 16 64] [--max-tokens 96] [--workloads copy chat]
         [--methods ngram draft]
@@ -118,7 +118,7 @@ def main() -> None:
     tasks_of = {"copy": COPY_TASKS, "chat": CHAT_TASKS}
     workloads = {name: [encode(t) for t in tasks_of[name]] for name in args.workloads}
     print(f"{'workload':8} {'method':6} {'conc':>4} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} {'accept':>6} "
-          f"{'tok/run':>7} {'same':>5} {'row/run cost':>12}")
+          f"{'tok/run':>7} {'same':>5} {'row/ctx cost':>14}")
     for name, tasks in workloads.items():
         for conc in args.concurrency:
             prompts = [tasks[i % len(tasks)] for i in range(conc)]
@@ -137,11 +137,11 @@ def main() -> None:
                     (stats.proposed, stats.accepted, stats.emitted, stats.runs), before))
                 accept = f"{accepted / proposed:.2f}" if proposed else "-"
                 per_run = f"{emitted / runs:.2f}" if runs else "-"
-                # The adaptive rule's fitted costs of one more query row and of one more verifying
-                # sequence, as fractions of a step's fixed cost.
-                share = "/".join(f"{x:.3f}" for x in spec.engine.speculator.cost_model.shares())
+                # The adaptive rule's fitted costs of one more query row and of a verifying sequence's
+                # cached token, as fractions of a step's fixed cost.
+                share = "/".join(f"{x:.2g}" for x in spec.engine.speculator.cost_model.shares())
                 print(f"{name:8} {method:6} {conc:>4} {best_plain:>11.1f} {best_spec:>10.1f} "
-                      f"{best_spec / best_plain:>6.2f} {accept:>6} {per_run:>7} {str(got == ref):>5} {share:>12}",
+                      f"{best_spec / best_plain:>6.2f} {accept:>6} {per_run:>7} {str(got == ref):>5} {share:>14}",
                       flush=True)
 
 

@@ -17,7 +17,7 @@ from lmserve.engine import llm_engine
 from lmserve.engine.block_manager import hash_block
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.spec_decode.config import SpeculativeConfig
-from lmserve.engine.spec_decode.cost_model import FixedCost, StepCostModel, tokens_worth_proposing
+from lmserve.engine.spec_decode.cost_model import EXPLORE_EVERY, FixedCost, StepCostModel, tokens_worth_proposing
 from lmserve.engine.spec_decode.ngram import propose_ngram
 from lmserve.engine.spec_decode.speculator import Speculator, acceptance_estimate
 from lmserve.models.loader import DEFAULT_MODEL_ID
@@ -83,25 +83,28 @@ def test_ngram_lookup_takes_the_longest_suffix_then_the_earliest_match():
 # ---- the adaptive rule: what a proposal costs against how often it is accepted -------------
 
 
-def test_step_cost_fit_recovers_fixed_per_row_and_per_run_cost():
+def test_step_cost_fit_recovers_fixed_per_row_and_per_context_cost():
     model = StepCostModel()
     assert model.shares() == (0.05, 0.0)  # the prior, before any step
     for _ in range(10):
         model.observe(16, 0, 0.030 + 0.002 * 16)
     assert model.coefficients() is None, "one row count cannot separate a row's cost from the fixed part"
-    for i in range(60):  # steps of 16 sequences, some verifying 1 to 5 proposals
+    for i in range(60):  # steps of 16 sequences of ~100 cached tokens, some verifying 1 to 5 proposals
         runs = i % 9
-        rows = 16 + runs * (1 + i % 5)
-        model.observe(rows, runs, 0.030 + 0.002 * rows + 0.004 * runs)
-    fixed, per_row, per_run = model.coefficients()
-    assert (fixed, per_row, per_run) == pytest.approx((0.030, 0.002, 0.004), rel=0.02)
-    assert model.shares() == pytest.approx((0.002 / 0.030, 0.004 / 0.030), rel=0.03)
+        rows, context = 16 + runs * (1 + i % 5), runs * (90 + i % 20)
+        model.observe(rows, context, 0.030 + 0.002 * rows + 0.0001 * context)
+    fixed, per_row, per_context = model.coefficients()
+    assert (fixed, per_row, per_context) == pytest.approx((0.030, 0.002, 0.0001), rel=0.02)
+    assert model.shares() == pytest.approx((0.002 / 0.030, 0.0001 / 0.030), rel=0.03)
     for i in range(300):  # the machine changes (another job starts): the old steps fade out
         runs = i % 9
-        rows = 16 + runs * (1 + i % 5)
-        model.observe(rows, runs, 0.030 + 0.006 * rows)
-    fixed, per_row, per_run = model.coefficients()
-    assert per_row == pytest.approx(0.006, rel=0.05) and per_run == pytest.approx(0.0, abs=1e-3)
+        rows, context = 16 + runs * (1 + i % 5), runs * (90 + i % 20)
+        model.observe(rows, context, 0.030 + 0.006 * rows)
+    fixed, per_row, per_context = model.coefficients()
+    assert per_row == pytest.approx(0.006, rel=0.05) and per_context == pytest.approx(0.0, abs=1e-5)
+    # Every EXPLORE_EVERY-th step proposes nothing: the fit's plain point at the current batch.
+    assert [model.plain_step() for _ in range(2 * EXPLORE_EVERY)].count(True) == 2
+    assert not any(FixedCost(0.0).plain_step() for _ in range(2 * EXPLORE_EVERY))
 
 
 def test_proposals_shrink_with_acceptance_batch_size_and_verification_cost():
@@ -112,11 +115,12 @@ def test_proposals_shrink_with_acceptance_batch_size_and_verification_cost():
     assert tokens_worth_proposing(0.8, cheap, 16, 5) == 2  # 0.8^2 * 0.1425 > 0.08 > 0.8^3 * 0.1425
     assert tokens_worth_proposing(0.3, cheap, 16, 5) == 0
     assert tokens_worth_proposing(0.3, (0.0, 0.0), 256, 5) == 5  # free rows: always worth it
-    # A sequence that verifies at all pays more (another attention path): short runs stop paying first.
-    assert tokens_worth_proposing(0.6, cheap, 4, 5) == 2
-    assert tokens_worth_proposing(0.6, (0.08, 0.3), 4, 5) == 0
-    assert tokens_worth_proposing(0.6, (0.08, 0.3), 1, 5) == 5
-    assert tokens_worth_proposing(1.0, (0.08, 0.5), 16, 5) == 0
+    # Verifying a long context costs more (another attention path): short runs stop paying first.
+    assert tokens_worth_proposing(0.6, cheap, 4, 5, context=300) == 2
+    assert tokens_worth_proposing(0.6, (0.08, 0.001), 4, 5, context=300) == 0
+    assert tokens_worth_proposing(0.6, (0.08, 0.001), 1, 5, context=300) == 5
+    assert tokens_worth_proposing(1.0, (0.08, 0.001), 16, 5, context=500) == 0
+    assert tokens_worth_proposing(1.0, (0.08, 0.001), 16, 5, context=50) == 5
 
 
 def _decoding(prompt_len: int = 8, max_tokens: int = 100):
@@ -146,8 +150,8 @@ def test_each_request_proposes_what_pays_at_this_batch_size():
     assert [spec.wanted_tokens(chatty, 16) for _ in range(4)] == [0, 0, 0, 1], "a probe every 4 steps"
     # 64 streams: only near-certain proposals pay.
     assert spec.wanted_tokens(copying, 64) == 5 and spec.wanted_tokens(chatty, 64) == 0
-    # When verifying at all costs half a step, even a copying request stops at 16 streams.
-    spec.cost_model = FixedCost(0.08, 0.5)
+    # When verifying its 8 cached tokens costs half a step, even a copying request stops at 16 streams.
+    spec.cost_model = FixedCost(0.08, 0.5 / 8)
     assert spec.wanted_tokens(copying, 1) == 5 and spec.wanted_tokens(copying, 16) == 0
     # A fresh request starts from the optimistic prior; max_tokens bounds k.
     assert spec.wanted_tokens(_decoding(), 1) == 5 and spec.wanted_tokens(_decoding(max_tokens=3), 1) == 2

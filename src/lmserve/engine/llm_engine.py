@@ -216,11 +216,13 @@ class LLMEngine:
         if batch.empty:
             return []
         spec_lens = self._scheduled_proposals(batch) if self.speculator is not None else {}
+        # Decodes and verifications only: a point of the step-time fit the adaptive rule uses.
+        timed = self.speculator is not None and all(seq.seq_id in spec_lens for seq, _ in batch.prefills)
+        context = sum(seq.num_computed_tokens for seq, _ in batch.prefills)
         outputs = self._run(batch, spec_lens)
-        if self.speculator is not None and all(seq.seq_id in spec_lens for seq, _ in batch.prefills):
-            # Decodes and verifications only: a point of the step-time fit the adaptive rule uses.
+        if timed:
             rows = len(batch.decodes) + sum(n for _, n in batch.prefills)
-            self.speculator.observe_step(rows, len(spec_lens), time.perf_counter() - started)
+            self.speculator.observe_step(rows, context, time.perf_counter() - started)
         return outputs
 
     def _run(self, batch, spec_lens: dict[int, int]) -> list[RequestOutput]:

@@ -1,24 +1,26 @@
 """What a verified proposal costs, measured by the engine from its own step times.
 
-A decode step takes about `fixed + per_row * R + per_run * V` seconds for R query rows of which
-V sequences verify proposals: `fixed` is what any step pays (reading the weights, launching the
-layers), `per_row` what each more row adds (its share of the matmuls, its attention, its
-sampling), `per_run` what a sequence pays for verifying at all (it leaves the batched one-token
-decode path for the multi-token one: on the CPU reference attention a per-sequence pass per
-layer). On a GPU at small batches both are small next to `fixed`, so verifying is nearly free;
-on a CPU, or a GPU at large batches, it is not. The engine feeds every step made only of decodes
-and verifications into an exponentially weighted least-squares fit of that plane, so the
-estimate follows the machine (another job's load, a bigger batch) without any constant measured
-elsewhere.
+A decode step takes about `fixed + per_row * R + per_context * C` seconds for R query rows, C
+being the cached tokens of the sequences that verify proposals: `fixed` is what any step pays
+(reading the weights, launching the layers), `per_row` what each more row adds (its share of the
+matmuls, its sampling), `per_context` what verifying costs on top for each token a verifying
+sequence attends to (it leaves the batched one-token decode path for the multi-token one: on the
+CPU reference attention a pass per sequence and layer that gathers its whole context). On a GPU
+at small batches both are small next to `fixed`, so verifying is nearly free; on a CPU, or a GPU
+at large batches, it is not. The engine feeds every step made only of decodes and verifications
+into an exponentially weighted least-squares fit of that plane, so the estimate follows the
+machine (another job's load, a bigger batch) without any constant measured elsewhere. A fit of
+steps that all speculate cannot tell what a plain step would cost, so every `EXPLORE_EVERY`-th
+step proposes nothing: the plain point at the current batch size.
 
 `tokens_worth_proposing` turns the fit into a decision per request (speculator.py): with B
 sequences decoding, a plain step yields B tokens for `fixed + per_row * B`, so a token is worth
 `value = fixed / B + per_row` seconds (keeping the step's throughput is the bar). A run of j
 proposals yields on average a + a^2 + ... + a^j more tokens at per-token acceptance a (the i-th
-counts only if the i - 1 before it were accepted) and costs `per_run + j * per_row`. The request
-proposes the j (at most num_speculative_tokens) with the largest positive net gain, none if no j
-gains: many tokens at one stream, fewer when its acceptance is middling or the batch is large
-(then `value` shrinks towards `per_row`), none when even the best run does not pay.
+counts only if the i - 1 before it were accepted) and costs `per_context * context + j * per_row`.
+The request proposes the j (at most num_speculative_tokens) with the largest positive net gain,
+none if no j gains: many tokens at one stream, fewer when its acceptance is middling or the batch
+is large (then `value` shrinks towards `per_row`), none when even the best run does not pay.
 """
 
 from __future__ import annotations
@@ -28,30 +30,38 @@ import numpy as np
 # Before the fit has data to tell the parts apart: one row costs 5% of a step's fixed part and
 # verifying nothing more (about what a 2-core CPU measures on the bundled model at one stream).
 PRIOR_SHARES = (0.05, 0.0)
+# One plain step in this many: the fit's view of what not speculating costs now.
+EXPLORE_EVERY = 20
 
 
 class StepCostModel:
-    """`fixed + per_row * rows + per_run * runs` fit to recent decode steps; older steps weigh
-    `decay` less per step, so about the last 1 / (1 - decay) steps count."""
+    """`fixed + per_row * rows + per_context * context` fit to recent decode steps; older steps
+    weigh `decay` less per step, so about the last 1 / (1 - decay) steps count."""
 
     def __init__(self, decay: float = 0.98, prior_shares: tuple[float, float] = PRIOR_SHARES):
         self.decay = decay
         self.prior_shares = prior_shares
         self.xtx = np.zeros((3, 3))
         self.xty = np.zeros(3)
+        self.steps = 0
 
     @property
     def weight(self) -> float:
         """The decayed number of steps behind the fit."""
         return float(self.xtx[0, 0])
 
-    def observe(self, rows: int, runs: int, seconds: float) -> None:
-        x = np.array([1.0, rows, runs])
+    def plain_step(self) -> bool:
+        """Whether this step should propose nothing (asked once per step)."""
+        self.steps += 1
+        return self.steps % EXPLORE_EVERY == 0
+
+    def observe(self, rows: int, context: int, seconds: float) -> None:
+        x = np.array([1.0, rows, context])
         self.xtx = self.decay * self.xtx + np.outer(x, x)
         self.xty = self.decay * self.xty + x * seconds
 
     def coefficients(self) -> tuple[float, float, float] | None:
-        """(fixed, per_row, per_run) in seconds, or None while the recent steps' row counts are
+        """(fixed, per_row, per_context) in seconds, or None while the recent steps' row counts are
         too alike to separate a row's cost from the fixed part (or the fit is not a rising line)."""
         w = self.weight
         if w < 4:
@@ -59,18 +69,18 @@ class StepCostModel:
         mean_rows = self.xtx[0, 1] / w
         if self.xtx[1, 1] / w - mean_rows * mean_rows < 1.0:  # the same row count every step
             return None
-        # A light ridge on per_run alone: steps that never verify leave it at 0, not undefined.
+        # A light ridge on per_context alone: steps that never verify leave it at 0, not undefined.
         ridge = np.diag([0.0, 0.0, 1e-3 * w])
-        fixed, per_row, per_run = np.linalg.solve(self.xtx + ridge, self.xty)
-        if per_run < 0:  # noise: verifying cannot save time; refit without it
-            per_run = 0.0
+        fixed, per_row, per_context = np.linalg.solve(self.xtx + ridge, self.xty)
+        if per_context < 0:  # noise: verifying cannot save time; refit without it
+            per_context = 0.0
             fixed, per_row = np.linalg.solve(self.xtx[:2, :2], self.xty[:2])
-        if per_row <= 0 or fixed <= 0 or not np.isfinite(fixed + per_row + per_run):
+        if per_row <= 0 or fixed <= 0 or not np.isfinite(fixed + per_row + per_context):
             return None
-        return float(fixed), float(per_row), float(per_run)
+        return float(fixed), float(per_row), float(per_context)
 
     def shares(self) -> tuple[float, float]:
-        """(per_row, per_run) as fractions of `fixed`: all the decision needs (the scale cancels)."""
+        """(per_row, per_context) as fractions of `fixed`: all the decision needs (the scale cancels)."""
         c = self.coefficients()
         return self.prior_shares if c is None else (c[1] / c[0], c[2] / c[0])
 
@@ -78,23 +88,27 @@ class StepCostModel:
 class FixedCost:
     """A cost model with given shares: for tests, and for runs that must not adapt."""
 
-    def __init__(self, row_share: float, run_share: float = 0.0):
-        self._shares = (row_share, run_share)
+    def __init__(self, row_share: float, context_share: float = 0.0):
+        self._shares = (row_share, context_share)
 
-    def observe(self, rows: int, runs: int, seconds: float) -> None:
+    def plain_step(self) -> bool:
+        return False
+
+    def observe(self, rows: int, context: int, seconds: float) -> None:
         pass
 
     def shares(self) -> tuple[float, float]:
         return self._shares
 
 
-def tokens_worth_proposing(acceptance: float, shares: tuple[float, float], batch_size: int, most: int) -> int:
+def tokens_worth_proposing(acceptance: float, shares: tuple[float, float], batch_size: int, most: int,
+                           context: int = 0) -> int:
     """The number of proposals (0..most) with the largest positive expected net gain, in units of
-    a step's fixed cost; 0 when no run gains."""
-    row_share, run_share = shares
+    a step's fixed cost, for a sequence of `context` cached tokens; 0 when no run gains."""
+    row_share, context_share = shares
     value = 1.0 / max(batch_size, 1) + row_share  # one token's worth
     best, best_gain = 0, 0.0
-    gain, reach = -run_share, 1.0
+    gain, reach = -context_share * context, 1.0
     for j in range(1, most + 1):
         reach *= acceptance  # the chance the j-th proposal is reached and accepted
         gain += value * reach - row_share

@@ -3,8 +3,8 @@ what verification accepted (each request's acceptance estimate, the step-cost fi
 
 How many tokens a request proposes (the adaptive rule, cost_model.py): each request keeps an
 estimate of its per-token acceptance (decayed counts of accepted and rejected proposals: recent
-runs weigh most), the engine keeps a fit of its step time against query rows and verifying
-sequences, and a request proposes the number of tokens whose expected gain at this batch size
+runs weigh most), the engine keeps a fit of its step time against query rows and what the
+verifying sequences attend to, and a request proposes the number of tokens whose expected gain at this batch size
 most exceeds what verifying them costs (none if no number gains). `disable_by_batch_size`
 (vLLM's) stays a hard switch on top when given.
 """
@@ -73,7 +73,7 @@ class Speculator:
         acceptance = acceptance_estimate(seq)
         k = 0
         if acceptance >= cfg.min_acceptance_rate:
-            k = tokens_worth_proposing(acceptance, self.cost_model.shares(), batch_size, most)
+            k = tokens_worth_proposing(acceptance, self.cost_model.shares(), batch_size, most, seq.num_tokens)
         if k:
             seq.spec_idle_steps = 0
             return k
@@ -90,6 +90,7 @@ class Speculator:
         about to decode, none for the rest."""
         cfg = self.config
         off = cfg.disable_by_batch_size is not None and len(running) >= cfg.disable_by_batch_size
+        off = self.cost_model.plain_step() or off
         wanted = []
         for seq in running:
             seq.spec_token_ids, seq.spec_masks = [], []
@@ -114,10 +115,10 @@ class Speculator:
                 proposed, seq.spec_masks = walk_grammar(seq.grammar, grammar_backend, proposed)
             seq.spec_token_ids = proposed
 
-    def observe_step(self, rows: int, runs: int, seconds: float) -> None:
+    def observe_step(self, rows: int, context: int, seconds: float) -> None:
         """A step of decodes and verifications only (no prompt chunk) took `seconds` for `rows`
-        query rows, `runs` of the sequences verifying proposals."""
-        self.cost_model.observe(rows, runs, seconds)
+        query rows, the sequences verifying proposals having `context` cached tokens."""
+        self.cost_model.observe(rows, context, seconds)
 
     def record(self, seq, proposed: int, accepted: int, emitted: int) -> None:
         """One verified run: the stats, and the request's acceptance estimate."""
