@@ -43,6 +43,7 @@ class StepCostModel:
         self.prior_shares = prior_shares
         self.xtx = np.zeros((3, 3))
         self.xty = np.zeros(3)
+        self.yty = 0.0
         self.steps = 0
 
     @property
@@ -59,6 +60,7 @@ class StepCostModel:
         x = np.array([1.0, rows, context])
         self.xtx = self.decay * self.xtx + np.outer(x, x)
         self.xty = self.decay * self.xty + x * seconds
+        self.yty = self.decay * self.yty + seconds * seconds
 
     def coefficients(self) -> tuple[float, float, float] | None:
         """(fixed, per_row, per_context) in seconds, or None while the recent steps' row counts are
@@ -69,15 +71,26 @@ class StepCostModel:
         mean_rows = self.xtx[0, 1] / w
         if self.xtx[1, 1] / w - mean_rows * mean_rows < 1.0:  # the same row count every step
             return None
-        # A light ridge on per_context alone: steps that never verify leave it at 0, not undefined.
-        ridge = np.diag([0.0, 0.0, 1e-3 * w])
-        fixed, per_row, per_context = np.linalg.solve(self.xtx + ridge, self.xty)
-        if per_context < 0:  # noise: verifying cannot save time; refit without it
-            per_context = 0.0
-            fixed, per_row = np.linalg.solve(self.xtx[:2, :2], self.xty[:2])
-        if per_row <= 0 or fixed <= 0 or not np.isfinite(fixed + per_row + per_context):
+        # Least squares with the two costs kept >= 0 (a row or a verification cannot save time):
+        # the best of the fits on each subset of them. Rows and context both grow with the number
+        # of verifying sequences, so the data often cannot split the two; then one carries both.
+        best, best_residual = None, np.inf
+        for keep in ([0, 1, 2], [0, 1], [0, 2], [0]):
+            a = self.xtx[np.ix_(keep, keep)] + 1e-12 * w * np.eye(len(keep))
+            try:
+                beta = np.linalg.solve(a, self.xty[keep])
+            except np.linalg.LinAlgError:
+                continue
+            if (beta[1:] < 0).any():
+                continue
+            residual = self.yty - 2 * beta @ self.xty[keep] + beta @ self.xtx[np.ix_(keep, keep)] @ beta
+            if residual < best_residual - 1e-15:
+                coefficients = np.zeros(3)
+                coefficients[keep] = beta
+                best, best_residual = coefficients, residual
+        if best is None or best[0] <= 0 or not np.isfinite(best).all():
             return None
-        return float(fixed), float(per_row), float(per_context)
+        return float(best[0]), float(best[1]), float(best[2])
 
     def shares(self) -> tuple[float, float]:
         """(per_row, per_context) as fractions of `fixed`: all the decision needs (the scale cancels)."""
