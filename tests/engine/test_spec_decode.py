@@ -177,7 +177,7 @@ def test_engine_feeds_its_step_times_to_the_cost_fit(spec_llm):
         spec_llm.generate([[1, 2, 3, 1, 2, 3, 1, 2]] * 3, SamplingParams(max_tokens=6, temperature=0.0))
     finally:
         always_speculate(engine)
-    assert model.weight > 3 and model.xty[0] > 0 and model.xtx[0, 1] >= 3 * model.weight * 0.9
+    assert model.weight > 3 and model.xty[0] > 0 and model.xtx[0][1] >= 3 * model.weight * 0.9
 
 
 # ---- the bundled model --------------------------------------------------------------------

@@ -25,7 +25,7 @@ is large (then `value` shrinks towards `per_row`), none when even the best run d
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 # Before the fit has data to tell the parts apart: one row costs 5% of a step's fixed part and
 # verifying nothing more (about what a 2-core CPU measures on the bundled model at one stream).
@@ -41,15 +41,17 @@ class StepCostModel:
     def __init__(self, decay: float = 0.98, prior_shares: tuple[float, float] = PRIOR_SHARES):
         self.decay = decay
         self.prior_shares = prior_shares
-        self.xtx = np.zeros((3, 3))
-        self.xty = np.zeros(3)
+        # Decayed sums over steps of x x^T, x y and y^2, x = (1, rows, context), y = seconds. Plain
+        # Python: a 3 x 3 solve per step; numpy's BLAS threads would compete with torch's for the cores.
+        self.xtx = [[0.0] * 3 for _ in range(3)]
+        self.xty = [0.0] * 3
         self.yty = 0.0
         self.steps = 0
 
     @property
     def weight(self) -> float:
         """The decayed number of steps behind the fit."""
-        return float(self.xtx[0, 0])
+        return self.xtx[0][0]
 
     def plain_step(self) -> bool:
         """Whether this step should propose nothing (asked once per step)."""
@@ -57,10 +59,13 @@ class StepCostModel:
         return self.steps % EXPLORE_EVERY == 0
 
     def observe(self, rows: int, context: int, seconds: float) -> None:
-        x = np.array([1.0, rows, context])
-        self.xtx = self.decay * self.xtx + np.outer(x, x)
-        self.xty = self.decay * self.xty + x * seconds
-        self.yty = self.decay * self.yty + seconds * seconds
+        x = (1.0, float(rows), float(context))
+        d = self.decay
+        for i in range(3):
+            for j in range(3):
+                self.xtx[i][j] = d * self.xtx[i][j] + x[i] * x[j]
+            self.xty[i] = d * self.xty[i] + x[i] * seconds
+        self.yty = d * self.yty + seconds * seconds
 
     def coefficients(self) -> tuple[float, float, float] | None:
         """(fixed, per_row, per_context) in seconds, or None while the recent steps' row counts are
@@ -68,29 +73,28 @@ class StepCostModel:
         w = self.weight
         if w < 4:
             return None
-        mean_rows = self.xtx[0, 1] / w
-        if self.xtx[1, 1] / w - mean_rows * mean_rows < 1.0:  # the same row count every step
+        mean_rows = self.xtx[0][1] / w
+        if self.xtx[1][1] / w - mean_rows * mean_rows < 1.0:  # the same row count every step
             return None
         # Least squares with the two costs kept >= 0 (a row or a verification cannot save time):
         # the best of the fits on each subset of them. Rows and context both grow with the number
         # of verifying sequences, so the data often cannot split the two; then one carries both.
-        best, best_residual = None, np.inf
-        for keep in ([0, 1, 2], [0, 1], [0, 2], [0]):
-            a = self.xtx[np.ix_(keep, keep)] + 1e-12 * w * np.eye(len(keep))
-            try:
-                beta = np.linalg.solve(a, self.xty[keep])
-            except np.linalg.LinAlgError:
+        best, best_residual = None, math.inf
+        for keep in ((0, 1, 2), (0, 1), (0, 2), (0,)):
+            a = [[self.xtx[i][j] + (1e-12 * w if i == j else 0.0) for j in keep] for i in keep]
+            b = [self.xty[i] for i in keep]
+            beta = _solve(a, b)
+            if beta is None or any(v < 0 for v in beta[1:]):
                 continue
-            if (beta[1:] < 0).any():
-                continue
-            residual = self.yty - 2 * beta @ self.xty[keep] + beta @ self.xtx[np.ix_(keep, keep)] @ beta
+            fitted = sum(beta[m] * self.xtx[i][j] * beta[n] for m, i in enumerate(keep) for n, j in enumerate(keep))
+            residual = self.yty - 2 * sum(v * self.xty[i] for v, i in zip(beta, keep)) + fitted
             if residual < best_residual - 1e-15:
-                coefficients = np.zeros(3)
-                coefficients[keep] = beta
-                best, best_residual = coefficients, residual
-        if best is None or best[0] <= 0 or not np.isfinite(best).all():
+                best, best_residual = [0.0] * 3, residual
+                for v, i in zip(beta, keep):
+                    best[i] = v
+        if best is None or best[0] <= 0 or not all(math.isfinite(v) for v in best):
             return None
-        return float(best[0]), float(best[1]), float(best[2])
+        return best[0], best[1], best[2]
 
     def shares(self) -> tuple[float, float]:
         """(per_row, per_context) as fractions of `fixed`: all the decision needs (the scale cancels)."""
@@ -128,3 +132,22 @@ def tokens_worth_proposing(acceptance: float, shares: tuple[float, float], batch
         if gain > best_gain:
             best, best_gain = j, gain
     return best
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b (Gaussian elimination with partial pivoting), None if a is singular."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        if abs(m[p][c]) < 1e-300:
+            return None
+        m[c], m[p] = m[p], m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            for k in range(c, n + 1):
+                m[r][k] -= f * m[c][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x

@@ -61,8 +61,9 @@ class Speculator:
         self.max_seq_len = max_seq_len
         self.stats = SpecDecodeStats()
 
-    def wanted_tokens(self, seq, batch_size: int) -> int:
-        """How many tokens `seq` should propose this step (0: decode without)."""
+    def wanted_tokens(self, seq, batch_size: int, shares: tuple[float, float] | None = None) -> int:
+        """How many tokens `seq` should propose this step (0: decode without); `shares` is the
+        cost model's reading (taken once per step by `propose`)."""
         cfg = self.config
         params = seq.params
         # At most one token past the proposals is emitted: never propose past max_tokens or the context.
@@ -73,7 +74,8 @@ class Speculator:
         acceptance = acceptance_estimate(seq)
         k = 0
         if acceptance >= cfg.min_acceptance_rate:
-            k = tokens_worth_proposing(acceptance, self.cost_model.shares(), batch_size, most, seq.num_tokens)
+            shares = shares if shares is not None else self.cost_model.shares()
+            k = tokens_worth_proposing(acceptance, shares, batch_size, most, seq.num_tokens)
         if k:
             seq.spec_idle_steps = 0
             return k
@@ -91,12 +93,13 @@ class Speculator:
         cfg = self.config
         off = cfg.disable_by_batch_size is not None and len(running) >= cfg.disable_by_batch_size
         off = self.cost_model.plain_step() or off
+        shares = self.cost_model.shares()
         wanted = []
         for seq in running:
             seq.spec_token_ids, seq.spec_masks = [], []
             if off or seq.num_computed_tokens != seq.num_tokens - 1:
                 continue
-            k = self.wanted_tokens(seq, len(running))
+            k = self.wanted_tokens(seq, len(running), shares)
             if k:
                 wanted.append((seq, k))
         if not wanted:
