@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram prompt lookup) vs plain decoding on the bundled model, in one run.
+"""Speculative decoding (n-gram prompt lookup, or a draft model) vs plain decoding on the bundled model, in one run.
 
 Two workloads, each at several concurrencies, each run by two engines over the same weights (one
 with `speculative_config`, one without), alternated, best of --repeats:
@@ -7,9 +7,15 @@ with `speculative_config`, one without), alternated, best of --repeats:
 - chat: plain chat prompts, where it rarely finds anything to propose.
 Greedy, EOS honoured, --max-tokens new tokens. Prints output tokens/s of both, their ratio
 (speculative / plain; above 1 is faster), the acceptance rate and tokens emitted per verified
-run, and whether both engines produced the same tokens (they must: greedy is exact).
+run, whether both engines produced the same tokens (they must: greedy is exact, up to bf16
+near-ties between batch shapes), and the adaptive rule's fitted costs of a query row and of a verifying
+sequence's cached token (fractions of a step's fixed cost: spec_decode/cost_model.py).
 
     .venv/bin/python benchmarks/bench_speculative.py [--concurrency 1 16 64] [--max-tokens 96] [--workloads copy chat]
+        [--methods ngram draft]
+
+`--methods draft` adds a draft-model engine whose draft is the bundled model itself (every proposal
+is accepted: the ceiling of what a draft can give, paying a full draft forward per proposed token).
 
 On a shared 2-core machine the numbers are noisy; compare ratios within one run only.
 """
@@ -25,7 +31,7 @@ import torch
 
 from lmserve import LLM, SamplingParams
 from lmserve.chat.prompt import render_chat
-from lmserve.models.loader import DEFAULT_MODEL_ID
+from lmserve.models.loader import DEFAULT_MODEL_ID, bundled_model_path
 
 PASSAGE = (
     "The town of Brindlemoor sits where two rivers meet, and for three hundred years its life has followed "
@@ -91,16 +97,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workloads", nargs="+", choices=["copy", "chat"], default=["copy", "chat"])
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--methods", nargs="+", choices=["ngram", "draft"], default=["ngram"])
     ap.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 5, '
-                                                    '"prompt_lookup_min": 2, "prompt_lookup_max": 4, '
-                                                    '"disable_by_batch_size": 32}')
+                                                    '"prompt_lookup_min": 2, "prompt_lookup_max": 4}')
     args = ap.parse_args()
     spec_config = json.loads(args.speculative_config)
+    k = spec_config["num_speculative_tokens"]
+    configs = {"ngram": spec_config, "draft": {"model": str(bundled_model_path()), "num_speculative_tokens": k}}
     common = dict(dtype=args.dtype, max_num_seqs=max(args.concurrency), kv_cache_memory=512 << 20)
     plain = LLM(DEFAULT_MODEL_ID, **common)
-    spec = LLM(DEFAULT_MODEL_ID, speculative_config=spec_config, **common)
+    specs = {m: LLM(DEFAULT_MODEL_ID, speculative_config=configs[m], **common) for m in args.methods}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {args.dtype}; speculative_config {json.dumps(spec_config)}; max_tokens {args.max_tokens}")
+          f"threads, {args.dtype}; max_tokens {args.max_tokens}; "
+          + "; ".join(f"{m}: {json.dumps(configs[m])}" for m in args.methods))
 
     def encode(task: str) -> list[int]:
         return plain.engine.encode(render_chat(plain.tokenizer, [{"role": "user", "content": task}]),
@@ -108,27 +117,32 @@ def main() -> None:
 
     tasks_of = {"copy": COPY_TASKS, "chat": CHAT_TASKS}
     workloads = {name: [encode(t) for t in tasks_of[name]] for name in args.workloads}
-    print(f"{'workload':8} {'conc':>4} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} {'accept':>6} "
-          f"{'tok/run':>7} {'same':>5}")
+    print(f"{'workload':8} {'method':6} {'conc':>4} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} {'accept':>6} "
+          f"{'tok/run':>7} {'same':>5} {'row/ctx cost':>14}")
     for name, tasks in workloads.items():
         for conc in args.concurrency:
             prompts = [tasks[i % len(tasks)] for i in range(conc)]
-            run(plain, prompts[:1], 8)  # warm both
-            run(spec, prompts[:1], 8)
-            best_plain = best_spec = 0.0
-            stats = spec.engine.spec_decode_stats
-            before = (stats.proposed, stats.accepted, stats.emitted, stats.runs)
-            for _ in range(args.repeats):
-                rate, ref = run(plain, prompts, args.max_tokens)
-                best_plain = max(best_plain, rate)
-                rate, got = run(spec, prompts, args.max_tokens)
-                best_spec = max(best_spec, rate)
-            proposed, accepted, emitted, runs = (now - then for now, then in zip(
-                (stats.proposed, stats.accepted, stats.emitted, stats.runs), before))
-            accept = f"{accepted / proposed:.2f}" if proposed else "-"
-            per_run = f"{emitted / runs:.2f}" if runs else "-"
-            print(f"{name:8} {conc:>4} {best_plain:>11.1f} {best_spec:>10.1f} {best_spec / best_plain:>6.2f} "
-                  f"{accept:>6} {per_run:>7} {str(got == ref):>5}", flush=True)
+            for method, spec in specs.items():
+                run(plain, prompts[:1], 8)  # warm both
+                run(spec, prompts[:1], 8)
+                best_plain = best_spec = 0.0
+                stats = spec.engine.spec_decode_stats
+                before = (stats.proposed, stats.accepted, stats.emitted, stats.runs)
+                for _ in range(args.repeats):
+                    rate, ref = run(plain, prompts, args.max_tokens)
+                    best_plain = max(best_plain, rate)
+                    rate, got = run(spec, prompts, args.max_tokens)
+                    best_spec = max(best_spec, rate)
+                proposed, accepted, emitted, runs = (now - then for now, then in zip(
+                    (stats.proposed, stats.accepted, stats.emitted, stats.runs), before))
+                accept = f"{accepted / proposed:.2f}" if proposed else "-"
+                per_run = f"{emitted / runs:.2f}" if runs else "-"
+                # The adaptive rule's fitted costs of one more query row and of a verifying sequence's
+                # cached token, as fractions of a step's fixed cost.
+                share = "/".join(f"{x:.2g}" for x in spec.engine.speculator.cost_model.shares())
+                print(f"{name:8} {method:6} {conc:>4} {best_plain:>11.1f} {best_spec:>10.1f} "
+                      f"{best_spec / best_plain:>6.2f} {accept:>6} {per_run:>7} {str(got == ref):>5} {share:>14}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ Parts (--parts):
                beside the same numbers in bf16 measured in this part; and the fp8 KV cache
                (kv_cache_dtype fp8, the Triton kernels' fp8 reads) against a bf16 cache on that shape:
                greedy logits within 2^-4 of their range, token agreement, blocks gained
+  spec         speculative decoding with a draft model on the 8B shape (dummy weights: step costs): plain
+               decode vs a Llama-3.2-1B-shaped draft and vs the target as its own draft (the ceiling),
+               4 proposals per step, batch 1 and 16
   attention    decode attention of the 8B layer shape in one pass vs split keys + merge, by batch size
                and context (graph-replayed kernel time), and where one pass stops paying
 
@@ -71,13 +74,14 @@ from gpu_check_parts.env import part_env  # noqa: E402
 from gpu_check_parts.fp8 import part_fp8  # noqa: E402
 from gpu_check_parts.plan import part_plan  # noqa: E402
 from gpu_check_parts.report import Report  # noqa: E402
+from gpu_check_parts.spec import part_spec  # noqa: E402
 from gpu_check_parts.speed import part_speed  # noqa: E402
 from gpu_check_parts.table import markdown  # noqa: E402
 from gpu_check_parts.tp import part_tp  # noqa: E402
 
 # ---- main ---------------------------------------------------------------------------------------
 
-PARTS = ("env", "engine", "correctness", "speed", "plan", "deepseek", "attention", "tp", "fp8")
+PARTS = ("env", "engine", "correctness", "speed", "plan", "deepseek", "attention", "tp", "fp8", "spec")
 
 
 def run_parts_isolated(report: Report, args, parts: list[str]) -> None:
@@ -144,14 +148,16 @@ def run_parts(report: Report, args, device: torch.device, parts: list[str]) -> N
         part_tp(report, device)
     if "fp8" in parts:
         part_fp8(report, device, args)
+    if "spec" in parts:
+        part_spec(report, device, args)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (the device check) or cpu (smoke mode)")
     ap.add_argument("--quick", action="store_true", help="fewer offline requests, shorter transformers runs")
-    ap.add_argument("--parts", default="env,engine,correctness,speed,plan,deepseek,attention,tp,fp8",
-                    help="comma-separated: env,engine,correctness,speed,plan,deepseek,attention,tp")
+    ap.add_argument("--parts", default="env,engine,correctness,speed,plan,deepseek,attention,tp,fp8,spec",
+                    help="comma-separated: env,engine,correctness,speed,plan,deepseek,attention,tp,fp8,spec")
     ap.add_argument("--families", default=None, help="comma-separated family names (default: all)")
     ap.add_argument("--backends", default=None,
                     help="attention backends to prove (default: triton,reference on CUDA, reference on CPU; "

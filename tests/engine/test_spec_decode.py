@@ -17,7 +17,9 @@ from lmserve.engine import llm_engine
 from lmserve.engine.block_manager import hash_block
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.spec_decode.config import SpeculativeConfig
+from lmserve.engine.spec_decode.cost_model import EXPLORE_EVERY, FixedCost, StepCostModel, tokens_worth_proposing
 from lmserve.engine.spec_decode.ngram import propose_ngram
+from lmserve.engine.spec_decode.speculator import Speculator, acceptance_estimate
 from lmserve.models.loader import DEFAULT_MODEL_ID
 from lmserve.sampling_params import StructuredOutput
 from tests.conftest import chat_ids, track, untrack
@@ -29,9 +31,17 @@ PASSAGE = ("The keeper logged every ship that passed the cape: the Aurora on Mon
 COPY = f"Copy this text exactly, word for word:\n\n{PASSAGE}"
 
 
+def always_speculate(engine: LLMEngine) -> LLMEngine:
+    """Verified rows priced at nothing: the adaptive rule lets every request propose its full k
+    (the tests below are about exactness, which must hold whatever the rule decides)."""
+    engine.speculator.cost_model = FixedCost(0.0)
+    return engine
+
+
 @pytest.fixture(scope="module")
 def spec_llm():
     llm = track(LLM(DEFAULT_MODEL_ID, dtype="float32", speculative_config=NGRAM, kv_cache_memory=64 << 20))
+    always_speculate(llm.engine)
     yield llm
     untrack(llm)
 
@@ -47,10 +57,14 @@ def test_config_follows_vllm_keys_and_refuses_bad_ones():
     cfg = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
     assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (5, 4, 4)
     assert SpeculativeConfig.parse({"model": "[ngram]", "num_speculative_tokens": 2}).prompt_lookup_min == 5
+    draft = SpeculativeConfig.parse({"model": "/some/draft", "num_speculative_tokens": 3})
+    assert (draft.method, draft.model) == ("draft_model", "/some/draft")
     for bad, words in [({"num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "exceed"),
                        ({"num_speculative_tokens": 2, "lookahead": 1}, "unknown key"),
-                       ({"model": "/some/draft", "num_speculative_tokens": 2}, "not supported"),
+                       ({"method": "eagle", "model": "/some/draft", "num_speculative_tokens": 2}, "not supported"),
+                       ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
+                       ({"method": "ngram", "model": "/some/draft", "num_speculative_tokens": 2}, "does not go with"),
                        ("{nope", "not valid JSON")]:
         with pytest.raises(ValueError, match=words):
             SpeculativeConfig.parse(bad)
@@ -64,6 +78,106 @@ def test_ngram_lookup_takes_the_longest_suffix_then_the_earliest_match():
     assert propose_ngram(tokens, 3, 3, 3) == []  # "7 2 3" never occurred before
     assert propose_ngram([5, 6, 5], 1, 1, 4) == [6, 5]  # cut at the end of what is known
     assert propose_ngram([5], 1, 1, 4) == []
+
+
+# ---- the adaptive rule: what a proposal costs against how often it is accepted -------------
+
+
+def test_step_cost_fit_recovers_fixed_per_row_and_per_context_cost():
+    model = StepCostModel()
+    assert model.shares() == (0.05, 0.0)  # the prior, before any step
+    for _ in range(10):
+        model.observe(16, 0, 0.030 + 0.002 * 16)
+    assert model.coefficients() is None, "one row count cannot separate a row's cost from the fixed part"
+    for i in range(60):  # steps of 16 sequences of ~100 cached tokens, some verifying 1 to 5 proposals
+        runs = i % 9
+        rows, context = 16 + runs * (1 + i % 5), runs * (90 + i % 20)
+        model.observe(rows, context, 0.030 + 0.002 * rows + 0.0001 * context)
+    fixed, per_row, per_context = model.coefficients()
+    assert (fixed, per_row, per_context) == pytest.approx((0.030, 0.002, 0.0001), rel=0.02)
+    assert model.shares() == pytest.approx((0.002 / 0.030, 0.0001 / 0.030), rel=0.03)
+    for i in range(300):  # the machine changes (another job starts): the old steps fade out
+        runs = i % 9
+        rows, context = 16 + runs * (1 + i % 5), runs * (90 + i % 20)
+        model.observe(rows, context, 0.030 + 0.006 * rows)
+    fixed, per_row, per_context = model.coefficients()
+    assert per_row == pytest.approx(0.006, rel=0.05) and per_context == pytest.approx(0.0, abs=1e-5)
+    # Every EXPLORE_EVERY-th step proposes nothing: the fit's plain point at the current batch.
+    assert [model.plain_step() for _ in range(2 * EXPLORE_EVERY)].count(True) == 2
+    assert not any(FixedCost(0.0).plain_step() for _ in range(2 * EXPLORE_EVERY))
+
+
+def test_proposals_shrink_with_acceptance_batch_size_and_verification_cost():
+    cheap = (0.08, 0.0)  # a row costs 8% of a step's fixed part (about a 2-core CPU), verifying nothing more
+    assert tokens_worth_proposing(1.0, cheap, 64, 5) == 5  # certain proposals pay at any batch
+    assert tokens_worth_proposing(0.9, cheap, 1, 5) == 5
+    assert tokens_worth_proposing(0.5, cheap, 1, 5) == 3  # 0.5^3 * 1.08 > 0.08 > 0.5^4 * 1.08
+    assert tokens_worth_proposing(0.8, cheap, 16, 5) == 2  # 0.8^2 * 0.1425 > 0.08 > 0.8^3 * 0.1425
+    assert tokens_worth_proposing(0.3, cheap, 16, 5) == 0
+    assert tokens_worth_proposing(0.3, (0.0, 0.0), 256, 5) == 5  # free rows: always worth it
+    # Verifying a long context costs more (another attention path): short runs stop paying first.
+    assert tokens_worth_proposing(0.6, cheap, 4, 5, context=300) == 2
+    assert tokens_worth_proposing(0.6, (0.08, 0.001), 4, 5, context=300) == 0
+    assert tokens_worth_proposing(0.6, (0.08, 0.001), 1, 5, context=300) == 5
+    assert tokens_worth_proposing(1.0, (0.08, 0.001), 16, 5, context=500) == 0
+    assert tokens_worth_proposing(1.0, (0.08, 0.001), 16, 5, context=50) == 5
+
+
+def _decoding(prompt_len: int = 8, max_tokens: int = 100):
+    from types import SimpleNamespace
+
+    request = SimpleNamespace(prompt_token_ids=list(range(prompt_len)),
+                              params=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    seq = llm_engine.Sequence(seq_id=0, request=request, index=0, token_ids=list(range(prompt_len)),
+                              sampling_key=0, detok=None)
+    seq.num_computed_tokens = prompt_len - 1
+    return seq
+
+
+def test_each_request_proposes_what_pays_at_this_batch_size():
+    cfg = SpeculativeConfig.parse({"num_speculative_tokens": 5, "acceptance_window": 4})
+    spec = Speculator(cfg, {2}, max_seq_len=1000, cost_model=FixedCost(0.08))
+    copying, chatty = _decoding(), _decoding()
+    for i in range(10):
+        spec.record(copying, 5, 5, 6)  # every proposal accepted
+        spec.record(chatty, 4, i % 2, 1 + i % 2)  # one accepted of every three tried
+    assert acceptance_estimate(copying) > 0.95 and 0.2 < acceptance_estimate(chatty) < 0.4
+    # One stream: a row is cheap next to the step, both propose, the middling one fewer tokens.
+    assert spec.wanted_tokens(copying, 1) == 5
+    assert 1 <= spec.wanted_tokens(chatty, 1) < 5
+    # 16 streams: a verified row costs more than a 1-in-4 guess saves; copying still pays.
+    assert spec.wanted_tokens(copying, 16) == 5
+    assert [spec.wanted_tokens(chatty, 16) for _ in range(4)] == [0, 0, 0, 1], "a probe every 4 steps"
+    # 64 streams: only near-certain proposals pay.
+    assert spec.wanted_tokens(copying, 64) == 5 and spec.wanted_tokens(chatty, 64) == 0
+    # When verifying its 8 cached tokens costs half a step, even a copying request stops at 16 streams.
+    spec.cost_model = FixedCost(0.08, 0.5 / 8)
+    assert spec.wanted_tokens(copying, 1) == 5 and spec.wanted_tokens(copying, 16) == 0
+    # A fresh request starts from the optimistic prior; max_tokens bounds k.
+    assert spec.wanted_tokens(_decoding(), 1) == 5 and spec.wanted_tokens(_decoding(max_tokens=3), 1) == 2
+    # disable_by_batch_size stays vLLM's hard switch; min_acceptance_rate a floor under the rule.
+    hard = Speculator(SpeculativeConfig.parse({"num_speculative_tokens": 5, "disable_by_batch_size": 4}), {2}, 1000,
+                      cost_model=FixedCost(0.0))
+    running = [_decoding() for _ in range(4)]
+    hard.proposer = type("Echo", (), {"propose": lambda self, seq, k: [7] * k})()
+    hard.propose(running, None)
+    assert all(s.spec_token_ids == [] for s in running)
+    hard.propose(running[:3], None)
+    assert all(s.spec_token_ids == [7] * 5 for s in running[:3])
+    floor = Speculator(SpeculativeConfig.parse({"num_speculative_tokens": 5, "min_acceptance_rate": 0.5}), {2}, 1000,
+                       cost_model=FixedCost(0.0))
+    assert floor.wanted_tokens(chatty, 1) == 0
+
+
+def test_engine_feeds_its_step_times_to_the_cost_fit(spec_llm):
+    engine = spec_llm.engine
+    model = StepCostModel()
+    engine.speculator.cost_model = model
+    try:
+        spec_llm.generate([[1, 2, 3, 1, 2, 3, 1, 2]] * 3, SamplingParams(max_tokens=6, temperature=0.0))
+    finally:
+        always_speculate(engine)
+    assert model.weight > 3 and model.xty[0] > 0 and model.xtx[0][1] >= 3 * model.weight * 0.9
 
 
 # ---- the bundled model --------------------------------------------------------------------
@@ -177,7 +291,7 @@ def test_any_proposer_gives_plain_greedy_on_three_families(family):
     references = {tuple(p): p + t for p, t in zip([p for wave in WAVES for p in wave], reference)}
     cases = {"ngram": None, "oracle": OracleProposer(references), "random": RandomProposer(320)}
     for name, proposer in cases.items():
-        engine = LLMEngine(str(family), num_kv_blocks=96, **spec_options)
+        engine = always_speculate(LLMEngine(str(family), num_kv_blocks=96, **spec_options))
         if proposer is not None:
             engine.speculator.proposer = proposer
         assert _serve(engine, steps, check_hashes=True) == reference, name
@@ -189,7 +303,7 @@ def test_any_proposer_gives_plain_greedy_on_three_families(family):
         if name == "random":
             assert stats.accepted <= 0.1 * stats.proposed
     # A cache too small for the first wave: sequences are preempted and recomputed mid-speculation.
-    small = LLMEngine(str(family), num_kv_blocks=18, **spec_options)
+    small = always_speculate(LLMEngine(str(family), num_kv_blocks=18, **spec_options))
     small.speculator.proposer = OracleProposer(references)
     assert _serve(small, steps, check_hashes=True) == reference
     assert small.scheduler.num_preemptions > 0
@@ -222,7 +336,8 @@ def test_sampled_distribution_is_the_targets_and_naive_acceptance_is_not(tmp_pat
     save_file(tensors, weights, metadata={"format": "pt"})
     options = dict(dtype="float32", num_kv_blocks=2000, block_size=16, max_num_seqs=64)
     plain = LLMEngine(str(tmp_path), **options)
-    spec = LLMEngine(str(tmp_path), speculative_config=dict(NGRAM, min_acceptance_rate=0.0), **options)
+    spec = always_speculate(LLMEngine(str(tmp_path), speculative_config=dict(NGRAM, min_acceptance_rate=0.0),
+                                      **options))
     prompt = [5, 17, 100] + _generate(plain, [([5, 17, 100], SamplingParams(max_tokens=80, temperature=0.0,
                                                                                  ignore_eos=True))])[0]
     draws = 200

@@ -28,11 +28,12 @@ log = logging.getLogger("lmserve.engine")
 
 
 def auto_num_blocks(cfg: EngineConfig, executor, model_config, dtype: torch.dtype, device: torch.device,
-                    max_model_len: int, num_speculative_tokens: int = 0) -> int:
-    """The blocks the KV cache gets on this device (under tensor parallelism: on the tightest rank)."""
+                    max_model_len: int, num_speculative_tokens: int = 0, draft_bytes_per_block: int = 0) -> int:
+    """The blocks the KV cache gets on this device (under tensor parallelism: on the tightest rank).
+    A speculative draft model's cache gets as many blocks: each block of the budget pays for both."""
     # The cache's own dtype (fp8 halves the bytes per block: attention/kv_cache_dtype.py).
     per_block = ModelRunner.kv_bytes_per_block(executor.model, cfg.block_size,
-                                               kv_cache_torch_dtype(cfg.kv_cache_dtype, dtype))
+                                               kv_cache_torch_dtype(cfg.kv_cache_dtype, dtype)) + draft_bytes_per_block
     if cfg.kv_cache_memory is None and device.type == "cuda":
         started = time.perf_counter()
         try:

@@ -25,7 +25,8 @@ from lmserve.engine.options import EngineConfig
 from lmserve.engine.sampler import Sampler, stream_key
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, SeqStatus, Sequence
-from lmserve.engine.spec_decode.config import SpeculativeConfig
+from lmserve.engine.spec_decode.config import DRAFT_MODEL, SpeculativeConfig
+from lmserve.engine.spec_decode.draft_model import DraftModel, check_draft_supported, load_draft
 from lmserve.engine.spec_decode.speculator import Speculator
 from lmserve.engine.spec_decode.stats import SpecDecodeStats
 from lmserve.engine.spec_decode.verify import accepted_prefix, sampling_rows
@@ -43,6 +44,8 @@ class LLMEngine:
     def __init__(self, model: str, dtype: str = "auto", **engine_options):
         self.engine_config = cfg = EngineConfig.from_options(**engine_options)  # engine/options.py
         spec_config = SpeculativeConfig.parse(cfg.speculative_config)  # a bad config fails before loading
+        if spec_config is not None and spec_config.method == DRAFT_MODEL:
+            check_draft_supported(cfg)
         self.device = choose_device(cfg.device)
         self.dtype = choose_dtype(dtype, self.device)
         self.checkpoint = resolve_checkpoint(model)
@@ -55,12 +58,18 @@ class LLMEngine:
         self.model = self.executor.model  # rank 0's shard under tensor parallelism
         self.tokenizer = shared_tokenizer(self.checkpoint)
         log.info("loaded %s (%s, %s) in %.1fs", model, self.dtype, self.device, time.perf_counter() - started)
+        self.draft: DraftModel | None = None
         try:
+            if spec_config is not None and spec_config.method == DRAFT_MODEL:
+                self.draft = load_draft(spec_config, cfg, self.model_config, self.tokenizer, self.dtype, self.device)
             num_blocks = cfg.num_kv_blocks or auto_num_blocks(
                 cfg, self.executor, self.model_config, self.dtype, self.device, self.max_model_len,
-                spec_config.num_speculative_tokens if spec_config is not None else 0)
+                spec_config.num_speculative_tokens if spec_config is not None else 0,
+                self.draft.kv_bytes_per_block(cfg.block_size) if self.draft is not None else 0)
             started = time.perf_counter()
             self.executor.init_cache(num_blocks, cfg.block_size)
+            if self.draft is not None:  # as many blocks as the target's: it can mirror every token
+                self.draft.init_cache(num_blocks, cfg.block_size, cfg.attention_backend)
         except BaseException:
             self.executor.shutdown()
             raise
@@ -81,8 +90,10 @@ class LLMEngine:
             self.eos_token_ids.update(vocab[t] for t in self.chat_format.end_of_turn_tokens if t in vocab)
         self.hidden_token_ids = hidden_special_ids(self.tokenizer, self.chat_format.tool_call_tokens)
         self.sampler.eos_token_ids = sorted(self.eos_token_ids)  # held back until min_tokens
-        self.speculator = (Speculator(spec_config, self.eos_token_ids, self.max_seq_len)
+        self.speculator = (Speculator(spec_config, self.eos_token_ids, self.max_seq_len, proposer=self.draft)
                            if spec_config is not None else None)
+        if self.speculator is not None:
+            self.scheduler.on_release = self.speculator.release
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
@@ -198,12 +209,24 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._grammar)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
         spec_lens = self._scheduled_proposals(batch) if self.speculator is not None else {}
+        # Decodes and verifications only: a point of the step-time fit the adaptive rule uses.
+        timed = self.speculator is not None and all(seq.seq_id in spec_lens for seq, _ in batch.prefills)
+        context = sum(seq.num_computed_tokens for seq, _ in batch.prefills)
+        outputs = self._run(batch, spec_lens)
+        if timed:
+            rows = len(batch.decodes) + sum(n for _, n in batch.prefills)
+            self.speculator.observe_step(rows, context, time.perf_counter() - started)
+        return outputs
+
+    def _run(self, batch, spec_lens: dict[int, int]) -> list[RequestOutput]:
+        """The scheduled step through the model, the sampler and (for proposals) verification."""
         sample_rows: list = []  # what the sampler draws from, one per logits row
         takers: list[tuple[Sequence, int]] = []  # who takes the draws: (sequence, rows), in order
         logit_ids: list[int] = []
@@ -369,8 +392,11 @@ class LLMEngine:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.block_manager.num_free_blocks
+        """Free blocks of the KV cache, and of the draft model's when speculation has one (so a
+        leak in either shows)."""
+        draft = self.draft.num_free_blocks if self.draft is not None else 0
+        return self.block_manager.num_free_blocks + draft
 
     @property
     def num_blocks(self) -> int:
-        return self.block_manager.num_blocks
+        return self.block_manager.num_blocks + (self.draft.num_blocks if self.draft is not None else 0)

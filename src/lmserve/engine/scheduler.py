@@ -55,6 +55,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
         self.background_block_cap = int(block_manager.num_blocks * background_kv_share)
+        # Told of every sequence that finishes, is aborted or preempted (a draft model's proposer
+        # frees that sequence's draft KV blocks: spec_decode/draft_model.py).
+        self.on_release = None
 
     def add(self, seq: Sequence) -> None:
         """Queue behind every waiting sequence as urgent or more (all of them, at equal priorities)."""
@@ -82,6 +85,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)
+        if self.on_release is not None:
+            self.on_release(seq)
 
     @property
     def has_work(self) -> bool:
@@ -179,6 +184,8 @@ class Scheduler:
         """Recompute preemption: drop the KV, requeue at the front with prompt + output so far."""
         self.running.remove(seq)
         self.bm.free(seq)
+        if self.on_release is not None:
+            self.on_release(seq)
         seq.num_computed_tokens = 0
         seq.spec_token_ids = []
         seq.status = SeqStatus.WAITING

@@ -55,12 +55,14 @@ class Sequence(TokensSoFar):
     emitted_finish: bool = False
     grammar: Any = None  # the structured-output matcher of this choice, if any
     # Speculative decoding (engine/spec_decode/): this step's proposed tokens (not in token_ids
-    # until verified), the grammar's masks after each of them, and the adaptive off-switch's state.
+    # until verified), the grammar's masks after each of them, and the adaptive rule's state:
+    # decayed counts of accepted and tried proposals (starting from an optimistic prior, see
+    # spec_decode/speculator.py) and steps since the rule last let it propose.
     spec_token_ids: list[int] = field(default_factory=list)
     spec_masks: list[Any] = field(default_factory=list)
-    spec_window_proposed: int = 0
-    spec_window_accepted: int = 0
-    spec_paused_until: int = 0
+    spec_accepted: float = 1.6
+    spec_tried: float = 2.0
+    spec_idle_steps: int = 0
 
     @property
     def params(self) -> SamplingParams:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 NGRAM = "ngram"
+DRAFT_MODEL = "draft_model"
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
          "disable_by_batch_size", "min_acceptance_rate", "acceptance_window"}
 # vLLM's default window when neither prompt_lookup_min nor prompt_lookup_max is given: long
@@ -18,14 +19,16 @@ _DEFAULT_LOOKUP = 5
 class SpeculativeConfig:
     num_speculative_tokens: int
     method: str = NGRAM
+    model: str | None = None  # the draft checkpoint (method draft_model)
     prompt_lookup_min: int = _DEFAULT_LOOKUP
     prompt_lookup_max: int = _DEFAULT_LOOKUP
     # No proposals in a step whose running batch has at least this many sequences (vLLM's name):
-    # there the forward is compute-bound and verifying k more tokens per sequence costs more than
-    # the accepted ones save. None: always speculate.
+    # a hard switch on top of the adaptive rule (speculator.py), which already weighs each
+    # request's acceptance against what a verified row costs at the batch size. None: no switch.
     disable_by_batch_size: int | None = None
-    # Per request: once `acceptance_window` of its proposed tokens were verified with fewer than
-    # this fraction accepted, it decodes without proposals for as many steps, then tries again.
+    # Per request: no proposals while its acceptance estimate is below this, whatever the cost
+    # model says; a request the rule keeps from proposing gets one probe token every
+    # `acceptance_window` steps, so its estimate can recover when its text turns to copying.
     min_acceptance_rate: float = 0.1
     acceptance_window: int = 32
 
@@ -51,12 +54,15 @@ class SpeculativeConfig:
         if model == "[ngram]":  # vLLM's older spelling
             method, model = method or NGRAM, None
         if method is None:
-            method = NGRAM if model is None else "draft_model"
-        if method != NGRAM:
+            method = NGRAM if model is None else DRAFT_MODEL
+        if method not in (NGRAM, DRAFT_MODEL):
             raise ValueError(f"speculative_config: method {method!r} is not supported by this engine "
-                             "(supported: 'ngram'); draft-model proposals are not implemented yet")
-        if model is not None:
+                             f"(supported: {NGRAM!r}, {DRAFT_MODEL!r})")
+        if method == NGRAM and model is not None:
             raise ValueError("speculative_config: 'model' does not go with method 'ngram'")
+        if method == DRAFT_MODEL and (not isinstance(model, str) or not model):
+            raise ValueError("speculative_config: method 'draft_model' needs 'model', the draft checkpoint's path")
+        options["model"] = model
         k = options.get("num_speculative_tokens")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
             raise ValueError("speculative_config: num_speculative_tokens must be an integer in [1, 32]")
