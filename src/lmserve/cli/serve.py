@@ -123,9 +123,12 @@ def register(sub) -> None:
     def kv_cache_dtype(text: str) -> str:
         if text == "fp8_e5m2":  # vLLM's other fp8: refused by name, not as a typo
             raise argparse.ArgumentTypeError(FP8_E5M2_REFUSED)
+        if text not in get_args(KVCacheDtype):  # in words, as every typed option (argparse's is "invalid choice")
+            raise argparse.ArgumentTypeError(f"one of {', '.join(get_args(KVCacheDtype))}, not {text!r}")
         return text
 
-    engine.add_argument("--kv-cache-dtype", type=kv_cache_dtype, choices=get_args(KVCacheDtype), default=None,
+    engine.add_argument("--kv-cache-dtype", type=kv_cache_dtype, metavar="{" + ",".join(get_args(KVCacheDtype)) + "}",
+                        default=None,
                         help="what the KV cache stores: auto (the compute dtype) or fp8 (= fp8_e4m3: float8 e4m3 "
                              "with per-layer scales from the checkpoint, else 1.0; half the bytes per token)")
     engine.add_argument("--attention-backend", choices=get_args(AttentionBackend), default=None,
