@@ -123,6 +123,31 @@ def test_proposals_shrink_with_acceptance_batch_size_and_verification_cost():
     assert tokens_worth_proposing(1.0, (0.08, 0.001), 16, 5, context=50) == 5
 
 
+def test_what_proposing_costs_is_priced_per_position():
+    """A draft model's forward per proposed position is part of a run's cost: a draft as costly as
+    the target never pays, at any acceptance or batch; a tenth of it pays where acceptance is high."""
+    cheap = (0.08, 0.0)
+    assert tokens_worth_proposing(1.0, cheap, 1, 5, proposal_share=1.0) == 0
+    assert tokens_worth_proposing(1.0, cheap, 16, 5, proposal_share=1.0) == 0
+    assert tokens_worth_proposing(1.0, cheap, 1, 5, proposal_share=0.1) == 5
+    # 0.6^3 * 1.08 > 0.08 + 0.1 > 0.6^4 * 1.08: the draft's cost shortens the run (3, not 5 without it)
+    assert tokens_worth_proposing(0.6, cheap, 1, 5, proposal_share=0.1) == 3
+    assert tokens_worth_proposing(0.6, cheap, 1, 5) == 5
+    model = StepCostModel()
+    assert model.proposal_share() == 0.0  # nothing proposed yet: free
+    model.observe(1, 0, 0.040)
+    model.observe_proposals(4, 4 * 0.010)
+    assert model.proposal_share() == pytest.approx(0.25)  # against the last step while there is no fit
+    for i in range(60):
+        rows = 1 + i % 6
+        model.observe(rows, 0, 0.030 + 0.002 * rows)
+    assert model.proposal_share() == pytest.approx(0.010 / 0.030, rel=0.02)  # against the fitted fixed cost
+    for _ in range(300):  # the draft got cheaper (another machine, a smaller draft): the mean follows
+        model.observe_proposals(2, 2 * 0.003)
+    assert model.proposal_share() == pytest.approx(0.003 / 0.030, rel=0.02)
+    assert FixedCost(0.08, proposal_share=0.5).proposal_share() == 0.5
+
+
 def _decoding(prompt_len: int = 8, max_tokens: int = 100):
     from types import SimpleNamespace
 

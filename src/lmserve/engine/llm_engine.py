@@ -209,9 +209,9 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._grammar)
+        started = time.perf_counter()  # the step without proposing (the speculator times that itself)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []

@@ -13,11 +13,18 @@ machine (another job's load, a bigger batch) without any constant measured elsew
 steps that all speculate cannot tell what a plain step would cost, so every `EXPLORE_EVERY`-th
 step proposes nothing: the plain point at the current batch size.
 
+Making the proposals costs too: nothing to speak of for n-gram lookup, a forward of the draft
+model per proposed position for a draft (speculator.py times the proposer apart from the step).
+`observe_proposals` keeps a decayed mean of the seconds per proposed position; that forward is
+shared by the sequences proposing in the step, so each pays about `per_proposal / B` per token.
+
 `tokens_worth_proposing` turns the fit into a decision per request (speculator.py): with B
 sequences decoding, a plain step yields B tokens for `fixed + per_row * B`, so a token is worth
 `value = fixed / B + per_row` seconds (keeping the step's throughput is the bar). A run of j
 proposals yields on average a + a^2 + ... + a^j more tokens at per-token acceptance a (the i-th
-counts only if the i - 1 before it were accepted) and costs `per_context * context + j * per_row`.
+counts only if the i - 1 before it were accepted) and costs `per_context * context + j * per_row`
+plus `j * per_proposal / B`: a draft as costly as the target never pays, a tenth of it does at
+high acceptance.
 The request proposes the j (at most num_speculative_tokens) with the largest positive net gain,
 none if no j gains: many tokens at one stream, fewer when its acceptance is middling or the batch
 is large (then `value` shrinks towards `per_row`), none when even the best run does not pay.
@@ -47,6 +54,10 @@ class StepCostModel:
         self.xty = [0.0] * 3
         self.yty = 0.0
         self.steps = 0
+        # Decayed mean seconds per proposed position (the proposer's own time), and the last step's
+        # seconds: the scale for it while the fit cannot yet tell `fixed` apart.
+        self.proposal_seconds: float | None = None
+        self.last_step_seconds: float | None = None
 
     @property
     def weight(self) -> float:
@@ -66,6 +77,24 @@ class StepCostModel:
                 self.xtx[i][j] = d * self.xtx[i][j] + x[i] * x[j]
             self.xty[i] = d * self.xty[i] + x[i] * seconds
         self.yty = d * self.yty + seconds * seconds
+        self.last_step_seconds = seconds
+
+    def observe_proposals(self, positions: int, seconds: float) -> None:
+        """The proposer took `seconds` for runs of at most `positions` tokens (a draft: that many
+        forwards, batched over the proposing sequences)."""
+        if positions < 1:
+            return
+        per = seconds / positions
+        d = self.decay
+        self.proposal_seconds = per if self.proposal_seconds is None else d * self.proposal_seconds + (1 - d) * per
+
+    def proposal_share(self) -> float:
+        """Seconds per proposed position as a fraction of a step's fixed cost (0 before any data)."""
+        if self.proposal_seconds is None:
+            return 0.0
+        c = self.coefficients()
+        scale = c[0] if c is not None else self.last_step_seconds
+        return self.proposal_seconds / scale if scale else 0.0
 
     def coefficients(self) -> tuple[float, float, float] | None:
         """(fixed, per_row, per_context) in seconds, or None while the recent steps' row counts are
@@ -105,8 +134,9 @@ class StepCostModel:
 class FixedCost:
     """A cost model with given shares: for tests, and for runs that must not adapt."""
 
-    def __init__(self, row_share: float, context_share: float = 0.0):
+    def __init__(self, row_share: float, context_share: float = 0.0, proposal_share: float = 0.0):
         self._shares = (row_share, context_share)
+        self._proposal_share = proposal_share
 
     def plain_step(self) -> bool:
         return False
@@ -114,21 +144,31 @@ class FixedCost:
     def observe(self, rows: int, context: int, seconds: float) -> None:
         pass
 
+    def observe_proposals(self, positions: int, seconds: float) -> None:
+        pass
+
     def shares(self) -> tuple[float, float]:
         return self._shares
 
+    def proposal_share(self) -> float:
+        return self._proposal_share
+
 
 def tokens_worth_proposing(acceptance: float, shares: tuple[float, float], batch_size: int, most: int,
-                           context: int = 0) -> int:
+                           context: int = 0, proposal_share: float = 0.0) -> int:
     """The number of proposals (0..most) with the largest positive expected net gain, in units of
-    a step's fixed cost, for a sequence of `context` cached tokens; 0 when no run gains."""
+    a step's fixed cost, for a sequence of `context` cached tokens; 0 when no run gains.
+    `proposal_share`: what proposing one position costs the step (a draft forward), shared by the
+    batch."""
     row_share, context_share = shares
-    value = 1.0 / max(batch_size, 1) + row_share  # one token's worth
+    batch_size = max(batch_size, 1)
+    value = 1.0 / batch_size + row_share  # one token's worth
+    per_token = row_share + proposal_share / batch_size  # verifying one more proposal, and making it
     best, best_gain = 0, 0.0
     gain, reach = -context_share * context, 1.0
     for j in range(1, most + 1):
         reach *= acceptance  # the chance the j-th proposal is reached and accepted
-        gain += value * reach - row_share
+        gain += value * reach - per_token
         if gain > best_gain:
             best, best_gain = j, gain
     return best

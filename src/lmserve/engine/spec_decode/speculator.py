@@ -11,6 +11,8 @@ most exceeds what verifying them costs (none if no number gains). `disable_by_ba
 
 from __future__ import annotations
 
+import time
+
 from lmserve.engine.spec_decode.config import SpeculativeConfig
 from lmserve.engine.spec_decode.cost_model import StepCostModel, tokens_worth_proposing
 from lmserve.engine.spec_decode.ngram import NgramProposer
@@ -61,9 +63,10 @@ class Speculator:
         self.max_seq_len = max_seq_len
         self.stats = SpecDecodeStats()
 
-    def wanted_tokens(self, seq, batch_size: int, shares: tuple[float, float] | None = None) -> int:
-        """How many tokens `seq` should propose this step (0: decode without); `shares` is the
-        cost model's reading (taken once per step by `propose`)."""
+    def wanted_tokens(self, seq, batch_size: int, shares: tuple[float, float] | None = None,
+                      proposal_share: float | None = None) -> int:
+        """How many tokens `seq` should propose this step (0: decode without); `shares` and
+        `proposal_share` are the cost model's reading (taken once per step by `propose`)."""
         cfg = self.config
         params = seq.params
         # At most one token past the proposals is emitted: never propose past max_tokens or the context.
@@ -75,7 +78,9 @@ class Speculator:
         k = 0
         if acceptance >= cfg.min_acceptance_rate:
             shares = shares if shares is not None else self.cost_model.shares()
-            k = tokens_worth_proposing(acceptance, shares, batch_size, most, seq.num_tokens)
+            if proposal_share is None:
+                proposal_share = self.cost_model.proposal_share()
+            k = tokens_worth_proposing(acceptance, shares, batch_size, most, seq.num_tokens, proposal_share)
         if k:
             seq.spec_idle_steps = 0
             return k
@@ -93,19 +98,23 @@ class Speculator:
         cfg = self.config
         off = cfg.disable_by_batch_size is not None and len(running) >= cfg.disable_by_batch_size
         off = self.cost_model.plain_step() or off
-        shares = self.cost_model.shares()
+        shares, proposal_share = self.cost_model.shares(), self.cost_model.proposal_share()
         wanted = []
         for seq in running:
             seq.spec_token_ids, seq.spec_masks = [], []
             if off or seq.num_computed_tokens != seq.num_tokens - 1:
                 continue
-            k = self.wanted_tokens(seq, len(running), shares)
+            k = self.wanted_tokens(seq, len(running), shares, proposal_share)
             if k:
                 wanted.append((seq, k))
         if not wanted:
             return
         proposer = self.proposer if hasattr(self.proposer, "propose_all") else PerSequence(self.proposer)
-        for (seq, k), proposed in zip(wanted, proposer.propose_all(wanted)):
+        started = time.perf_counter()
+        proposals = proposer.propose_all(wanted)
+        # What making them cost (a draft's forwards): priced per position by the adaptive rule.
+        self.cost_model.observe_proposals(max(k for _, k in wanted), time.perf_counter() - started)
+        for (seq, k), proposed in zip(wanted, proposals):
             proposed = list(proposed)[:k]
             params = seq.params
             # A proposal ends before an end token: what would follow it is never needed.
