@@ -124,6 +124,10 @@ def test_engine_option_choices_mirror_the_layers_that_take_them():
     from lmserve.engine.options import AttentionBackend, DistributedBackend
 
     assert (AttentionBackend.__args__, DistributedBackend.__args__) == (ATTENTION_BACKENDS, BACKENDS)
+    from lmserve.attention.kv_cache_dtype import KV_CACHE_DTYPES
+    from lmserve.engine.options import KVCacheDtype
+
+    assert KVCacheDtype.__args__ == KV_CACHE_DTYPES
 
 
 def test_one_engine_option_model_behind_the_file_the_flags_and_llm_kwargs(tmp_path):

@@ -16,13 +16,13 @@ need, doubling the rounding error.
 from __future__ import annotations
 
 import re
-from typing import get_args
 
 import torch
 
-from lmserve.engine.options import FP8_E5M2_REFUSED, KVCacheDtype
-
-KV_CACHE_DTYPES = get_args(KVCacheDtype)  # "fp8" and "fp8_e4m3" are one choice (vLLM's two names)
+# "fp8" and "fp8_e4m3" are one choice (vLLM's two names); engine/options.py mirrors these.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_E5M2_REFUSED = ("kv_cache_dtype fp8_e5m2 is not supported: lmserve stores an fp8 KV cache as e4m3 (one more "
+                    "mantissa bit, per-layer scales for range); use fp8 or fp8_e4m3")
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_KV_DTYPE).max  # 448
 # The largest relative rounding error of a value in e4m3's normal range: half a unit in the last

@@ -59,13 +59,7 @@ def register(sub) -> None:
     from typing import get_args
 
     from lmserve.config import DTYPES
-    from lmserve.engine.options import (
-        FP8_E5M2_REFUSED,
-        AttentionBackend,
-        DistributedBackend,
-        EngineConfig,
-        KVCacheDtype,
-    )
+    from lmserve.engine.options import AttentionBackend, DistributedBackend, EngineConfig, KVCacheDtype
 
     default = EngineConfig()  # the defaults the help texts name
     serve = sub.add_parser(
@@ -122,6 +116,8 @@ def register(sub) -> None:
                         help="on a GPU: replay decode steps from CUDA graphs captured at start; default on")
     def kv_cache_dtype(text: str) -> str:
         if text == "fp8_e5m2":  # vLLM's other fp8: refused by name, not as a typo
+            from lmserve.attention.kv_cache_dtype import FP8_E5M2_REFUSED  # here: it imports torch
+
             raise argparse.ArgumentTypeError(FP8_E5M2_REFUSED)
         if text not in get_args(KVCacheDtype):  # in words, as every typed option (argparse's is "invalid choice")
             raise argparse.ArgumentTypeError(f"one of {', '.join(get_args(KVCacheDtype))}, not {text!r}")

@@ -28,13 +28,11 @@ Quantization = Literal["none", "int8", "int4", "fp8"]  # lmserve.layers.quantiza
 LoadFormat = Literal["auto", "dummy"]  # lmserve.models.loader.LOAD_FORMATS
 AttentionBackend = Literal["auto", "reference", "triton"]  # lmserve.attention.selector.ATTENTION_BACKENDS
 DistributedBackend = Literal["gloo", "nccl"]  # lmserve.distributed.group.BACKENDS
-KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]  # read by lmserve.attention.kv_cache_dtype
+KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]  # lmserve.attention.kv_cache_dtype.KV_CACHE_DTYPES
 _CHOICES = {"quantization": get_args(Quantization), "load_format": get_args(LoadFormat),
             "attention_backend": get_args(AttentionBackend), "distributed_backend": get_args(DistributedBackend),
             "kv_cache_dtype": get_args(KVCacheDtype)}
 Positive = Annotated[int, Field(ge=1)]
-FP8_E5M2_REFUSED = ("kv_cache_dtype fp8_e5m2 is not supported: lmserve stores an fp8 KV cache as e4m3 (one more "
-                    "mantissa bit, per-layer scales for range); use fp8 or fp8_e4m3")
 
 
 class EngineConfig(BaseModel):
@@ -111,6 +109,8 @@ class EngineConfig(BaseModel):
         """A bad choice is named as the layer that takes it names it (and LLM(...) always did)."""
         choices = _CHOICES[info.field_name]
         if info.field_name == "kv_cache_dtype" and value == "fp8_e5m2":
+            from lmserve.attention.kv_cache_dtype import FP8_E5M2_REFUSED  # here: it imports torch
+
             raise ValueError(FP8_E5M2_REFUSED)
         if value is not None and value not in choices:
             raise ValueError(f"{info.field_name} must be one of {', '.join(choices)}; got {value!r}")
