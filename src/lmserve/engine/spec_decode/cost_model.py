@@ -39,6 +39,7 @@ import math
 PRIOR_SHARES = (0.05, 0.0)
 # One plain step in this many: the fit's view of what not speculating costs now.
 EXPLORE_EVERY = 20
+_STALE = object()  # the fit is not solved for the steps observed since
 
 
 class StepCostModel:
@@ -58,6 +59,7 @@ class StepCostModel:
         # seconds: the scale for it while the fit cannot yet tell `fixed` apart.
         self.proposal_seconds: float | None = None
         self.last_step_seconds: float | None = None
+        self._fitted = _STALE  # coefficients() of the steps observed so far, solved once per step
 
     @property
     def weight(self) -> float:
@@ -78,6 +80,7 @@ class StepCostModel:
             self.xty[i] = d * self.xty[i] + x[i] * seconds
         self.yty = d * self.yty + seconds * seconds
         self.last_step_seconds = seconds
+        self._fitted = _STALE
 
     def observe_proposals(self, positions: int, seconds: float) -> None:
         """The proposer took `seconds` for runs of at most `positions` tokens (a draft: that many
@@ -98,7 +101,13 @@ class StepCostModel:
 
     def coefficients(self) -> tuple[float, float, float] | None:
         """(fixed, per_row, per_context) in seconds, or None while the recent steps' row counts are
-        too alike to separate a row's cost from the fixed part (or the fit is not a rising line)."""
+        too alike to separate a row's cost from the fixed part (or the fit is not a rising line).
+        Solved once per observed step: `shares` and `proposal_share` both read it every step."""
+        if self._fitted is _STALE:
+            self._fitted = self._fit()
+        return self._fitted
+
+    def _fit(self) -> tuple[float, float, float] | None:
         w = self.weight
         if w < 4:
             return None
