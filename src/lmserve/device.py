@@ -67,9 +67,21 @@ def default_cpu_threads() -> int:
     return physical_cores()
 
 
+_threads_fixed = False
+
+
 def set_cpu_threads(threads: int | None) -> int:
     """Set torch's intra-op threads (default: `default_cpu_threads`) before the engines start,
-    so every thread that runs the model uses it; returns the number set."""
+    so every thread that runs the model uses it; returns the number set. An explicit count is
+    kept as it is; the default is the most the engines' thread tuner may use
+    (engine/thread_tuner.py)."""
+    global _threads_fixed
+    _threads_fixed = threads is not None
     threads = threads or default_cpu_threads()
     torch.set_num_threads(threads)
     return threads
+
+
+def cpu_threads_fixed() -> bool:
+    """Whether the user set the thread count (`--threads N`): the engines then never change it."""
+    return _threads_fixed

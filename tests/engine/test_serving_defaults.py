@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 from lmserve.defaults import DEFAULT_MODEL_ID
-from lmserve.engine.serving_defaults import QUANTIZED_MAX_ROWS, int4_share, serving_options
+from lmserve.engine.serving_defaults import int4_share, serving_options
+from lmserve.layers.quantization import kernel_timing
 from lmserve.models.loader import resolve_checkpoint
 
 
 def test_the_bundled_q4_1_gguf_is_served_int4_by_default():
     assert int4_share(resolve_checkpoint(DEFAULT_MODEL_ID)) == 1.0  # every block weight is Q4_1
     options = serving_options(DEFAULT_MODEL_ID, "auto", {"max_num_seqs": 8})
-    # ~270 MB of bf16 weights: a dense copy for big products fits the rule on any test machine
-    assert options == {"max_num_seqs": 8, "quantization": "int4", "quantized_max_rows": QUANTIZED_MAX_ROWS}
+    # ~270 MB of bf16 weights: a dense copy for big products fits the rule on any test machine;
+    # products up to the measured crossover (at least one row) run the 4-bit kernel
+    rows = max(kernel_timing.timings().int4_max_rows(), 1)
+    assert options == {"max_num_seqs": 8, "quantization": "int4", "quantized_max_rows": rows}
 
 
 def test_explicit_choices_are_kept():

@@ -14,7 +14,7 @@ import threading
 import time
 
 from lmserve.chat.formats import chat_format
-from lmserve.device import choose_device, choose_dtype
+from lmserve.device import choose_device, choose_dtype, cpu_threads_fixed
 from lmserve.engine import prompt_logprobs
 from lmserve.engine.batch import build_model_input
 from lmserve.engine.block_manager import BlockManager
@@ -31,6 +31,7 @@ from lmserve.engine.spec_decode.speculator import Speculator
 from lmserve.engine.spec_decode.stats import SpecDecodeStats
 from lmserve.engine.spec_decode.verify import accepted_prefix, sampling_rows
 from lmserve.engine.structured import GrammarBackend, grammar_available
+from lmserve.engine.thread_tuner import ThreadTuner
 from lmserve.engine.weight_cache import shared_tokenizer
 from lmserve.errors import ContextLengthExceeded, InvalidParameter
 from lmserve.models.loader import read_config, resolve_checkpoint
@@ -94,6 +95,8 @@ class LLMEngine:
                            if spec_config is not None else None)
         if self.speculator is not None:
             self.scheduler.on_release = self.speculator.release
+        # CPU threads per step by measurement (a busy neighbour core), unless the user fixed them.
+        self.thread_tuner = ThreadTuner.for_engine(self.device, cfg.tensor_parallel_size, cpu_threads_fixed())
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None
@@ -219,7 +222,16 @@ class LLMEngine:
         # Decodes and verifications only: a point of the step-time fit the adaptive rule uses.
         timed = self.speculator is not None and all(seq.seq_id in spec_lens for seq, _ in batch.prefills)
         context = sum(seq.num_computed_tokens for seq, _ in batch.prefills)
-        outputs = self._run(batch, spec_lens)
+        tokens = len(batch.decodes) + sum(n for _, n in batch.prefills)
+        threads = self.thread_tuner.choose(tokens) if self.thread_tuner is not None else 0
+        run_started = time.perf_counter()
+        try:
+            outputs = self._run(batch, spec_lens)
+        finally:
+            if threads:
+                self.thread_tuner.release(threads)
+        if threads:
+            self.thread_tuner.observe(tokens, threads, time.perf_counter() - run_started)
         if timed:
             rows = len(batch.decodes) + sum(n for _, n in batch.prefills)
             self.speculator.observe_step(rows, context, time.perf_counter() - started)

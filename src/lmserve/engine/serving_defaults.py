@@ -9,6 +9,8 @@ The int4 kernel wins only for few rows per product; for prefill and large decode
 bf16 weights are faster. `quantized_max_rows` keeps a bf16 copy for those products when it is
 cheap: when the dense weights take at most `DENSE_COPY_SHARE` of the memory available at start
 (the bundled 135M model: ~270 MB). A model too large for that keeps only the 4-bit weights.
+Where the crossover lies differs by machine (4 rows on a Zen 4, 8 on an AMX Xeon), so it is
+measured at start (layers/quantization/kernel_timing.py, ~0.3 s), as is which int4 kernel runs.
 
 Applies only when the deployment sets neither `quantization` nor `dtype` (an explicit dtype,
 such as the float32 the exact-parity tests use, asks for dense weights in that dtype), runs on
@@ -21,14 +23,12 @@ import logging
 from typing import Any
 
 from lmserve.device import choose_device
+from lmserve.layers.quantization import kernel_timing
 from lmserve.models.loader import Checkpoint, resolve_checkpoint
 
 log = logging.getLogger("lmserve.engine")
 
 INT4_TYPES = ("Q4_0", "Q4_1")  # GGUF block types whose grid the int4 kernel takes as is
-# Products of up to this many rows run the int4 kernel, larger ones the kept bf16 copy: the
-# crossover measured by benchmarks/bench_int4_kernels.py (docs/benchmarks.md).
-QUANTIZED_MAX_ROWS = 4
 DENSE_COPY_SHARE = 0.25
 
 
@@ -71,7 +71,9 @@ def serving_options(source: str, dtype: str, options: dict[str, Any]) -> dict[st
     dense_bytes = 2 * sum(int(t.n_elements) for t in ckpt.gguf.reader.tensors
                           if t.name.startswith("blk.") and len(t.shape) == 2)
     if options.get("quantized_max_rows") is None and dense_bytes <= DENSE_COPY_SHARE * _available_bytes():
-        out["quantized_max_rows"] = QUANTIZED_MAX_ROWS
+        # Products of up to this many rows run the int4 kernel, larger ones the kept bf16 copy
+        # (at least 1: batch-1 decode is what the 4-bit path is for, and reads 3.5x fewer bytes).
+        out["quantized_max_rows"] = max(kernel_timing.timings().int4_max_rows(), 1)
     log.info("%s: %.0f%% of its weights are 4-bit blocks: served from them (quantization int4%s; "
              "--quantization none for dense weights)", source, 100 * share,
              f", a bf16 copy for products of more than {out['quantized_max_rows']} rows"

@@ -6,9 +6,10 @@ a row, a scale and a zero: w = (q - 8) * scale + zero. Every int4 format convert
 `int4_matmul` is the single call the layers make, so the kernel underneath can be swapped here
 alone. Two kernels: where the CPU has AVX512-VNNI and the grid has groups of 32 (or multiples of
 32, split), layers/q4_kernel.py's (4-bit weights times int8-rounded activations, llama.cpp's
-route, fp16 scales: a GGUF block's own); elsewhere PyTorch's CPU kernel
-(`_weight_int4pack_mm_for_cpu`), which reads scale and zero in bf16 and takes bf16 activations
-(its float32 path is a reference loop ~100x slower).
+route, fp16 scales: a GGUF block's own) where it is measured faster on this machine
+(kernel_timing.py); elsewhere PyTorch's CPU kernel (`_weight_int4pack_mm_for_cpu`), which reads
+scale and zero in bf16 and takes bf16 activations (its float32 path is a reference loop ~100x
+slower).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.layers import q4_kernel
+from lmserve.layers.quantization import kernel_timing
 
 KERNEL_DTYPE = torch.bfloat16
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes the kernel takes
@@ -81,9 +83,9 @@ def regroup(grid: Int4Grid, group: int) -> Int4Grid:
 
 
 def pack(grid: Int4Grid) -> PackedInt4:
-    """Lay a grid out for the kernel this machine runs (scale and zero rounded to its dtype: fp16
-    for the VNNI kernel, bf16 for torch's)."""
-    if grid.group % q4_kernel.BLOCK == 0 and q4_kernel.available():
+    """Lay a grid out for the kernel this machine runs faster (scale and zero rounded to its dtype:
+    fp16 for the VNNI kernel, bf16 for torch's)."""
+    if grid.group % q4_kernel.BLOCK == 0 and kernel_timing.use_vnni():
         grid = regroup(grid, q4_kernel.BLOCK)
         qweight, scales_zeros = q4_kernel.pack_int4(grid.codes, grid.scale, grid.zero, vnni=True)
         return PackedInt4(qweight, scales_zeros, q4_kernel.BLOCK)

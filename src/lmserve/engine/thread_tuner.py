@@ -1,0 +1,129 @@
+"""CPU threads per step, chosen by measuring: the default survives a busy neighbour.
+
+Why: on a quiet host, one intra-op thread per physical core is fastest (2 threads beat 1 by 20-40%
+on the 2-core box). When another process keeps a core busy, the same setting collapses: OpenMP
+threads meet at the end of every op, so the thread that lost its core stalls every op of the
+step for a scheduler time slice (64 streams served 5x slower than with 1 thread; docs/benchmarks.md,
+"Threads"). No fixed thread count or OpenMP wait policy wins both cases (PASSIVE survives the
+neighbour but costs the quiet host a fifth of int4's speed), so the engine measures instead.
+
+How: steps are grouped by their size (query tokens, rounded up to a power of two: a 1-row decode
+and a 512-token prefill chunk are never compared). For each group the tuner keeps a decaying
+average of step time per thread count. It runs the count with the lowest average, and every
+`EXPLORE_EVERY`-th step of a group one of the others (round robin), whose measurement replaces
+that count's stale average: when a neighbour comes, the running count's average rises within a
+few steps; when it goes, the next exploration sees it. The exploring steps are the price: at most one
+step in `EXPLORE_EVERY` runs a slower count (measured on a quiet host: under 2% of throughput).
+
+Thread counts are tried from the configured count down: all, one fewer (a neighbour on one
+core), half, and one. torch's thread count is the process's, so the count is set for the step and
+put back after it (0.1 us each): code that runs between steps (an offline `LLM` user's own torch
+code) sees the configured count. The thread count does not change results: the products split
+their output rows, not their sums, over threads (greedy tokens equal with 1 and 2 threads,
+tests/engine/test_thread_tuner.py). `--threads N` (an explicit count) turns the tuner off, as do
+tensor-parallel ranks (each sets its own), non-CPU devices and LMSERVE_ADAPTIVE_THREADS=0.
+Compiled decode graphs (`compile: true`) fix their team size when compiled, so the tuner measures
+them but cannot change them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("lmserve.engine")
+
+EXPLORE_EVERY = 16  # one step in this many per size group tries another thread count
+DECAY = 0.25  # weight of the newest step time in a count's average
+ENV_OFF = "LMSERVE_ADAPTIVE_THREADS"  # "0": keep the configured count (benchmarks compare both)
+
+
+def candidate_counts(max_threads: int) -> list[int]:
+    """The thread counts worth trying, most first: all, one fewer, half, one."""
+    counts = []
+    for n in (max_threads, max_threads - 1, max_threads // 2, 1):
+        if n >= 1 and n not in counts:
+            counts.append(n)
+    return counts
+
+
+class _Group:
+    """Step-time averages of one step size, per thread count."""
+
+    def __init__(self):
+        self.average: dict[int, float] = {}
+        self.warmed: set[int] = set()  # counts whose first step (new oneDNN primitives) was discarded
+        self.steps = 0
+        self.next_explore = 0  # index into the other counts, round robin
+
+
+class ThreadTuner:
+    """One engine's thread choices (each engine measures its own model's steps)."""
+
+    def __init__(self, max_threads: int):
+        self.max_threads = max_threads
+        self.counts = candidate_counts(max_threads)
+        self.groups: dict[int, _Group] = {}
+        self.chosen_log: dict[int, int] = {}  # group -> last count logged as its best
+
+    @classmethod
+    def for_engine(cls, device: torch.device, tensor_parallel_size: int, threads_fixed: bool) -> ThreadTuner | None:
+        """A tuner where it applies: one CPU process whose thread count the user left to us."""
+        if device.type != "cpu" or tensor_parallel_size > 1 or threads_fixed or os.environ.get(ENV_OFF) == "0":
+            return None
+        max_threads = torch.get_num_threads()
+        return cls(max_threads) if max_threads > 1 else None
+
+    @staticmethod
+    def group_of(query_tokens: int) -> int:
+        return max(query_tokens - 1, 0).bit_length()
+
+    def choose(self, query_tokens: int) -> int:
+        """Set (on the calling thread) and return the thread count for a step of this size."""
+        group = self.groups.setdefault(self.group_of(query_tokens), _Group())
+        untried = [n for n in self.counts if n not in group.average]
+        if untried:
+            threads = untried[0]
+        else:
+            best = min(group.average, key=group.average.__getitem__)
+            threads = best
+            if group.steps % EXPLORE_EVERY == EXPLORE_EVERY - 1:
+                others = [n for n in self.counts if n != best]
+                threads = others[group.next_explore % len(others)]
+                group.next_explore += 1
+        if threads != self.max_threads:
+            torch.set_num_threads(threads)
+        return threads
+
+    def release(self, threads: int) -> None:
+        """After the step: the configured count again."""
+        if threads != self.max_threads:
+            torch.set_num_threads(self.max_threads)
+
+    def observe(self, query_tokens: int, threads: int, seconds: float) -> None:
+        key = self.group_of(query_tokens)
+        group = self.groups.setdefault(key, _Group())
+        group.steps += 1
+        if threads not in group.warmed:
+            group.warmed.add(threads)
+            return
+        previous = group.average.get(threads)
+        best = min(group.average, key=group.average.__getitem__) if group.average else threads
+        # The running count's average moves slowly (noise); an explored count's one measurement
+        # replaces its stale average, so a neighbour that left is noticed at the next exploration
+        # (and a lucky one is undone by the next few steps at that count).
+        weight = DECAY if threads == best and previous is not None else 1.0
+        group.average[threads] = seconds if previous is None else previous + weight * (seconds - previous)
+        if len(group.average) == len(self.counts):
+            best = min(group.average, key=group.average.__getitem__)
+            if self.chosen_log.get(key) != best:
+                self.chosen_log[key] = best
+                log.debug("threads: %d for steps of up to %d tokens (step ms by count: %s)", best, 1 << key,
+                          {n: round(t * 1e3, 2) for n, t in sorted(group.average.items())})
+
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        """Average step ms per thread count, per step size (stats and tests)."""
+        return {f"<={1 << key} tokens": {n: round(t * 1e3, 3) for n, t in sorted(g.average.items())}
+                for key, g in sorted(self.groups.items())}

@@ -1,0 +1,144 @@
+"""Which int4 kernel this machine runs faster, and up to how many rows an int4 product beats the
+dense bf16 one: measured once per process, on synthetic weights, the first time it is asked.
+
+Why measure: the winners differ from machine to machine, and the project's machines differ from
+day to day. On a 2-core Zen 4 (AVX512, no AMX) our VNNI kernel beat torch's int4 kernel 4-5x
+with 2 threads and the int4 products beat bf16 up to 4 rows; on a 2-core Xeon with AMX, torch's
+int4 kernel was 2.3x faster than ours with 2 threads (ours was faster with 1) and int4 beat bf16
+up to 8 rows (docs/benchmarks.md, "Choosing the kernels by measurement"). A constant chosen on
+one machine is wrong on the other, so the serving default asks this module instead.
+
+What is timed: products of an [n, k] weight at a few row counts, cycling through `COPIES`
+distinct weights so consecutive calls do not reuse a weight from cache; each candidate's time is
+its fastest call over `SWEEPS` sweeps (a neighbour's interference only ever adds time), with
+torch's current thread count. Well under a second, once per process.
+`LMSERVE_INT4_KERNEL=vnni|torch` skips the kernel measurement (benchmarks, A/B runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.layers import q4_kernel
+
+log = logging.getLogger("lmserve.engine")
+
+SHAPE = (2048, 1024)  # n, k of the synthetic weight: a mid-sized projection
+COPIES = 4
+ROWS = (1, 2, 4, 8, 16)
+REPEATS = 2
+SWEEPS = 2
+KERNELS = ("vnni", "torch")
+ENV = "LMSERVE_INT4_KERNEL"
+
+
+@dataclass(frozen=True)
+class KernelTimings:
+    """Seconds per product at each row count in ROWS, per candidate ("bf16", "vnni", "torch")."""
+
+    seconds: dict[str, tuple[float, ...]]
+
+    def int4_kernel(self) -> str:
+        """The faster int4 kernel at one row (decode at batch 1, where int4 pays most)."""
+        timed = [k for k in KERNELS if k in self.seconds]
+        return min(timed, key=lambda k: self.seconds[k][0])
+
+    def int4_max_rows(self) -> int:
+        """The most rows for which the int4 kernel beats bf16 at every row count up to it (0: not
+        even at one row)."""
+        int4, dense = self.seconds[self.int4_kernel()], self.seconds["bf16"]
+        best = 0
+        for rows, quantized, bf16 in zip(ROWS, int4, dense):
+            if quantized >= bf16:
+                break
+            best = rows
+        return best
+
+    def describe(self) -> str:
+        return "; ".join(f"{name} " + "/".join(f"{s * 1e6:.0f}" for s in times) + " us"
+                         for name, times in self.seconds.items()) + f" at rows {'/'.join(map(str, ROWS))}"
+
+
+def _best_time(products: list, x: torch.Tensor) -> float:
+    """The fastest single product: on a busy host a call now and then loses its core for a
+    scheduler slice (10-20 ms against ~0.1 ms), so any average would measure the neighbour."""
+    best = float("inf")
+    for _ in range(REPEATS):
+        for product in products:
+            started = time.perf_counter()
+            product(x)
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _candidates(forced: str | None) -> dict[str, list]:
+    """name -> the products (one per weight copy) it runs. The copies hold the same values in
+    separate memory: packing once and cloning is most of this module's start-up cost saved."""
+    from lmserve.layers.quantization.int4_kernel import KERNEL_DTYPE
+
+    n, k = SHAPE
+    generator = torch.Generator().manual_seed(0)
+    # Any values do: the kernels' time does not depend on them.
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scale = torch.full((n, k // q4_kernel.BLOCK), 0.01)
+    dense = ((codes.to(KERNEL_DTYPE) - 8) * 0.01)
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+        out: dict[str, list] = {"bf16": [_packed_bf16(packed.clone()) for _ in range(COPIES)]}
+    else:
+        out = {"bf16": [functools.partial(torch.nn.functional.linear, weight=dense.clone()) for _ in range(COPIES)]}
+    for kernel in KERNELS:
+        if forced not in (None, kernel) or (kernel == "vnni" and not q4_kernel.available()):
+            continue
+        qweight, sz = q4_kernel.pack_int4(codes, scale, torch.zeros_like(scale), vnni=kernel == "vnni")
+        out[kernel] = [functools.partial(_int4, qweight=qweight.clone(), scales_zeros=sz.clone())
+                       for _ in range(COPIES)]
+    return out
+
+
+def _packed_bf16(packed: torch.Tensor):
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _int4(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    return q4_kernel.int4_linear(x, qweight, scales_zeros)
+
+
+@functools.cache
+def _measure(threads: int, forced: str | None) -> KernelTimings:
+    started = time.perf_counter()
+    candidates = _candidates(forced)
+    seconds = {}
+    inputs = [torch.randn(rows, SHAPE[1]).to(torch.bfloat16) for rows in ROWS]
+    with torch.no_grad():
+        # Two sweeps, the best of both: a process's first products include one-time set-up
+        # (oneDNN's kernel generation: ~12 ms for the first bf16 call on an AMX Xeon).
+        for _ in range(SWEEPS):
+            for name, products in candidates.items():
+                times = [_best_time(products, x) for x in inputs]
+                seconds[name] = tuple(map(min, zip(times, seconds.get(name, times))))
+    timings = KernelTimings(seconds)
+    log.info("int4 kernels timed in %.2fs with %d threads (%s): %s; int4 up to %d rows", time.perf_counter() - started,
+             threads, timings.describe(), timings.int4_kernel(), timings.int4_max_rows())
+    return timings
+
+
+def timings() -> KernelTimings:
+    """This machine's measurements (with the current thread count), measured on first use."""
+    forced = os.environ.get(ENV)
+    return _measure(torch.get_num_threads(), forced if forced in KERNELS else None)
+
+
+def use_vnni() -> bool:
+    """Whether int4 grids are packed for the VNNI kernel: forced by LMSERVE_INT4_KERNEL, else
+    where it is available and measured faster than torch's."""
+    forced = os.environ.get(ENV)
+    if forced == "torch" or not q4_kernel.available():
+        return False
+    return forced == "vnni" or timings().int4_kernel() == "vnni"
