@@ -1,9 +1,10 @@
 """The engine options `lmserve serve` fills in for a deployment that leaves them out.
 
-The fastest configuration on a CPU is the default: a GGUF whose linear weights are 4-bit blocks
-(Q4_0 / Q4_1 / Q4_K; a MoE file's stacked experts count with the rest) is served from those blocks (`quantization: int4`, the file's own codes and
-scales: no requantizing) instead of a dequantized bf16 copy. At batch 1 that streams ~3.5x fewer
-bytes per token (docs/benchmarks.md: the VNNI int4 kernel against oneDNN bf16).
+The fastest configuration on a CPU is the default: a GGUF whose linear weights are mostly 4-bit
+blocks (Q4_0 / Q4_1 / Q4_K; a MoE file's stacked experts count with the rest) is served from
+those blocks (`quantization: int4`, the file's own codes and scales: no requantizing) instead of
+a dequantized bf16 copy. At batch 1 that streams ~3.5x fewer bytes per token (docs/benchmarks.md:
+the VNNI int4 kernel against oneDNN bf16).
 
 The int4 kernel wins only for few rows per product; for prefill and large decode batches the
 bf16 weights are faster. `quantized_max_rows` keeps a bf16 copy for those products when it is
