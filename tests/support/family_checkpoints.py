@@ -270,13 +270,14 @@ def build_telechat2(directory: Path):
 
 
 def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int = 1,
-                    mlp_only_layers: tuple[int, ...] = (1,), shared_size: int = 48):
+                    mlp_only_layers: tuple[int, ...] = (1,), shared_size: int = 48, hidden_size: int = 64,
+                    moe_intermediate_size: int = 32):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     # 8 experts, top-3, a shared expert with its sigmoid gate, a dense layer in the middle.
-    config = Qwen2MoeConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    config = Qwen2MoeConfig(vocab_size=320, hidden_size=hidden_size, intermediate_size=96, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=moe_intermediate_size,
                             shared_expert_intermediate_size=shared_size, norm_topk_prob=renormalize,
                             decoder_sparse_step=sparse_step, mlp_only_layers=list(mlp_only_layers),
                             rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,

@@ -216,7 +216,7 @@ class GGUFFile:
         q_lora = self.field(f"{self.arch_name}.attention.q_lora_rank")
         return {
             "num_key_value_heads": heads,  # the file's head_count_kv 1 is llama.cpp's MQA view
-            "head_dim": nope + rope,
+            "head_dim": None,  # as DeepSeek-V2's config.json: MLA's dimensions are the three below
             "q_lora_rank": int(q_lora) if q_lora else None,
             "kv_lora_rank": int(self.arch_field("attention.kv_lora_rank")),
             "qk_nope_head_dim": nope,

@@ -315,6 +315,9 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
             layer = owner[0]
             for other in owner[1]:
                 pending[other] = (None, ())
+                # Complete: this loop's reference would keep a weight the method frees (the dense
+                # copy, a GGUF grid's staging) alive until the whole model is in.
+                params.pop(other, None)
             try:
                 layer.process_weights()
             except ValueError as e:
