@@ -288,6 +288,7 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
     loaded: set[tuple[str, int | None]] = set()
     files: set[str] = set()
     pending = _linear_pending(model, params)
+    finished: set[str] = set()
     attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
     for name, tensor, source in tensors:
         files.add(source)
@@ -300,6 +301,10 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
         if target is None:
             continue
         param_name, shard = target
+        if param_name in finished:
+            # A finished layer's tensor: another rank's expert under expert parallelism (its
+            # loader would skip it too).
+            continue
         param = params.get(param_name)
         if param is None:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for {model.config.architecture}")
@@ -318,6 +323,7 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
                 # Complete: this loop's reference would keep a weight the method frees (the dense
                 # copy, a GGUF grid's staging) alive until the whole model is in.
                 params.pop(other, None)
+                finished.add(other)
             try:
                 layer.process_weights()
             except ValueError as e:
