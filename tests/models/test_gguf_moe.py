@@ -228,8 +228,12 @@ def _write_big_qwen2_moe(path: Path) -> int:
 
 
 def test_a_big_moe_gguf_loads_without_a_bf16_copy_of_its_experts(tmp_path):
+    from lmserve.engine.serving_defaults import int4_share
+
     path = tmp_path / "big-qwen2moe.Q4_K.gguf"
     expert_weights = _write_big_qwen2_moe(path)
+    # `lmserve serve`'s default for it is int4: its stacked Q4_K experts are most of its weights.
+    assert int4_share(resolve_checkpoint(str(path))) > 0.9
     runs = {}
     for quantization in ("int4", "none"):
         child = subprocess.run([sys.executable, "-c", _LOAD, str(path), quantization], capture_output=True,
