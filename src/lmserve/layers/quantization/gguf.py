@@ -151,8 +151,9 @@ class GGUFInt4Config(WeightOnlyConfig):
 
     @staticmethod
     def uses_grid(layer: nn.Module, param_name: str = "") -> bool:
-        """Whether the tensor of `layer`'s parameter `param_name` is read as the file's grid."""
-        method = layer.quant_method
+        """Whether the tensor of `layer`'s parameter `param_name` is read as the file's grid (never
+        for modules without a method: embeddings, norms, the router)."""
+        method = getattr(layer, "quant_method", None)
         if isinstance(method, GGUFExpertsMethod):
             return method.kinds.get(param_name.rpartition(".")[2]) == "grid"
         return isinstance(method, GGUFGridMethod)
