@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +32,8 @@ from lmserve.layers.quantization.gguf import GGUFExpertsMethod  # noqa: E402
 from lmserve.layers.quantization.int4_kernel import KERNEL_DTYPE  # noqa: E402
 from lmserve.models.loader import read_config, resolve_checkpoint  # noqa: E402
 from tests.support.family_checkpoints import build_moe_gguf, serve_waves_greedy  # noqa: E402
+from tests.support.gguf_convert import write_random_qwen2moe  # noqa: E402
 from tests.support.gguf_kquants import q5_k_blocks_and_values  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_q5_k_writer_is_decoded_bit_for_bit_by_gguf_py():
@@ -157,11 +155,6 @@ def test_sigmoid_routed_deepseek2_is_refused(tmp_path):
         read_config(resolve_checkpoint(str(path)))
 
 
-# A qwen2moe file big enough for its experts' bytes to show in the resident size: 4 layers of 32
-# experts, 512 x 512 (100M expert weights: 201 MB in bf16), random Q4_K blocks (the values do not
-# matter here), the rest small F16.
-_BIG = {"layers": 4, "experts": 32, "hidden": 512, "inter": 512, "heads": 8, "vocab": 320}
-
 _LOAD = """
 import json, sys
 from lmserve import SamplingParams
@@ -181,57 +174,13 @@ print(json.dumps({"peak": peak, "method": type(experts[0].quant_method).__name__
 """
 
 
-def _write_big_qwen2_moe(path: Path) -> int:
-    """The file, and its experts' weight count."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGMLQuantizationType as T
-
-    c = _BIG
-    rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(path), "qwen2moe")
-    for add, value in ((writer.add_block_count, c["layers"]), (writer.add_context_length, 256),
-                       (writer.add_embedding_length, c["hidden"]), (writer.add_head_count, c["heads"]),
-                       (writer.add_head_count_kv, c["heads"]), (writer.add_vocab_size, c["vocab"]),
-                       (writer.add_expert_count, c["experts"]), (writer.add_expert_used_count, 2),
-                       (writer.add_expert_feed_forward_length, c["inter"]),
-                       (writer.add_expert_shared_feed_forward_length, c["inter"]), (writer.add_eos_token_id, 2)):
-        add(value)
-    writer.add_layer_norm_rms_eps(1e-6)
-
-    def small(name, shape):
-        writer.add_tensor(name, (rng.standard_normal(shape) * (0.02 if len(shape) > 1 else 1)).astype(
-            np.float32 if len(shape) == 1 else np.float16))
-
-    def q4_k(name, shape):  # random bytes with modest fp16 d / dmin are valid blocks
-        _, size = GGML_QUANT_SIZES[T.Q4_K]
-        blocks = rng.integers(0, 256, size=(int(np.prod(shape)) // 256, size), dtype=np.uint8)
-        blocks[:, 0:4] = rng.uniform(0.0005, 0.002, size=(blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
-        writer.add_tensor(name, blocks.reshape(*shape[:-1], -1), raw_dtype=T.Q4_K)
-
-    h, e, i = c["hidden"], c["experts"], c["inter"]
-    small("token_embd.weight", (c["vocab"], h))
-    small("output_norm.weight", (h,))
-    for layer in range(c["layers"]):
-        p = f"blk.{layer}."
-        for name, shape in (("attn_norm", (h,)), ("ffn_norm", (h,)), ("attn_q", (h, h)), ("attn_k", (h, h)),
-                            ("attn_v", (h, h)), ("attn_q.bias", (h,)), ("attn_k.bias", (h,)), ("attn_v.bias", (h,)),
-                            ("attn_output", (h, h)), ("ffn_gate_inp", (e, h)), ("ffn_gate_shexp", (i, h)),
-                            ("ffn_up_shexp", (i, h)), ("ffn_down_shexp", (h, i)), ("ffn_gate_inp_shexp", (1, h))):
-            small(p + name + ("" if name.endswith(".bias") else ".weight"), shape)
-        for name, shape in (("ffn_gate_exps", (e, i, h)), ("ffn_up_exps", (e, i, h)), ("ffn_down_exps", (e, h, i))):
-            q4_k(p + name + ".weight", shape)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return c["layers"] * 3 * e * i * h
-
-
 def test_a_big_moe_gguf_loads_without_a_bf16_copy_of_its_experts(tmp_path):
     from lmserve.engine.serving_defaults import int4_share
 
+    # Big enough for the experts' bytes to show in the resident size: 4 layers of 32 experts,
+    # 512 x 512 (100M expert weights: 201 MB in bf16), random Q4_K blocks.
     path = tmp_path / "big-qwen2moe.Q4_K.gguf"
-    expert_weights = _write_big_qwen2_moe(path)
+    expert_weights = write_random_qwen2moe(path)
     # `lmserve serve`'s default for it is int4: its stacked Q4_K experts are most of its weights.
     assert int4_share(resolve_checkpoint(str(path))) > 0.9
     runs = {}

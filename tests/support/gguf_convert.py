@@ -159,3 +159,55 @@ def _write_metadata(writer, config: dict, deepseek: bool, legacy_mla: bool) -> N
     writer.add_rope_dimension_count(rope)
     if scaling and scaling.get("mscale_all_dim") is not None:
         writer.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
+
+
+def write_random_qwen2moe(path: Path, layers: int = 4, experts: int = 32, hidden: int = 512, inter: int = 512,
+                          heads: int = 8, vocab: int = 320, seed: int = 0) -> int:
+    """A qwen2moe file of random weights whose experts are Q4_K blocks of random bytes (with
+    modest fp16 d / dmin every block is valid), the rest small F16 / F32: for memory and speed
+    measurements, where the values do not matter. Returns the experts' weight count."""
+    import gguf
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "qwen2moe")
+    for add, value in ((writer.add_block_count, layers), (writer.add_context_length, 256),
+                       (writer.add_embedding_length, hidden), (writer.add_head_count, heads),
+                       (writer.add_head_count_kv, heads), (writer.add_vocab_size, vocab),
+                       (writer.add_expert_count, experts), (writer.add_expert_used_count, 2),
+                       (writer.add_expert_feed_forward_length, inter),
+                       (writer.add_expert_shared_feed_forward_length, inter), (writer.add_eos_token_id, 2)):
+        add(value)
+    writer.add_layer_norm_rms_eps(1e-6)
+
+    def small(name, shape):
+        values = rng.standard_normal(shape) * (0.02 if len(shape) > 1 else 1)
+        writer.add_tensor(name, values.astype(np.float32 if len(shape) == 1 else np.float16))
+
+    def q4_k(name, shape):
+        _, size = GGML_QUANT_SIZES[T.Q4_K]
+        blocks = rng.integers(0, 256, size=(int(np.prod(shape)) // 256, size), dtype=np.uint8)
+        blocks[:, 0:4] = rng.uniform(0.0005, 0.002, size=(blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
+        writer.add_tensor(name, blocks.reshape(*shape[:-1], -1), raw_dtype=T.Q4_K)
+
+    small("token_embd.weight", (vocab, hidden))
+    small("output_norm.weight", (hidden,))
+    for layer in range(layers):
+        p = f"blk.{layer}."
+        for name, shape in (("attn_norm.weight", (hidden,)), ("ffn_norm.weight", (hidden,)),
+                            ("attn_q.weight", (hidden, hidden)), ("attn_k.weight", (hidden, hidden)),
+                            ("attn_v.weight", (hidden, hidden)), ("attn_q.bias", (hidden,)),
+                            ("attn_k.bias", (hidden,)), ("attn_v.bias", (hidden,)),
+                            ("attn_output.weight", (hidden, hidden)), ("ffn_gate_inp.weight", (experts, hidden)),
+                            ("ffn_gate_shexp.weight", (inter, hidden)), ("ffn_up_shexp.weight", (inter, hidden)),
+                            ("ffn_down_shexp.weight", (hidden, inter)), ("ffn_gate_inp_shexp.weight", (1, hidden))):
+            small(p + name, shape)
+        for name, shape in (("ffn_gate_exps", (experts, inter, hidden)), ("ffn_up_exps", (experts, inter, hidden)),
+                            ("ffn_down_exps", (experts, hidden, inter))):
+            q4_k(p + name + ".weight", shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return layers * 3 * experts * inter * hidden

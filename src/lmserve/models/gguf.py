@@ -274,7 +274,9 @@ class GGUFFile:
                 array = undo_rope_permute(array, heads)
             if name.endswith("shared_expert_gate.weight") and array.ndim == 1:
                 array = array[None]  # [H] in files that dropped HF's [1, H]
-            yield name, torch.from_numpy(np.array(array, dtype=np.float32)), self.path.name  # a writable copy
+            # Copied only where the array is still the file's read-only map (F32): a stacked
+            # experts tensor is one layer's projection for every expert, not to be held twice.
+            yield name, torch.from_numpy(np.require(array, np.float32, ["W", "C"])), self.path.name
 
     def _dequantize(self, t, shape: tuple[int, ...]) -> np.ndarray:
         from gguf.quants import dequantize
