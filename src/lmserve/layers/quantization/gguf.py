@@ -98,8 +98,7 @@ class GGUFExpertsMethod(WeightOnlyExpertsMethod):
                 setattr(experts, projection, nn.Parameter(stacked.new_empty(0), requires_grad=False))
                 continue
             codes, scale, zero = (getattr(experts, f"{projection}_{suffix}").detach() for suffix in GRID_TENSORS)
-            self.weights[projection] = [int4_kernel.pack(Int4Grid(codes[e], scale[e], zero[e]))
-                                        for e in range(codes.shape[0])]
+            self.weights[projection] = int4_kernel.pack_experts(codes, scale, zero)
             for suffix in GRID_TENSORS:
                 delattr(experts, f"{projection}_{suffix}")
             # The projection's name stays, empty (as the other methods leave it).
