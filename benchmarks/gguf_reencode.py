@@ -3,11 +3,12 @@ package): metadata and the other tensors are copied as they are, each attention/
 dequantized and quantized again. gguf-py's own quantizer writes Q8_0, Q5_0, Q4_0, Q4_1 and bf16;
 its numpy code has no k-quant quantizer, so Q4_K and Q6_K blocks come from
 tests/support/gguf_kquants.py (written from the format's layout, checked against gguf-py's
-dequantizer). `Q4_K_M` is llama.cpp's mix: Q6_K for some attn_v / ffn_down, Q4_K elsewhere. As in
-llama-quantize, a k-quant needs rows of whole 256-value super-blocks: other rows fall back to Q5_0
-(for Q4_K) or Q8_0 (for Q6_K) -- in SmolLM2-135M (hidden 576) every weight but ffn_down.
+dequantizer). `Q4_K_M` / `Q5_K_M` are llama.cpp's mixes: Q6_K for some attn_v / ffn_down, Q4_K /
+Q5_K elsewhere. As in llama-quantize, a k-quant needs rows of whole 256-value super-blocks: other
+rows fall back to Q5_0 (for Q4_K), Q5_1 (for Q5_K) or Q8_0 (for Q6_K) -- in SmolLM2-135M (hidden
+576) every weight but ffn_down.
 
-    python benchmarks/gguf_reencode.py SRC.gguf DST.gguf Q8_0|Q4_K|Q4_K_M|...
+    python benchmarks/gguf_reencode.py SRC.gguf DST.gguf Q8_0|Q4_K|Q4_K_M|Q5_K|Q5_K_M|...
 """
 
 from __future__ import annotations
@@ -58,21 +59,22 @@ def target_type(type_name: str, name: str, shape: tuple[int, ...], num_layers: i
 
     from tests.support.gguf_kquants import QK_K, q4_k_m_uses_q6_k
 
-    if type_name == "Q4_K_M":
-        target = T.Q6_K if q4_k_m_uses_q6_k(name, num_layers) else T.Q4_K
+    if type_name in ("Q4_K_M", "Q5_K_M"):
+        target = T.Q6_K if q4_k_m_uses_q6_k(name, num_layers) else T[type_name[:-2]]
     else:
         target = T[type_name]
-    if target in (T.Q4_K, T.Q6_K) and shape[-1] % QK_K:
-        return {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}[target]
+    fallbacks = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+    if target in fallbacks and shape[-1] % QK_K:
+        return fallbacks[target]
     return target
 
 
 def _kquantizers() -> dict:
     from gguf import GGMLQuantizationType as T
 
-    from tests.support.gguf_kquants import quantize_q4_k, quantize_q6_k
+    from tests.support.gguf_kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 
-    return {T.Q4_K: quantize_q4_k, T.Q6_K: quantize_q6_k}
+    return {T.Q4_K: quantize_q4_k, T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k}
 
 
 if __name__ == "__main__":

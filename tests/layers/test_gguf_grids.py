@@ -41,3 +41,17 @@ def test_grid_is_gguf_pys_dequantization(name):
     got = int4_kernel.int4_matmul(x, int4_kernel.pack(grid))
     ref = x @ expected.T
     assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_stacked_experts_pack_as_each_expert_alone():
+    """A MoE layer's stacked grids packed in one call (int4_kernel.pack_experts, the GGUF experts'
+    route) give each expert exactly the products of its own grid packed alone."""
+    torch.manual_seed(0)
+    experts, rows, k = 4, 48, 256
+    codes = torch.randint(0, 16, (experts, rows, k), dtype=torch.uint8)
+    scale, zero = torch.rand(experts, rows, k // 32) * 0.01, torch.randn(experts, rows, k // 32) * 0.01
+    packed = int4_kernel.pack_experts(codes, scale, zero)
+    x = torch.randn(3, k)
+    for e in range(experts):
+        alone = int4_kernel.pack(int4_kernel.Int4Grid(codes[e], scale[e], zero[e]))
+        assert torch.equal(int4_kernel.int4_matmul(x, packed[e]), int4_kernel.int4_matmul(x, alone))

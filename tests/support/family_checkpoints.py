@@ -270,13 +270,14 @@ def build_telechat2(directory: Path):
 
 
 def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int = 1,
-                    mlp_only_layers: tuple[int, ...] = (1,), shared_size: int = 48):
+                    mlp_only_layers: tuple[int, ...] = (1,), shared_size: int = 48, hidden_size: int = 64,
+                    moe_intermediate_size: int = 32):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     # 8 experts, top-3, a shared expert with its sigmoid gate, a dense layer in the middle.
-    config = Qwen2MoeConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    config = Qwen2MoeConfig(vocab_size=320, hidden_size=hidden_size, intermediate_size=96, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=moe_intermediate_size,
                             shared_expert_intermediate_size=shared_size, norm_topk_prob=renormalize,
                             decoder_sparse_step=sparse_step, mlp_only_layers=list(mlp_only_layers),
                             rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
@@ -289,18 +290,20 @@ def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int
     return model
 
 
-def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limited: bool = True, v_head_dim: int = 10):
+def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limited: bool = True, v_head_dim: int = 10,
+                      mscale: float = 0.9, moe_intermediate_size: int = 24):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     # MLA (q_lora_rank set like V2/V2.5, or None like V2-Lite), a dense first layer, 8 experts in
     # 4 groups of which the best 2 stay eligible, top-3, routed scaling, 2 shared experts, and
     # YaRN with mscale != mscale_all_dim so both the rope factor and the softmax factor matter.
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 0.7}
+            "beta_slow": 1, "mscale": mscale, "mscale_all_dim": 0.7}
     config = DeepseekV2Config(
         vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
-        v_head_dim=v_head_dim, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=2,
+        v_head_dim=v_head_dim, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=moe_intermediate_size,
+        n_shared_experts=2,
         first_k_dense_replace=1, topk_method="group_limited_greedy" if group_limited else "greedy",
         n_group=4 if group_limited else None, topk_group=2 if group_limited else None, routed_scaling_factor=2.5,
         norm_topk_prob=False, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -312,6 +315,25 @@ def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limit
     _rewrite_config(directory, rope_parameters=None, rope_theta=10000.0, rope_scaling=yarn, head_dim=None,
                     qk_head_dim=None, moe_layer_freq=1, scoring_func="softmax")
     return model
+
+
+def build_moe_gguf(directory: Path, family: str, types: Callable | None = None, legacy_mla: bool = False, **options):
+    """A MoE checkpoint (family "qwen2-moe" or "deepseek-v2", builder options passed on) written
+    as GGUF by tests/support/gguf_convert.py (llama.cpp's converter rules); `types(gguf_name,
+    shape)` picks each weight's type (F32 by default). F16 weights are rounded in the reference
+    too, so it is the model the file holds. Returns (reference, file)."""
+    from tests.support.gguf_convert import f32, write_gguf
+
+    types = types or f32
+    build = {"qwen2-moe": build_qwen2_moe, "deepseek-v2": build_deepseek_v2}[family]
+    model = build(directory / "hf", **options)
+    config = json.loads((directory / "hf" / "config.json").read_text())
+    path = write_gguf(model, config, directory / f"tiny-{family}.gguf", types, legacy_mla=legacy_mla)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not name.endswith("mlp.gate.weight") and types(name, tuple(p.shape)) == "F16":
+                p.copy_(p.half().float())
+    return model, path
 
 
 @dataclass
@@ -338,6 +360,15 @@ FAMILIES = [
     FamilySpec("qwen2-moe-renorm-step2", lambda d: build_qwen2_moe(d, renormalize=True, sparse_step=2,
                                                                    mlp_only_layers=())),
     FamilySpec("deepseek-v2", build_deepseek_v2),
+    # GGUF (llama.cpp's converter rules, tests/support/gguf_convert.py): qwen2moe in F16 (every
+    # layer sparse: llama.cpp's qwen2moe has no dense layers); deepseek2 in F32 with the split
+    # attn_k_b / attn_v_b, and V2-Lite-like with the older whole attn_kv_b. mscale equals
+    # mscale_all_dim: a GGUF keeps only the latter (and llama.cpp computes as if they were equal).
+    FamilySpec("qwen2-moe-gguf-f16", lambda d: build_moe_gguf(d, "qwen2-moe", lambda n, s: "F16", mlp_only_layers=()),
+               needs=("gguf",)),
+    FamilySpec("deepseek-v2-gguf", lambda d: build_moe_gguf(d, "deepseek-v2", mscale=0.7), needs=("gguf",)),
+    FamilySpec("deepseek-v2-lite-gguf-kv-b", lambda d: build_moe_gguf(
+        d, "deepseek-v2", legacy_mla=True, q_lora_rank=None, group_limited=False, mscale=0.7), needs=("gguf",)),
     # V2-Lite-like (no q LoRA, greedy routing) with a KV cache of 32 blocks of 4 tokens: wave 1
     # needs 40, so sequences are preempted and resumed by recomputing their latents.
     FamilySpec("deepseek-v2-lite-preempt", lambda d: build_deepseek_v2(d, q_lora_rank=None, group_limited=False),

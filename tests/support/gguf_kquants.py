@@ -1,5 +1,5 @@
-"""llama.cpp k-quant blocks (Q4_K, Q6_K) written from the format's published layout (ggml-common.h's
-block_q4_K / block_q6_K, ggml-quants.c's get_scale_min_k4 packing), because gguf-py's numpy
+"""llama.cpp k-quant blocks (Q4_K, Q5_K, Q6_K) written from the format's published layout (ggml-common.h's
+block_q4_K / block_q5_K / block_q6_K, ggml-quants.c's get_scale_min_k4 packing), because gguf-py's numpy
 quantizer writes none of them. Plain numpy, independent of lmserve's reader: tests check these
 bytes with gguf-py's own dequantizer, and benchmarks/gguf_reencode.py uses them to re-encode the
 bundled model.
@@ -33,17 +33,59 @@ def quantize_q4_k(weights: np.ndarray) -> np.ndarray:
     step = (d32 * sc)[:, :, None]
     offset = (dmin32 * m)[:, :, None]
     q = np.clip(np.rint(np.divide(x + offset, step, out=np.zeros_like(x), where=step > 0)), 0, 15).astype(np.uint8)
-    # get_scale_min_k4's packing: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7
-    # (mins); 4-7 in the nibbles of bytes 8-11, their top 2 bits in the top bits of bytes 0-7.
-    packed = np.zeros((x.shape[0], 12), dtype=np.uint8)
-    packed[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
-    packed[:, 4:8] = (m[:, 0:4] & 63) | ((m[:, 4:8] >> 4) << 6)
-    packed[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    packed = _pack_scale_min(sc, m)
     # Codes: each 32 bytes hold two sub-blocks, the first in the low nibbles.
     q = q.reshape(-1, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
     blocks = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed, qs], axis=1)
     return blocks.reshape(rows, -1)
+
+
+def _pack_scale_min(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """get_scale_min_k4's packing of eight 6-bit scales and mins into 12 bytes: sub-blocks 0-3 in
+    the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7 in the nibbles of bytes 8-11, their
+    top 2 bits in the top bits of bytes 0-7."""
+    packed = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    packed[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = (m[:, 0:4] & 63) | ((m[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    return packed
+
+
+def q5_k_blocks_and_values(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, k] float -> ([rows, k / 256 * 176] uint8 Q5_K blocks, the float32 values they encode).
+    block_q5_K: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales and mins (as Q4_K), 32 bytes
+    qh (bit j of byte i: the 5th bit of value i of sub-block j), 128 bytes of low nibbles (as
+    Q4_K: chunk c's low nibbles are sub-block 2c, its high ones 2c + 1); over sub-blocks of 32,
+    w = d * sc * q - dmin * m with q in [0, 31]. The values are computed in float32 in the
+    decoder's order ((d * sc) * q - dmin * m), so a right decoder reproduces them bit for bit."""
+    rows, k = weights.shape
+    x = weights.astype(np.float32).reshape(-1, 8, 32)
+    lo = np.minimum(x.min(axis=2), 0.0)
+    hi = np.maximum(x.max(axis=2), lo + 1e-12)
+    scale, mins = (hi - lo) / 31.0, -lo
+    d = (scale.max(axis=1) / 63.0).astype(np.float16)
+    dmin = (mins.max(axis=1) / 63.0).astype(np.float16)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)), 0, 63).astype(np.uint8)
+    m = np.clip(np.rint(np.divide(mins, dmin32, out=np.zeros_like(mins), where=dmin32 > 0)), 0, 63).astype(np.uint8)
+    step = (d32 * sc.astype(np.float32))[:, :, None]
+    offset = (dmin32 * m.astype(np.float32))[:, :, None]
+    q = np.clip(np.rint(np.divide(x + offset, step, out=np.zeros_like(x), where=step > 0)), 0, 31).astype(np.uint8)
+    values = (step * q.astype(np.float32) - offset).reshape(rows, k)
+    low = (q & 15).reshape(-1, 4, 2, 32)
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    qh = np.zeros((x.shape[0], 32), dtype=np.uint8)
+    for j in range(8):
+        qh |= ((q[:, j] >> 4) & 1) << j
+    blocks = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
+                             _pack_scale_min(sc, m), qh, qs], axis=1)
+    return blocks.reshape(rows, -1), values
+
+
+def quantize_q5_k(weights: np.ndarray) -> np.ndarray:
+    """[rows, k] float -> [rows, k / 256 * 176] uint8 Q5_K blocks (see q5_k_blocks_and_values)."""
+    return q5_k_blocks_and_values(weights)[0]
 
 
 def quantize_q6_k(weights: np.ndarray) -> np.ndarray:
@@ -68,8 +110,8 @@ def quantize_q6_k(weights: np.ndarray) -> np.ndarray:
 
 
 def q4_k_m_uses_q6_k(name: str, num_layers: int) -> bool:
-    """llama.cpp's Q4_K_M mix (llama_tensor_get_type): attn_v and ffn_down take Q6_K in the first
-    and last eighth of the layers and every third layer between, the rest Q4_K."""
+    """llama.cpp's Q4_K_M and Q5_K_M mixes (llama_tensor_get_type): attn_v and ffn_down take Q6_K in
+    the first and last eighth of the layers and every third layer between, the rest Q4_K / Q5_K."""
     if not name.endswith(("attn_v.weight", "ffn_down.weight")):
         return False
     i = int(name.split(".")[1])

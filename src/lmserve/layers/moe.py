@@ -25,9 +25,13 @@ Under tensor parallelism (the router and the shared experts' input are replicate
   each rank taking the (token, expert) pairs routed to its own experts, and combine is the same
   all-reduce of the partial outputs (vLLM's EP over a TP group without data parallelism).
 
-The experts' weights are stacked ([E, 2I, H] for gate/up, [E, H, I] for down) and fill from
-the checkpoint's per-expert tensors through a weight loader per (expert, shard), so checkpoint
-names `mlp.experts.{e}.gate_proj.weight` load through the generic loading loop.
+The experts' weights are stacked ([E, 2I, H] for gate/up, [E, H, I] for down) and fill through
+one weight loader, from a checkpoint's per-expert tensors (`mlp.experts.{e}.gate_proj.weight`,
+shard id (e, shard)) or from a stacked tensor of every expert (GGUF's `ffn_gate_exps`, read as
+`mlp.experts.gate_proj.weight` [E, I, H], shard id (None, shard)), each copied once into its
+slot. A quantization method may replace the stacked weights by its own stacked parameters (a
+GGUF file's int4 grid: `gate_up_proj_codes`, `_group_scale`, `_group_zero`), which fill the same
+way, their columns packed `input_pack` to one.
 """
 
 from __future__ import annotations
@@ -44,20 +48,27 @@ from lmserve.layers.activation import activation_kind, get_activation
 from lmserve.layers.linear import Linear, set_weight_loader
 from lmserve.layers.mlp import GatedMLP
 
-# Checkpoint name of one expert's projection -> its slot in the stacked parameters.
-_EXPERT_TENSOR = re.compile(r"^(?:model\.)?(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Checkpoint name of one expert's projection (or of every expert's, stacked: no expert index)
+# -> its slot in the stacked parameters. Besides `weight`, a quantization method's tensors
+# (models/gguf.py's int4 grids) name parameters `<projection>_<suffix>`.
+_EXPERT_TENSOR = re.compile(
+    r"^(?:model\.)?(.*\.experts)\.(?:(\d+)\.)?(gate_proj|up_proj|down_proj)\.(weight|codes|group_scale|group_zero)$")
 _EXPERT_SHARD = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
-def map_expert_name(name: str) -> tuple[str, tuple[int, int | None]] | None:
+def map_expert_name(name: str) -> tuple[str, tuple[int | None, int | None]] | None:
     """`layers.3.mlp.experts.7.up_proj.weight` -> (`layers.3.mlp.experts.gate_up_proj`, (7, 1));
-    None for a tensor that is not a routed expert's."""
+    the stacked `layers.3.mlp.experts.up_proj.weight` -> (..., (None, 1)); None for a tensor that
+    is not a routed expert's."""
     match = _EXPERT_TENSOR.match(name)
     if match is None:
         return None
-    prefix, expert, proj = match.groups()
+    prefix, expert, proj, kind = match.groups()
     param, shard = _EXPERT_SHARD[proj]
-    return f"{prefix}.{param}", (int(expert), shard)
+    if kind != "weight":
+        param = f"{param}_{kind}"
+    return f"{prefix}.{param}", (None if expert is None else int(expert), shard)
 
 
 class FusedExperts(nn.Module):
@@ -73,38 +84,74 @@ class FusedExperts(nn.Module):
         else:  # every expert, a slice of its intermediate
             self.first_expert, self.local_experts = 0, num_experts
             self.intermediate_start, self.intermediate = shard_range(intermediate, self.tp.rank, self.tp.size)
+        self.hidden = hidden
         e, i = self.local_experts, self.intermediate
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(e, hidden, i), requires_grad=False)
-        owned = range(self.first_expert, self.first_expert + e)
-        for param, shards in ((self.gate_up_proj, (0, 1)), (self.down_proj, (None,))):
-            set_weight_loader(param, self.weight_loader)
-            param.shard_ids = [(e, s) for e in owned for s in shards]
+        self.gate_up_proj = self.stacked_parameter("gate_up_proj", (e, 2 * i, hidden), torch.get_default_dtype())
+        self.down_proj = self.stacked_parameter("down_proj", (e, hidden, i), torch.get_default_dtype())
         self.act = get_activation(activation)
         self.act_kind = activation_kind(activation)
         # A weight-only quantization method for the experts (layers/quantization/), set by the
-        # loader; None: the dense stacked weights.
+        # loader (`create_weights`); None: the dense stacked weights.
         self.quant_method = None
+        self.processed = False
+
+    def stacked_parameter(self, projection: str, shape: tuple[int, ...], dtype: torch.dtype,
+                          input_pack: int = 1) -> nn.Parameter:
+        """A new stacked parameter of `projection` ("gate_up_proj": gate and up rows; "down_proj")
+        filled by `weight_loader`; `input_pack` checkpoint columns per stored column (a group
+        scale's 32)."""
+        param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        param.projection, param.input_pack = projection, input_pack
+        set_weight_loader(param, self.weight_loader)
+        owned = range(self.first_expert, self.first_expert + self.local_experts)
+        shards = (0, 1) if projection == "gate_up_proj" else (None,)
+        param.shard_ids = [(e, s) for e in owned for s in shards]
+        return param
+
+    def create_weights(self, method) -> None:
+        """Hand the experts to a quantization method, which may replace the stacked weights by
+        its own parameters (before any tensor is loaded)."""
+        self.quant_method = method
+        create = getattr(method, "create_weights", None)
+        if create is not None:
+            create(self)
+
+    def process_weights(self) -> None:
+        """Once every tensor is in: the method's post-processing (quantizing, packing)."""
+        if self.quant_method is not None and not self.processed:
+            self.quant_method.process_weights_after_loading(self)
+        self.processed = True
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id) -> None:
         if not isinstance(shard_id, tuple):
             raise ValueError(f"expert parameter of shape {tuple(param.shape)} needs an (expert, shard) id")
         expert, shard = shard_id
-        if not 0 <= expert < self.num_experts:
-            raise ValueError(f"names expert {expert}, but the config has {self.num_experts} experts")
-        hidden, full = self.down_proj.shape[1], self.global_intermediate
-        expected = (full, hidden) if param is self.gate_up_proj else (hidden, full)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected}")
-        local = expert - self.first_expert
-        if not 0 <= local < self.local_experts:
-            return  # another rank's expert (expert parallelism)
-        dest = param.data[local]
+        pack = param.input_pack
+        expected = ((self.global_intermediate, self.hidden // pack) if param.projection == "gate_up_proj"
+                    else (self.hidden, self.global_intermediate // pack))
+        if expert is None:  # every expert at once, stacked: this rank's experts
+            expected = (self.num_experts, *expected)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected} (experts stacked)")
+            tensor = tensor.narrow(0, self.first_expert, self.local_experts)
+            dest = param.data
+        else:
+            if not 0 <= expert < self.num_experts:
+                raise ValueError(f"names expert {expert}, but the config has {self.num_experts} experts")
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected}")
+            local = expert - self.first_expert
+            if not 0 <= local < self.local_experts:
+                return  # another rank's expert (expert parallelism)
+            dest = param.data[local]
         if shard is not None:  # gate (0) or up (1) half of the expert's gate_up rows: this rank's slice
-            dest = dest.narrow(0, shard * self.intermediate, self.intermediate)
-            tensor = tensor.narrow(0, self.intermediate_start, self.intermediate)
+            dest = dest.narrow(-2, shard * self.intermediate, self.intermediate)
+            tensor = tensor.narrow(-2, self.intermediate_start, self.intermediate)
         else:  # down: this rank's columns
-            tensor = tensor.narrow(1, self.intermediate_start, self.intermediate)
+            if self.intermediate_start % pack or self.intermediate % pack:
+                raise ValueError(f"this rank's slice of the intermediate ({self.intermediate_start}, "
+                                 f"{self.intermediate} wide) does not split the file's groups of {pack}")
+            tensor = tensor.narrow(-1, self.intermediate_start // pack, self.intermediate // pack)
         dest.copy_(tensor)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

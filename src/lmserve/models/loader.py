@@ -209,7 +209,7 @@ def _grid_tensors(model: torch.nn.Module, tensor_names: set[str]) -> set[str]:
     for name in tensor_names:
         target = model.map_checkpoint_name(name)
         module = modules.get(target[0].rpartition(".")[0]) if target is not None else None
-        if module is not None and GGUFInt4Config.uses_grid(module):
+        if module is not None and GGUFInt4Config.uses_grid(module, target[0]):
             chosen.add(name)
     return chosen
 
@@ -288,6 +288,7 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
     loaded: set[tuple[str, int | None]] = set()
     files: set[str] = set()
     pending = _linear_pending(model, params)
+    finished: set[str] = set()
     attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
     for name, tensor, source in tensors:
         files.add(source)
@@ -300,6 +301,10 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
         if target is None:
             continue
         param_name, shard = target
+        if param_name in finished:
+            # A finished layer's tensor: another rank's expert under expert parallelism (its
+            # loader would skip it too).
+            continue
         param = params.get(param_name)
         if param is None:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for {model.config.architecture}")
@@ -308,18 +313,22 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
             loader(param, tensor, shard)
         except ValueError as e:
             raise CheckpointError(f"{source}: tensor {name!r} {e}") from None
-        loaded.add((param_name, shard))
+        loaded.update((param_name, s) for s in _filled_shards(param, shard))
         del tensor
         owner = pending.get(param_name)
         if owner is not None and owner[0] is not None and _complete(owner[1], params, loaded):
             layer = owner[0]
             for other in owner[1]:
                 pending[other] = (None, ())
+                # Complete: this loop's reference would keep a weight the method frees (the dense
+                # copy, a GGUF grid's staging) alive until the whole model is in.
+                params.pop(other, None)
+                finished.add(other)
             try:
                 layer.process_weights()
             except ValueError as e:
                 raise CheckpointError(f"{source}: layer {param_name.rpartition('.')[0]}: {e}") from None
-            if not isinstance(layer.quant_method, DenseLinearMethod):
+            if layer.quant_method is not None and not isinstance(layer.quant_method, DenseLinearMethod):
                 _return_freed_memory()  # the dense weight it freed, before the next layer's arrives
     missing = [param_name for param_name in params if not _complete((param_name,), params, loaded)]
     if missing:
@@ -328,14 +337,23 @@ def load_weights(model, tensors: Iterator[tuple[str, torch.Tensor, str]]) -> Non
                               + (" ..." if len(missing) > 8 else ""))
 
 
+def _filled_shards(param, shard) -> list:
+    """The (parameter, shard) entries a loaded tensor completes: a stacked experts tensor (expert
+    None: GGUF's ffn_*_exps) fills that shard of every expert this rank holds."""
+    if isinstance(shard, tuple) and shard[0] is None:
+        return [s for s in getattr(param, "shard_ids", ()) if s[1] == shard[1]] or [shard]
+    return [shard]
+
+
 def _linear_pending(model, params: dict) -> dict[str, tuple]:
-    """Parameter name -> (its linear layer, the names of all that layer's parameters)."""
+    """Parameter name -> (its linear layer or MoE experts, the names of all its parameters)."""
     from lmserve.layers.linear import Linear
+    from lmserve.layers.moe import FusedExperts
 
     by_id = {id(p): n for n, p in params.items()}
     pending: dict[str, tuple] = {}
     for module in model.modules():
-        if isinstance(module, Linear) and not module.processed:
+        if isinstance(module, (Linear, FusedExperts)) and not module.processed:
             names = tuple(by_id.get(id(p)) for p in module.parameters(recurse=False))
             if names and None not in names:  # a parameter shared with another module (a tied head): at the end
                 for n in names:

@@ -54,12 +54,12 @@ class QuantizationConfig:
 
 
 def process_experts(model: nn.Module) -> None:
-    """Finish the quantized MoE experts' weights once loaded."""
+    """Finish the quantized MoE experts' weights the loader has not finished yet."""
     from lmserve.layers.moe import FusedExperts
 
     for module in model.modules():
-        if isinstance(module, FusedExperts) and module.quant_method is not None:
-            module.quant_method.process_weights_after_loading(module)
+        if isinstance(module, FusedExperts):
+            module.process_weights()
 
 
 def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -80,7 +80,7 @@ def assign_linear_methods(model: nn.Module, config: QuantizationConfig | None,
             if isinstance(method, str):
                 kept.setdefault(method, []).append(name)
             else:
-                layer.quant_method = method
+                layer.create_weights(method)
             continue
         if not isinstance(layer, Linear) or layer.quant_method is not None:
             continue

@@ -13,6 +13,13 @@ within half a 255-level step. On SmolLM2's Q4_K_M the 150-token perplexity text 
 two apart: docs/benchmarks.md). Any other layer (float tensors, q/k/v of mixed types) is quantized
 to int4 as asked. Both are quantized from the layer's dense copy, one layer at a time (the loader
 finishes each layer as soon as it is complete: no dense copy of the model).
+
+MoE experts (qwen2moe / deepseek2 files: one stacked tensor per projection and layer) follow the
+same rule per projection (gate_up: the gate and up tensors; down): a 4-bit grid is kept as the
+file's codes, stacked ([E, rows, cols] uint8 codes, fp32 group scales and zeros) until the layer
+is complete, then packed expert by expert for the int4 kernel; 5- to 8-bit experts take int8 and
+float ones int4, quantized from the layer's dense stack. No copy of all experts in bf16 is ever
+held: the loader finishes each MoE layer when its last tensor is in.
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from torch import nn
 from lmserve.layers.linear import Linear, LinearMethod, ShardLayout, create_bias, set_weight_loader
 from lmserve.layers.quantization import int4_kernel
 from lmserve.layers.quantization.int4_kernel import Int4Grid
-from lmserve.layers.quantization.weight_only import INT4_GROUP, Int4LinearMethod, Int8LinearMethod, WeightOnlyConfig
+from lmserve.layers.quantization.weight_only import (
+    INT4_GROUP,
+    Int4LinearMethod,
+    Int8LinearMethod,
+    WeightOnlyConfig,
+    WeightOnlyExpertsMethod,
+)
 
 # The checkpoint tensor suffixes of a grid (models/gguf.py writes them).
 GRID_TENSORS = ("codes", "group_scale", "group_zero")
@@ -60,6 +73,39 @@ class GGUFGridMethod(Int4LinearMethod):
             layer.weight = None
 
 
+class GGUFExpertsMethod(WeightOnlyExpertsMethod):
+    """A MoE layer's experts from a GGUF file, each projection by its own kind: "grid" (the
+    file's 4-bit codes kept), "int8" or "int4" (quantized from the dense stack)."""
+
+    def create_weights(self, experts) -> None:
+        for projection, kind in self.kinds.items():
+            if kind != "grid":
+                continue
+            e, n, k = getattr(experts, projection).shape
+            delattr(experts, projection)  # never filled, so never resident
+            for suffix, shape, dtype, pack in (("codes", (e, n, k), torch.uint8, 1),
+                                               ("group_scale", (e, n, k // INT4_GROUP), torch.float32, INT4_GROUP),
+                                               ("group_zero", (e, n, k // INT4_GROUP), torch.float32, INT4_GROUP)):
+                experts.register_parameter(f"{projection}_{suffix}",
+                                           experts.stacked_parameter(projection, shape, dtype, input_pack=pack))
+
+    def process_weights_after_loading(self, experts) -> None:
+        self.weights = {}
+        for projection, kind in self.kinds.items():
+            if kind != "grid":
+                stacked = getattr(experts, projection).detach()
+                self.weights[projection] = [self._quantize(stacked[e].float(), kind) for e in range(stacked.shape[0])]
+                setattr(experts, projection, nn.Parameter(stacked.new_empty(0), requires_grad=False))
+                continue
+            codes, scale, zero = (getattr(experts, f"{projection}_{suffix}").detach() for suffix in GRID_TENSORS)
+            self.weights[projection] = int4_kernel.pack_experts(codes, scale, zero)
+            for suffix in GRID_TENSORS:
+                delattr(experts, f"{projection}_{suffix}")
+            # The projection's name stays, empty (as the other methods leave it).
+            setattr(experts, projection, nn.Parameter(codes.new_empty(0, dtype=torch.get_default_dtype()),
+                                                      requires_grad=False))
+
+
 class GGUFInt4Config(WeightOnlyConfig):
     """int4 for a GGUF file: its 4-bit-grid layers keep their grid, its 5- to 8-bit layers take
     int8, the others are quantized to int4."""
@@ -81,9 +127,35 @@ class GGUFInt4Config(WeightOnlyConfig):
             return Int8LinearMethod(self.dense_above_rows)
         return Int4LinearMethod(self.dense_above_rows)
 
+    def experts_method(self, experts, name: str):
+        """Per projection: the file's grid where both (gate_up: gate and up) tensors are 4-bit
+        grids, int8 where they are 5- to 8-bit blocks, int4 otherwise; dense if the kernels refuse
+        a projection's shape (or this rank's slice does not split the file's groups)."""
+        kinds = {}
+        for projection, shards in (("gate_up_proj", {(None, 0), (None, 1)}), ("down_proj", {(None, None)})):
+            if shards <= self.grid_modules.get(name, set()):
+                kinds[projection] = "grid"
+            elif shards <= self.wide_modules.get(name, set()):
+                kinds[projection] = "int8"
+            else:
+                kinds[projection] = "int4"
+            kernel = "int4" if kinds[projection] == "grid" else kinds[projection]
+            refusal = WeightOnlyExpertsMethod.refusal(kernel, experts, (projection,))
+            if refusal is None and kinds[projection] == "grid" and projection == "down_proj" and (
+                    experts.intermediate_start % INT4_GROUP):
+                refusal = f"a slice starting at intermediate column {experts.intermediate_start}"
+            if refusal:
+                return f"{projection}: {refusal}"
+        return GGUFExpertsMethod("int4", kinds)
+
     @staticmethod
-    def uses_grid(layer: Linear) -> bool:
-        return isinstance(layer.quant_method, GGUFGridMethod)
+    def uses_grid(layer: nn.Module, param_name: str = "") -> bool:
+        """Whether the tensor of `layer`'s parameter `param_name` is read as the file's grid (never
+        for modules without a method: embeddings, norms, the router)."""
+        method = getattr(layer, "quant_method", None)
+        if isinstance(method, GGUFExpertsMethod):
+            return method.kinds.get(param_name.rpartition(".")[2]) == "grid"
+        return isinstance(method, GGUFGridMethod)
 
 
-__all__ = ["GGUFGridMethod", "GGUFInt4Config", "GRID_TENSORS", "int4_kernel"]
+__all__ = ["GGUFExpertsMethod", "GGUFGridMethod", "GGUFInt4Config", "GRID_TENSORS", "int4_kernel"]

@@ -129,15 +129,22 @@ WEIGHT_ONLY_METHODS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod}
 class WeightOnlyExpertsMethod:
     """int8 / int4 for a MoE layer's experts (layers/moe.py FusedExperts): every expert's
     gate_up and down weights quantized once loaded, the same grids and kernels as the linear
-    methods; the stacked dense weights are freed. Runs the per-expert dispatch loop (CPU)."""
+    methods; the stacked dense weights are freed. Runs the per-expert dispatch loop (CPU).
 
-    def __init__(self, kind: str):
+    `kinds` may give each projection its own kind ("gate_up_proj" / "down_proj" -> "int8" or
+    "int4"; the GGUF method adds "grid"). The loader finishes a MoE layer as soon as its tensors
+    are in, so only one layer's dense experts exist at a time."""
+
+    def __init__(self, kind: str, kinds: dict[str, str] | None = None):
         self.kind = kind
+        self.kinds = kinds or {"gate_up_proj": kind, "down_proj": kind}
 
     @staticmethod
-    def refusal(kind: str, experts) -> str | None:
-        hidden, inter = experts.down_proj.shape[1], experts.intermediate
-        for n, k in ((2 * inter, hidden), (hidden, inter)):
+    def refusal(kind: str, experts, projections=("gate_up_proj", "down_proj")) -> str | None:
+        hidden, inter = experts.hidden, experts.intermediate
+        shapes = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
+        for projection in projections:
+            n, k = shapes[projection]
             if kind == "int8" and k % 16:
                 return f"expert input width {k} not a multiple of 16 (int8 kernel)"
             if kind == "int4":
@@ -150,22 +157,33 @@ class WeightOnlyExpertsMethod:
         self.weights = {}
         for projection in ("gate_up_proj", "down_proj"):
             stacked = getattr(experts, projection).detach()
-            self.weights[projection] = [self._quantize(stacked[e].float()) for e in range(stacked.shape[0])]
+            kind = self.kinds[projection]
+            self.weights[projection] = [self._quantize(stacked[e].float(), kind) for e in range(stacked.shape[0])]
             # Freed: the memory the method saves (an empty tensor keeps the parameter's name).
             setattr(experts, projection, torch.nn.Parameter(stacked.new_empty(0), requires_grad=False))
 
-    def _quantize(self, w: torch.Tensor):
-        if self.kind == "int4":
+    @staticmethod
+    def _quantize(w: torch.Tensor, kind: str):
+        if kind == "int4":
             return int4_kernel.pack(int4_grid_of(w))
         scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).to(KERNEL_DTYPE)
         return torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
     def apply_expert(self, experts, local: int, projection: str, x: torch.Tensor) -> torch.Tensor:
         weight = self.weights[projection][local]
-        if self.kind == "int4":
+        if isinstance(weight, int4_kernel.PackedInt4):
             return int4_kernel.int4_matmul(x, weight)
         qweight, scale = weight
         return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), qweight, scale).to(x.dtype)
+
+    def quantized_bytes(self) -> int:
+        """The bytes the quantized experts hold (tests and memory accounting)."""
+        total = 0
+        for weights in self.weights.values():
+            for w in weights:
+                parts = (w.qweight, w.scales_zeros) if isinstance(w, int4_kernel.PackedInt4) else w
+                total += sum(t.numel() * t.element_size() for t in parts)
+        return total
 
 
 class WeightOnlyConfig(QuantizationConfig):
