@@ -101,7 +101,7 @@ def pack_experts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     1024 x 512); torch's layout is packed per expert."""
     e, n, k = codes.shape
     grid = Int4Grid(codes.reshape(e * n, k), scale.reshape(e * n, -1), zero.reshape(e * n, -1))
-    if grid.group % q4_kernel.BLOCK or not q4_kernel.available():
+    if grid.group % q4_kernel.BLOCK or not kernel_timing.use_vnni():  # torch's layout is not row-sliceable
         return [pack(Int4Grid(codes[i], scale[i], zero[i])) for i in range(e)]
     stacked = pack(grid)
     return [PackedInt4(stacked.qweight[i * n:(i + 1) * n], stacked.scales_zeros[:, i * n:(i + 1) * n].contiguous(),
