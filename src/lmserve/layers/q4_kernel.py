@@ -14,91 +14,37 @@ fp16 d and m, bit for bit). The activations are rounded to int8 per block (llama
 only new rounding; perplexity on tests/data/perplexity_text.txt bounds its effect
 (tests/layers/test_q4_kernel.py, docs/benchmarks.md).
 
-Building: the C++ is compiled once per machine at first use by torch's extension builder (g++ and
-ninja, as the compiled decode path needs; `.ci/compiler.sh` installs g++), cached under
-TORCH_EXTENSIONS_DIR. Where the CPU lacks AVX512-VNNI, or the build fails, `available()` is False
-and the int4 method keeps torch's kernel (the reason is logged once).
+Building: lmserve/cpu_extensions.py (once per machine, with OpenMP). Where the CPU lacks
+AVX512-VNNI, the build fails or LMSERVE_INT4_KERNEL=torch is set, `available()` is False and the
+int4 method keeps torch's kernel (the reason is logged once).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import threading
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger("lmserve.engine")
+from lmserve.cpu_extensions import CpuExtension
 
 BLOCK = 32
-_SOURCE = Path(__file__).with_name("q4_kernel.cpp")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-# -fopenmp: at::parallel_for is a header template that splits work over threads only where the
-# including file is compiled with OpenMP; without it every product ran on one thread (found and
-# measured 2026-12-05: 2 threads were no faster than 1).
-_BUILD_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c",
-                "-mfma"]
-_LINK_FLAGS = ["-fopenmp"]
-_lock = threading.Lock()
-_UNDECIDED = object()
-_reason: str | None | object = _UNDECIDED
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def unavailable_reason() -> str | None:
-    """Why the kernel cannot be used here (None: it is built and loaded). LMSERVE_INT4_KERNEL=torch
-    turns it off (benchmarks compare the two). Decided once per process; threads that ask while
-    it builds wait for the answer."""
-    global _reason
-    with _lock:
-        if _reason is _UNDECIDED:
-            _reason = _load()
-        return _reason
-
-
-def _load() -> str | None:
-    if os.environ.get("LMSERVE_INT4_KERNEL") == "torch":
-        return "LMSERVE_INT4_KERNEL=torch"
-    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    try:
-        from torch.utils.cpp_extension import load
-
-        log.info("loading the int4 VNNI kernel (built once per machine: tens of seconds the first time)")
-        load(name="lmserve_q4_kernel", sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS,
-             extra_ldflags=_LINK_FLAGS, is_python_module=False, verbose=False)
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: torch's kernel instead
-        return f"building {_SOURCE.name} failed: {type(e).__name__}: {str(e).strip()[-300:]}"
+def _register_fakes() -> None:
     torch.library.register_fake("lmserve_q4::linear")(_fake_linear)
-    return None
 
 
 def _fake_linear(x, codes, d, m):  # shapes for torch.compile's tracing
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
-def available() -> bool:
-    reason = unavailable_reason()
-    if reason is not None:
-        _log_once(reason)
-    return reason is None
-
-
-@functools.cache
-def _log_once(reason: str) -> None:
-    log.info("int4 VNNI kernel unavailable (%s): int4 layers use torch's kernel", reason)
+_KERNEL = CpuExtension(
+    "lmserve_q4_kernel", Path(__file__).with_name("q4_kernel.cpp"), "int4 VNNI kernel",
+    needs=("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"),
+    isa_flags=("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+    env="LMSERVE_INT4_KERNEL", fallback="int4 layers use torch's kernel", on_load=_register_fakes)
+unavailable_reason = _KERNEL.unavailable_reason
+available = _KERNEL.available
 
 
 def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
