@@ -1,0 +1,221 @@
+// Paged decode attention for CPUs with AVX512 (lmserve/attention/cpu_decode_kernel.py says why).
+//
+// One query token per sequence. The cache stays in the engine's layout, [blocks, block_size,
+// kv_heads, head_dim]: a work item (sequence, kv head) walks its block table and reads each key and
+// value row where it lies (head_dim contiguous values), so nothing is gathered or transposed. The
+// query heads sharing the kv head (GQA) are scored against each loaded key together. Softmax is
+// online (flash-decoding's running max and sum) in fp32, keys and values widened to fp32 as they
+// are loaded; the output is rounded to the input dtype once, at the end.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace {
+
+constexpr int64_t kChunk = 16;     // tokens scored before one online-softmax update (one zmm of scores)
+constexpr int64_t kMaxGroup = 16;  // query heads per kv head
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  // bf16 is the high half of an fp32: widen exactly by a 16-bit shift.
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// exp(x) for x <= 0 (scores minus their running max), to ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2,
+// a degree-7 Taylor polynomial of exp(r) (truncation < 1e-8 relative), scaled by 2^n. Inputs below
+// -1000 (-inf included) give 0.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-1000.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split: exact high part
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One (sequence, kv head): G query heads of NV * 16 values against tokens [first, len).
+template <typename T, int NV>
+void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t first, int64_t len,
+            int64_t G, int64_t block_size, int64_t row_stride, float scale, float softcap, T* out) {
+  constexpr int64_t D = NV * 16;
+  __m512 qv[kMaxGroup][NV];
+  __m512 acc[kMaxGroup][NV];
+  float m[kMaxGroup], l[kMaxGroup];
+  alignas(64) float s[kMaxGroup][kChunk];
+  for (int64_t g = 0; g < G; ++g) {
+    for (int v = 0; v < NV; ++v) {
+      // Without a softcap the scale is folded into the query (SDPA's order is the same product).
+      qv[g][v] = load16(q + g * D + v * 16);
+      if (softcap == 0.0f) qv[g][v] = _mm512_mul_ps(qv[g][v], _mm512_set1_ps(scale));
+      acc[g][v] = _mm512_setzero_ps();
+    }
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.0f;
+  }
+  for (int64_t t0 = first; t0 < len; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, len - t0);
+    const T* krow[kChunk];
+    const T* vrow[kChunk];
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = t0 + j;
+      const int64_t offset = (table[t / block_size] * block_size + t % block_size) * row_stride;
+      krow[j] = k_cache + offset;
+      vrow[j] = v_cache + offset;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 kv[NV];
+      for (int v = 0; v < NV; ++v) kv[v] = load16(krow[j] + v * 16);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 dot = _mm512_mul_ps(qv[g][0], kv[0]);
+        for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(qv[g][v], kv[v], dot);
+        s[g][j] = _mm512_reduce_add_ps(dot);
+      }
+    }
+    const __mmask16 valid = n == kChunk ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t g = 0; g < G; ++g) {
+      if (softcap != 0.0f)  // transformers' order: scores * scale, then cap * tanh(scores / cap)
+        for (int64_t j = 0; j < n; ++j) s[g][j] = softcap * std::tanh(s[g][j] * scale / softcap);
+      const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, s[g]);
+      const float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
+      const float correction = m[g] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[g] - m_new);
+      const __m512 p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));  // invalid lanes: exp(-inf) = 0
+      l[g] = l[g] * correction + _mm512_reduce_add_ps(p);
+      m[g] = m_new;
+      _mm512_store_ps(s[g], p);
+      if (correction != 1.0f)
+        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], _mm512_set1_ps(correction));
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 vv[NV];
+      for (int v = 0; v < NV; ++v) vv[v] = load16(vrow[j] + v * 16);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 pj = _mm512_set1_ps(s[g][j]);
+        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(pj, vv[v], acc[g][v]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    alignas(64) float row[D];
+    const __m512 inv = _mm512_set1_ps(l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(row + v * 16, _mm512_mul_ps(acc[g][v], inv));
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = static_cast<T>(row[i]);
+  }
+}
+
+template <typename T, int NV>
+void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
+         const at::Tensor& seq_lens, int64_t window, double scale, double softcap, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t block_size = k_cache.size(1), kvh = k_cache.size(2), W = tables.size(1);
+  const int64_t G = Hq / kvh;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  // Small steps (one short sequence) are not worth waking the other threads for.
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += lp[b];
+  const int64_t grain = work * kvh * D < (1 << 16) ? B * kvh : 1;
+  at::parallel_for(0, B * kvh, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / kvh, h = i % kvh;
+      const int64_t len = lp[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      attend<T, NV>(qp + (b * Hq + h * G) * D, kp + h * D, vp + h * D, tp + b * W, first, len, G, block_size,
+                    kvh * D, static_cast<float>(scale), static_cast<float>(softcap), op + (b * Hq + h * G) * D);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_dim(int64_t D, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& t,
+                  const at::Tensor& lens, int64_t window, double scale, double softcap, at::Tensor& out) {
+  switch (D) {
+    case 32: return run<T, 2>(q, k, v, t, lens, window, scale, softcap, out);
+    case 64: return run<T, 4>(q, k, v, t, lens, window, scale, softcap, out);
+    case 96: return run<T, 6>(q, k, v, t, lens, window, scale, softcap, out);
+    case 128: return run<T, 8>(q, k, v, t, lens, window, scale, softcap, out);
+    case 256: return run<T, 16>(q, k, v, t, lens, window, scale, softcap, out);
+    default: TORCH_CHECK(false, "paged_decode: head_dim ", D, " is not one of 32, 64, 96, 128, 256");
+  }
+}
+
+at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& tables_in, const at::Tensor& seq_lens_in, int64_t window, double scale,
+                        double softcap) {
+  TORCH_CHECK(q_in.dim() == 3, "paged_decode: q must be [batch, q_heads, head_dim], got ", q_in.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "paged_decode: caches must be [blocks, block_size, kv_heads, head_dim] and alike, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: caches must be contiguous");
+  TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_decode: q and the caches must share one dtype, got ", q_in.scalar_type(), ", ",
+              k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
+  const int64_t blocks = k_cache.size(0), block_size = k_cache.size(1), kvh = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "paged_decode: head_dim of q (", D, ") and cache (", k_cache.size(3), ") differ");
+  TORCH_CHECK(kvh > 0 && Hq % kvh == 0 && Hq / kvh <= kMaxGroup, "paged_decode: ", Hq, " query heads over ", kvh,
+              " kv heads (at most ", kMaxGroup, " per kv head)");
+  TORCH_CHECK(tables_in.dim() == 2 && tables_in.size(0) == B && seq_lens_in.dim() == 1 && seq_lens_in.size(0) == B,
+              "paged_decode: block_tables must be [batch, width] and seq_lens [batch], got ", tables_in.sizes(),
+              " and ", seq_lens_in.sizes());
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor tables = tables_in.to(at::kLong).contiguous();
+  const at::Tensor seq_lens = seq_lens_in.to(at::kLong).contiguous();
+  // A bad table entry would read outside the cache: every entry a sequence uses is checked.
+  const int64_t W = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 0 && lp[b] <= W * block_size, "paged_decode: sequence ", b, " has length ", lp[b],
+                " but its block table covers ", W * block_size, " tokens");
+    const int64_t first = window > 0 ? std::max<int64_t>(0, lp[b] - window) : 0;
+    for (int64_t i = first / block_size; i * block_size < lp[b]; ++i)
+      TORCH_CHECK(tp[b * W + i] >= 0 && tp[b * W + i] < blocks, "paged_decode: sequence ", b, " block ", i,
+                  " is ", tp[b * W + i], ", outside the cache's ", blocks, " blocks");
+  }
+  at::Tensor out = at::empty_like(q);
+  switch (q.scalar_type()) {
+    case at::kFloat: dispatch_dim<float>(D, q, k_cache, v_cache, tables, seq_lens, window, scale, softcap, out); break;
+    case at::kBFloat16:
+      dispatch_dim<c10::BFloat16>(D, q, k_cache, v_cache, tables, seq_lens, window, scale, softcap, out);
+      break;
+    case at::kHalf: dispatch_dim<c10::Half>(D, q, k_cache, v_cache, tables, seq_lens, window, scale, softcap, out); break;
+    default: TORCH_CHECK(false, "paged_decode: dtype ", q.scalar_type(), " is not float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmserve_attn, lib) {
+  lib.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+          "int window, float scale, float softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmserve_attn, CPU, lib) {
+  lib.impl("paged_decode", &paged_decode);
+}
