@@ -74,7 +74,7 @@ def _load() -> str | None:
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("loading the CPU paged decode attention kernel (built once per machine: tens of seconds the first time)")
+        log.info("loading the CPU paged decode attention kernel (built once per machine: tens of seconds at first)")
         load(name="lmserve_cpu_decode_attention", sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS,
              is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: the gather + SDPA path instead
