@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -54,72 +55,94 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One (sequence, kv head): G query heads of NV * 16 values against tokens [first, len).
+// Where token t's row for one kv head starts, in elements from that head's first row.
+inline int64_t row_offset(const int64_t* table, int64_t t, int64_t block_size, int64_t row_stride) {
+  return (table[t / block_size] * block_size + t % block_size) * row_stride;
+}
+
+// One sequence and H consecutive kv heads (G query heads each, NV * 16 values) against tokens
+// [first, len). Per chunk of tokens, every head of the range is done before the next chunk, so the
+// cache is read in the order it lies (a token's rows of the H heads are adjacent) and the next
+// chunk's rows are prefetched meanwhile. Queries and accumulators live in fp32 buffers (G * NV
+// vectors would not fit in registers); a chunk's values are widened once into `vf` and then
+// accumulated per query head with that head's accumulator in registers.
 template <typename T, int NV>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t first, int64_t len,
-            int64_t G, int64_t block_size, int64_t row_stride, float scale, float softcap, T* out) {
+            int64_t H, int64_t G, int64_t block_size, int64_t row_stride, float scale, float softcap, T* out) {
   constexpr int64_t D = NV * 16;
-  __m512 qv[kMaxGroup][NV];
-  __m512 acc[kMaxGroup][NV];
-  float m[kMaxGroup], l[kMaxGroup];
+  const int64_t heads = H * G;
+  const int lines = static_cast<int>((H * D * static_cast<int64_t>(sizeof(T)) + 63) / 64);
+  std::vector<float> qbuf(heads * D + 16), abuf(heads * D + 16), m(heads), l(heads);
+  // 64-byte aligned views of the buffers (aligned loads and stores below)
+  float* qf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(qbuf.data()) + 63) & ~uintptr_t(63));
+  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(abuf.data()) + 63) & ~uintptr_t(63));
+  alignas(64) float vf[kChunk * D];
   alignas(64) float s[kMaxGroup][kChunk];
-  for (int64_t g = 0; g < G; ++g) {
+  const float q_scale = softcap == 0.0f ? scale : 1.0f;  // no softcap: the scale folded into the query
+  for (int64_t g = 0; g < heads; ++g) {
     for (int v = 0; v < NV; ++v) {
-      // Without a softcap the scale is folded into the query (SDPA's order is the same product).
-      qv[g][v] = load16(q + g * D + v * 16);
-      if (softcap == 0.0f) qv[g][v] = _mm512_mul_ps(qv[g][v], _mm512_set1_ps(scale));
-      acc[g][v] = _mm512_setzero_ps();
+      _mm512_store_ps(qf + g * D + v * 16, _mm512_mul_ps(load16(q + g * D + v * 16), _mm512_set1_ps(q_scale)));
+      _mm512_store_ps(acc + g * D + v * 16, _mm512_setzero_ps());
     }
     m[g] = -std::numeric_limits<float>::infinity();
     l[g] = 0.0f;
   }
-  for (int64_t t0 = first; t0 < len; t0 += kChunk) {
-    const int64_t n = std::min(kChunk, len - t0);
-    const T* krow[kChunk];
-    const T* vrow[kChunk];
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = t0 + j;
-      const int64_t offset = (table[t / block_size] * block_size + t % block_size) * row_stride;
-      krow[j] = k_cache + offset;
-      vrow[j] = v_cache + offset;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      __m512 kv[NV];
-      for (int v = 0; v < NV; ++v) kv[v] = load16(krow[j] + v * 16);
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 dot = _mm512_mul_ps(qv[g][0], kv[0]);
-        for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(qv[g][v], kv[v], dot);
-        s[g][j] = _mm512_reduce_add_ps(dot);
+  auto prefetch = [&](int64_t t0) {
+    for (int64_t t = t0; t < std::min(t0 + kChunk, len); ++t) {
+      const int64_t offset = row_offset(table, t, block_size, row_stride);
+      for (int c = 0; c < lines; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(k_cache + offset) + 64 * c, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v_cache + offset) + 64 * c, _MM_HINT_T0);
       }
     }
+  };
+  prefetch(first);
+  for (int64_t t0 = first; t0 < len; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, len - t0);
+    int64_t offset[kChunk];
+    for (int64_t j = 0; j < n; ++j) offset[j] = row_offset(table, t0 + j, block_size, row_stride);
+    prefetch(t0 + kChunk);
     const __mmask16 valid = n == kChunk ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-    for (int64_t g = 0; g < G; ++g) {
-      if (softcap != 0.0f)  // transformers' order: scores * scale, then cap * tanh(scores / cap)
-        for (int64_t j = 0; j < n; ++j) s[g][j] = softcap * std::tanh(s[g][j] * scale / softcap);
-      const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, s[g]);
-      const float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
-      const float correction = m[g] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[g] - m_new);
-      const __m512 p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));  // invalid lanes: exp(-inf) = 0
-      l[g] = l[g] * correction + _mm512_reduce_add_ps(p);
-      m[g] = m_new;
-      _mm512_store_ps(s[g], p);
-      if (correction != 1.0f)
-        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], _mm512_set1_ps(correction));
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      __m512 vv[NV];
-      for (int v = 0; v < NV; ++v) vv[v] = load16(vrow[j] + v * 16);
+    for (int64_t h = 0; h < H; ++h) {
+      const T* kh = k_cache + h * D;
+      const T* vh = v_cache + h * D;
+      for (int64_t j = 0; j < n; ++j) {
+        __m512 kv[NV];
+        for (int v = 0; v < NV; ++v) kv[v] = load16(kh + offset[j] + v * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf + (h * G + g) * D;
+          __m512 dot = _mm512_mul_ps(_mm512_load_ps(qg), kv[0]);
+          for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(_mm512_load_ps(qg + v * 16), kv[v], dot);
+          s[g][j] = _mm512_reduce_add_ps(dot);
+        }
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(vf + j * D + v * 16, load16(vh + offset[j] + v * 16));
+      }
       for (int64_t g = 0; g < G; ++g) {
-        const __m512 pj = _mm512_set1_ps(s[g][j]);
-        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(pj, vv[v], acc[g][v]);
+        const int64_t hg = h * G + g;
+        if (softcap != 0.0f)  // transformers' order: scores * scale, then cap * tanh(scores / cap)
+          for (int64_t j = 0; j < n; ++j) s[g][j] = softcap * std::tanh(s[g][j] * scale / softcap);
+        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, s[g]);
+        const float m_new = std::max(m[hg], _mm512_reduce_max_ps(sv));
+        const float correction = m[hg] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[hg] - m_new);
+        const __m512 p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));  // invalid lanes: exp(-inf) = 0
+        l[hg] = l[hg] * correction + _mm512_reduce_add_ps(p);
+        m[hg] = m_new;
+        _mm512_store_ps(s[g], p);
+        float* ag = acc + hg * D;
+        __m512 a[NV];
+        const __m512 c = _mm512_set1_ps(correction);
+        for (int v = 0; v < NV; ++v) a[v] = _mm512_mul_ps(_mm512_load_ps(ag + v * 16), c);
+        for (int64_t j = 0; j < n; ++j) {
+          const __m512 pj = _mm512_set1_ps(s[g][j]);
+          for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(pj, _mm512_load_ps(vf + j * D + v * 16), a[v]);
+        }
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(ag + v * 16, a[v]);
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    alignas(64) float row[D];
-    const __m512 inv = _mm512_set1_ps(l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
-    for (int v = 0; v < NV; ++v) _mm512_store_ps(row + v * 16, _mm512_mul_ps(acc[g][v], inv));
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = static_cast<T>(row[i]);
+  for (int64_t g = 0; g < heads; ++g) {
+    const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = static_cast<T>(acc[g * D + i] * inv);
   }
 }
 
@@ -135,17 +158,24 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  // Small steps (one short sequence) are not worth waking the other threads for.
+  // Work items: (sequence, range of kv heads). Whole sequences read the cache in order; with few
+  // sequences the kv heads are split so that every thread has work (a few items per thread, since
+  // sequence lengths differ).
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min(kvh, std::max<int64_t>(1, (4 * threads + B - 1) / B));
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += lp[b];
-  const int64_t grain = work * kvh * D < (1 << 16) ? B * kvh : 1;
-  at::parallel_for(0, B * kvh, grain, [&](int64_t i0, int64_t i1) {
+  // Small steps (a few short sequences) are not worth waking the other threads for.
+  const int64_t grain = work * kvh * D < (1 << 16) ? B * splits : 1;
+  at::parallel_for(0, B * splits, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / kvh, h = i % kvh;
+      const int64_t b = i / splits, part = i % splits;
+      const int64_t h0 = kvh * part / splits, h1 = kvh * (part + 1) / splits;
       const int64_t len = lp[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      attend<T, NV>(qp + (b * Hq + h * G) * D, kp + h * D, vp + h * D, tp + b * W, first, len, G, block_size,
-                    kvh * D, static_cast<float>(scale), static_cast<float>(softcap), op + (b * Hq + h * G) * D);
+      attend<T, NV>(qp + (b * Hq + h0 * G) * D, kp + h0 * D, vp + h0 * D, tp + b * W, first, len, h1 - h0, G,
+                    block_size, kvh * D, static_cast<float>(scale), static_cast<float>(softcap),
+                    op + (b * Hq + h0 * G) * D);
     }
   });
 }

@@ -35,7 +35,11 @@ log = logging.getLogger("lmserve.engine")
 
 _SOURCE = Path(__file__).with_name("cpu_decode_kernel.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma")
-_BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c", "-mfma"]
+# -fopenmp: at::parallel_for is a header template that splits work only where the including file
+# is compiled with OpenMP (without it the kernel runs on one thread). The library it links,
+# libgomp.so.1, is the one torch has already loaded (same soname): one thread pool, torch's.
+_BUILD_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c", "-mfma"]
+_LINK_FLAGS = ["-fopenmp"]
 HEAD_DIMS = (32, 64, 96, 128, 256)
 MAX_GROUP = 16  # query heads per kv head (kMaxGroup in the C++)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -76,7 +80,7 @@ def _load() -> str | None:
 
         log.info("loading the CPU paged decode attention kernel (built once per machine: tens of seconds at first)")
         load(name="lmserve_cpu_decode_attention", sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS,
-             is_python_module=False, verbose=False)
+             extra_ldflags=_LINK_FLAGS, is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: the gather + SDPA path instead
         return f"building {_SOURCE.name} failed: {type(e).__name__}: {str(e).strip()[-300:]}"
     torch.library.register_fake("lmserve_attn::paged_decode")(_fake_paged_decode)
