@@ -45,6 +45,7 @@ MAX_GROUP = 16  # query heads per kv head (kMaxGroup in the C++)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV = "LMSERVE_CPU_ATTENTION"
 _lock = threading.Lock()
+_enabled = True  # set_enabled: one engine, both paths (benchmarks/bench_engine.py --cpu-attention both)
 _UNDECIDED = object()
 _reason: str | None | object = _UNDECIDED
 
@@ -103,11 +104,18 @@ def _log_once(reason: str) -> None:
     log.info("CPU paged decode attention kernel unavailable (%s): decode attention gathers pages for SDPA", reason)
 
 
+def set_enabled(on: bool) -> None:
+    """Turn the kernel off (or back on) in this process without rebuilding anything: decode takes the
+    gather path while off. For benchmarks comparing the two on one loaded engine."""
+    global _enabled
+    _enabled = on
+
+
 def covers(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel computes this layer's decode attention (else the caller's gather path):
     CPU tensors of one float dtype (an fp8 cache is dequantized by the gather path), a head size
     it is specialised for, at most MAX_GROUP query heads per kv head, and the kernel built."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and k_cache.dtype == q.dtype
+    return (_enabled and q.device.type == "cpu" and q.dtype in DTYPES and k_cache.dtype == q.dtype
             and q.shape[-1] in HEAD_DIMS and q.shape[-2] % k_cache.shape[2] == 0
             and q.shape[-2] // k_cache.shape[2] <= MAX_GROUP and k_cache.is_contiguous() and available())
 
