@@ -68,6 +68,9 @@ def _kernel(q, kv_cache, tables, lengths, scale, window=None, softcap=None):
     (8, 4, 64, 20, None),  # sliding window: starts inside a block for the longer sequences
     (8, 4, 64, None, 30.0),  # Gemma-2's softcap
     (8, 4, 64, 40, 50.0),
+    (4, 2, 24, 8, 5.0),  # the tiny Gemma-2 of the family tests: a head of 24 values (masked loads)
+    (6, 2, 16, None, None),
+    (4, 1, 80, None, None),  # MQA, 80 values per head
 ])
 def test_kernel_matches_the_gather_path_and_exact_attention(dtype, hq, hkv, d, window, softcap):
     q, kv_cache, tables = _case(hq, hkv, d, dtype)
@@ -120,7 +123,7 @@ def test_switch_and_layers_the_kernel_leaves_to_the_gather_path(monkeypatch):
     cache = torch.zeros(4, PAGE, 2, 64)
     assert cpu_decode_kernel.covers(q, cache)
     assert not cpu_decode_kernel.covers(q, cache.to(FP8_KV_DTYPE)), "an fp8 cache is dequantized by the gather"
-    assert not cpu_decode_kernel.covers(torch.randn(2, 4, 80), torch.zeros(4, PAGE, 2, 80)), "head size 80"
+    assert not cpu_decode_kernel.covers(torch.randn(2, 4, 288), torch.zeros(4, PAGE, 2, 288)), "head size 288"
     assert not cpu_decode_kernel.covers(torch.randn(2, 34, 64), torch.zeros(4, PAGE, 2, 64)), "17 per kv head"
 
 

@@ -25,15 +25,15 @@ namespace {
 constexpr int64_t kChunk = 16;     // tokens scored before one online-softmax update (one zmm of scores)
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
+// 16 values (those of `mask`; the others read as 0) widened to fp32. Masked loads do not touch
+// memory outside the mask: a head size that is not a multiple of 16 reads only its own values.
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 mask) {
   // bf16 is the high half of an fp32: widen exactly by a 16-bit shift.
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+inline __m512 load16(const c10::Half* p, __mmask16 mask) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)); }
 
 // exp(x) for x <= 0 (scores minus their running max), to ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2,
 // a degree-7 Taylor polynomial of exp(r) (truncation < 1e-8 relative), scaled by 2^n. Inputs below
@@ -88,10 +88,15 @@ inline __m512 sum16(const float* d) {  // d: 16 vectors of 16 floats, 64-byte al
 // accumulated per query head with that head's accumulator in registers.
 template <typename T, int NV>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t first, int64_t len,
-            int64_t H, int64_t G, int64_t block_size, int64_t row_stride, float scale, float softcap, T* out) {
-  constexpr int64_t D = NV * 16;
+            int64_t H, int64_t G, int64_t dim, int64_t block_size, int64_t row_stride, float scale, float softcap, T* out) {
+  constexpr int64_t D = NV * 16;  // the fp32 buffers' row: dim padded with zeros to whole vectors
+  __mmask16 km[NV];  // the lanes of each vector inside dim
+  for (int v = 0; v < NV; ++v) {
+    const int64_t rest = dim - 16 * v;
+    km[v] = rest >= 16 ? static_cast<__mmask16>(0xFFFF) : rest <= 0 ? 0 : static_cast<__mmask16>((1u << rest) - 1);
+  }
   const int64_t heads = H * G;
-  const int lines = static_cast<int>((H * D * static_cast<int64_t>(sizeof(T)) + 63) / 64);
+  const int lines = static_cast<int>((H * dim * static_cast<int64_t>(sizeof(T)) + 63) / 64);
   std::vector<float> qbuf(heads * D + 16), abuf(heads * D + 16), m(heads), l(heads);
   // 64-byte aligned views of the buffers (aligned loads and stores below)
   float* qf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(qbuf.data()) + 63) & ~uintptr_t(63));
@@ -102,7 +107,7 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
   const float q_scale = softcap == 0.0f ? scale : 1.0f;  // no softcap: the scale folded into the query
   for (int64_t g = 0; g < heads; ++g) {
     for (int v = 0; v < NV; ++v) {
-      _mm512_store_ps(qf + g * D + v * 16, _mm512_mul_ps(load16(q + g * D + v * 16), _mm512_set1_ps(q_scale)));
+      _mm512_store_ps(qf + g * D + v * 16, _mm512_mul_ps(load16(q + g * dim + v * 16, km[v]), _mm512_set1_ps(q_scale)));
       _mm512_store_ps(acc + g * D + v * 16, _mm512_setzero_ps());
     }
     m[g] = -std::numeric_limits<float>::infinity();
@@ -125,18 +130,18 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
     prefetch(t0 + kChunk);
     const __mmask16 valid = n == kChunk ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
     for (int64_t h = 0; h < H; ++h) {
-      const T* kh = k_cache + h * D;
-      const T* vh = v_cache + h * D;
+      const T* kh = k_cache + h * dim;
+      const T* vh = v_cache + h * dim;
       for (int64_t j = 0; j < n; ++j) {
         __m512 kv[NV];
-        for (int v = 0; v < NV; ++v) kv[v] = load16(kh + offset[j] + v * 16);
+        for (int v = 0; v < NV; ++v) kv[v] = load16(kh + offset[j] + v * 16, km[v]);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf + (h * G + g) * D;
           __m512 dot = _mm512_mul_ps(_mm512_load_ps(qg), kv[0]);
           for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(_mm512_load_ps(qg + v * 16), kv[v], dot);
           _mm512_store_ps(dots[g] + 16 * kTokenSlot[j], dot);
         }
-        for (int v = 0; v < NV; ++v) _mm512_store_ps(vf + j * D + v * 16, load16(vh + offset[j] + v * 16));
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(vf + j * D + v * 16, load16(vh + offset[j] + v * 16, km[v]));
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hg = h * G + g;
@@ -167,7 +172,7 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
   }
   for (int64_t g = 0; g < heads; ++g) {
     const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = static_cast<T>(acc[g * D + i] * inv);
+    for (int64_t i = 0; i < dim; ++i) out[g * dim + i] = static_cast<T>(acc[g * D + i] * inv);
   }
 }
 
@@ -198,7 +203,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const int64_t h0 = kvh * part / splits, h1 = kvh * (part + 1) / splits;
       const int64_t len = lp[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      attend<T, NV>(qp + (b * Hq + h0 * G) * D, kp + h0 * D, vp + h0 * D, tp + b * W, first, len, h1 - h0, G,
+      attend<T, NV>(qp + (b * Hq + h0 * G) * D, kp + h0 * D, vp + h0 * D, tp + b * W, first, len, h1 - h0, G, D,
                     block_size, kvh * D, static_cast<float>(scale), static_cast<float>(softcap),
                     op + (b * Hq + h0 * G) * D);
     }
@@ -208,14 +213,14 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
 template <typename T>
 void dispatch_dim(int64_t D, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& t,
                   const at::Tensor& lens, int64_t window, double scale, double softcap, at::Tensor& out) {
-  switch (D) {
-    case 32: return run<T, 2>(q, k, v, t, lens, window, scale, softcap, out);
-    case 64: return run<T, 4>(q, k, v, t, lens, window, scale, softcap, out);
-    case 96: return run<T, 6>(q, k, v, t, lens, window, scale, softcap, out);
-    case 128: return run<T, 8>(q, k, v, t, lens, window, scale, softcap, out);
-    case 256: return run<T, 16>(q, k, v, t, lens, window, scale, softcap, out);
-    default: TORCH_CHECK(false, "paged_decode: head_dim ", D, " is not one of 32, 64, 96, 128, 256");
-  }
+  // Vectors of 16 per head: a few sizes compiled, each head size runs in the smallest that holds it.
+  if (D <= 16) return run<T, 1>(q, k, v, t, lens, window, scale, softcap, out);
+  if (D <= 32) return run<T, 2>(q, k, v, t, lens, window, scale, softcap, out);
+  if (D <= 64) return run<T, 4>(q, k, v, t, lens, window, scale, softcap, out);
+  if (D <= 96) return run<T, 6>(q, k, v, t, lens, window, scale, softcap, out);
+  if (D <= 128) return run<T, 8>(q, k, v, t, lens, window, scale, softcap, out);
+  if (D <= 256) return run<T, 16>(q, k, v, t, lens, window, scale, softcap, out);
+  TORCH_CHECK(false, "paged_decode: head_dim ", D, " is over 256");
 }
 
 at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -17,8 +17,8 @@ product, so in bf16 the two differ by bf16 roundings (tests/attention/test_cpu_d
 Building: as layers/q4_kernel.py, compiled once per machine at first use by torch's extension
 builder, cached under TORCH_EXTENSIONS_DIR. Where the CPU lacks AVX512, the build fails, or
 LMSERVE_CPU_ATTENTION=torch is set, `available()` is False and decode keeps the gather + SDPA path
-(the reason is logged once). Layers it does not cover (fp8 cache, head sizes other than 32, 64, 96,
-128, 256, more than 16 query heads per kv head) take that path too (`covers`).
+(the reason is logged once). Layers it does not cover (fp8 cache, heads over 256 values, more than 16
+query heads per kv head) take that path too (`covers`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma")
 # libgomp.so.1, is the one torch has already loaded (same soname): one thread pool, torch's.
 _BUILD_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c", "-mfma"]
 _LINK_FLAGS = ["-fopenmp"]
-HEAD_DIMS = (32, 64, 96, 128, 256)
+MAX_HEAD_DIM = 256
 MAX_GROUP = 16  # query heads per kv head (kMaxGroup in the C++)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV = "LMSERVE_CPU_ATTENTION"
@@ -113,10 +113,10 @@ def set_enabled(on: bool) -> None:
 
 def covers(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel computes this layer's decode attention (else the caller's gather path):
-    CPU tensors of one float dtype (an fp8 cache is dequantized by the gather path), a head size
-    it is specialised for, at most MAX_GROUP query heads per kv head, and the kernel built."""
+    CPU tensors of one float dtype (an fp8 cache is dequantized by the gather path), heads of
+    at most MAX_HEAD_DIM values, at most MAX_GROUP query heads per kv head, and the kernel built."""
     return (_enabled and q.device.type == "cpu" and q.dtype in DTYPES and k_cache.dtype == q.dtype
-            and q.shape[-1] in HEAD_DIMS and q.shape[-2] % k_cache.shape[2] == 0
+            and q.shape[-1] <= MAX_HEAD_DIM and q.shape[-2] % k_cache.shape[2] == 0
             and q.shape[-2] // k_cache.shape[2] <= MAX_GROUP and k_cache.is_contiguous() and available())
 
 

@@ -247,7 +247,7 @@ def gather_decode_attention(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch
                             layer) -> torch.Tensor:
     """Decode attention by gathering each group's pages for SDPA (the path every layer took before
     attention/cpu_decode_kernel.py, and still takes where that kernel does not apply: an fp8 cache,
-    CUDA, head sizes it is not built for). q [B, Hq, D], one token per sequence; returns [B, Hq, D]."""
+    CUDA, heads over 256 values). q [B, Hq, D], one token per sequence; returns [B, Hq, D]."""
     nd, hq, d = q.shape
     hkv = kv_cache[0].shape[2]
     window, scale, softcap = layer.sliding_window, layer.scale, layer.softcap
