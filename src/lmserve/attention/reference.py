@@ -4,6 +4,10 @@ has no softcap). Correct on every device and for every layer kind (MLA included)
 backends are checked against it. It is the default on CPU and the fallback wherever Triton's
 kernels do not apply.
 
+On CPU, decode tokens of per-head layers skip the gather: attention/cpu_decode_kernel.py reads
+the paged cache in place (the gather path, `gather_decode_attention`, stays for what that kernel
+does not cover: an fp8 cache, CUDA, the kernel unbuilt or switched off; tests compare the two).
+
 A step's tokens arrive flattened: decode tokens (one per sequence) first, then prefill chunks.
 The metadata is built once per step and shared by every layer, so per-layer work is pure tensor
 ops with no Python loop over the decode batch. Masks are built per sliding-window size on first
