@@ -15,9 +15,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -189,17 +191,20 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   // Work items: (sequence, range of kv heads). Whole sequences read the cache in order; with few
-  // sequences the kv heads are split so that every thread has work (a few items per thread, since
-  // sequence lengths differ).
+  // sequences the kv heads are split so that every thread has work.
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::min(kvh, std::max<int64_t>(1, (4 * threads + B - 1) / B));
-  int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += lp[b];
-  // Small steps (a few short sequences) are not worth waking the other threads for.
-  const int64_t grain = work * kvh * D < (1 << 16) ? B * splits : 1;
-  at::parallel_for(0, B * splits, grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / splits, part = i % splits;
+  const int64_t items = B * splits;
+  // Longest sequences first, handed out one at a time to whichever thread is free (at::parallel_for
+  // alone splits the range evenly up front: sequences of very different lengths, or a thread that
+  // loses its core to a neighbour, would leave the others waiting at the end).
+  std::vector<int64_t> order(B);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return lp[x] > lp[y]; });
+  std::atomic<int64_t> next{0};
+  auto work_loop = [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const int64_t b = order[i / splits], part = i % splits;
       const int64_t h0 = kvh * part / splits, h1 = kvh * (part + 1) / splits;
       const int64_t len = lp[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
@@ -207,7 +212,15 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
                     block_size, kvh * D, static_cast<float>(scale), static_cast<float>(softcap),
                     op + (b * Hq + h0 * G) * D);
     }
-  });
+  };
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += lp[b];
+  // Small steps (a few short sequences) are not worth waking the other threads for.
+  if (threads == 1 || work * kvh * D < (1 << 16)) {
+    work_loop(0, 1);
+  } else {
+    at::parallel_for(0, std::min(threads, items), 1, work_loop);
+  }
 }
 
 template <typename T>
