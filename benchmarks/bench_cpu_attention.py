@@ -143,7 +143,7 @@ def main() -> None:
                     if header is None:
                         header = list(cands)
                         print("| shape | dtype | batch | context | " + " | ".join(f"{n} ms" for n in header)
-                              + " | " + " | ".join(f"(a) / {n.split()[0]}" for n in header[1:]) + " |")
+                              + " | " + " | ".join(f"(a) / {n.split(' ', 1)[1]}" for n in header[1:]) + " |")
                         print("|" + "---|" * 4 + "---:|" * (2 * len(header) - 1))
                     reps = max(1, min(20, int(2e8 // max(per_layer * layers, 1))))
                     ms = {}
