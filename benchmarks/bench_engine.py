@@ -4,6 +4,10 @@ Same token-id prompts (64 tokens each, distinct per row), same number of new tok
 ignored, same dtype, greedy. Prints output tokens/s for both and the ratio lmserve/transformers.
 
     .venv/bin/python benchmarks/bench_engine.py [--batch-sizes 1 8 32] [--dtype bfloat16]
+
+`--cpu-attention both` times the engine with its decode attention both ways on the same engine
+(attention/cpu_decode_kernel.py's paged kernel and the gather + SDPA path it replaced, alternated,
+best of two each) and prints the ratio; transformers is skipped then.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ _TEXT = ("The history of computing is a story of people who turned ideas into ma
 
 
 def make_prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
-    base = tokenizer.encode(_TEXT * 8, add_special_tokens=False)
+    base = tokenizer.encode(_TEXT * (8 + (length + 3 * batch) // 30), add_special_tokens=False)
     # Rows differ by where they start in the text, so no two prompts are the same.
     return [base[i * 3:i * 3 + length] for i in range(batch)]
 
@@ -54,7 +58,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--cpu-attention", choices=["kernel", "gather", "both"], default="kernel",
+                    help="CPU decode attention: the paged kernel (default), the gather path, or both in turn")
     args = ap.parse_args()
+    if args.cpu_attention != "kernel":
+        from lmserve.attention import cpu_decode_kernel
+
+        cpu_decode_kernel.set_enabled(False)
+    if args.cpu_attention == "both":
+        return compare_cpu_attention(args)
 
     llm = LLM(DEFAULT_MODEL_ID, dtype=args.dtype)
     hf = None
@@ -82,6 +94,24 @@ def main() -> None:
             continue
         theirs = bench_transformers(hf, prompts, args.new_tokens)
         print(f"| {b} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |", flush=True)
+
+
+def compare_cpu_attention(args) -> None:
+    from lmserve.attention import cpu_decode_kernel
+
+    llm = LLM(DEFAULT_MODEL_ID, dtype=args.dtype)
+    bench_lmserve(llm, make_prompts(llm.tokenizer, 2, args.prompt_len), 8)
+    print(f"# {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"dtype {args.dtype}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, ignore_eos")
+    print("| batch | gather + SDPA tok/s | paged kernel tok/s | kernel / gather |")
+    print("|---:|---:|---:|---:|")
+    for b in args.batch_sizes:
+        prompts = make_prompts(llm.tokenizer, b, args.prompt_len)
+        rates = {False: 0.0, True: 0.0}
+        for on in (False, True, True, False):  # alternated, best of two each: the box's load drifts
+            cpu_decode_kernel.set_enabled(on)
+            rates[on] = max(rates[on], bench_lmserve(llm, prompts, args.new_tokens))
+        print(f"| {b} | {rates[False]:.1f} | {rates[True]:.1f} | {rates[True] / rates[False]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

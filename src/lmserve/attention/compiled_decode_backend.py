@@ -4,9 +4,10 @@ Inside a compiled graph the eager backend's Python (decode groups, per-window ma
 first use, a dict cache) cannot be traced without graph breaks, and a functionalized cache write
 would copy the whole KV cache every layer. So a decode step's attention is a custom op that
 mutates the cache in place (`mutates_args`), which Inductor calls as an extern kernel: the new
-K/V rows go into the paged cache, the sequences' pages are gathered and SDPA runs, exactly what
-the reference backend does for a decode group. The additive mask is built once per step inside
-the compiled graph (from the positions and the block-table width) and shared by every layer.
+K/V rows go into the paged cache, then the reference backend's decode attention runs: the paged
+kernel over the cache in place (attention/cpu_decode_kernel.py) where it applies, else the
+sequences' pages are gathered for SDPA under an additive mask. The mask is built once per step
+inside the compiled graph (from the positions and the block-table width) and shared by every layer.
 
 Only plain attention layers take this path (no sliding window, no softcap, no MLA): the compiled
 decode is offered for models made of those alone (lmserve.engine.compiled_decode).
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from lmserve.attention import cpu_decode_kernel
 from lmserve.attention.backend import AttentionBackend
 
 if TYPE_CHECKING:
@@ -29,13 +31,16 @@ if TYPE_CHECKING:
 @torch.library.custom_op("lmserve::paged_decode_attention", mutates_args=("k_cache", "v_cache"))
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                           mask: torch.Tensor, scale: float) -> torch.Tensor:
+                           mask: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, D] (one new token per sequence, already rotated); caches
-    [blocks, block_size, Hkv, D]; block_tables [B, W]; mask [B, 1, 1, W * block_size] additive.
-    Returns [B, Hq, D], contiguous (the fake kernel below promises that layout)."""
+    [blocks, block_size, Hkv, D]; block_tables [B, W]; mask [B, 1, 1, W * block_size] additive;
+    seq_lens [B] tokens each sequence attends (position + 1; the paged kernel reads these instead
+    of the mask). Returns [B, Hq, D], contiguous (the fake kernel below promises that layout)."""
     blocks, block_size, kvh, d = k_cache.shape
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+    if cpu_decode_kernel.covers(q, k_cache):
+        return cpu_decode_kernel.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, None, scale, None)
     b, width = block_tables.shape
     flat = block_tables.reshape(-1)
     keys = k_cache.index_select(0, flat).view(b, width * block_size, kvh, d).transpose(1, 2)
@@ -47,7 +52,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
 
 
 @paged_decode_attention.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, mask, scale):
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, mask, seq_lens, scale):
     return q.new_empty(q.shape)
 
 
@@ -59,6 +64,7 @@ class CompiledDecodeMetadata:
     slot_mapping: torch.Tensor  # [B]
     block_tables: torch.Tensor  # [B, W]
     mask: torch.Tensor  # [B, 1, 1, W * block_size], 0 / -inf in the compute dtype
+    seq_lens: torch.Tensor  # [B] position + 1: the tokens each sequence attends
 
 
 class CompiledDecodeBackend(AttentionBackend):
@@ -75,12 +81,12 @@ class CompiledDecodeBackend(AttentionBackend):
                               device=positions.device)  # padding is masked out
         pages = tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
         return CompiledDecodeMetadata(self, pages * block_size + positions % block_size, tables,
-                                      decode_mask(positions, width, block_size, dtype))
+                                      decode_mask(positions, width, block_size, dtype), positions + 1)
 
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: CompiledDecodeMetadata) -> torch.Tensor:
         return torch.ops.lmserve.paged_decode_attention(q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping,
-                                                        meta.block_tables, meta.mask, layer.scale)
+                                                        meta.block_tables, meta.mask, meta.seq_lens, layer.scale)
 
     def forward_mla(self, layer, q, entry, kv_b_proj, kv_cache, meta) -> torch.Tensor:
         # Never reached: the compiled decode is offered only for models without MLA layers

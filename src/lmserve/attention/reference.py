@@ -4,6 +4,10 @@ has no softcap). Correct on every device and for every layer kind (MLA included)
 backends are checked against it. It is the default on CPU and the fallback wherever Triton's
 kernels do not apply.
 
+On CPU, decode tokens of per-head layers skip the gather: attention/cpu_decode_kernel.py reads
+the paged cache in place (the gather path, `gather_decode_attention`, stays for what that kernel
+does not cover: an fp8 cache, CUDA, the kernel unbuilt or switched off; tests compare the two).
+
 A step's tokens arrive flattened: decode tokens (one per sequence) first, then prefill chunks.
 The metadata is built once per step and shared by every layer, so per-layer work is pure tensor
 ops with no Python loop over the decode batch. Masks are built per sliding-window size on first
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from lmserve.attention import cpu_decode_kernel
 from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.kv_cache_dtype import read_rows, store_rows
 
@@ -70,9 +75,28 @@ class ReferenceMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     dtype: torch.dtype
     num_decode: int = 0
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)  # each decoding sequence's block table
+    decode_positions: torch.Tensor | None = None  # [num_decode] position of each decode token
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
+    _decode_groups: list[DecodeGroup] | None = None
+    _decode_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def decode_groups(self) -> list[DecodeGroup]:
+        """The gather path's groups (built on first use in a step: layers the kernel serves never need them)."""
+        if self._decode_groups is None:
+            self._decode_groups = _decode_groups(self.decode_tables, self.decode_positions, self.dtype,
+                                                 self.backend.block_size) if self.num_decode else []
+        return self._decode_groups
+
+    def decode_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paged kernel's view of the decode batch: every table padded to the widest [B, W] (the
+        kernel reads only each sequence's own blocks) and the tokens each attends, position + 1 [B]."""
+        if self._decode_table is None:
+            self._decode_table = (_padded_tables(self.decode_tables, self.decode_positions.device),
+                                  self.decode_positions + 1)
+        return self._decode_table
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
         """Boolean [length, context + length] (True = attend), or None for a plain causal chunk."""
@@ -103,7 +127,7 @@ class ReferenceBackend(AttentionBackend):
         if nd:
             pos = positions[:nd]
             slot_parts.append(self._decode_slots(batch.block_tables[:nd], pos, bs))
-            meta.decode_groups = _decode_groups(batch.block_tables[:nd], pos, dtype, bs)
+            meta.decode_tables, meta.decode_positions = batch.block_tables[:nd], pos
         row = nd
         for i in range(nd, len(batch.query_lens)):
             n, start = batch.query_lens[i], batch.context_lens[i]
@@ -133,27 +157,15 @@ class ReferenceBackend(AttentionBackend):
         window, scale, softcap = layer.sliding_window, layer.scale, layer.softcap
         out = q.new_empty(q.shape) if nd < t else None
         if nd:
-            # One query per sequence: fold the query heads sharing a KV head into the "query
-            # length" axis, so GQA needs no key/value expansion and one call covers a group.
-            qd = q[:nd].view(nd, hkv, group, d)
-            od = None
-            for g in meta.decode_groups:
-                kd = _gather(kv_cache[0], g.block_tables, layer.k_scale, q.dtype)
-                vd = _gather(kv_cache[1], g.block_tables, layer.v_scale, q.dtype)
-                qg = qd if g.rows is None else qd[g.rows]
-                if softcap is None:
-                    og = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=g.mask(window), scale=scale)
-                else:
-                    og = _softcapped_attention(qg, kd, vd, g.mask(window), scale, softcap)
-                if g.rows is None:
-                    od = og
-                else:
-                    if od is None:
-                        od = qd.new_empty(qd.shape)
-                    od[g.rows] = og
+            if cpu_decode_kernel.covers(q, kv_cache[0]):
+                tables, seq_lens = meta.decode_table()
+                od = cpu_decode_kernel.paged_decode(q[:nd], kv_cache[0], kv_cache[1], tables, seq_lens, window,
+                                                    scale, softcap)
+            else:
+                od = gather_decode_attention(q[:nd], kv_cache, meta.decode_groups, layer)
             if nd == t:  # decode only: no scatter into a separate output
-                return od.reshape(nd, hq, d)
-            out[:nd] = od.reshape(nd, hq, d)
+                return od
+            out[:nd] = od
         for index, chunk in enumerate(meta.prefills):
             rows = slice(chunk.start, chunk.start + chunk.length)
             mask = meta.prefill_mask(index, window)
@@ -233,6 +245,35 @@ class ReferenceBackend(AttentionBackend):
                 kv[..., nope:].transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None, scale=layer.scale)
             out[rows] = op.squeeze(0).transpose(0, 1)
         return out
+
+
+def gather_decode_attention(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], groups: list[DecodeGroup],
+                            layer) -> torch.Tensor:
+    """Decode attention by gathering each group's pages for SDPA (the path every layer took before
+    attention/cpu_decode_kernel.py, and still takes where that kernel does not apply: an fp8 cache,
+    CUDA, heads over 256 values). q [B, Hq, D], one token per sequence; returns [B, Hq, D]."""
+    nd, hq, d = q.shape
+    hkv = kv_cache[0].shape[2]
+    window, scale, softcap = layer.sliding_window, layer.scale, layer.softcap
+    # One query per sequence: fold the query heads sharing a KV head into the "query length"
+    # axis, so GQA needs no key/value expansion and one call covers a group.
+    qd = q.view(nd, hkv, hq // hkv, d)
+    od = None
+    for g in groups:
+        kd = _gather(kv_cache[0], g.block_tables, layer.k_scale, q.dtype)
+        vd = _gather(kv_cache[1], g.block_tables, layer.v_scale, q.dtype)
+        qg = qd if g.rows is None else qd[g.rows]
+        if softcap is None:
+            og = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=g.mask(window), scale=scale)
+        else:
+            og = _softcapped_attention(qg, kd, vd, g.mask(window), scale, softcap)
+        if g.rows is None:
+            od = og
+        else:
+            if od is None:
+                od = qd.new_empty(qd.shape)
+            od[g.rows] = og
+    return od.reshape(nd, hq, d)
 
 
 def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:

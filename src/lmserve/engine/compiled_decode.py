@@ -74,7 +74,7 @@ class DecodeGraph(torch.nn.Module):
 
     def forward(self, ids, positions, slots, tables, kv_caches):
         mask = decode_mask(positions, tables.shape[1], self.block_size, kv_caches[0][0].dtype)
-        meta = CompiledDecodeMetadata(self.backend, slots, tables, mask)
+        meta = CompiledDecodeMetadata(self.backend, slots, tables, mask, positions + 1)
         return self.model.compute_logits(self.model(ids, positions, kv_caches, meta))
 
 
