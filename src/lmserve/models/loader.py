@@ -168,8 +168,6 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
 def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.Module, option: str | None,
                          dense_above_rows: int | None, load_format: str, device: torch.device):
     """The model's quantization config (None: dense), checked against the device and model."""
-    from lmserve.layers.moe import FusedExperts
-
     try:
         if ckpt.format == "gguf" and option == "int4" and load_format != "dummy":
             qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows,
@@ -182,9 +180,6 @@ def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.
         if qconfig.from_checkpoint:
             if load_format == "dummy":
                 raise QuantizationError(f"dummy weights cannot stand in for a {qconfig.name} checkpoint's tensors")
-            experts = next((n for n, m in model.named_modules() if isinstance(m, FusedExperts)), None)
-            if experts is not None:
-                raise QuantizationError(f"{qconfig.name}: layer {experts}: quantized MoE experts are not supported")
     except QuantizationError as e:
         if config.quantization_config:
             raise CheckpointError(f"{ckpt.path}: {e}") from None

@@ -76,7 +76,13 @@ def assign_linear_methods(model: nn.Module, config: QuantizationConfig | None,
     quantized, kept = [], {}
     for name, layer in model.named_modules():
         if isinstance(layer, FusedExperts) and config is not None:
-            method = config.experts_method(layer, name)
+            try:
+                method = config.experts_method(layer, name)
+                if isinstance(method, str) and config.from_checkpoint:
+                    # The checkpoint's experts are quantized tensors: dense parameters cannot take them.
+                    raise QuantizationError(f"quantized experts cannot load: {method}")
+            except QuantizationError as e:
+                raise QuantizationError(f"{config.name}: layer {name}: {e}") from None
             if isinstance(method, str):
                 kept.setdefault(method, []).append(name)
             else:

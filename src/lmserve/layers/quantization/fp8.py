@@ -14,6 +14,11 @@ token at run time (dynamic; fbgemm's, bounded by `activation_scale_ub`).
 - Elsewhere (CPU, older GPUs): weight-only. The fp8 weight is kept and dequantized to the
   compute dtype on every call, activations are not quantized: the slow correct path (the memory
   of fp8, the speed of less than bf16), so the same checkpoint loads and answers anywhere.
+
+MoE experts (Qwen2-MoE, DeepSeek-V2: `...experts.{e}.gate_proj.weight` fp8 with its own
+`weight_scale` per expert and projection) are held stacked in fp8 as the checkpoint has them
+(`Fp8ExpertsMethod`) and run weight-only on every device: each expert that got tokens has its
+fp8 weight dequantized for the call (no torch._scaled_mm grouped path yet).
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ class Fp8Config(QuantizationConfig):
 
     def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
         return Fp8LinearMethod(self)
+
+    def experts_method(self, experts, name: str):
+        return Fp8ExpertsMethod(self)
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -153,3 +161,54 @@ class Fp8OnlineConfig(QuantizationConfig):
 
     def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
         return Fp8LinearMethod(None)
+
+
+class Fp8ExpertsMethod:
+    """A MoE layer's experts from an FP8 checkpoint: stacked fp8 weights ([E, 2I, H] gate/up,
+    [E, H, I] down) with their scales per row (per channel) or per tensor (one per expert and
+    checkpoint tensor: gate's, up's and down's), loaded expert by expert through FusedExperts'
+    stacked loader, so tensor and expert parallelism slice them as they slice dense experts.
+
+    Applied weight-only: an expert's fp8 weight is dequantized to the compute dtype when tokens
+    are routed to it, per call. Not dequantized once at load: that would hold the experts at
+    bf16's size (twice fp8's; the experts are most of a MoE model's bytes, which is why it ships
+    in fp8), and the per-call cost is one elementwise pass over the weights of the experts the
+    step runs, the same cost the dense fp8 layers pay on this path. Static activation scales
+    (`input_scale`) are read and dropped: this path does not quantize activations."""
+
+    def __init__(self, config: Fp8Config):
+        self.config = config
+
+    def create_weights(self, experts) -> None:
+        e, h, i = experts.local_experts, experts.hidden, experts.intermediate
+        for projection, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
+            delattr(experts, projection)  # the dense stack, replaced before anything is loaded
+            experts.register_parameter(projection, experts.stacked_parameter(projection, (e, rows, cols), FP8))
+            # Per tensor: one scale per checkpoint tensor, gate's and up's side by side.
+            per_tensor = (e, 2, 1) if projection == "gate_up_proj" else (e, 1)
+            if self.config.per_channel:
+                scale = experts.stacked_parameter(projection, (e, rows, 1), torch.float32, input_dim=None)
+            else:
+                scale = experts.stacked_parameter(projection, per_tensor, torch.float32, output_dim=None,
+                                                  input_dim=None)
+            experts.register_parameter(f"{projection}_weight_scale", scale)
+            if self.config.static_input:
+                experts.register_parameter(f"{projection}_input_scale", experts.stacked_parameter(
+                    projection, per_tensor, torch.float32, output_dim=None, input_dim=None))
+
+    def process_weights_after_loading(self, experts) -> None:
+        self.row_scales = {}
+        for projection in ("gate_up_proj", "down_proj"):
+            scale = getattr(experts, f"{projection}_weight_scale").detach().float()
+            e, rows = getattr(experts, projection).shape[:2]
+            if not self.config.per_channel:  # every row of a checkpoint tensor takes its tensor's scale
+                scale = scale.reshape(e, -1, 1).expand(e, scale[0].numel(), rows // scale[0].numel())
+            self.row_scales[projection] = scale.reshape(e, rows).contiguous()
+            delattr(experts, f"{projection}_weight_scale")
+            if self.config.static_input:
+                delattr(experts, f"{projection}_input_scale")
+
+    def apply_expert(self, experts, local: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+        weight = getattr(experts, projection)[local]
+        w = (weight.to(torch.float32) * self.row_scales[projection][local][:, None]).to(x.dtype)
+        return F.linear(x, w)

@@ -1,0 +1,104 @@
+"""MoE experts from quantized checkpoints (issue 22): a tiny Qwen2-MoE written as FP8
+(compressed-tensors per channel / per tensor, fbgemm_fp8) or GPTQ / AWQ int4, every expert of
+every sparse layer quantized per expert as released MoE checkpoints are
+(`mlp.experts.{e}.gate_proj.weight` + its scales), serves what a dense model of the same
+dequantized weights serves, with the experts held quantized.
+
+Writers, independent of lmserve's loader: compressed-tensors checkpoints by the
+`compressed-tensors` package (its apply_quantization_config + ModelCompressor over a tree of
+nn.Linear built from the dense file: transformers' MoE keeps its experts as 3D tensors, which the
+package does not quantize); fbgemm by hand (tests/layers/test_fp8.py); GPTQ / AWQ by
+tests/support/int4_checkpoints.py. Tolerances are the dense-format tests' (test_fp8.py: the fp8
+weight-only path is exact up to float32 rounding; test_gptq_awq.py: the int4 kernel's bf16
+activations and scales).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmserve.layers.moe import FusedExperts
+from lmserve.layers.quantization.fp8 import FP8, FP8_MAX, Fp8ExpertsMethod
+from tests.support.family_checkpoints import assert_same_greedy_run, build_qwen2_moe, serve_waves_greedy
+
+STEPS = 16
+# Widths every format packs: group 32 divides the expert (32), shared expert (64) and hidden (64) widths.
+MOE = dict(shared_size=64)
+
+
+def write_compressed_tensors_moe(dense: Path, out: Path, scheme_name: str) -> None:
+    """Every `*_proj.weight` of `dense` (experts included) quantized and compressed by the
+    compressed-tensors package, the other tensors copied; its config written by the package."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
+    tensors = load_file(str(dense / "model.safetensors"))
+    root, kept = nn.Module(), {}
+    for name, t in tensors.items():
+        if not name.endswith("_proj.weight"):
+            kept[name] = t
+            continue
+        parent = root
+        for part in name.split(".")[:-2]:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        linear = nn.Linear(t.shape[1], t.shape[0], bias=False)
+        linear.weight.data = t.float().clone()
+        parent.add_module(name.split(".")[-2], linear)
+    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(scheme_name, ["Linear"])},
+                                ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"])
+    apply_quantization_config(root, config)
+    for module in root.modules():
+        if hasattr(module, "weight_scale"):  # what the package's minmax observer computes
+            w = module.weight.detach().float().abs()
+            amax = w.amax(dim=1, keepdim=True) if module.weight_scale.numel() > 1 else w.amax().reshape(1)
+            module.weight_scale.data = (amax / FP8_MAX).reshape(module.weight_scale.shape)
+        if hasattr(module, "input_scale"):
+            module.input_scale.data.fill_(0.05)
+    compressor = ModelCompressor.from_pretrained_model(root, quantization_format="float-quantized")
+    compressor.compress_model(root)
+    shutil.copytree(dense, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file({**kept, **{k: v.contiguous() for k, v in root.state_dict().items()}}, str(out / "model.safetensors"))
+    compressor.update_config(str(out))
+
+
+def _fp8_cases():
+    from tests.layers.test_fp8 import write_fbgemm
+
+    return {
+        "qwen2-moe-compressed-tensors-channel-dynamic": lambda d, o: write_compressed_tensors_moe(d, o, "FP8_DYNAMIC"),
+        "qwen2-moe-compressed-tensors-tensor-static": lambda d, o: write_compressed_tensors_moe(d, o, "FP8"),
+        "qwen2-moe-fbgemm": write_fbgemm,
+    }
+
+
+def _sparse_experts(engine) -> list[FusedExperts]:
+    experts = [m for m in engine.model.modules() if isinstance(m, FusedExperts)]
+    assert len(experts) == 2  # layers 0 and 2 (layer 1 is dense)
+    return experts
+
+
+@pytest.mark.parametrize("case", ["qwen2-moe-compressed-tensors-channel-dynamic",
+                                  "qwen2-moe-compressed-tensors-tensor-static", "qwen2-moe-fbgemm"], ids=str)
+def test_fp8_experts_match_their_dequantized_dense_model(case, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from tests.layers.test_fp8 import write_dequantized
+
+    build_qwen2_moe(tmp_path / "dense", **MOE)
+    _fp8_cases()[case](tmp_path / "dense", tmp_path / "fp8")
+    written = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    assert written["model.layers.0.mlp.experts.5.up_proj.weight"].dtype == FP8  # the writer quantized the experts
+    write_dequantized(tmp_path / "fp8", tmp_path / "ref")
+    _, reference = serve_waves_greedy(tmp_path / "ref", STEPS)
+    engine, got = serve_waves_greedy(tmp_path / "fp8", STEPS)
+    for experts in _sparse_experts(engine):
+        assert isinstance(experts.quant_method, Fp8ExpertsMethod)
+        assert experts.gate_up_proj.dtype == FP8 and experts.down_proj.dtype == FP8
+        assert experts.gate_up_proj.shape == (8, 64, 64) and experts.down_proj.shape == (8, 64, 32)
+    assert_same_greedy_run(reference, got, STEPS, atol=1e-4)
