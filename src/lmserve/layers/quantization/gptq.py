@@ -23,6 +23,7 @@ call: slow and correct (codes kept one per byte: half of bf16's weight bytes).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,63 @@ def unpack_int32(packed: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(
     shape = list(packed.shape)
     shape[dim] *= PACK
     return values.reshape(shape).to(torch.uint8)
+
+
+def decode(cfg: GPTQConfig, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+           g_idx: torch.Tensor | None, group: int, input_start: int = 0):
+    """One weight's packed tensors (as the checkpoint lays them out; `input_start`: the first input
+    column this rank holds) -> codes uint8 [k, n], zeros float [groups, n] (z itself), scales
+    float [groups, n] and each input column's group (long [k], numbering this rank's groups)."""
+    if cfg.awq:
+        codes = unpack_int32(qweight, 1, AWQ_ORDER)  # [k, n]
+        zeros = unpack_int32(qzeros, 1, AWQ_ORDER)
+        g_idx = torch.arange(codes.shape[0]) // group  # AWQ has no activation order
+    else:
+        codes = unpack_int32(qweight, 0)  # [k, n]
+        zeros = unpack_int32(qzeros, 1)
+        g_idx = g_idx.long()
+        if not cfg.desc_act:  # groups were sliced with the columns: local group numbers
+            g_idx = g_idx - input_start // group
+    scales = scales.float()
+    if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= scales.shape[0]):
+        raise QuantizationError(f"g_idx names groups outside 0..{scales.shape[0] - 1}")
+    return codes, zeros.float() + cfg.zero_offset, scales, g_idx
+
+
+@dataclass
+class KernelGrid:
+    """A decoded weight in the int4 kernel's terms: columns sorted by group (`perm`: the
+    activations' permutation, None for the identity), and the grid, or why the kernel refuses it."""
+
+    perm: torch.Tensor | None
+    codes: torch.Tensor  # uint8 [n, k], sorted columns
+    sorted_groups: torch.Tensor  # the group of each sorted column
+    grid: Int4Grid | None
+    refusal: str | None
+
+
+def to_kernel_grid(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                   group: int) -> KernelGrid:
+    """GPTQ / AWQ's w = (q - z) * s as the int4 kernel's grid (scale s, zero (8 - z) * s), with
+    desc_act's columns sorted by group."""
+    order = torch.argsort(g_idx, stable=True)
+    perm = None if torch.equal(order, torch.arange(order.numel())) else order
+    sorted_groups = g_idx[order]
+    codes = codes[order].T.contiguous()  # [n, k] in sorted column order
+    n, k = codes.shape
+    kernel_group = int4_kernel.kernel_group(k, group)
+    refusal = "no kernel group size divides the group" if kernel_group is None else \
+        int4_kernel.kernel_refusal(n, k, kernel_group, codes.device)
+    chunks = sorted_groups.view(-1, kernel_group) if refusal is None else None
+    if chunks is not None and not (chunks == chunks[:, :1]).all():
+        refusal = "activation-order groups do not form whole kernel groups"
+    grid = None
+    if refusal is None:
+        starts = slice(0, k, kernel_group)
+        col_scale = scales[sorted_groups[starts]].T  # [n, k / kernel_group]
+        col_zero = ((8 - zeros) * scales)[sorted_groups[starts]].T
+        grid = Int4Grid(codes, col_scale.contiguous(), col_zero.contiguous())
+    return KernelGrid(perm, codes, sorted_groups, grid, refusal)
 
 
 class GPTQConfig(QuantizationConfig):
@@ -119,45 +177,20 @@ class GPTQLinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         cfg, g = self.config, self.group
-        if cfg.awq:
-            codes = unpack_int32(layer.qweight.data, 1, AWQ_ORDER)  # [k, n]
-            zeros = unpack_int32(layer.qzeros.data, 1, AWQ_ORDER)
-            g_idx = torch.arange(layer.input_size) // g  # AWQ has no activation order
-        else:
-            codes = unpack_int32(layer.qweight.data, 0)  # [k, n]
-            zeros = unpack_int32(layer.qzeros.data, 1)
-            g_idx = layer.g_idx.data.long()
-            if not cfg.desc_act:  # groups were sliced with the columns: local group numbers
-                g_idx = g_idx - layer.input_start // g
-        zeros = zeros.float() + cfg.zero_offset  # [groups, n]
-        scales = layer.scales.data.float()
-        if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= scales.shape[0]):
-            raise QuantizationError(f"g_idx names groups outside 0..{scales.shape[0] - 1}")
+        codes, zeros, scales, g_idx = decode(cfg, layer.qweight.data, layer.qzeros.data, layer.scales.data,
+                                             None if cfg.awq else layer.g_idx.data, g, layer.input_start)
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             if hasattr(layer, name):
                 delattr(layer, name)
-        # Columns sorted by group (the identity unless desc_act permuted them).
-        order = torch.argsort(g_idx, stable=True)
-        self.perm = None if torch.equal(order, torch.arange(order.numel())) else order
-        sorted_groups = g_idx[order]
-        codes = codes[order].T.contiguous()  # [n, k] in sorted column order
-        n, k = codes.shape
-        kernel_group = int4_kernel.kernel_group(k, g)
-        refusal = "no kernel group size divides the group" if kernel_group is None else \
-            int4_kernel.kernel_refusal(n, k, kernel_group, codes.device)
-        chunks = sorted_groups.view(-1, kernel_group) if refusal is None else None
-        if chunks is not None and not (chunks == chunks[:, :1]).all():
-            refusal = "activation-order groups do not form whole kernel groups"
-        col_scale = scales[sorted_groups].T  # [n, k] per sorted column
-        col_zero = ((8 - zeros) * scales)[sorted_groups].T
-        if refusal is None:
-            starts = slice(0, k, kernel_group)
-            layer.int4 = int4_kernel.pack(Int4Grid(codes, col_scale[:, starts].contiguous(),
-                                                   col_zero[:, starts].contiguous()))
+        grid = to_kernel_grid(codes, zeros, scales, g_idx, g)
+        self.perm = grid.perm
+        n, k = grid.codes.shape
+        if grid.refusal is None:
+            layer.int4 = int4_kernel.pack(grid.grid)
             self.fallback = False
         else:
-            logger.info("%s layer [%d, %d]: %s; dequantizing per call", cfg.name, n, k, refusal)
-            layer.codes, layer.col_groups = codes, sorted_groups
+            logger.info("%s layer [%d, %d]: %s; dequantizing per call", cfg.name, n, k, grid.refusal)
+            layer.codes, layer.col_groups = grid.codes, grid.sorted_groups
             layer.group_scales, layer.group_zeros = scales.T.contiguous(), ((8 - zeros) * scales).T.contiguous()
             self.fallback = True
 
