@@ -144,7 +144,12 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
         model.to(dtype)  # a no-op for the parameters built so far, which were created in `dtype`
         qconfig = _quantization_config(ckpt, config, model, quantization, dense_above_rows, load_format, device)
         # After the cast above: a method's parameters keep their own dtypes (fp16 GPTQ scales).
-        assign_linear_methods(model, qconfig, dense=model.dense_modules)
+        try:
+            assign_linear_methods(model, qconfig, dense=model.dense_modules)
+        except QuantizationError as e:  # a layer the checkpoint's format cannot run: name the checkpoint too
+            if config.quantization_config:
+                raise CheckpointError(f"{ckpt.path}: {e}") from None
+            raise
     if load_format == "dummy":
         fill_dummy_weights(model, device)
     else:

@@ -18,6 +18,13 @@ int4 kernel's grid (scale s, zero (8 - z) * s), with desc_act's columns sorted b
 activations are permuted the same way before the product). A layer the kernel cannot take (rows
 not a multiple of 16, groups it cannot split, a GPU) keeps the unpacked codes and dequantizes per
 call: slow and correct (codes kept one per byte: half of bf16's weight bytes).
+
+MoE experts (`...experts.{e}.gate_proj.qweight` etc., one set per expert and projection, as
+AutoGPTQ / AutoAWQ write Qwen2-MoE and DeepSeek-V2) take `GPTQExpertsMethod`: the same tensors
+stacked per projection through FusedExperts' loader, converted the same way at load and packed
+for the same kernel (`int4_kernel.pack_experts`); an expert shape the kernel refuses fails the
+load (no per-call dequantizing fallback for experts: it would run every routed expert at bf16's
+cost per step).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from lmserve.layers.linear import Linear, LinearMethod, ShardLayout, create_bias
 from lmserve.layers.quantization import int4_kernel
 from lmserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from lmserve.layers.quantization.int4_kernel import Int4Grid
+from lmserve.layers.quantization.weight_only import WeightOnlyExpertsMethod
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +153,24 @@ class GPTQConfig(QuantizationConfig):
                                     f"does not pack 8 int4 values per int32")
         return GPTQLinearMethod(self, group)
 
+    def experts_method(self, experts, name: str):
+        group = self.group_size
+        h, gi, i = experts.hidden, experts.global_intermediate, experts.intermediate
+        for projection, n, k in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
+            kg = k if group == -1 else group
+            if (h if projection == "gate_up_proj" else gi) % kg:
+                raise QuantizationError(f"{projection}: {h if projection == 'gate_up_proj' else gi} input columns "
+                                        f"are not whole groups of {kg}")
+            if k % PACK or n % PACK or i % PACK:
+                raise QuantizationError(f"{projection}: an expert's [{n}, {k}] weight does not pack 8 int4 values "
+                                        "per int32")
+            kernel_group = int4_kernel.kernel_group(k, kg)
+            refusal = ("no kernel group size divides the group" if kernel_group is None
+                       else int4_kernel.kernel_refusal(n, k, kernel_group, torch.device("cpu")))
+            if refusal:
+                raise QuantizationError(f"{projection}: an expert's [{n}, {k}] weight: {refusal}")
+        return GPTQExpertsMethod(self)
+
 
 class GPTQLinearMethod(LinearMethod):
     def __init__(self, config: GPTQConfig, group: int):
@@ -204,3 +230,87 @@ class GPTQLinearMethod(LinearMethod):
         else:
             y = int4_kernel.int4_matmul(x, layer.int4)
         return y if layer.bias is None else y + layer.bias
+
+
+class GPTQExpertsMethod(WeightOnlyExpertsMethod):
+    """A MoE layer's experts from a GPTQ / AWQ checkpoint: every expert's packed tensors stacked
+    per projection in the checkpoint's own layout, converted at load to the int4 kernel's grid and
+    packed (the dense GPTQ layers' conversion, expert by expert); desc_act's column order per
+    expert (gate and up share theirs: GPTQ orders a shared input once)."""
+
+    def __init__(self, config: GPTQConfig):
+        super().__init__("int4")
+        self.config = config
+
+    def _group(self, experts, projection: str) -> int:
+        k = experts.hidden if projection == "gate_up_proj" else experts.global_intermediate
+        return k if self.config.group_size == -1 else self.config.group_size
+
+    def create_weights(self, experts) -> None:
+        cfg, e = self.config, experts.local_experts
+        for projection, n, k in (("gate_up_proj", 2 * experts.intermediate, experts.hidden),
+                                 ("down_proj", experts.hidden, experts.intermediate)):
+            g = self._group(experts, projection)
+            global_k = experts.hidden if projection == "gate_up_proj" else experts.global_intermediate
+            delattr(experts, projection)  # the dense stack, replaced before anything is loaded
+            # desc_act: a slice of the input columns may use any group, so every group is kept.
+            groups, group_dim = (global_k // g, None) if cfg.desc_act else (k // g, 0)
+            tensors = [("qzeros", (groups, n // PACK), torch.int32, dict(output_dim=1, output_pack=PACK,
+                                                                          input_dim=group_dim, input_pack=g)),
+                       ("scales", (groups, n), torch.float16, dict(output_dim=1, input_dim=group_dim, input_pack=g))]
+            if cfg.awq:
+                tensors.append(("qweight", (k, n // PACK), torch.int32, dict(output_dim=1, output_pack=PACK,
+                                                                              input_dim=0)))
+            else:
+                tensors.append(("qweight", (k // PACK, n), torch.int32, dict(output_dim=1, input_dim=0,
+                                                                              input_pack=PACK)))
+                # Per checkpoint tensor: gate's and up's side by side.
+                shape = (2, k) if projection == "gate_up_proj" else (k,)
+                tensors.append(("g_idx", shape, torch.int32, dict(output_dim=None, input_dim=0)))
+            for suffix, shape, dtype, dims in tensors:
+                experts.register_parameter(f"{projection}_{suffix}",
+                                           experts.stacked_parameter(projection, (e, *shape), dtype, **dims))
+
+    def process_weights_after_loading(self, experts) -> None:
+        cfg = self.config
+        self.weights, self.perms = {}, {}
+        for projection in ("gate_up_proj", "down_proj"):
+            g = self._group(experts, projection)
+            qweight, qzeros, scales = (getattr(experts, f"{projection}_{suffix}").detach()
+                                       for suffix in ("qweight", "qzeros", "scales"))
+            g_idx = None if cfg.awq else getattr(experts, f"{projection}_g_idx").detach()
+            input_start = experts.intermediate_start if projection == "down_proj" else 0
+            grids, perms = [], []
+            for local in range(qweight.shape[0]):
+                expert_g_idx = None
+                if g_idx is not None:
+                    expert_g_idx = g_idx[local]
+                    if projection == "gate_up_proj":
+                        if not torch.equal(expert_g_idx[0], expert_g_idx[1]):
+                            raise QuantizationError(f"expert {experts.first_expert + local}: gate_proj and up_proj "
+                                                    "have different g_idx (activation orders); one is supported")
+                        expert_g_idx = expert_g_idx[0]
+                try:
+                    grid = to_kernel_grid(*decode(cfg, qweight[local], qzeros[local], scales[local], expert_g_idx,
+                                                  g, input_start), g)
+                except QuantizationError as e:
+                    raise QuantizationError(f"expert {experts.first_expert + local} {projection}: {e}") from None
+                if grid.refusal is not None:
+                    raise QuantizationError(f"expert {experts.first_expert + local} {projection}: {grid.refusal}")
+                grids.append(grid.grid)
+                perms.append(grid.perm)
+            for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                if hasattr(experts, f"{projection}_{suffix}"):
+                    delattr(experts, f"{projection}_{suffix}")
+            # One kernel group for every expert (the same shape and group size): packed in one call.
+            self.weights[projection] = int4_kernel.pack_experts(*(torch.stack([getattr(grid, part) for grid in grids])
+                                                                  for part in ("codes", "scale", "zero")))
+            self.perms[projection] = perms
+            # The projection's name stays, empty (as the other experts methods leave it).
+            setattr(experts, projection, nn.Parameter(torch.empty(0), requires_grad=False))
+
+    def apply_expert(self, experts, local: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+        perm = self.perms[projection][local]
+        if perm is not None:
+            x = x.index_select(-1, perm.to(x.device))
+        return super().apply_expert(experts, local, projection, x)
