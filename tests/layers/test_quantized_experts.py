@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -144,18 +145,36 @@ def test_int4_experts_match_their_dequantized_dense_model(case, tmp_path):
     assert _same_greedy(reference, got, atol=INT4_ATOL, steps=STEPS) >= 0.5 * STEPS * len(reference)
 
 
-def test_experts_the_int4_kernel_cannot_take_fail_at_load_in_one_line(tmp_path):
-    """Groups of 16: the kernel takes groups of 32 to 256 (the dense layers dequantize per call;
-    experts are refused at load, naming the layer, the projection and the reason)."""
-    from lmserve.engine.llm_engine import LLMEngine
+def test_experts_the_int4_kernel_cannot_take_are_dequantized_per_call(tmp_path):
+    """Groups of 16 (the kernel takes 32 to 256): the experts keep their codes (one per byte) and
+    dequantize per call, as the dense layers do, which computes the reference exactly (float32)."""
+    from lmserve.layers.quantization.gptq import DequantizedExpert, GPTQExpertsMethod
     from tests.support.int4_checkpoints import write_int4_pair
 
     build_qwen2_moe(tmp_path / "dense", **MOE)
     write_int4_pair(tmp_path / "dense", tmp_path / "q", tmp_path / "ref", "gptq", group=16)
-    with pytest.raises(CheckpointError, match=r"gptq: layer layers\.0\.mlp\.experts: gate_up_proj: an "
-                                              r"expert's \[64, 64\] weight: no kernel group size divides the group"):
+    _, reference = serve_waves_greedy(tmp_path / "ref", STEPS)
+    engine, got = serve_waves_greedy(tmp_path / "q", STEPS)
+    for experts in _sparse_experts(engine):
+        assert isinstance(experts.quant_method, GPTQExpertsMethod)
+        weights = experts.quant_method.weights
+        assert all(isinstance(w, DequantizedExpert) and w.codes.dtype == torch.uint8
+                   for ws in weights.values() for w in ws)
+    assert_same_greedy_run(reference, got, STEPS, atol=1e-4)
+
+
+def test_gate_and_up_with_different_activation_orders_fail_at_load_in_one_line(tmp_path):
+    from lmserve.engine.llm_engine import LLMEngine
+    from tests.support.int4_checkpoints import write_int4_pair
+
+    build_qwen2_moe(tmp_path / "dense", **MOE)
+    write_int4_pair(tmp_path / "dense", tmp_path / "q", tmp_path / "ref", "gptq", group=32, desc_act=True)
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.2.mlp.experts.3.up_proj.g_idx"
+    tensors[name] = tensors[name].flip(0).contiguous()
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=r"layer layers\.2\.mlp\.experts: expert 3: gate_proj and up_proj have "
+                                              r"different g_idx") as e:
         LLMEngine(str(tmp_path / "q"), dtype="float32", num_kv_blocks=8)
-    try:
-        LLMEngine(str(tmp_path / "q"), dtype="float32", num_kv_blocks=8)
-    except CheckpointError as e:
-        assert "\n" not in str(e)
+    assert "\n" not in str(e.value)

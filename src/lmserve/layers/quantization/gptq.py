@@ -22,9 +22,10 @@ call: slow and correct (codes kept one per byte: half of bf16's weight bytes).
 MoE experts (`...experts.{e}.gate_proj.qweight` etc., one set per expert and projection, as
 AutoGPTQ / AutoAWQ write Qwen2-MoE and DeepSeek-V2) take `GPTQExpertsMethod`: the same tensors
 stacked per projection through FusedExperts' loader, converted the same way at load and packed
-for the same kernel (`int4_kernel.pack_experts`); an expert shape the kernel refuses fails the
-load (no per-call dequantizing fallback for experts: it would run every routed expert at bf16's
-cost per step).
+for the same kernel (`int4_kernel.pack_experts`). A projection the kernel cannot take (its group
+size, a GPU, a tensor-parallel slice of desc_act columns that does not form whole kernel groups)
+keeps the codes and dequantizes each routed expert per call, as the dense layers do; tensors that
+do not pack (widths not whole groups or not multiples of 8) fail the load naming the layer.
 """
 
 from __future__ import annotations
@@ -164,11 +165,6 @@ class GPTQConfig(QuantizationConfig):
             if k % PACK or n % PACK or i % PACK:
                 raise QuantizationError(f"{projection}: an expert's [{n}, {k}] weight does not pack 8 int4 values "
                                         "per int32")
-            kernel_group = int4_kernel.kernel_group(k, kg)
-            refusal = ("no kernel group size divides the group" if kernel_group is None
-                       else int4_kernel.kernel_refusal(n, k, kernel_group, torch.device("cpu")))
-            if refusal:
-                raise QuantizationError(f"{projection}: an expert's [{n}, {k}] weight: {refusal}")
         return GPTQExpertsMethod(self)
 
 
@@ -280,7 +276,7 @@ class GPTQExpertsMethod(WeightOnlyExpertsMethod):
                                        for suffix in ("qweight", "qzeros", "scales"))
             g_idx = None if cfg.awq else getattr(experts, f"{projection}_g_idx").detach()
             input_start = experts.intermediate_start if projection == "down_proj" else 0
-            grids, perms = [], []
+            grids = []
             for local in range(qweight.shape[0]):
                 expert_g_idx = None
                 if g_idx is not None:
@@ -291,21 +287,27 @@ class GPTQExpertsMethod(WeightOnlyExpertsMethod):
                                                     "have different g_idx (activation orders); one is supported")
                         expert_g_idx = expert_g_idx[0]
                 try:
-                    grid = to_kernel_grid(*decode(cfg, qweight[local], qzeros[local], scales[local], expert_g_idx,
-                                                  g, input_start), g)
+                    decoded = decode(cfg, qweight[local], qzeros[local], scales[local], expert_g_idx, g, input_start)
                 except QuantizationError as e:
                     raise QuantizationError(f"expert {experts.first_expert + local} {projection}: {e}") from None
-                if grid.refusal is not None:
-                    raise QuantizationError(f"expert {experts.first_expert + local} {projection}: {grid.refusal}")
-                grids.append(grid.grid)
-                perms.append(grid.perm)
+                grids.append((to_kernel_grid(*decoded, g), decoded))
             for suffix in ("qweight", "qzeros", "scales", "g_idx"):
                 if hasattr(experts, f"{projection}_{suffix}"):
                     delattr(experts, f"{projection}_{suffix}")
-            # One kernel group for every expert (the same shape and group size): packed in one call.
-            self.weights[projection] = int4_kernel.pack_experts(*(torch.stack([getattr(grid, part) for grid in grids])
-                                                                  for part in ("codes", "scale", "zero")))
-            self.perms[projection] = perms
+            self.perms[projection] = [grid.perm for grid, _ in grids]
+            refusal = next((grid.refusal for grid, _ in grids if grid.refusal is not None), None)
+            if refusal is None:
+                # One kernel group for every expert (the same shape and group size): packed in one call.
+                stacked = (torch.stack([getattr(grid.grid, part) for grid, _ in grids])
+                           for part in ("codes", "scale", "zero"))
+                self.weights[projection] = int4_kernel.pack_experts(*stacked)
+            else:
+                n, k = grids[0][0].codes.shape
+                logger.info("%s experts %s [%d, %d]: %s; dequantizing per call", cfg.name, projection, n, k, refusal)
+                self.weights[projection] = [
+                    DequantizedExpert(grid.codes, grid.sorted_groups, scales.T.contiguous(),
+                                      ((8 - zeros) * scales).T.contiguous())
+                    for grid, (_, zeros, scales, _) in grids]
             # The projection's name stays, empty (as the other experts methods leave it).
             setattr(experts, projection, nn.Parameter(torch.empty(0), requires_grad=False))
 
@@ -313,4 +315,31 @@ class GPTQExpertsMethod(WeightOnlyExpertsMethod):
         perm = self.perms[projection][local]
         if perm is not None:
             x = x.index_select(-1, perm.to(x.device))
+        weight = self.weights[projection][local]
+        if isinstance(weight, DequantizedExpert):
+            return F.linear(x, weight.dequantize().to(x.dtype))
         return super().apply_expert(experts, local, projection, x)
+
+    def quantized_bytes(self) -> int:
+        total = 0
+        for weights in self.weights.values():
+            for w in weights:
+                parts = (w.qweight, w.scales_zeros) if isinstance(w, int4_kernel.PackedInt4) else (
+                    w.codes, w.col_groups, w.group_scales, w.group_zeros)
+                total += sum(t.numel() * t.element_size() for t in parts)
+        return total
+
+
+@dataclass
+class DequantizedExpert:
+    """An expert's projection the int4 kernel cannot take: codes one per byte, in sorted column
+    order, dequantized per call."""
+
+    codes: torch.Tensor  # uint8 [n, k]
+    col_groups: torch.Tensor  # the group of each (sorted) column
+    group_scales: torch.Tensor  # [n, groups]
+    group_zeros: torch.Tensor  # [n, groups]
+
+    def dequantize(self) -> torch.Tensor:
+        return ((self.codes.float() - 8) * self.group_scales[:, self.col_groups]
+                + self.group_zeros[:, self.col_groups])
