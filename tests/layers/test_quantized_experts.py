@@ -15,6 +15,7 @@ activations and scales).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,12 @@ from torch import nn
 from lmserve.errors import CheckpointError
 from lmserve.layers.moe import FusedExperts
 from lmserve.layers.quantization.fp8 import FP8, FP8_MAX, Fp8ExpertsMethod
-from tests.support.family_checkpoints import assert_same_greedy_run, build_qwen2_moe, serve_waves_greedy
+from tests.support.family_checkpoints import (
+    assert_same_greedy_run,
+    build_deepseek_v2,
+    build_qwen2_moe,
+    serve_waves_greedy,
+)
 
 STEPS = 16
 # Widths every format packs: group 32 divides the expert (32), shared expert (64) and hidden (64) widths.
@@ -178,3 +184,57 @@ def test_gate_and_up_with_different_activation_orders_fail_at_load_in_one_line(t
                                               r"different g_idx") as e:
         LLMEngine(str(tmp_path / "q"), dtype="float32", num_kv_blocks=8)
     assert "\n" not in str(e.value)
+
+
+def _deepseek(directory: Path):
+    # V2-Lite-like (no q LoRA); widths the int4 writer's groups pack (v_head_dim 16: o_proj's 64
+    # inputs; experts' 32-wide intermediate).
+    return build_deepseek_v2(directory, q_lora_rank=None, group_limited=False, v_head_dim=16,
+                             moe_intermediate_size=32)
+
+
+def _keep_dense(dense: Path, quantized: Path, modules: tuple[str, ...], key: str) -> None:
+    """Put `modules`' dense tensors back into `quantized` and list them as not converted (as a
+    quantizer told to skip them writes them). DeepSeek's MLA kv projections: lmserve keeps
+    kv_b_proj dense (the absorbed decode reads its weight); a checkpoint that quantized it is not
+    loaded yet."""
+    tensors = load_file(str(quantized / "model.safetensors"))
+    original = load_file(str(dense / "model.safetensors"))
+    kept = {name: t for name, t in tensors.items() if not any(f".{m}." in name for m in modules)}
+    kept.update({name: t for name, t in original.items() if any(f".{m}." in name for m in modules)})
+    save_file(kept, str(quantized / "model.safetensors"))
+    cfg = json.loads((quantized / "config.json").read_text())
+    cfg["quantization_config"][key] = [*cfg["quantization_config"].get(key, []), *modules]
+    (quantized / "config.json").write_text(json.dumps(cfg))
+
+
+def test_deepseek_v2_fp8_and_gptq_experts_match_their_dequantized_dense_models(tmp_path):
+    """DeepSeek-V2's experts (greedy routing scaled by routed_scaling_factor, ungated shared
+    experts) from an fbgemm FP8 and a GPTQ checkpoint."""
+    pytest.importorskip("compressed_tensors")
+    from lmserve.layers.quantization.gptq import GPTQExpertsMethod
+    from tests.layers.test_fp8 import write_dequantized, write_fbgemm
+    from tests.support.int4_checkpoints import write_int4_pair
+
+    _deepseek(tmp_path / "dense")
+    write_fbgemm(tmp_path / "dense", tmp_path / "fp8")
+    _keep_dense(tmp_path / "dense", tmp_path / "fp8", ("kv_a_proj_with_mqa", "kv_b_proj"), "modules_to_not_convert")
+    write_dequantized(tmp_path / "fp8", tmp_path / "fp8-ref")
+    _, reference = serve_waves_greedy(tmp_path / "fp8-ref", STEPS)
+    engine, got = serve_waves_greedy(tmp_path / "fp8", STEPS)
+    experts = [m for m in engine.model.modules() if isinstance(m, FusedExperts)]
+    assert len(experts) == 2 and all(isinstance(m.quant_method, Fp8ExpertsMethod) for m in experts)
+    assert all(m.gate_up_proj.dtype == FP8 and m.down_proj.dtype == FP8 for m in experts)
+    assert_same_greedy_run(reference, got, STEPS, atol=1e-4)
+
+    # Groups of 16 with desc_act: every layer dequantizes its codes per call (the kernel path is
+    # the Qwen2-MoE cases'), so the model is held to float32. Through the kernel this tiny model
+    # drifts: every layer's int4 product rounds activations to bf16 (or int8) and its logits
+    # move by up to 0.48 (measured), the dense layers' products drifting as much as the experts'.
+    write_int4_pair(tmp_path / "dense", tmp_path / "gptq", tmp_path / "gptq-ref", "gptq", group=16, desc_act=True)
+    _keep_dense(tmp_path / "dense", tmp_path / "gptq", ("kv_a_proj_with_mqa", "kv_b_proj"), "modules_to_not_convert")
+    _, reference = serve_waves_greedy(tmp_path / "gptq-ref", STEPS)
+    engine, got = serve_waves_greedy(tmp_path / "gptq", STEPS)
+    experts = [m for m in engine.model.modules() if isinstance(m, FusedExperts)]
+    assert len(experts) == 2 and all(isinstance(m.quant_method, GPTQExpertsMethod) for m in experts)
+    assert_same_greedy_run(reference, got, STEPS, atol=1e-4)
