@@ -26,7 +26,7 @@ from torch import nn
 
 from lmserve.errors import CheckpointError
 from lmserve.layers.moe import FusedExperts
-from lmserve.layers.quantization.fp8 import FP8, FP8_MAX, Fp8ExpertsMethod
+from lmserve.layers.quantization.fp8 import FP8, FP8_MAX, Fp8DequantizedMethod, Fp8ExpertsMethod
 from tests.support.family_checkpoints import (
     assert_same_greedy_run,
     build_deepseek_v2,
@@ -195,9 +195,8 @@ def _deepseek(directory: Path):
 
 def _keep_dense(dense: Path, quantized: Path, modules: tuple[str, ...], key: str) -> None:
     """Put `modules`' dense tensors back into `quantized` and list them as not converted (as a
-    quantizer told to skip them writes them). DeepSeek's MLA kv projections: lmserve keeps
-    kv_b_proj dense (the absorbed decode reads its weight); a checkpoint that quantized it is not
-    loaded yet."""
+    quantizer told to skip them writes them): the tests' writers quantize projections by name,
+    and DeepSeek's MLA kv projections are not all among them."""
     tensors = load_file(str(quantized / "model.safetensors"))
     original = load_file(str(dense / "model.safetensors"))
     kept = {name: t for name, t in tensors.items() if not any(f".{m}." in name for m in modules)}
@@ -210,21 +209,27 @@ def _keep_dense(dense: Path, quantized: Path, modules: tuple[str, ...], key: str
 
 def test_deepseek_v2_fp8_and_gptq_experts_match_their_dequantized_dense_models(tmp_path):
     """DeepSeek-V2's experts (greedy routing scaled by routed_scaling_factor, ungated shared
-    experts) from an fbgemm FP8 and a GPTQ checkpoint."""
+    experts) from an fbgemm FP8 and a GPTQ checkpoint. The FP8 one has every projection in fp8,
+    kv_b_proj included, which lmserve keeps dense (the absorbed MLA decode reads its weight): it
+    is dequantized once at load."""
     pytest.importorskip("compressed_tensors")
     from lmserve.layers.quantization.gptq import GPTQExpertsMethod
     from tests.layers.test_fp8 import write_dequantized, write_fbgemm
     from tests.support.int4_checkpoints import write_int4_pair
 
     _deepseek(tmp_path / "dense")
-    write_fbgemm(tmp_path / "dense", tmp_path / "fp8")
-    _keep_dense(tmp_path / "dense", tmp_path / "fp8", ("kv_a_proj_with_mqa", "kv_b_proj"), "modules_to_not_convert")
+    write_fbgemm(tmp_path / "dense", tmp_path / "fp8")  # every *_proj.weight (not kv_a_proj_with_mqa's name)
+    _keep_dense(tmp_path / "dense", tmp_path / "fp8", ("kv_a_proj_with_mqa",), "modules_to_not_convert")
+    written = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    assert written["model.layers.1.self_attn.kv_b_proj.weight"].dtype == FP8
     write_dequantized(tmp_path / "fp8", tmp_path / "fp8-ref")
     _, reference = serve_waves_greedy(tmp_path / "fp8-ref", STEPS)
     engine, got = serve_waves_greedy(tmp_path / "fp8", STEPS)
     experts = [m for m in engine.model.modules() if isinstance(m, FusedExperts)]
     assert len(experts) == 2 and all(isinstance(m.quant_method, Fp8ExpertsMethod) for m in experts)
     assert all(m.gate_up_proj.dtype == FP8 and m.down_proj.dtype == FP8 for m in experts)
+    kv_b = engine.model.layers[1].self_attn.kv_b_proj
+    assert isinstance(kv_b.quant_method, Fp8DequantizedMethod) and kv_b.weight.dtype == torch.float32
     assert_same_greedy_run(reference, got, STEPS, atol=1e-4)
 
     # Groups of 16 with desc_act: every layer dequantizes its codes per call (the kernel path is

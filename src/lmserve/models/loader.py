@@ -145,7 +145,8 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
         qconfig = _quantization_config(ckpt, config, model, quantization, dense_above_rows, load_format, device)
         # After the cast above: a method's parameters keep their own dtypes (fp16 GPTQ scales).
         try:
-            assign_linear_methods(model, qconfig, dense=model.dense_modules)
+            quantized = _quantized_modules(model, ckpt) if qconfig is not None and qconfig.from_checkpoint else set()
+            assign_linear_methods(model, qconfig, dense=model.dense_modules, quantized_in_checkpoint=quantized)
         except QuantizationError as e:  # a layer the checkpoint's format cannot run: name the checkpoint too
             if config.quantization_config:
                 raise CheckpointError(f"{ckpt.path}: {e}") from None
@@ -190,6 +191,29 @@ def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.
             raise CheckpointError(f"{ckpt.path}: {e}") from None
         raise
     return qconfig
+
+
+# A quantized checkpoint tensor's suffix -> the dense weight's it stands for.
+_QUANTIZED_SUFFIXES = (".weight_scale", ".qweight")
+
+
+def _quantized_modules(model: torch.nn.Module, ckpt: Checkpoint) -> set[str]:
+    """Module names whose checkpoint tensors are quantized (an fp8 weight's `weight_scale`, a
+    GPTQ/AWQ `qweight`): read from the safetensors headers, no tensor loaded."""
+    from safetensors import safe_open
+
+    if ckpt.format == "gguf":
+        return set()
+    modules = set()
+    for path in sorted(ckpt.path.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+        for name in names:
+            suffix = next((s for s in _QUANTIZED_SUFFIXES if name.endswith(s)), None)
+            target = model.map_checkpoint_name(name[:-len(suffix)] + ".weight") if suffix else None
+            if target is not None:
+                modules.add(target[0].rpartition(".")[0])
+    return modules
 
 
 def _grid_modules(model: torch.nn.Module, tensor_names: set[str]) -> dict[str, set]:

@@ -84,6 +84,9 @@ class Fp8Config(QuantizationConfig):
     def experts_method(self, experts, name: str):
         return Fp8ExpertsMethod(self)
 
+    def dense_method(self, layer: Linear, name: str) -> LinearMethod:
+        return Fp8DequantizedMethod(self)
+
 
 class Fp8LinearMethod(LinearMethod):
     def __init__(self, config: Fp8Config | None):
@@ -153,6 +156,27 @@ class Fp8LinearMethod(LinearMethod):
                              out_dtype=torch.bfloat16)
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
+
+
+class Fp8DequantizedMethod(Fp8LinearMethod):
+    """A layer the model family keeps dense (DeepSeek's kv_b_proj: the absorbed MLA decode reads
+    its weight) that the checkpoint stored in fp8: the checkpoint's fp8 tensors are loaded, then
+    dequantized once to a dense weight in the compute dtype (the layer is small: one per layer)."""
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype | None) -> None:
+        super().create_weights(layer, dtype)
+        self.dtype = dtype or torch.get_default_dtype()
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        super().process_weights_after_loading(layer)
+        weight = (layer.weight.float() * layer.row_scale[:, None]).to(self.dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        del layer.row_scale
+        self.dense = DenseLinearMethod()
+        self.dense.process_weights_after_loading(layer)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.dense.apply(layer, x)
 
 class Fp8OnlineConfig(QuantizationConfig):
     """`quantization: fp8` on a dense checkpoint: per-channel fp8 weights quantized at load."""
