@@ -190,7 +190,7 @@ def _deepseek(directory: Path):
     # V2-Lite-like (no q LoRA); widths the int4 writer's groups pack (v_head_dim 16: o_proj's 64
     # inputs; experts' 32-wide intermediate).
     return build_deepseek_v2(directory, q_lora_rank=None, group_limited=False, v_head_dim=16,
-                             moe_intermediate_size=32)
+                             moe_intermediate_size=32, kv_lora_rank=32)
 
 
 def _keep_dense(dense: Path, quantized: Path, modules: tuple[str, ...], key: str) -> None:
@@ -213,9 +213,9 @@ def test_deepseek_v2_fp8_and_gptq_experts_match_their_dequantized_dense_models(t
     kv_b_proj included, which lmserve keeps dense (the absorbed MLA decode reads its weight): it
     is dequantized once at load."""
     pytest.importorskip("compressed_tensors")
-    from lmserve.layers.quantization.gptq import GPTQExpertsMethod
+    from lmserve.layers.quantization.gptq import GPTQDequantizedMethod, GPTQExpertsMethod
     from tests.layers.test_fp8 import write_dequantized, write_fbgemm
-    from tests.support.int4_checkpoints import write_int4_pair
+    from tests.support.int4_checkpoints import PROJECTIONS, write_int4_pair
 
     _deepseek(tmp_path / "dense")
     write_fbgemm(tmp_path / "dense", tmp_path / "fp8")  # every *_proj.weight (not kv_a_proj_with_mqa's name)
@@ -236,10 +236,11 @@ def test_deepseek_v2_fp8_and_gptq_experts_match_their_dequantized_dense_models(t
     # the Qwen2-MoE cases'), so the model is held to float32. Through the kernel this tiny model
     # drifts: every layer's int4 product rounds activations to bf16 (or int8) and its logits
     # move by up to 0.48 (measured), the dense layers' products drifting as much as the experts'.
-    write_int4_pair(tmp_path / "dense", tmp_path / "gptq", tmp_path / "gptq-ref", "gptq", group=16, desc_act=True)
-    _keep_dense(tmp_path / "dense", tmp_path / "gptq", ("kv_a_proj_with_mqa", "kv_b_proj"), "modules_to_not_convert")
+    write_int4_pair(tmp_path / "dense", tmp_path / "gptq", tmp_path / "gptq-ref", "gptq", group=16, desc_act=True,
+                    projections=(*PROJECTIONS, "kv_a_proj_with_mqa", "kv_b_proj"))
     _, reference = serve_waves_greedy(tmp_path / "gptq-ref", STEPS)
     engine, got = serve_waves_greedy(tmp_path / "gptq", STEPS)
     experts = [m for m in engine.model.modules() if isinstance(m, FusedExperts)]
     assert len(experts) == 2 and all(isinstance(m.quant_method, GPTQExpertsMethod) for m in experts)
+    assert isinstance(engine.model.layers[1].self_attn.kv_b_proj.quant_method, GPTQDequantizedMethod)
     assert_same_greedy_run(reference, got, STEPS, atol=1e-4)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.layers.linear import Linear, LinearMethod, ShardLayout, create_bias, set_weight_loader
+from lmserve.layers.linear import DenseLinearMethod, Linear, LinearMethod, ShardLayout, create_bias, set_weight_loader
 from lmserve.layers.quantization import int4_kernel
 from lmserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from lmserve.layers.quantization.int4_kernel import Int4Grid
@@ -154,6 +154,9 @@ class GPTQConfig(QuantizationConfig):
                                     f"does not pack 8 int4 values per int32")
         return GPTQLinearMethod(self, group)
 
+    def dense_method(self, layer: Linear, name: str) -> LinearMethod:
+        return GPTQDequantizedMethod(self, self.linear_method(layer, name).group)
+
     def experts_method(self, experts, name: str):
         group = self.group_size
         h, gi, i = experts.hidden, experts.global_intermediate, experts.intermediate
@@ -227,6 +230,31 @@ class GPTQLinearMethod(LinearMethod):
             y = int4_kernel.int4_matmul(x, layer.int4)
         return y if layer.bias is None else y + layer.bias
 
+
+
+class GPTQDequantizedMethod(GPTQLinearMethod):
+    """A layer the model family keeps dense (DeepSeek's kv_b_proj: the absorbed MLA decode reads
+    its weight) that the checkpoint stored as GPTQ / AWQ: its tensors are loaded as the checkpoint
+    has them, then dequantized once to a dense weight in the compute dtype (w = (q - z) * s)."""
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype | None) -> None:
+        super().create_weights(layer, dtype)
+        self.dtype = dtype or torch.get_default_dtype()
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        cfg = self.config
+        codes, zeros, scales, g_idx = decode(cfg, layer.qweight.data, layer.qzeros.data, layer.scales.data,
+                                             None if cfg.awq else layer.g_idx.data, self.group, layer.input_start)
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        weight = ((codes.float() - zeros[g_idx]) * scales[g_idx]).T  # [n, k]
+        layer.weight = nn.Parameter(weight.to(self.dtype).contiguous(), requires_grad=False)
+        self.dense = DenseLinearMethod()
+        self.dense.process_weights_after_loading(layer)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.dense.apply(layer, x)
 
 class GPTQExpertsMethod(WeightOnlyExpertsMethod):
     """A MoE layer's experts from a GPTQ / AWQ checkpoint: every expert's packed tensors stacked
