@@ -99,10 +99,13 @@ def assign_linear_methods(model: nn.Module, config: QuantizationConfig | None,
         if config is None:
             method: LinearMethod | str = DenseLinearMethod()
         elif name_matches(name, dense) and name in quantized_in_checkpoint:
-            method = config.dense_method(layer, name)
-            if method is None:
-                raise QuantizationError(f"{config.name}: layer {name}: the model keeps this layer dense, and "
-                                        f"{config.name} tensors cannot be dequantized into it")
+            try:
+                method = config.dense_method(layer, name)
+                if method is None:
+                    raise QuantizationError("the model keeps this layer dense, and the checkpoint's tensors "
+                                            "cannot be dequantized into it")
+            except QuantizationError as e:
+                raise QuantizationError(f"{config.name}: layer {name}: {e}") from None
         elif name_matches(name, dense) or name_matches(name, config.skipped_modules()):
             method = "kept dense by the model family or the checkpoint"
         else:
