@@ -30,8 +30,10 @@ one weight loader, from a checkpoint's per-expert tensors (`mlp.experts.{e}.gate
 shard id (e, shard)) or from a stacked tensor of every expert (GGUF's `ffn_gate_exps`, read as
 `mlp.experts.gate_proj.weight` [E, I, H], shard id (None, shard)), each copied once into its
 slot. A quantization method may replace the stacked weights by its own stacked parameters (a
-GGUF file's int4 grid: `gate_up_proj_codes`, `_group_scale`, `_group_zero`), which fill the same
-way, their columns packed `input_pack` to one.
+GGUF file's int4 grid: `gate_up_proj_codes`, `_group_scale`, `_group_zero`; an FP8 checkpoint's
+fp8 weights and `_weight_scale`; GPTQ / AWQ's `_qweight`, `_qzeros`, `_scales`, `_g_idx`), which
+fill the same way: each names where its tensor's output rows and input columns lie and how many
+of them one stored element packs, so tensor parallelism slices them as it slices the weights.
 """
 
 from __future__ import annotations
