@@ -291,7 +291,7 @@ def build_qwen2_moe(directory: Path, renormalize: bool = False, sparse_step: int
 
 
 def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limited: bool = True, v_head_dim: int = 10,
-                      mscale: float = 0.9, moe_intermediate_size: int = 24):
+                      mscale: float = 0.9, moe_intermediate_size: int = 24, kv_lora_rank: int = 20):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     # MLA (q_lora_rank set like V2/V2.5, or None like V2-Lite), a dense first layer, 8 experts in
@@ -301,7 +301,8 @@ def build_deepseek_v2(directory: Path, q_lora_rank: int | None = 24, group_limit
             "beta_slow": 1, "mscale": mscale, "mscale_all_dim": 0.7}
     config = DeepseekV2Config(
         vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
+        num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=12,
+        qk_rope_head_dim=8,
         v_head_dim=v_head_dim, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=moe_intermediate_size,
         n_shared_experts=2,
         first_k_dense_replace=1, topk_method="group_limited_greedy" if group_limited else "greedy",

@@ -76,15 +76,16 @@ def quantize(w: torch.Tensor, group: int, sym: bool, g_idx: torch.Tensor):
 
 
 def write_int4_pair(dense: Path, quantized: Path, reference: Path, fmt: str, group: int = 32, sym: bool = False,
-                    desc_act: bool = False, seed: int = 0) -> None:
-    """`dense` (a safetensors checkpoint) -> a `fmt` ("gptq" or "awq") checkpoint and its dense reference."""
+                    desc_act: bool = False, seed: int = 0, projections: tuple[str, ...] = PROJECTIONS) -> None:
+    """`dense` (a safetensors checkpoint) -> a `fmt` ("gptq" or "awq") checkpoint and its dense
+    reference; `projections`: the module names quantized."""
     generator = torch.Generator().manual_seed(seed)
     tensors = load_file(str(dense / "model.safetensors"))
     packed, ref = {}, {}
     orders: dict[tuple, torch.Tensor] = {}
     for name, tensor in tensors.items():
         parts = name.split(".")
-        if len(parts) < 3 or parts[-2] not in PROJECTIONS or parts[-1] != "weight":
+        if len(parts) < 3 or parts[-2] not in projections or parts[-1] != "weight":
             packed[name] = ref[name] = tensor
             continue
         w = tensor.float()

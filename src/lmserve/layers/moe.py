@@ -30,12 +30,15 @@ one weight loader, from a checkpoint's per-expert tensors (`mlp.experts.{e}.gate
 shard id (e, shard)) or from a stacked tensor of every expert (GGUF's `ffn_gate_exps`, read as
 `mlp.experts.gate_proj.weight` [E, I, H], shard id (None, shard)), each copied once into its
 slot. A quantization method may replace the stacked weights by its own stacked parameters (a
-GGUF file's int4 grid: `gate_up_proj_codes`, `_group_scale`, `_group_zero`), which fill the same
-way, their columns packed `input_pack` to one.
+GGUF file's int4 grid: `gate_up_proj_codes`, `_group_scale`, `_group_zero`; an FP8 checkpoint's
+fp8 weights and `_weight_scale`; GPTQ / AWQ's `_qweight`, `_qzeros`, `_scales`, `_g_idx`), which
+fill the same way: each names where its tensor's output rows and input columns lie and how many
+of them one stored element packs, so tensor parallelism slices them as it slices the weights.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -50,9 +53,10 @@ from lmserve.layers.mlp import GatedMLP
 
 # Checkpoint name of one expert's projection (or of every expert's, stacked: no expert index)
 # -> its slot in the stacked parameters. Besides `weight`, a quantization method's tensors
-# (models/gguf.py's int4 grids) name parameters `<projection>_<suffix>`.
+# (models/gguf.py's int4 grids; FP8 scales; GPTQ / AWQ's packed tensors) name parameters
+# `<projection>_<suffix>`.
 _EXPERT_TENSOR = re.compile(
-    r"^(?:model\.)?(.*\.experts)\.(?:(\d+)\.)?(gate_proj|up_proj|down_proj)\.(weight|codes|group_scale|group_zero)$")
+    r"^(?:model\.)?(.*\.experts)\.(?:(\d+)\.)?(gate_proj|up_proj|down_proj)\.(weight|codes|group_scale|group_zero|weight_scale|input_scale|qweight|qzeros|scales|g_idx)$")
 _EXPERT_SHARD = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -96,12 +100,18 @@ class FusedExperts(nn.Module):
         self.processed = False
 
     def stacked_parameter(self, projection: str, shape: tuple[int, ...], dtype: torch.dtype,
-                          input_pack: int = 1) -> nn.Parameter:
+                          input_pack: int = 1, output_pack: int = 1, output_dim: int | None = 0,
+                          input_dim: int | None = 1) -> nn.Parameter:
         """A new stacked parameter of `projection` ("gate_up_proj": gate and up rows; "down_proj")
-        filled by `weight_loader`; `input_pack` checkpoint columns per stored column (a group
-        scale's 32)."""
+        filled by `weight_loader`. Each expert's checkpoint tensor has its output rows along
+        `output_dim` and its input columns along `input_dim` (None: the tensor has no such
+        dimension: a per-tensor scale, GPTQ's g_idx), `output_pack` / `input_pack` of them per
+        stored element (a group scale's 32 columns, GPTQ's 8 rows per int32). `shape` is
+        [experts, *this rank's tensor shape]; a gate_up parameter without an output dimension
+        holds gate's and up's tensors side by side ([experts, 2, *tensor shape])."""
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-        param.projection, param.input_pack = projection, input_pack
+        param.projection, param.input_pack, param.output_pack = projection, input_pack, output_pack
+        param.output_dim, param.input_dim = output_dim, input_dim
         set_weight_loader(param, self.weight_loader)
         owned = range(self.first_expert, self.first_expert + self.local_experts)
         shards = (0, 1) if projection == "gate_up_proj" else (None,)
@@ -126,33 +136,51 @@ class FusedExperts(nn.Module):
         if not isinstance(shard_id, tuple):
             raise ValueError(f"expert parameter of shape {tuple(param.shape)} needs an (expert, shard) id")
         expert, shard = shard_id
-        pack = param.input_pack
-        expected = ((self.global_intermediate, self.hidden // pack) if param.projection == "gate_up_proj"
-                    else (self.hidden, self.global_intermediate // pack))
+        out_dim, in_dim = param.output_dim, param.input_dim
+        out_pack, in_pack = param.output_pack, param.input_pack
+        side_by_side = param.projection == "gate_up_proj" and out_dim is None  # [E, 2, *tensor]
+        rows, cols = ((self.global_intermediate, self.hidden) if param.projection == "gate_up_proj"
+                      else (self.hidden, self.global_intermediate))
+        expected = list(param.shape[2:] if side_by_side else param.shape[1:])
+        if out_dim is not None:
+            expected[out_dim] = rows // out_pack
+        if in_dim is not None:
+            expected[in_dim] = cols // in_pack
+        expected = tuple(expected)
         if expert is None:  # every expert at once, stacked: this rank's experts
             expected = (self.num_experts, *expected)
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected} (experts stacked)")
             tensor = tensor.narrow(0, self.first_expert, self.local_experts)
-            dest = param.data
+            dest, lead = param.data, 1
         else:
             if not 0 <= expert < self.num_experts:
                 raise ValueError(f"names expert {expert}, but the config has {self.num_experts} experts")
+            if tensor.numel() == 1 and math.prod(expected) == 1:  # a per-tensor scale: [] or [1]
+                tensor = tensor.reshape(expected)
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected}")
             local = expert - self.first_expert
             if not 0 <= local < self.local_experts:
                 return  # another rank's expert (expert parallelism)
-            dest = param.data[local]
-        if shard is not None:  # gate (0) or up (1) half of the expert's gate_up rows: this rank's slice
-            dest = dest.narrow(-2, shard * self.intermediate, self.intermediate)
-            tensor = tensor.narrow(-2, self.intermediate_start, self.intermediate)
-        else:  # down: this rank's columns
-            if self.intermediate_start % pack or self.intermediate % pack:
-                raise ValueError(f"this rank's slice of the intermediate ({self.intermediate_start}, "
-                                 f"{self.intermediate} wide) does not split the file's groups of {pack}")
-            tensor = tensor.narrow(-1, self.intermediate_start // pack, self.intermediate // pack)
+            dest, lead = param.data[local], 0
+        if shard is not None:  # gate (0) or up (1) of the expert's gate_up: this rank's rows
+            if side_by_side:
+                dest = dest.select(lead, shard)
+            else:
+                start, size = self._packed_slice(self.intermediate_start, self.intermediate, out_pack)
+                dest = dest.narrow(lead + out_dim, shard * size, size)
+                tensor = tensor.narrow(lead + out_dim, start, size)
+        elif in_dim is not None:  # down: this rank's columns
+            start, size = self._packed_slice(self.intermediate_start, self.intermediate, in_pack)
+            tensor = tensor.narrow(lead + in_dim, start, size)
         dest.copy_(tensor)
+
+    def _packed_slice(self, start: int, size: int, pack: int) -> tuple[int, int]:
+        if start % pack or size % pack:
+            raise ValueError(f"this rank's slice of the intermediate ({start}, {size} wide) does not split the "
+                             f"file's groups of {pack}")
+        return start // pack, size // pack
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_weights, topk_ids [T, k] -> [T, H] (summed over the tensor-parallel ranks)."""

@@ -144,7 +144,13 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
         model.to(dtype)  # a no-op for the parameters built so far, which were created in `dtype`
         qconfig = _quantization_config(ckpt, config, model, quantization, dense_above_rows, load_format, device)
         # After the cast above: a method's parameters keep their own dtypes (fp16 GPTQ scales).
-        assign_linear_methods(model, qconfig, dense=model.dense_modules)
+        try:
+            quantized = _quantized_modules(model, ckpt) if qconfig is not None and qconfig.from_checkpoint else set()
+            assign_linear_methods(model, qconfig, dense=model.dense_modules, quantized_in_checkpoint=quantized)
+        except QuantizationError as e:  # a layer the checkpoint's format cannot run: name the checkpoint too
+            if config.quantization_config:
+                raise CheckpointError(f"{ckpt.path}: {e}") from None
+            raise
     if load_format == "dummy":
         fill_dummy_weights(model, device)
     else:
@@ -168,8 +174,6 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
 def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.Module, option: str | None,
                          dense_above_rows: int | None, load_format: str, device: torch.device):
     """The model's quantization config (None: dense), checked against the device and model."""
-    from lmserve.layers.moe import FusedExperts
-
     try:
         if ckpt.format == "gguf" and option == "int4" and load_format != "dummy":
             qconfig = GGUFInt4Config(_grid_modules(model, ckpt.gguf.int4_grid_tensors()), dense_above_rows,
@@ -182,14 +186,34 @@ def _quantization_config(ckpt: Checkpoint, config: ModelConfig, model: torch.nn.
         if qconfig.from_checkpoint:
             if load_format == "dummy":
                 raise QuantizationError(f"dummy weights cannot stand in for a {qconfig.name} checkpoint's tensors")
-            experts = next((n for n, m in model.named_modules() if isinstance(m, FusedExperts)), None)
-            if experts is not None:
-                raise QuantizationError(f"{qconfig.name}: layer {experts}: quantized MoE experts are not supported")
     except QuantizationError as e:
         if config.quantization_config:
             raise CheckpointError(f"{ckpt.path}: {e}") from None
         raise
     return qconfig
+
+
+# A quantized checkpoint tensor's suffix -> the dense weight's it stands for.
+_QUANTIZED_SUFFIXES = (".weight_scale", ".qweight")
+
+
+def _quantized_modules(model: torch.nn.Module, ckpt: Checkpoint) -> set[str]:
+    """Module names whose checkpoint tensors are quantized (an fp8 weight's `weight_scale`, a
+    GPTQ/AWQ `qweight`): read from the safetensors headers, no tensor loaded."""
+    from safetensors import safe_open
+
+    if ckpt.format == "gguf":
+        return set()
+    modules = set()
+    for path in sorted(ckpt.path.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+        for name in names:
+            suffix = next((s for s in _QUANTIZED_SUFFIXES if name.endswith(s)), None)
+            target = model.map_checkpoint_name(name[:-len(suffix)] + ".weight") if suffix else None
+            if target is not None:
+                modules.add(target[0].rpartition(".")[0])
+    return modules
 
 
 def _grid_modules(model: torch.nn.Module, tensor_names: set[str]) -> dict[str, set]:

@@ -45,6 +45,11 @@ class QuantizationConfig:
         stay dense."""
         return "no quantized experts method for this format"
 
+    def dense_method(self, layer: Linear, name: str) -> LinearMethod | None:
+        """For a layer the model family keeps dense but the checkpoint quantized: a method that
+        loads the checkpoint's tensors and dequantizes them once (None: not supported)."""
+        return None
+
     def check_device(self, device: torch.device) -> None:
         """Raise QuantizationError if this config cannot run on `device` at all."""
 
@@ -67,16 +72,23 @@ def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def assign_linear_methods(model: nn.Module, config: QuantizationConfig | None,
-                          dense: tuple[str, ...] = ()) -> list[Linear]:
+                          dense: tuple[str, ...] = (), quantized_in_checkpoint: set[str] = frozenset()) -> list[Linear]:
     """Give every linear layer built without parameters its method (creating them), and every
     MoE layer's experts theirs; returns the linear layers that got a non-dense method. `dense`:
-    module names (suffixes) that stay dense."""
+    module names (suffixes) that stay dense; those among `quantized_in_checkpoint` (module names
+    whose checkpoint tensors are quantized) take the config's `dense_method`."""
     from lmserve.layers.moe import FusedExperts
 
     quantized, kept = [], {}
     for name, layer in model.named_modules():
         if isinstance(layer, FusedExperts) and config is not None:
-            method = config.experts_method(layer, name)
+            try:
+                method = config.experts_method(layer, name)
+                if isinstance(method, str) and config.from_checkpoint:
+                    # The checkpoint's experts are quantized tensors: dense parameters cannot take them.
+                    raise QuantizationError(f"quantized experts cannot load: {method}")
+            except QuantizationError as e:
+                raise QuantizationError(f"{config.name}: layer {name}: {e}") from None
             if isinstance(method, str):
                 kept.setdefault(method, []).append(name)
             else:
@@ -86,6 +98,14 @@ def assign_linear_methods(model: nn.Module, config: QuantizationConfig | None,
             continue
         if config is None:
             method: LinearMethod | str = DenseLinearMethod()
+        elif name_matches(name, dense) and name in quantized_in_checkpoint:
+            try:
+                method = config.dense_method(layer, name)
+                if method is None:
+                    raise QuantizationError("the model keeps this layer dense, and the checkpoint's tensors "
+                                            "cannot be dequantized into it")
+            except QuantizationError as e:
+                raise QuantizationError(f"{config.name}: layer {name}: {e}") from None
         elif name_matches(name, dense) or name_matches(name, config.skipped_modules()):
             method = "kept dense by the model family or the checkpoint"
         else:

@@ -14,6 +14,11 @@ token at run time (dynamic; fbgemm's, bounded by `activation_scale_ub`).
 - Elsewhere (CPU, older GPUs): weight-only. The fp8 weight is kept and dequantized to the
   compute dtype on every call, activations are not quantized: the slow correct path (the memory
   of fp8, the speed of less than bf16), so the same checkpoint loads and answers anywhere.
+
+MoE experts (Qwen2-MoE, DeepSeek-V2: `...experts.{e}.gate_proj.weight` fp8 with its own
+`weight_scale` per expert and projection) are held stacked in fp8 as the checkpoint has them
+(`Fp8ExpertsMethod`) and run weight-only on every device: each expert that got tokens has its
+fp8 weight dequantized for the call (no torch._scaled_mm grouped path yet).
 """
 
 from __future__ import annotations
@@ -75,6 +80,12 @@ class Fp8Config(QuantizationConfig):
 
     def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
         return Fp8LinearMethod(self)
+
+    def experts_method(self, experts, name: str):
+        return Fp8ExpertsMethod(self)
+
+    def dense_method(self, layer: Linear, name: str) -> LinearMethod:
+        return Fp8DequantizedMethod(self)
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -146,6 +157,27 @@ class Fp8LinearMethod(LinearMethod):
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
 
+
+class Fp8DequantizedMethod(Fp8LinearMethod):
+    """A layer the model family keeps dense (DeepSeek's kv_b_proj: the absorbed MLA decode reads
+    its weight) that the checkpoint stored in fp8: the checkpoint's fp8 tensors are loaded, then
+    dequantized once to a dense weight in the compute dtype (the layer is small: one per layer)."""
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype | None) -> None:
+        super().create_weights(layer, dtype)
+        self.dtype = dtype or torch.get_default_dtype()
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        super().process_weights_after_loading(layer)
+        weight = (layer.weight.float() * layer.row_scale[:, None]).to(self.dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        del layer.row_scale
+        self.dense = DenseLinearMethod()
+        self.dense.process_weights_after_loading(layer)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.dense.apply(layer, x)
+
 class Fp8OnlineConfig(QuantizationConfig):
     """`quantization: fp8` on a dense checkpoint: per-channel fp8 weights quantized at load."""
 
@@ -153,3 +185,65 @@ class Fp8OnlineConfig(QuantizationConfig):
 
     def linear_method(self, layer: Linear, name: str) -> LinearMethod | str:
         return Fp8LinearMethod(None)
+
+
+class Fp8ExpertsMethod:
+    """A MoE layer's experts from an FP8 checkpoint: stacked fp8 weights ([E, 2I, H] gate/up,
+    [E, H, I] down) with their scales per row (per channel) or per tensor (one per expert and
+    checkpoint tensor: gate's, up's and down's), loaded expert by expert through FusedExperts'
+    stacked loader, so tensor and expert parallelism slice them as they slice dense experts.
+
+    Applied weight-only, per call: an expert's fp8 weight is converted to the compute dtype when
+    tokens are routed to it, through a 256-entry table of every e4m3 value (exact: e4m3 values
+    are bf16 and float32 values; measured ~3x faster than PyTorch's fp8 cast on a CPU, which
+    converts element by element), and its per-row scale multiplies the product's rows. Not
+    dequantized once at load: that would hold the experts at bf16's size (twice fp8's; the
+    experts are most of a MoE model's bytes, which is why it ships in fp8). The cost is paid per
+    step on the weights of the experts the step runs: on a CPU batch-1 decode runs at a fraction
+    of bf16's (docs/benchmarks.md, bench_quantized_experts.py), the price of the memory; a GPU
+    converts at its memory bandwidth. Static activation scales
+    (`input_scale`) are read and dropped: this path does not quantize activations."""
+
+    def __init__(self, config: Fp8Config):
+        self.config = config
+        self._tables: dict = {}
+
+    def create_weights(self, experts) -> None:
+        e, h, i = experts.local_experts, experts.hidden, experts.intermediate
+        for projection, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
+            delattr(experts, projection)  # the dense stack, replaced before anything is loaded
+            experts.register_parameter(projection, experts.stacked_parameter(projection, (e, rows, cols), FP8))
+            # Per tensor: one scale per checkpoint tensor, gate's and up's side by side.
+            per_tensor = (e, 2, 1) if projection == "gate_up_proj" else (e, 1)
+            if self.config.per_channel:
+                scale = experts.stacked_parameter(projection, (e, rows, 1), torch.float32, input_dim=None)
+            else:
+                scale = experts.stacked_parameter(projection, per_tensor, torch.float32, output_dim=None,
+                                                  input_dim=None)
+            experts.register_parameter(f"{projection}_weight_scale", scale)
+            if self.config.static_input:
+                experts.register_parameter(f"{projection}_input_scale", experts.stacked_parameter(
+                    projection, per_tensor, torch.float32, output_dim=None, input_dim=None))
+
+    def process_weights_after_loading(self, experts) -> None:
+        self.row_scales = {}
+        for projection in ("gate_up_proj", "down_proj"):
+            scale = getattr(experts, f"{projection}_weight_scale").detach().float()
+            e, rows = getattr(experts, projection).shape[:2]
+            if not self.config.per_channel:  # every row of a checkpoint tensor takes its tensor's scale
+                scale = scale.reshape(e, -1, 1).expand(e, scale[0].numel(), rows // scale[0].numel())
+            self.row_scales[projection] = scale.reshape(e, rows).contiguous()
+            delattr(experts, f"{projection}_weight_scale")
+            if self.config.static_input:
+                delattr(experts, f"{projection}_input_scale")
+
+    def apply_expert(self, experts, local: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+        codes = getattr(experts, projection)[local]
+        table = self._tables.get((x.dtype, x.device))
+        if table is None:  # every e4m3 bit pattern's value, in the compute dtype
+            table = torch.arange(256, dtype=torch.uint8, device=x.device).view(FP8).to(x.dtype)
+            self._tables[(x.dtype, x.device)] = table
+        w = table.index_select(0, codes.view(torch.uint8).reshape(-1).int()).view(codes.shape)
+        # The scale is per output row: applied to the product's rows (exact up to rounding order).
+        y = F.linear(x, w)
+        return (y.float() * self.row_scales[projection][local]).to(x.dtype)
