@@ -110,7 +110,8 @@ def test_backend_step_with_the_kernel_disabled_gives_the_same_output(dtype, monk
     q, kv_cache, tables = _case(9, 3, 64, dtype, seed=2)
     layer = Attention(9, 3, 64, 64 ** -0.5)
     fast = _decode_step(q, tuple(c.clone() for c in kv_cache), tables, dtype, layer)
-    monkeypatch.setattr(cpu_decode_kernel._KERNEL, "_reason", "disabled by the test")  # what LMSERVE_CPU_ATTENTION=torch does
+    # what LMSERVE_CPU_ATTENTION=torch does
+    monkeypatch.setattr(cpu_decode_kernel._KERNEL, "_reason", "disabled by the test")
     assert not cpu_decode_kernel.covers(q, kv_cache[0])
     slow = _decode_step(q, tuple(c.clone() for c in kv_cache), tables, dtype, layer)
     torch.testing.assert_close(fast.float(), slow.float(), **TOL[dtype])
