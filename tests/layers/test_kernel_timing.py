@@ -22,15 +22,16 @@ def test_the_faster_kernel_at_one_row_and_the_rows_int4_beats_bf16_at_every_coun
     assert KernelTimings({"bf16": (5, 5, 5, 5, 5), "torch": (6, 6, 6, 6, 6)}).int4_max_rows() == 0
 
 
-def test_a_real_measurement_decides_the_packing(monkeypatch):
+def test_a_real_measurement_decides_the_packing_per_shape(monkeypatch):
     measured = kernel_timing.timings()
     assert set(measured.seconds) >= {"bf16", "torch"}
     assert all(len(t) == len(ROWS) and min(t) > 0 for t in measured.seconds.values())
     grid = int4_kernel.Int4Grid(torch.randint(0, 16, (32, 64), dtype=torch.uint8), torch.full((32, 2), 0.1),
                                 torch.zeros(32, 2))
     packed = int4_kernel.pack(grid)
-    assert (packed.scales_zeros.dtype == torch.float16) == kernel_timing.use_vnni()  # the VNNI layout iff chosen
-    assert kernel_timing.use_vnni() == (q4_kernel.available() and measured.int4_kernel() == "vnni")
+    chosen = kernel_timing.use_vnni(32, 64)
+    assert (packed.scales_zeros.dtype == torch.float16) == chosen  # the VNNI layout iff chosen for this shape
+    assert chosen == (q4_kernel.available() and kernel_timing._faster_kernel(32, 64, torch.get_num_threads()) == "vnni")
     monkeypatch.setenv(kernel_timing.ENV, "torch")  # forced: no VNNI, whatever was measured
-    assert not kernel_timing.use_vnni()
+    assert not kernel_timing.use_vnni(32, 64)
     assert int4_kernel.pack(grid).scales_zeros.dtype == torch.bfloat16

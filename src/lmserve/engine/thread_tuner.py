@@ -9,11 +9,13 @@ neighbour but costs the quiet host a fifth of int4's speed), so the engine measu
 
 How: steps are grouped by their size (query tokens, rounded up to a power of two: a 1-row decode
 and a 512-token prefill chunk are never compared). For each group the tuner keeps a decaying
-average of step time per thread count. It runs the count with the lowest average, and every
-`EXPLORE_EVERY`-th step of a group one of the others (round robin), whose measurement replaces
-that count's stale average: when a neighbour comes, the running count's average rises within a
-few steps; when it goes, the next exploration sees it. The exploring steps are the price: at most one
-step in `EXPLORE_EVERY` runs a slower count (measured on a quiet host: under 2% of throughput).
+average of step time per thread count. It runs the count with the lowest average, and every so
+often one of the others (round robin), whose measurement replaces that count's stale average:
+when a neighbour comes, the running count's average rises within a few steps; when it goes, the
+next exploration sees it. Explorations start every `EXPLORE_EVERY` steps of a group; each one that
+loses doubles the interval (and more, the worse it did), up to `MAX_EXPLORE_EVERY`, and one that
+wins resets it, so exploring costs little even when the other count is many times slower
+(docs/benchmarks.md has both cases).
 
 Thread counts are tried from the configured count down: all, one fewer (a neighbour on one
 core), half, and one. torch's thread count is the process's, so the count is set for the step and
@@ -35,7 +37,8 @@ import torch
 
 log = logging.getLogger("lmserve.engine")
 
-EXPLORE_EVERY = 16  # one step in this many per size group tries another thread count
+EXPLORE_EVERY = 16  # one step in this many per size group tries another thread count, at first
+MAX_EXPLORE_EVERY = 256  # ... and at least this often while explorations keep losing
 DECAY = 0.25  # weight of the newest step time in a count's average
 ENV_OFF = "LMSERVE_ADAPTIVE_THREADS"  # "0": keep the configured count (benchmarks compare both)
 
@@ -57,6 +60,8 @@ class _Group:
         self.warmed: set[int] = set()  # counts whose first step (new oneDNN primitives) was discarded
         self.steps = 0
         self.next_explore = 0  # index into the other counts, round robin
+        self.interval = EXPLORE_EVERY  # steps between explorations (grows while they keep losing)
+        self.until_explore = EXPLORE_EVERY
 
 
 class ThreadTuner:
@@ -89,7 +94,8 @@ class ThreadTuner:
         else:
             best = min(group.average, key=group.average.__getitem__)
             threads = best
-            if group.steps % EXPLORE_EVERY == EXPLORE_EVERY - 1:
+            group.until_explore -= 1
+            if group.until_explore <= 0:
                 others = [n for n in self.counts if n != best]
                 threads = others[group.next_explore % len(others)]
                 group.next_explore += 1
@@ -116,6 +122,17 @@ class ThreadTuner:
         # (and a lucky one is undone by the next few steps at that count).
         weight = DECAY if threads == best and previous is not None else 1.0
         group.average[threads] = seconds if previous is None else previous + weight * (seconds - previous)
+        if threads != best and previous is not None:  # an exploration: how long until the next
+            ratio = seconds / max(group.average[best], 1e-9)
+            if ratio < 1:  # it won: keep looking often
+                group.interval = EXPLORE_EVERY
+            else:
+                # It lost: explore less often, the more so the worse it did, so that what the
+                # explorations cost stays a small share of the steps however slow the other count
+                # is (2 threads beside a busy core ran steps 5-10x slower: explored every 16th
+                # step, that alone cost 40% of the throughput).
+                group.interval = min(MAX_EXPLORE_EVERY, max(2 * group.interval, round(EXPLORE_EVERY * ratio)))
+            group.until_explore = group.interval
         if len(group.average) == len(self.counts):
             best = min(group.average, key=group.average.__getitem__)
             if self.chosen_log.get(key) != best:

@@ -85,7 +85,7 @@ def regroup(grid: Int4Grid, group: int) -> Int4Grid:
 def pack(grid: Int4Grid) -> PackedInt4:
     """Lay a grid out for the kernel this machine runs faster (scale and zero rounded to its dtype:
     fp16 for the VNNI kernel, bf16 for torch's)."""
-    if grid.group % q4_kernel.BLOCK == 0 and kernel_timing.use_vnni():
+    if grid.group % q4_kernel.BLOCK == 0 and kernel_timing.use_vnni(*grid.codes.shape):
         grid = regroup(grid, q4_kernel.BLOCK)
         qweight, scales_zeros = q4_kernel.pack_int4(grid.codes, grid.scale, grid.zero, vnni=True)
         return PackedInt4(qweight, scales_zeros, q4_kernel.BLOCK)
@@ -101,7 +101,7 @@ def pack_experts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     1024 x 512); torch's layout is packed per expert."""
     e, n, k = codes.shape
     grid = Int4Grid(codes.reshape(e * n, k), scale.reshape(e * n, -1), zero.reshape(e * n, -1))
-    if grid.group % q4_kernel.BLOCK or not kernel_timing.use_vnni():  # torch's layout is not row-sliceable
+    if grid.group % q4_kernel.BLOCK or not kernel_timing.use_vnni(n, k):  # torch's layout is not row-sliceable
         return [pack(Int4Grid(codes[i], scale[i], zero[i])) for i in range(e)]
     stacked = pack(grid)
     return [PackedInt4(stacked.qweight[i * n:(i + 1) * n], stacked.scales_zeros[:, i * n:(i + 1) * n].contiguous(),

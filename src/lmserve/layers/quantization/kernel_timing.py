@@ -1,5 +1,6 @@
-"""Which int4 kernel this machine runs faster, and up to how many rows an int4 product beats the
-dense bf16 one: measured once per process, on synthetic weights, the first time it is asked.
+"""Which int4 kernel this machine runs faster for each weight shape, and up to how many rows an
+int4 product beats the dense bf16 one: measured once per process (and shape), on synthetic
+weights, the first time it is asked.
 
 Why measure: the winners differ from machine to machine, and the project's machines differ from
 day to day. On a 2-core Zen 4 (AVX512, no AMX) our VNNI kernel beat torch's int4 kernel 4-5x
@@ -135,10 +136,42 @@ def timings() -> KernelTimings:
     return _measure(torch.get_num_threads(), forced if forced in KERNELS else None)
 
 
-def use_vnni() -> bool:
-    """Whether int4 grids are packed for the VNNI kernel: forced by LMSERVE_INT4_KERNEL, else
-    where it is available and measured faster than torch's."""
+def use_vnni(n: int, k: int) -> bool:
+    """Whether an [n, k] int4 grid is packed for the VNNI kernel: forced by LMSERVE_INT4_KERNEL,
+    else where it is available and measured faster than torch's at one row for this shape. The
+    shape matters: on an AMX Xeon the VNNI kernel was 1.6x faster on 2048 x 1024 and torch's 1.2x
+    faster on SmolLM2's 576-wide products (docs/benchmarks.md)."""
     forced = os.environ.get(ENV)
     if forced == "torch" or not q4_kernel.available():
         return False
-    return forced == "vnni" or timings().int4_kernel() == "vnni"
+    return forced == "vnni" or _faster_kernel(n, k, torch.get_num_threads()) == "vnni"
+
+
+SHAPE_BYTES = 32 << 20  # int4 bytes of weight copies timed per shape (fewer copies for big layers)
+
+
+@functools.cache
+def _faster_kernel(n: int, k: int, threads: int) -> str:
+    """The faster int4 kernel at one row for an [n, k] weight, timed on synthetic codes (each
+    distinct layer shape of a model once: a few ms each)."""
+    if n % 16:
+        return "vnni"  # torch's layout needs rows in multiples of 16
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scale = torch.full((n, k // q4_kernel.BLOCK), 0.01)
+    copies = max(1, min(COPIES, SHAPE_BYTES // max(n * k // 2, 1)))
+    products = {}
+    for kernel in KERNELS:
+        qweight, sz = q4_kernel.pack_int4(codes, scale, torch.zeros_like(scale), vnni=kernel == "vnni")
+        products[kernel] = [functools.partial(_int4, qweight=qweight.clone(), scales_zeros=sz.clone())
+                            for _ in range(copies)]
+    x = torch.randn(1, k).to(torch.bfloat16)
+    seconds = dict.fromkeys(KERNELS, float("inf"))
+    with torch.no_grad():
+        for _ in range(SWEEPS):
+            for kernel, calls in products.items():
+                seconds[kernel] = min(seconds[kernel], _best_time(calls, x))
+    faster = min(seconds, key=seconds.__getitem__)
+    log.info("int4 kernel for %d x %d weights: %s (one row: %s)", n, k, faster,
+             ", ".join(f"{name} {t * 1e6:.0f} us" for name, t in seconds.items()))
+    return faster
