@@ -57,7 +57,6 @@ class _Group:
 
     def __init__(self):
         self.average: dict[int, float] = {}
-        self.warmed: set[int] = set()  # counts whose first step (new oneDNN primitives) was discarded
         self.steps = 0
         self.next_explore = 0  # index into the other counts, round robin
         self.interval = EXPLORE_EVERY  # steps between explorations (grows while they keep losing)
@@ -71,6 +70,7 @@ class ThreadTuner:
         self.max_threads = max_threads
         self.counts = candidate_counts(max_threads)
         self.groups: dict[int, _Group] = {}
+        self.warmed: set[int] = set()  # counts whose first step (new oneDNN primitives) was discarded
         self.chosen_log: dict[int, int] = {}  # group -> last count logged as its best
 
     @classmethod
@@ -88,20 +88,28 @@ class ThreadTuner:
     def choose(self, query_tokens: int) -> int:
         """Set (on the calling thread) and return the thread count for a step of this size."""
         group = self.groups.setdefault(self.group_of(query_tokens), _Group())
-        untried = [n for n in self.counts if n not in group.average]
-        if untried:
-            threads = untried[0]
+        if not group.average:
+            # A step size not seen yet starts on the count the busiest size runs (trying every
+            # count first would run big prefill steps on a count a neighbour makes many times slower).
+            threads = self._prevailing()
         else:
-            best = min(group.average, key=group.average.__getitem__)
-            threads = best
+            threads = min(group.average, key=group.average.__getitem__)
             group.until_explore -= 1
             if group.until_explore <= 0:
-                others = [n for n in self.counts if n != best]
-                threads = others[group.next_explore % len(others)]
+                others = [n for n in self.counts if n != threads]
+                untried = [n for n in others if n not in group.average]
+                threads = untried[0] if untried else others[group.next_explore % len(others)]
                 group.next_explore += 1
         if threads != self.max_threads:
             torch.set_num_threads(threads)
         return threads
+
+    def _prevailing(self) -> int:
+        measured = [g for g in self.groups.values() if g.average]
+        if not measured:
+            return self.max_threads
+        busiest = max(measured, key=lambda g: g.steps)
+        return min(busiest.average, key=busiest.average.__getitem__)
 
     def release(self, threads: int) -> None:
         """After the step: the configured count again."""
@@ -112,25 +120,26 @@ class ThreadTuner:
         key = self.group_of(query_tokens)
         group = self.groups.setdefault(key, _Group())
         group.steps += 1
-        if threads not in group.warmed:
-            group.warmed.add(threads)
+        if threads not in self.warmed:
+            self.warmed.add(threads)  # the process's first step on this count (new oneDNN primitives)
             return
-        previous = group.average.get(threads)
-        best = min(group.average, key=group.average.__getitem__) if group.average else threads
-        # The running count's average moves slowly (noise); an explored count's one measurement
-        # replaces its stale average, so a neighbour that left is noticed at the next exploration
-        # (and a lucky one is undone by the next few steps at that count).
-        weight = DECAY if threads == best and previous is not None else 1.0
-        group.average[threads] = seconds if previous is None else previous + weight * (seconds - previous)
-        if threads != best and previous is not None:  # an exploration: how long until the next
+        best = min(group.average, key=group.average.__getitem__) if group.average else None
+        if best is None or threads == best:
+            # The running count's average moves slowly (noise).
+            previous = group.average.get(threads)
+            group.average[threads] = seconds if previous is None else previous + DECAY * (seconds - previous)
+        else:
+            # An exploration: its one measurement replaces the count's stale average, so a
+            # neighbour that left is noticed at once (a lucky one is undone by the next few steps
+            # at that count). One that wins keeps explorations frequent; one that loses makes them
+            # rarer, the more so the worse it did, so what they cost stays a small share of the
+            # steps however slow the other count is (2 threads beside a busy core ran steps 5-10x
+            # slower: explored every 16th step, that alone cost 40% of the throughput).
+            group.average[threads] = seconds
             ratio = seconds / max(group.average[best], 1e-9)
-            if ratio < 1:  # it won: keep looking often
+            if ratio < 1:
                 group.interval = EXPLORE_EVERY
             else:
-                # It lost: explore less often, the more so the worse it did, so that what the
-                # explorations cost stays a small share of the steps however slow the other count
-                # is (2 threads beside a busy core ran steps 5-10x slower: explored every 16th
-                # step, that alone cost 40% of the throughput).
                 group.interval = min(MAX_EXPLORE_EVERY, max(2 * group.interval, round(EXPLORE_EVERY * ratio)))
             group.until_explore = group.interval
         if len(group.average) == len(self.counts):
