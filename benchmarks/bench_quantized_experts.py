@@ -17,39 +17,13 @@ point, not its speed; GPU speed is not measured here.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, from a script
 
-_RUN = """
-import json, sys, time
-import torch
-torch.set_num_threads(int(sys.argv[2]))
-from lmserve import SamplingParams
-from lmserve.engine.llm_engine import LLMEngine
-
-def status_mib(key):
-    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key))) / 1024
-
-start = time.perf_counter()
-engine = LLMEngine(sys.argv[1], dtype="bfloat16", num_kv_blocks=64)
-out = {"load_s": time.perf_counter() - start, "peak": status_mib("VmHWM"), "rss": status_mib("VmRSS")}
-
-def decode(tokens):
-    engine.add_request("r", [5, 6, 7, 8], SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
-
-decode(4)  # warm-up
-start = time.perf_counter()
-decode(32)
-out["tok_s"] = 32 / (time.perf_counter() - start)
-print(json.dumps(out))
-"""
+from benchmarks.fresh_load import measure, print_table  # noqa: E402
 
 
 def build(directory: Path, layers: int, experts: int, width: int) -> int:
@@ -86,20 +60,9 @@ def main() -> None:
         print(f"Qwen2-MoE: {args.layers} layers x {args.experts} experts of {args.width} x {args.width}, "
               f"{expert_weights / 1e6:.0f}M expert weights ({2 * expert_weights / 2**20:.0f} MiB in bf16); "
               f"{args.threads} threads")
-        runs = {}
-        for mode in ("bf16", "fbgemm_fp8", "gptq"):
-            child = subprocess.run([sys.executable, "-c", _RUN, str(tmp / mode), str(args.threads)],
-                                   capture_output=True, text=True, check=True)
-            runs[mode] = json.loads(child.stdout.strip().splitlines()[-1])
-    base = runs["bf16"]
-    print("| checkpoint | load s | peak RSS MiB | RSS after load MiB | batch-1 decode tok/s |")
-    print("|---|---:|---:|---:|---:|")
-    for mode, r in runs.items():
-        name = mode if mode != "gptq" else f"gptq (int4, group {args.group})"
-        print(f"| {name} | {r['load_s']:.1f} | {r['peak']:.0f} ({r['peak'] / base['peak']:.2f}x) | "
-              f"{r['rss']:.0f} ({r['rss'] / base['rss']:.2f}x) | "
-              f"{r['tok_s']:.1f} ({r['tok_s'] / base['tok_s']:.2f}x) |")
-
+        names = {"bf16": "bf16", "fbgemm_fp8": "fbgemm_fp8", "gptq": f"gptq (int4, group {args.group})"}
+        runs = {name: measure(tmp / mode, "checkpoint", args.threads) for mode, name in names.items()}
+    print_table("checkpoint", runs)
 
 if __name__ == "__main__":
     main()
