@@ -12,9 +12,10 @@ and a 512-token prefill chunk are never compared). For each group the tuner keep
 average of step time per thread count. It runs the count with the lowest average, and every so
 often one of the others (round robin), whose measurement replaces that count's stale average:
 when a neighbour comes, the running count's average rises within a few steps; when it goes, the
-next exploration sees it. Explorations start every `EXPLORE_EVERY` steps of a group; each one that
-loses doubles the interval (and more, the worse it did), up to `MAX_EXPLORE_EVERY`, and one that
-wins resets it, so exploring costs little even when the other count is many times slower
+next exploration sees it. A new step size starts on the count the busiest size runs and tries the
+others on its next steps, then explores every `EXPLORE_EVERY` steps; each exploration that loses
+doubles the interval (and more, the worse it did), up to `MAX_EXPLORE_EVERY`, and one that wins
+resets it, so exploring costs little even when the other count is many times slower
 (docs/benchmarks.md has both cases).
 
 Thread counts are tried from the configured count down: all, one fewer (a neighbour on one
@@ -60,7 +61,9 @@ class _Group:
         self.steps = 0
         self.next_explore = 0  # index into the other counts, round robin
         self.interval = EXPLORE_EVERY  # steps between explorations (grows while they keep losing)
-        self.until_explore = EXPLORE_EVERY
+        # The other counts are first tried at once: a step size seen rarely (one-stream prefills)
+        # would otherwise never leave the count it started on.
+        self.until_explore = 1
 
 
 class ThreadTuner:
