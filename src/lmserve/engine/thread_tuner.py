@@ -13,7 +13,8 @@ average of step time per thread count. It runs the count with the lowest average
 often one of the others (round robin), whose measurement replaces that count's stale average:
 when a neighbour comes, the running count's average rises within a few steps; when it goes, the
 next exploration sees it. A new step size starts on the count the busiest size runs and tries the
-others on its next steps, then explores every `EXPLORE_EVERY` steps; each exploration that loses
+others on its next steps (later, if the busiest size's explorations keep losing), then explores
+every `EXPLORE_EVERY` steps; each exploration that loses
 doubles the interval (and more, the worse it did), up to `MAX_EXPLORE_EVERY`, and one that wins
 resets it, so exploring costs little even when the other count is many times slower
 (docs/benchmarks.md has both cases).
@@ -92,9 +93,11 @@ class ThreadTuner:
         """Set (on the calling thread) and return the thread count for a step of this size."""
         group = self.groups.setdefault(self.group_of(query_tokens), _Group())
         if not group.average:
-            # A step size not seen yet starts on the count the busiest size runs (trying every
-            # count first would run big prefill steps on a count a neighbour makes many times slower).
-            threads = self._prevailing()
+            # A step size not seen yet starts on the count the busiest size runs, and explores as
+            # often as that size does now: soon where the counts measure close, late where the
+            # others keep losing badly (trying every count at once ran each new prefill size
+            # 2-threaded beside a busy core, many times slower).
+            threads, group.until_explore = self._prevailing()
         else:
             threads = min(group.average, key=group.average.__getitem__)
             group.until_explore -= 1
@@ -107,12 +110,14 @@ class ThreadTuner:
             torch.set_num_threads(threads)
         return threads
 
-    def _prevailing(self) -> int:
+    def _prevailing(self) -> tuple[int, int]:
+        """The busiest step size's count, and the steps until a new size first explores."""
         measured = [g for g in self.groups.values() if g.average]
         if not measured:
-            return self.max_threads
+            return self.max_threads, 1
         busiest = max(measured, key=lambda g: g.steps)
-        return min(busiest.average, key=busiest.average.__getitem__)
+        first_explore = 1 if busiest.interval <= EXPLORE_EVERY else busiest.interval
+        return min(busiest.average, key=busiest.average.__getitem__), first_explore
 
     def release(self, threads: int) -> None:
         """After the step: the configured count again."""
