@@ -4,6 +4,7 @@ the engine computes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmserve import LLM, SamplingParams
@@ -74,7 +75,8 @@ def test_step_sizes_are_measured_apart():
 def test_applies_only_where_the_thread_count_is_ours(monkeypatch):
     torch.set_num_threads(2)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert ThreadTuner.for_engine(cpu, 1, threads_fixed=False) is not None
+    assert ThreadTuner.for_engine(cpu, 1, threads_fixed=False, dtype=torch.bfloat16) is not None
+    assert ThreadTuner.for_engine(cpu, 1, threads_fixed=False, dtype=torch.float32) is None  # sums split by threads
     assert ThreadTuner.for_engine(cpu, 1, threads_fixed=True) is None  # --threads N
     assert ThreadTuner.for_engine(cpu, 2, threads_fixed=False) is None  # tensor-parallel ranks set their own
     assert ThreadTuner.for_engine(cuda, 1, threads_fixed=False) is None
@@ -82,19 +84,25 @@ def test_applies_only_where_the_thread_count_is_ours(monkeypatch):
     assert ThreadTuner.for_engine(cpu, 1, threads_fixed=False) is None
 
 
-def test_the_engine_explores_thread_counts_without_changing_its_tokens(monkeypatch):
-    """The bundled model with the tuner exploring 1 and 2 threads every other step gives the
-    tokens of a run with the tuner off, and leaves torch's thread count as configured."""
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_the_engine_explores_thread_counts_without_changing_a_logprob(monkeypatch, quantization):
+    """The bundled model in bf16 (dense, and int4 as served by default) with the tuner exploring 1
+    and 2 threads every other step gives the tokens and logprobs of a run with the tuner off, and
+    leaves torch's thread count as configured."""
     torch.set_num_threads(2)
     prompts = ["Name three colours.", "What is the capital of France?"]
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
     monkeypatch.setattr(thread_tuner, "EXPLORE_EVERY", 2)
-    llm = track(LLM(DEFAULT_MODEL_ID, dtype="float32"))
+    llm = track(LLM(DEFAULT_MODEL_ID, dtype="bfloat16", quantization=quantization, quantized_max_rows=2))
     assert llm.engine.thread_tuner is not None
-    tuned = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    def run():
+        outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        return [(o.token_ids, [e.logprob for e in o.logprobs]) for o in outs]
+
+    tuned = run()
     snapshot = llm.engine.thread_tuner.snapshot()
     assert any(set(averages) == {1, 2} for averages in snapshot.values()), snapshot  # both counts ran
     assert torch.get_num_threads() == 2
     llm.engine.thread_tuner = None
-    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert tuned == plain
+    assert run() == tuned

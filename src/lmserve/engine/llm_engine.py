@@ -96,7 +96,8 @@ class LLMEngine:
         if self.speculator is not None:
             self.scheduler.on_release = self.speculator.release
         # CPU threads per step by measurement (a busy neighbour core), unless the user fixed them.
-        self.thread_tuner = ThreadTuner.for_engine(self.device, cfg.tensor_parallel_size, cpu_threads_fixed())
+        self.thread_tuner = ThreadTuner.for_engine(self.device, cfg.tensor_parallel_size, cpu_threads_fixed(),
+                                                   self.dtype)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar: GrammarBackend | None = None

@@ -22,10 +22,13 @@ resets it, so exploring costs little even when the other count is many times slo
 Thread counts are tried from the configured count down: all, one fewer (a neighbour on one
 core), half, and one. torch's thread count is the process's, so the count is set for the step and
 put back after it (0.1 us each): code that runs between steps (an offline `LLM` user's own torch
-code) sees the configured count. The thread count does not change results: the products split
-their output rows, not their sums, over threads (greedy tokens equal with 1 and 2 threads,
-tests/engine/test_thread_tuner.py). `--threads N` (an explicit count) turns the tuner off, as do
-tensor-parallel ranks (each sets its own), non-CPU devices and LMSERVE_ADAPTIVE_THREADS=0.
+code) sees the configured count. The thread count must not change results (a seeded request
+samples the same tokens every time): in bf16 (the serving default, int4 included) the products
+split their output rows, not their sums, over threads, and the logprobs are equal with 1 and 2
+threads (tests/engine/test_thread_tuner.py); in float32 they are not (oneDNN's fp32 products
+moved logprobs by 4e-6), so a float32 engine keeps a fixed count. `--threads N` (an explicit
+count) turns the tuner off, as do tensor-parallel ranks (each sets its own), non-CPU devices and
+LMSERVE_ADAPTIVE_THREADS=0.
 Compiled decode graphs (`compile: true`) fix their team size when compiled, so the tuner measures
 them but cannot change them.
 """
@@ -42,6 +45,9 @@ log = logging.getLogger("lmserve.engine")
 EXPLORE_EVERY = 16  # one step in this many per size group tries another thread count, at first
 MAX_EXPLORE_EVERY = 256  # ... and at least this often while explorations keep losing
 DECAY = 0.25  # weight of the newest step time in a count's average
+# Compute dtypes whose results were measured equal, logprob for logprob, with 1 and 2 threads
+# (tests/engine/test_thread_tuner.py holds them to it).
+INVARIANT_DTYPES = (torch.bfloat16,)
 ENV_OFF = "LMSERVE_ADAPTIVE_THREADS"  # "0": keep the configured count (benchmarks compare both)
 
 
@@ -78,9 +84,14 @@ class ThreadTuner:
         self.chosen_log: dict[int, int] = {}  # group -> last count logged as its best
 
     @classmethod
-    def for_engine(cls, device: torch.device, tensor_parallel_size: int, threads_fixed: bool) -> ThreadTuner | None:
-        """A tuner where it applies: one CPU process whose thread count the user left to us."""
-        if device.type != "cpu" or tensor_parallel_size > 1 or threads_fixed or os.environ.get(ENV_OFF) == "0":
+    def for_engine(cls, device: torch.device, tensor_parallel_size: int, threads_fixed: bool,
+                   dtype: torch.dtype = torch.bfloat16) -> ThreadTuner | None:
+        """A tuner where it applies: one CPU process whose thread count the user left to us, in a
+        compute dtype whose results do not depend on the thread count. float32 is left out: its
+        products split their sums over threads (logprobs moved by 4e-6 between 1 and 2 threads),
+        so a seeded sample could come out differently from one run of a request to the next."""
+        if (device.type != "cpu" or tensor_parallel_size > 1 or threads_fixed or dtype not in INVARIANT_DTYPES
+                or os.environ.get(ENV_OFF) == "0"):
             return None
         max_threads = torch.get_num_threads()
         return cls(max_threads) if max_threads > 1 else None
