@@ -10,7 +10,7 @@ The int4 kernel wins only for few rows per product; for prefill and large decode
 bf16 weights are faster. `quantized_max_rows` keeps a bf16 copy for those products when it is
 cheap: when the dense weights take at most `DENSE_COPY_SHARE` of the memory available at start
 (the bundled 135M model: ~270 MB). A model too large for that keeps only the 4-bit weights.
-Where the crossover lies differs by machine (4 rows on a Zen 4, 2 on an AMX Xeon), so it is
+Where the crossover lies differs by machine (4 rows on a Zen 4, 2 to 4 on an AMX Xeon), so it is
 measured at start (layers/quantization/kernel_timing.py, ~0.3 s), as is which int4 kernel runs.
 
 Applies only when the deployment sets neither `quantization` nor `dtype` (an explicit dtype,
