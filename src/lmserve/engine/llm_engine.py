@@ -223,8 +223,8 @@ class LLMEngine:
         # Decodes and verifications only: a point of the step-time fit the adaptive rule uses.
         timed = self.speculator is not None and all(seq.seq_id in spec_lens for seq, _ in batch.prefills)
         context = sum(seq.num_computed_tokens for seq, _ in batch.prefills)
-        tokens = len(batch.decodes) + sum(n for _, n in batch.prefills)
-        threads = self.thread_tuner.choose(tokens) if self.thread_tuner is not None else 0
+        rows = len(batch.decodes) + sum(n for _, n in batch.prefills)  # query tokens of the step
+        threads = self.thread_tuner.choose(rows) if self.thread_tuner is not None else 0
         run_started = time.perf_counter()
         try:
             outputs = self._run(batch, spec_lens)
@@ -232,9 +232,8 @@ class LLMEngine:
             if threads:
                 self.thread_tuner.release(threads)
         if threads:
-            self.thread_tuner.observe(tokens, threads, time.perf_counter() - run_started)
+            self.thread_tuner.observe(rows, threads, time.perf_counter() - run_started)
         if timed:
-            rows = len(batch.decodes) + sum(n for _, n in batch.prefills)
             self.speculator.observe_step(rows, context, time.perf_counter() - started)
         return outputs
 

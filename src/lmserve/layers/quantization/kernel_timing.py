@@ -2,12 +2,12 @@
 int4 product beats the dense bf16 one: measured once per process (and shape), on synthetic
 weights, the first time it is asked.
 
-Why measure: the winners differ from machine to machine, and the project's machines differ from
-day to day. On a 2-core Zen 4 (AVX512, no AMX) our VNNI kernel beat torch's int4 kernel 4-5x
-with 2 threads and the int4 products beat bf16 up to 4 rows; on a 2-core Xeon with AMX, torch's
-int4 kernel was 2.3x faster than ours with 2 threads (ours was faster with 1) and int4 beat bf16
-up to 8 rows (docs/benchmarks.md, "Choosing the kernels by measurement"). A constant chosen on
-one machine is wrong on the other, so the serving default asks this module instead.
+Why measure: the winners differ from machine to machine (and the project's machines differ from
+day to day), and from shape to shape. On a 2-core Xeon with AMX, quiet, torch's int4 kernel was
+1.2x faster than ours on SmolLM2's 576-wide products and ours 1.6x faster on 2048 x 1024; int4
+beat bf16 up to 4 rows there (2 under load), as on a 2-core Zen 4 (docs/benchmarks.md, "Threads
+and kernels by measurement"). A constant chosen on one machine is wrong on another, so the
+serving default and the int4 packing ask this module instead.
 
 What is timed: products of an [n, k] weight at a few row counts, cycling through `COPIES`
 distinct weights so consecutive calls do not reuse a weight from cache; each candidate's time is
@@ -78,29 +78,51 @@ def _best_time(products: list, x: torch.Tensor) -> float:
     return best
 
 
+def _synthetic_grid(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and group scales of an [n, k] int4 grid: any values do, the kernels' time does not
+    depend on them."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return codes, torch.full((n, k // q4_kernel.BLOCK), 0.01)
+
+
+def _int4_products(codes: torch.Tensor, scale: torch.Tensor, kernels, copies: int) -> dict[str, list]:
+    """kernel -> its products, one per weight copy. The copies hold the same values in separate
+    memory: packing once and cloning is most of the set-up cost saved."""
+    out = {}
+    for kernel in kernels:
+        qweight, sz = q4_kernel.pack_int4(codes, scale, torch.zeros_like(scale), vnni=kernel == "vnni")
+        out[kernel] = [functools.partial(_int4, qweight=qweight.clone(), scales_zeros=sz.clone())
+                       for _ in range(copies)]
+    return out
+
+
 def _candidates(forced: str | None) -> dict[str, list]:
-    """name -> the products (one per weight copy) it runs. The copies hold the same values in
-    separate memory: packing once and cloning is most of this module's start-up cost saved."""
+    """name -> the products (one per weight copy) it runs: bf16 and the int4 kernels."""
     from lmserve.layers.quantization.int4_kernel import KERNEL_DTYPE
 
-    n, k = SHAPE
-    generator = torch.Generator().manual_seed(0)
-    # Any values do: the kernels' time does not depend on them.
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
-    scale = torch.full((n, k // q4_kernel.BLOCK), 0.01)
-    dense = ((codes.to(KERNEL_DTYPE) - 8) * 0.01)
+    codes, scale = _synthetic_grid(*SHAPE)
+    dense = (codes.to(KERNEL_DTYPE) - 8) * 0.01
     if torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
         out: dict[str, list] = {"bf16": [_packed_bf16(packed.clone()) for _ in range(COPIES)]}
     else:
         out = {"bf16": [functools.partial(torch.nn.functional.linear, weight=dense.clone()) for _ in range(COPIES)]}
-    for kernel in KERNELS:
-        if forced not in (None, kernel) or (kernel == "vnni" and not q4_kernel.available()):
-            continue
-        qweight, sz = q4_kernel.pack_int4(codes, scale, torch.zeros_like(scale), vnni=kernel == "vnni")
-        out[kernel] = [functools.partial(_int4, qweight=qweight.clone(), scales_zeros=sz.clone())
-                       for _ in range(COPIES)]
+    kernels = [k for k in KERNELS if forced in (None, k) and (k != "vnni" or q4_kernel.available())]
+    out.update(_int4_products(codes, scale, kernels, COPIES))
     return out
+
+
+def _sweep(candidates: dict[str, list], inputs: list[torch.Tensor]) -> dict[str, tuple[float, ...]]:
+    """Each candidate's fastest call per input, the best of `SWEEPS` sweeps: a process's first
+    products include one-time set-up (oneDNN's kernel generation: ~12 ms for the first bf16 call
+    on an AMX Xeon), which the first sweep absorbs."""
+    seconds: dict[str, tuple[float, ...]] = {}
+    with torch.no_grad():
+        for _ in range(SWEEPS):
+            for name, products in candidates.items():
+                times = [_best_time(products, x) for x in inputs]
+                seconds[name] = tuple(map(min, zip(times, seconds.get(name, times))))
+    return seconds
 
 
 def _packed_bf16(packed: torch.Tensor):
@@ -114,16 +136,7 @@ def _int4(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor) ->
 @functools.cache
 def _measure(threads: int, forced: str | None) -> KernelTimings:
     started = time.perf_counter()
-    candidates = _candidates(forced)
-    seconds = {}
-    inputs = [torch.randn(rows, SHAPE[1]).to(torch.bfloat16) for rows in ROWS]
-    with torch.no_grad():
-        # Two sweeps, the best of both: a process's first products include one-time set-up
-        # (oneDNN's kernel generation: ~12 ms for the first bf16 call on an AMX Xeon).
-        for _ in range(SWEEPS):
-            for name, products in candidates.items():
-                times = [_best_time(products, x) for x in inputs]
-                seconds[name] = tuple(map(min, zip(times, seconds.get(name, times))))
+    seconds = _sweep(_candidates(forced), [torch.randn(rows, SHAPE[1]).to(torch.bfloat16) for rows in ROWS])
     timings = KernelTimings(seconds)
     log.info("int4 kernels timed in %.2fs with %d threads (%s): %s; int4 up to %d rows", time.perf_counter() - started,
              threads, timings.describe(), timings.int4_kernel(), timings.int4_max_rows())
@@ -156,21 +169,9 @@ def _faster_kernel(n: int, k: int, threads: int) -> str:
     distinct layer shape of a model once: a few ms each)."""
     if n % 16:
         return "vnni"  # torch's layout needs rows in multiples of 16
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
-    scale = torch.full((n, k // q4_kernel.BLOCK), 0.01)
     copies = max(1, min(COPIES, SHAPE_BYTES // max(n * k // 2, 1)))
-    products = {}
-    for kernel in KERNELS:
-        qweight, sz = q4_kernel.pack_int4(codes, scale, torch.zeros_like(scale), vnni=kernel == "vnni")
-        products[kernel] = [functools.partial(_int4, qweight=qweight.clone(), scales_zeros=sz.clone())
-                            for _ in range(copies)]
-    x = torch.randn(1, k).to(torch.bfloat16)
-    seconds = dict.fromkeys(KERNELS, float("inf"))
-    with torch.no_grad():
-        for _ in range(SWEEPS):
-            for kernel, calls in products.items():
-                seconds[kernel] = min(seconds[kernel], _best_time(calls, x))
+    products = _int4_products(*_synthetic_grid(n, k), KERNELS, copies)
+    seconds = {kernel: times[0] for kernel, times in _sweep(products, [torch.randn(1, k).to(torch.bfloat16)]).items()}
     faster = min(seconds, key=seconds.__getitem__)
     log.info("int4 kernel for %d x %d weights: %s (one row: %s)", n, k, faster,
              ", ".join(f"{name} {t * 1e6:.0f} us" for name, t in seconds.items()))
