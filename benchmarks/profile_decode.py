@@ -26,13 +26,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--no-profile", action="store_true", help="only the ms/token (A/B runs)")
+    p.add_argument("--compile", action="store_true", help="decode steps through the compiled graph")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from lmserve import LLM, SamplingParams
 
     llm = LLM(dtype="bfloat16", quantization=args.quantization, quantized_max_rows=args.quantized_max_rows,
-              num_kv_blocks=256)
+              num_kv_blocks=256, compile=args.compile)
+    if args.compile:
+        llm.engine.runner.compiled.wait()
     prompt = llm.engine.encode("The history of the printing press begins", add_special_tokens=False)
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0))  # warm

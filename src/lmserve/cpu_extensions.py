@@ -45,7 +45,7 @@ class CpuExtension:
     def __init__(self, name: str, source: Path, what: str, needs: tuple[str, ...], isa_flags: tuple[str, ...],
                  env: str, fallback: str, on_load: Callable[[], None] | None = None):
         self.name, self.source, self.what = name, source, what
-        self.needs, self.isa_flags = needs, isa_flags  # /proc/cpuinfo flags; compiler -m flags
+        self.needs, self.isa_flags = needs, isa_flags  # /proc/cpuinfo flags; extra compiler flags (-m...)
         self.env, self.fallback, self.on_load = env, fallback, on_load
         self._lock = threading.Lock()
         self._reason: str | None | object = _UNDECIDED

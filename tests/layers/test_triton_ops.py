@@ -24,6 +24,13 @@ from tests.support.cuda_engine_checks import ulps_apart
 # Far below zero e^-x overflows to inf (act = x / inf = -0, the right limit); numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
+@pytest.fixture(autouse=True)
+def pytorch_reference(monkeypatch):
+    """The layers' PyTorch ops are the reference here: half-type CPU tensors would otherwise take
+    the C++ fused ops (tests/layers/test_cpu_fused_ops.py holds those to the same ops)."""
+    monkeypatch.setattr(fused, "use_fused", lambda x: False)
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
@@ -155,8 +162,14 @@ def test_rotary_promotes_like_pytorch():
     assert torch.equal(got, ref)
 
 
-def test_cpu_tensors_keep_the_pytorch_ops():
-    assert not fused.use_fused(torch.zeros(2))
+def force_triton(monkeypatch) -> None:
+    """Route every layer through the Triton kernels although the tensors are on the CPU."""
+    monkeypatch.setattr(fused, "use_fused", lambda x: True)
+    monkeypatch.setattr(fused, "ops", lambda x: triton_ops)
+
+
+def test_cpu_tensors_never_take_triton():
+    assert not fused.use_triton(torch.zeros(2)) and not fused.use_triton(torch.zeros(2, dtype=torch.bfloat16))
 
 
 def test_layers_dispatch_to_the_kernels(monkeypatch):
@@ -183,7 +196,7 @@ def test_layers_dispatch_to_the_kernels(monkeypatch):
     for name in ("rms_norm", "gated_act", "rotary"):
         original = getattr(triton_ops, name)
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    monkeypatch.setattr(fused, "use_fused", lambda x: True)
+    force_triton(monkeypatch)
     got = run()
     assert {"rms_norm", "gated_act", "rotary"} <= set(calls)
     # The experts run as grouped GEMMs (layers/triton_moe.py): float32 accumulation and the
@@ -210,7 +223,7 @@ def test_model_on_the_fused_kernels_matches_the_pytorch_path(tmp_path, monkeypat
     for name in ("rms_norm", "gated_act", "rotary"):
         original = getattr(triton_ops, name)
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: calls.add(_n) or _f(*a, **k))
-    monkeypatch.setattr(fused, "use_fused", lambda x: True)
+    force_triton(monkeypatch)
     _, got = serve_waves_greedy(tmp_path, STEPS)
     assert calls == {"rms_norm", "gated_act", "rotary"}
     assert_same_greedy_run(reference, got, STEPS)
@@ -251,5 +264,5 @@ def test_device_check_of_the_fused_ops_runs_here():
     float16 under the interpreter, so the script a device run calls cannot rot unseen."""
     from tests.support.cuda_engine_checks import check_fused_ops
 
-    results = check_fused_ops("cpu", torch.float16)
+    results = check_fused_ops("cpu", torch.float16, kernels=triton_ops)
     assert results["fused_rotary_max_ulps"] == 0

@@ -128,7 +128,7 @@ def ulps_apart(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     return (ref.float() - got.float()).abs() / torch.maximum(*spacing)
 
 
-def check_fused_ops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+def check_fused_ops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, kernels=None) -> dict:
     """The fused Triton kernels (layers/triton_ops.py) against the PyTorch ops they replace, through
     the layers, on Llama-3-8B-shaped inputs: rotary bit-equal; norms and activations within the
     roundings tests/layers/test_triton_ops.py allows. On CUDA also: the fused ops replayed from a CUDA
@@ -140,15 +140,17 @@ def check_fused_ops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -
     from lmserve.layers.norm import GemmaRMSNorm, RMSNorm
     from lmserve.layers.rotary import get_rope
 
-    original = fused.use_fused
+    original, original_ops = fused.use_fused, fused.ops
     on_cuda = torch.device(device).type == "cuda"
 
     def run(fused_on: bool, fn):
         fused.use_fused = lambda x: fused_on  # both paths on the same tensors
+        if kernels is not None:  # a given kernels module (Triton's, interpreted, on CPU tensors)
+            fused.ops = lambda x: kernels
         try:
             return fn()
         finally:
-            fused.use_fused = original
+            fused.use_fused, fused.ops = original, original_ops
 
     gen = torch.Generator().manual_seed(11)
     hidden, intermediate, heads, kv_heads, head_dim, tokens = 4096, 14336, 32, 8, 128, 3
@@ -169,7 +171,7 @@ def check_fused_ops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -
 
     def gated(name: str) -> torch.Tensor:  # GatedMLP.forward between its two matmuls
         if fused.use_fused(gate_up):
-            return fused.ops().gated_act(gate_up, intermediate, activation_kind(name))
+            return fused.ops(gate_up).gated_act(gate_up, intermediate, activation_kind(name))
         return get_activation(name)(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
 
     def ops():

@@ -1,12 +1,16 @@
-"""Whether a layer runs Triton's fused kernels (layers/triton_ops.py) or its PyTorch ops.
+"""Whether a layer runs fused kernels for its small ops (norms, rotary, gated activations) or its
+PyTorch ops, and which: Triton's on CUDA (layers/triton_ops.py), our C++ ones on the CPU
+(layers/cpu_fused_ops.py). Both have the same functions and keep the PyTorch ops' roundings.
 
-Fused on CUDA tensors only, where the launches they save are what a small decode step waits on.
-The CPU path stays the PyTorch ops, the reference the families are proven against. A
-torch.compile'd forward keeps the PyTorch ops too: Inductor fuses them itself.
+Where they pay: a small decode step waits on per-op overhead (a launch on a GPU, Python and the
+dispatcher on a CPU), which the fused ops cut several-fold. On the CPU they run for half types
+only (bf16, fp16); a float32 model keeps the PyTorch ops, the reference the families are proven
+against token for token. A torch.compile'd forward keeps the PyTorch ops too: Inductor fuses them
+itself.
 
 `triton_ops` imports Triton at module level, so it is imported here lazily, on the first CUDA
-tensor: a CPU install without Triton never touches it. LMSERVE_FUSED_OPS=0 turns the kernels off
-(read once), to compare against the unfused path on a GPU.
+tensor: a CPU install without Triton never touches it. LMSERVE_FUSED_OPS=0 turns both off (read
+once), to compare against the unfused path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_CPU_DTYPES = (torch.bfloat16, torch.float16)
+
 
 @functools.cache
 def _triton_ops() -> ModuleType | None:
@@ -34,11 +40,28 @@ def _triton_ops() -> ModuleType | None:
         return None
 
 
-def use_fused(x: torch.Tensor) -> bool:
-    """True when `x`'s op should run as a fused Triton kernel."""
+@functools.cache
+def _cpu_ops() -> ModuleType | None:
+    if os.environ.get("LMSERVE_FUSED_OPS", "1") == "0":
+        return None
+    from lmserve.layers import cpu_fused_ops
+
+    return cpu_fused_ops if cpu_fused_ops.available() else None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when `x`'s op should run as a Triton kernel (CUDA)."""
     return x.is_cuda and not torch.compiler.is_dynamo_compiling() and _triton_ops() is not None
 
 
-def ops() -> ModuleType:
-    """The kernels module; call only after use_fused() said True."""
-    return _triton_ops()
+def use_fused(x: torch.Tensor) -> bool:
+    """True when `x`'s op should run as a fused kernel: Triton's on CUDA, ours on the CPU for half types."""
+    if x.is_cuda:
+        return use_triton(x)
+    return (x.dtype in _CPU_DTYPES and x.device.type == "cpu" and not torch.compiler.is_dynamo_compiling()
+            and _cpu_ops() is not None)
+
+
+def ops(x: torch.Tensor) -> ModuleType:
+    """The kernels module for `x`'s device; call only after use_fused(x) said True."""
+    return _triton_ops() if x.is_cuda else _cpu_ops()

@@ -31,6 +31,6 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if fused.use_fused(gate_up):
-            return self.down_proj(fused.ops().gated_act(gate_up, self.intermediate, self.act_kind))
+            return self.down_proj(fused.ops(gate_up).gated_act(gate_up, self.intermediate, self.act_kind))
         gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
         return self.down_proj(self.act(gate) * up)

@@ -184,7 +184,7 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_weights, topk_ids [T, k] -> [T, H] (summed over the tensor-parallel ranks)."""
-        if fused.use_fused(x) and not self.tp.expert_parallel and self.quant_method is None:
+        if fused.use_triton(x) and not self.tp.expert_parallel and self.quant_method is None:
             # CUDA: one grouped-GEMM launch per projection, no host sync. Under TP every rank holds
             # every expert's slice of the intermediate, so the kernel runs as is; whole experts
             # per rank (expert parallelism) take the dispatch below.
@@ -226,7 +226,7 @@ class FusedExperts(nn.Module):
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         """act(gate) * up: one fused kernel on CUDA (layers/fused.py), PyTorch's two ops elsewhere."""
         if fused.use_fused(gate_up):
-            return fused.ops().gated_act(gate_up, self.intermediate, self.act_kind)
+            return fused.ops(gate_up).gated_act(gate_up, self.intermediate, self.act_kind)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
 

@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.use_fused(x):
-            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=self.gemma)
+            return fused.ops(x).rms_norm(x, self.weight, self.eps, gemma=self.gemma)
         # torch.rms_norm on the fp32 upcast computes transformers' five ops in one.
         return self.weight * torch.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
 
@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
         """(x + delta, the norm of it): a decoder layer's residual add and the norm after it, one
         launch on CUDA instead of two (a batch-1 decode step is bound by such launches)."""
         if fused.use_fused(x):
-            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=self.gemma, delta=delta)
+            return fused.ops(x).rms_norm(x, self.weight, self.eps, gemma=self.gemma, delta=delta)
         total = x + delta
         return total, self(total)
 
@@ -49,6 +49,6 @@ class GemmaRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.use_fused(x):
-            return fused.ops().rms_norm(x, self.weight, self.eps, gemma=self.gemma)
+            return fused.ops(x).rms_norm(x, self.weight, self.eps, gemma=self.gemma)
         normed = torch.rms_norm(x.float(), self.shape, None, self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype)

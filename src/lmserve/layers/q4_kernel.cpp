@@ -134,13 +134,15 @@ void dot_rows_any(int R, int64_t n0, int64_t n1, int64_t K, const uint8_t* codes
   }
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
+// scales_mins: [2, N, K / 32] float16, the blocks' d then m (one tensor: a call from Python indexes nothing).
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_mins) {
   TORCH_CHECK(x.dim() == 2, "x must be [rows, K]");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf,
-              "codes uint8, d and m float16");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scales_mins.scalar_type() == at::kHalf,
+              "codes uint8, scales_mins float16");
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
-  TORCH_CHECK(K % kBlock == 0 && K / kBlock <= kMaxBlocks && codes.size(1) == K / 2 && d.size(1) == K / kBlock && m.size(1) == K / kBlock,
-              "shapes do not match: x ", x.sizes(), ", codes ", codes.sizes());
+  TORCH_CHECK(K % kBlock == 0 && K / kBlock <= kMaxBlocks && codes.size(1) == K / 2 && scales_mins.dim() == 3 &&
+              scales_mins.size(0) == 2 && scales_mins.size(1) == N && scales_mins.size(2) == K / kBlock,
+              "shapes do not match: x ", x.sizes(), ", codes ", codes.sizes(), ", scales_mins ", scales_mins.sizes());
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t nb = K / kBlock;
   std::vector<int8_t> qx(M * K);
@@ -149,8 +151,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     quantize_row(xf.data_ptr<float>() + r * K, K, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* c = codes.contiguous().data_ptr<uint8_t>();
-  const at::Half* dp = d.contiguous().data_ptr<at::Half>();
-  const at::Half* mp = m.contiguous().data_ptr<at::Half>();
+  const at::Tensor sm = scales_mins.contiguous();
+  const at::Half* dp = sm.data_ptr<at::Half>();
+  const at::Half* mp = dp + N * nb;
   float* yp = y.data_ptr<float>();
   // Split the weight rows among torch's intra-op threads: each streams its share of the weights once.
   // Within a share, a tile of weight rows is read from memory once and reused from L1 by every
@@ -171,7 +174,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY(lmserve_q4, lib) {
-  lib.def("linear(Tensor x, Tensor codes, Tensor d, Tensor m) -> Tensor");
+  lib.def("linear(Tensor x, Tensor codes, Tensor scales_mins) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmserve_q4, CPU, lib) {

@@ -34,7 +34,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("lmserve_q4::linear")(_fake_linear)
 
 
-def _fake_linear(x, codes, d, m):  # shapes for torch.compile's tracing
+def _fake_linear(x, codes, scales_mins):  # shapes for torch.compile's tracing
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -84,17 +84,23 @@ def _chunks(nb: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """x [..., k] times a `pack_int4` weight: [..., n] in x's dtype. The one entry point of the
-    int4 linear method."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """x [..., k] times a `pack_int4` weight: [..., n] in x's dtype (`group`: the grid's columns per
+    scale in torch's layout; the VNNI one is always BLOCK). The one entry point of the int4 linear
+    method. A 2-D bf16 x (a decode step's) costs one op call: at batch 1 the bundled model makes
+    120 of these per token, and each reshape, cast or index around it cost ~3-5 us."""
+    if x.dim() != 2:
+        shape = x.shape
+        return int4_linear(x.reshape(-1, shape[-1]), qweight, scales_zeros, group).reshape(*shape[:-1], -1)
     if scales_zeros.dtype == torch.float16:
-        y = torch.ops.lmserve_q4.linear(x2, qweight, scales_zeros[0], scales_zeros[1])
-    else:  # torch's kernel takes bf16 activations (its float32 path is a ~100x slower reference loop)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), qweight, BLOCK, scales_zeros)
-        y = y.to(x.dtype)
-    return y.reshape(*shape[:-1], y.shape[-1])
+        return torch.ops.lmserve_q4.linear.default(x, qweight, scales_zeros)
+    # torch's kernel takes bf16 activations (its float32 path is a ~100x slower reference loop)
+    if x.dtype == torch.bfloat16:
+        return _TORCH_INT4(x, qweight, group, scales_zeros)
+    return _TORCH_INT4(x.to(torch.bfloat16), qweight, group, scales_zeros).to(x.dtype)
+
+
+_TORCH_INT4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 def dequantize_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, k: int) -> torch.Tensor:

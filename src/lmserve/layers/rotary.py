@@ -172,7 +172,7 @@ class RotaryEmbedding(nn.Module):
         """x [T, H, head_dim] -> rotated copy. The same products and sums, in the same dtype, as
         transformers' x * cos + rotate(x) * sin (a + (-b) * s equals a - b * s exactly)."""
         if fused.use_fused(x):
-            return fused.ops().rotary(x, cos, sin, self.rotary_dim, self.style)
+            return fused.ops(x).rotary(x, cos, sin, self.rotary_dim, self.style)
         if self.rotary_dim < self.head_dim:
             rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
             return torch.cat((self._rotate(rot, cos, sin), rest), dim=-1)

@@ -110,9 +110,4 @@ def pack_experts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 def int4_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [..., k] @ W^T -> [..., n] in x's dtype (computed in the kernel dtype)."""
-    if packed.scales_zeros.dtype == torch.float16:  # the VNNI layout (pack above)
-        return q4_kernel.int4_linear(x, packed.qweight, packed.scales_zeros)
-    shape = x.shape
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE), packed.qweight,
-                                                   packed.group, packed.scales_zeros)
-    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+    return q4_kernel.int4_linear(x, packed.qweight, packed.scales_zeros, packed.group)
