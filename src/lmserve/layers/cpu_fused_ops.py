@@ -46,7 +46,8 @@ _KERNELS = CpuExtension(
     "lmserve_cpu_fused_ops", Path(__file__).with_name("cpu_fused_ops.cpp"), "CPU fused norm/rotary/activation ops",
     # No fused multiply-add contraction: PyTorch rounds each product before the sum (float32 outputs
     # of a float32 rope table would differ in the last bit otherwise).
-    needs=(), isa_flags=("-ffp-contract=off",), env="LMSERVE_FUSED_OPS_CPU", fallback="norms, rotary and activations run as PyTorch ops",
+    needs=(), isa_flags=("-ffp-contract=off",), env="LMSERVE_FUSED_OPS_CPU",
+    fallback="norms, rotary and activations run as PyTorch ops",
     on_load=_register_fakes)
 
 
