@@ -9,10 +9,13 @@ beat bf16 up to 4 rows there (2 under load), as on a 2-core Zen 4 (docs/benchmar
 and kernels by measurement"). A constant chosen on one machine is wrong on another, so the
 serving default and the int4 packing ask this module instead.
 
-What is timed: products of an [n, k] weight at a few row counts, cycling through `COPIES`
-distinct weights so consecutive calls do not reuse a weight from cache; each candidate's time is
-its fastest call over `SWEEPS` sweeps (a neighbour's interference only ever adds time), with
-torch's current thread count. Well under a second, once per process.
+What is timed: products of an [n, k] weight at a few row counts, each pass cycling through
+distinct copies of the weight that together hold `STREAM_BYTES`, so that, as in a model's forward,
+every product reads its weight from beyond the core's L2 (with 4 copies, as until 2026-12-05, the
+weights stayed in a 2-4 MiB L2: the VNNI kernel won the per-shape timing on SmolLM2's products yet
+lost 1.45x to torch's over the model's 120 distinct weights). A candidate's time is its best pass
+over `SWEEPS` sweeps (a neighbour's interference only ever adds time), with torch's current thread
+count. About a second, once per process.
 `LMSERVE_INT4_KERNEL=vnni|torch` skips the kernel measurement (benchmarks, A/B runs).
 """
 
@@ -31,7 +34,8 @@ from lmserve.layers import q4_kernel
 log = logging.getLogger("lmserve.engine")
 
 SHAPE = (2048, 1024)  # n, k of the synthetic weight: a mid-sized projection
-COPIES = 4
+STREAM_BYTES = 32 << 20  # weight bytes each pass reads: well past an L2
+MAX_COPIES = 128
 ROWS = (1, 2, 4, 8, 16)
 REPEATS = 2
 SWEEPS = 2
@@ -66,15 +70,20 @@ class KernelTimings:
                          for name, times in self.seconds.items()) + f" at rows {'/'.join(map(str, ROWS))}"
 
 
+def _copies(weight_bytes: int) -> int:
+    """How many distinct copies of a weight one pass cycles through (STREAM_BYTES in all)."""
+    return max(2, min(MAX_COPIES, STREAM_BYTES // max(weight_bytes, 1)))
+
+
 def _best_time(products: list, x: torch.Tensor) -> float:
-    """The fastest single product: on a busy host a call now and then loses its core for a
-    scheduler slice (10-20 ms against ~0.1 ms), so any average would measure the neighbour."""
+    """Seconds per product in the fastest of REPEATS passes over every copy: a pass that loses its
+    core to a neighbour for a scheduler slice is simply not the fastest."""
     best = float("inf")
     for _ in range(REPEATS):
+        started = time.perf_counter()
         for product in products:
-            started = time.perf_counter()
             product(x)
-            best = min(best, time.perf_counter() - started)
+        best = min(best, (time.perf_counter() - started) / len(products))
     return best
 
 
@@ -85,12 +94,13 @@ def _synthetic_grid(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, torch.full((n, k // q4_kernel.BLOCK), 0.01)
 
 
-def _int4_products(codes: torch.Tensor, scale: torch.Tensor, kernels, copies: int) -> dict[str, list]:
+def _int4_products(codes: torch.Tensor, scale: torch.Tensor, kernels) -> dict[str, list]:
     """kernel -> its products, one per weight copy. The copies hold the same values in separate
     memory: packing once and cloning is most of the set-up cost saved."""
     out = {}
     for kernel in kernels:
         qweight, sz = q4_kernel.pack_int4(codes, scale, torch.zeros_like(scale), vnni=kernel == "vnni")
+        copies = _copies(qweight.numel() + sz.numel() * sz.element_size())
         out[kernel] = [functools.partial(_int4, qweight=qweight.clone(), scales_zeros=sz.clone())
                        for _ in range(copies)]
     return out
@@ -102,13 +112,14 @@ def _candidates(forced: str | None) -> dict[str, list]:
 
     codes, scale = _synthetic_grid(*SHAPE)
     dense = (codes.to(KERNEL_DTYPE) - 8) * 0.01
+    copies = _copies(dense.numel() * dense.element_size())
     if torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
-        out: dict[str, list] = {"bf16": [_packed_bf16(packed.clone()) for _ in range(COPIES)]}
+        out: dict[str, list] = {"bf16": [_packed_bf16(packed.clone()) for _ in range(copies)]}
     else:
-        out = {"bf16": [functools.partial(torch.nn.functional.linear, weight=dense.clone()) for _ in range(COPIES)]}
+        out = {"bf16": [functools.partial(torch.nn.functional.linear, weight=dense.clone()) for _ in range(copies)]}
     kernels = [k for k in KERNELS if forced in (None, k) and (k != "vnni" or q4_kernel.available())]
-    out.update(_int4_products(codes, scale, kernels, COPIES))
+    out.update(_int4_products(codes, scale, kernels))
     return out
 
 
@@ -160,17 +171,13 @@ def use_vnni(n: int, k: int) -> bool:
     return forced == "vnni" or _faster_kernel(n, k, torch.get_num_threads()) == "vnni"
 
 
-SHAPE_BYTES = 32 << 20  # int4 bytes of weight copies timed per shape (fewer copies for big layers)
-
-
 @functools.cache
 def _faster_kernel(n: int, k: int, threads: int) -> str:
     """The faster int4 kernel at one row for an [n, k] weight, timed on synthetic codes (each
     distinct layer shape of a model once: a few ms each)."""
     if n % 16:
         return "vnni"  # torch's layout needs rows in multiples of 16
-    copies = max(1, min(COPIES, SHAPE_BYTES // max(n * k // 2, 1)))
-    products = _int4_products(*_synthetic_grid(n, k), KERNELS, copies)
+    products = _int4_products(*_synthetic_grid(n, k), KERNELS)
     seconds = {kernel: times[0] for kernel, times in _sweep(products, [torch.randn(1, k).to(torch.bfloat16)]).items()}
     faster = min(seconds, key=seconds.__getitem__)
     log.info("int4 kernel for %d x %d weights: %s (one row: %s)", n, k, faster,
