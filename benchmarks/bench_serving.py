@@ -15,6 +15,7 @@ only numbers from one run: machines differ.
     .venv/bin/python benchmarks/bench_serving.py --concurrency 1 16 64 --max-tokens 128 \\
         --baseline quantization=none --candidate quantization=int4 quantized_max_rows=2 \\
         --llama-server /path/to/llama-server --offline
+    .venv/bin/python benchmarks/bench_serving.py --concurrency 1 --max-tokens 16 --prompt-words 1500  # prefill
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ def lmserve_command(model: str, dtype: str, options: dict, work: Path, name: str
             "--port", str(port)]
 
 
-def llama_server_command(binary: str, gguf: str, threads: int, slots: int, max_tokens: int, port: int) -> list[str]:
+def llama_server_command(binary: str, gguf: str, threads: int, slots: int, max_tokens: int, port: int,
+                         prompt_words: int = 0) -> list[str]:
     """llama.cpp's server on the same file: one slot per concurrent request, each with room for
-    a prompt and the output."""
+    a prompt (a short chat, or ~2 tokens a word of a long one) and the output."""
+    per_slot = 256 + 2 * prompt_words + max_tokens
     return [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-            "-np", str(slots), "-c", str(slots * (256 + max_tokens)), "--no-webui", "--api-key", KEY]
+            "-np", str(slots), "-c", str(slots * per_slot), "--no-webui", "--api-key", KEY]
 
 
 class Server:
@@ -130,14 +133,24 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
     return first - start, tpot, tokens
 
 
-async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+def long_prompts(words: int, count: int) -> list[str]:
+    """`count` distinct prompts of about `words` words each (the prefill-heavy row): windows of
+    tests/data/perplexity_text.txt repeated, each opened by its own request number so that no two
+    share a cached prefix, then asked for a summary."""
+    text = (Path(__file__).parents[1] / "tests" / "data" / "perplexity_text.txt").read_text().split()
+    source = (text * (1 + (words + count * 97) // len(text)))
+    return [f"Request {i}. " + " ".join(source[i * 97:i * 97 + words]) + "\n\nSummarize the text above."
+            for i in range(count)]
+
+
+async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, prompts: list[str]) -> dict:
     queue = list(range(requests))
     results: list[tuple[float, float, int]] = []
 
     async def worker(client):
         while queue:
             i = queue.pop()
-            results.append(await _one(client, url, PROMPTS[i % len(PROMPTS)], max_tokens))
+            results.append(await _one(client, url, prompts[i % len(prompts)], max_tokens))
 
     # A fresh connection per request: llama.cpp's server closes a kept-alive connection after a
     # stream, and a client that reuses it fails; on loopback a connect costs well under 1 ms.
@@ -163,6 +176,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--requests", type=int, default=0, help="per level (default: 2 x concurrency, at least 8)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-words", type=int, default=0,
+                    help="prefill-heavy: each request a distinct prompt of about this many words (default: chats)")
     ap.add_argument("--baseline", nargs="*", default=[], metavar="OPTION=VALUE", help="engine options")
     ap.add_argument("--candidate", nargs="*", default=[], metavar="OPTION=VALUE", help="engine options")
     ap.add_argument("--llama-server", metavar="PATH", help="also run llama.cpp's llama-server on the GGUF")
@@ -175,7 +190,8 @@ def main() -> None:
     args = ap.parse_args()
     configs = {"baseline": _engine_options(args.baseline), "candidate": _engine_options(args.candidate)}
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    print(f"# model {args.model}, dtype {args.dtype}, {args.max_tokens} output tokens, streamed, greedy, ignore_eos")
+    print(f"# model {args.model}, dtype {args.dtype}, {args.max_tokens} output tokens, streamed, greedy, ignore_eos"
+          + (f", distinct prompts of ~{args.prompt_words} words" if args.prompt_words else ""))
     for name, engine in configs.items():
         print(f"# {name}: {engine or 'defaults'}")
     gguf = args.llama_gguf or str(bundled_model_path())
@@ -188,7 +204,8 @@ def main() -> None:
             args.model, args.dtype, engine, Path(tmp), name, port) for name, engine in configs.items()}
         if args.llama_server:
             runs["llama.cpp"] = lambda port: llama_server_command(args.llama_server, gguf, args.llama_threads,
-                                                                  max(args.concurrency), args.max_tokens, port)
+                                                                  max(args.concurrency), args.max_tokens, port,
+                                                                  args.prompt_words)
         neighbour = busy_neighbour() if args.busy_neighbour else contextlib.nullcontext()
         with neighbour:
             _run_all(runs, configs, args, tmp, results)
@@ -197,12 +214,14 @@ def main() -> None:
 
 def _run_all(runs: dict, configs: dict, args, tmp: str, results: dict) -> None:
     # One server at a time, each driven through every concurrency level.
+    count = max(args.requests or max(8, 2 * c) for c in args.concurrency)
+    prompts = long_prompts(args.prompt_words, count) if args.prompt_words else PROMPTS
     for name, command in runs.items():
         port = _free_port()
         server = Server(command(port), port, Path(tmp), name, configs.get(name, {}).get("src"))
         try:
             results[name] = {c: asyncio.run(run_level(server.url, c, args.requests or max(8, 2 * c),
-                                                      args.max_tokens)) for c in args.concurrency}
+                                                      args.max_tokens, prompts)) for c in args.concurrency}
         except httpx.HTTPError as e:
             raise SystemExit(f"{name}: {type(e).__name__}: {e}; its log: {Path(tmp) / (name + '.log')}") from None
         finally:
