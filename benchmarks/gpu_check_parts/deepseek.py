@@ -182,14 +182,14 @@ def check_moe_kernel(device: torch.device) -> dict:
         experts.down_proj.normal_(0, inter ** -0.5, generator=g)
     experts32 = experts.to(device)
     experts16 = copy.deepcopy(experts32).to(torch.bfloat16)
-    saved = fused.use_fused
+    saved = fused.use_triton
 
     def eager(module, x, w, ids):
-        fused.use_fused = lambda t: False  # FusedExperts' per-expert loop, even on CUDA
+        fused.use_triton = lambda t: False  # FusedExperts' per-expert loop, even on CUDA
         try:
             return module(x, w, ids)
         finally:
-            fused.use_fused = saved
+            fused.use_triton = saved
 
     def kernel(module, x, w, ids):
         return triton_moe.fused_experts(x, module.gate_up_proj, module.down_proj, w, ids, module.act_kind)

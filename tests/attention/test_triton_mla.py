@@ -111,15 +111,15 @@ def test_deepseek_v2_engine_on_triton_matches_reference(tmp_path, monkeypatch):
     it: decodes through the CUDA-graph path's static buffers (split-key partials as wide as the
     latent; no capture on CPU) and the CUDA dispatch forced, so the MoE layers run the fused
     kernels (layers/triton_moe.py) and nothing reads expert counts on the host."""
-    from lmserve.layers import fused
     from tests.support.family_checkpoints import assert_same_greedy_run, build_deepseek_v2, serve_waves_greedy
+    from tests.support.triton_dispatch import force_triton
 
     build_deepseek_v2(tmp_path)
     _, reference = serve_waves_greedy(tmp_path, STEPS, attention_backend="reference")
     engine, got = serve_waves_greedy(tmp_path, STEPS, attention_backend="triton", cuda_graphs=False)
     assert isinstance(engine.runner.attention_backend, TritonPagedBackend) and engine.runner.graphs is None
     assert_same_greedy_run(reference, got, STEPS)
-    monkeypatch.setattr(fused, "use_fused", lambda x: True)
+    force_triton(monkeypatch)
     engine, got = serve_waves_greedy(tmp_path, STEPS, attention_backend="triton", cuda_graphs=True)
     assert engine.runner.graphs is not None and engine.runner.graphs.steps > 0, "decodes took the padded path"
     assert_same_greedy_run(reference, got, STEPS)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmserve.layers import fused, triton_moe
+from lmserve.layers import triton_moe
 from lmserve.layers.moe import FusedExperts
+from tests.support.triton_dispatch import force_triton
 
 
 def test_align_groups_every_pair_once_by_expert():
@@ -100,7 +101,7 @@ def test_moe_model_on_the_fused_kernel_matches_the_eager_path(family, tmp_path, 
     calls = []
     original = triton_moe.fused_experts
     monkeypatch.setattr(triton_moe, "fused_experts", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(fused, "use_fused", lambda x: True)
+    force_triton(monkeypatch)
     _, got = serve_waves_greedy(tmp_path, STEPS)
     assert calls, "the MoE layers took the fused kernel"
     assert_same_greedy_run(reference, got, STEPS)

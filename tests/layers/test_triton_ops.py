@@ -20,6 +20,7 @@ from lmserve.layers.moe import FusedExperts
 from lmserve.layers.norm import GemmaRMSNorm, RMSNorm
 from lmserve.layers.rotary import get_rope
 from tests.support.cuda_engine_checks import ulps_apart
+from tests.support.triton_dispatch import force_triton
 
 # Far below zero e^-x overflows to inf (act = x / inf = -0, the right limit); numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -160,12 +161,6 @@ def test_rotary_promotes_like_pytorch():
     got = triton_ops.rotary(x, cos, sin, 16, "interleaved")
     assert got.dtype == ref.dtype == torch.float32
     assert torch.equal(got, ref)
-
-
-def force_triton(monkeypatch) -> None:
-    """Route every layer through the Triton kernels although the tensors are on the CPU."""
-    monkeypatch.setattr(fused, "use_fused", lambda x: True)
-    monkeypatch.setattr(fused, "ops", lambda x: triton_ops)
 
 
 def test_cpu_tensors_never_take_triton():

@@ -61,12 +61,14 @@ class GGUFGridMethod(Int4LinearMethod):
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         grid = Int4Grid(layer.codes.data, layer.group_scale.data, layer.group_zero.data)
+        self.set_grid(layer, grid)
         if self.dense is not None:
-            # The big products' dense weight is the grid's own values (what the file holds).
-            layer.weight = nn.Parameter(grid.dequantize().to(self.dense_dtype),
+            # The big products' dense weight is the grid's values as the decode kernel computes
+            # them: prefill and decode agree on what the weight is (the file's own values under the
+            # VNNI kernel; torch's reads its scales and zeros rounded to bf16).
+            layer.weight = nn.Parameter(int4_kernel.as_computed(grid, layer.int4).dequantize().to(self.dense_dtype),
                                         requires_grad=False)
             self.dense.process_weights_after_loading(layer)
-        self.set_grid(layer, grid)
         for name in GRID_TENSORS:
             delattr(layer, name)
         if self.dense is None:

@@ -94,6 +94,17 @@ def pack(grid: Int4Grid) -> PackedInt4:
     return PackedInt4(qweight, scales_zeros, grid.group)
 
 
+def as_computed(grid: Int4Grid, packed: PackedInt4) -> Int4Grid:
+    """`grid` with its scales and zeros rounded as `packed`'s kernel reads them: fp16 d = scale and
+    m = zero - 8 * scale for the VNNI layout (a GGUF Q4_1 block's own, bit for bit), bf16 scale and
+    zero for torch's."""
+    if packed.scales_zeros.dtype == torch.float16:
+        d = grid.scale.to(torch.float16).float()
+        m = (grid.zero - 8 * grid.scale).to(torch.float16).float()
+        return Int4Grid(grid.codes, d, m + 8 * d)
+    return Int4Grid(grid.codes, grid.scale.to(KERNEL_DTYPE).float(), grid.zero.to(KERNEL_DTYPE).float())
+
+
 def pack_experts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> list[PackedInt4]:
     """A MoE layer's stacked grids ([E, n, k] codes, [E, n, k / g] scales and zeros), one packed
     grid per expert. The VNNI layout is row by row, so the whole stack packs in one call and each
