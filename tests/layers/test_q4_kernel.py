@@ -34,8 +34,8 @@ def _reference(x: torch.Tensor, codes, d, m) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("k", [32 * 4, 32 * 5, 32 * 6, 32 * 7, 576])  # every mix of 4-, 2- and 1-block chunks
-def test_packing_keeps_the_grid_and_products_match_an_independent_reference(k):
-    n = 48
+@pytest.mark.parametrize("n", [48, 50])  # one activation row takes weight rows four at a time, then the rest
+def test_packing_keeps_the_grid_and_products_match_an_independent_reference(k, n):
     codes, scale, zero = _grid(n, k)
     qweight, sz = q4_kernel.pack_int4(codes, scale, zero)
     assert qweight.shape == (n, k // 2) and sz.dtype == torch.float16

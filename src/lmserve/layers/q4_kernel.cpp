@@ -124,6 +124,95 @@ void dot_rows(int64_t n0, int64_t n1, int64_t K, const uint8_t* codes, const at:
   }
 }
 
+// The sum of each of four vectors' lanes, as the four lanes of one 128-bit vector.
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // Halve twice within each vector while interleaving the four (two shuffles and adds per level).
+  __m256 ab = _mm256_hadd_ps(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)),
+                             _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1)));
+  __m256 cd = _mm256_hadd_ps(_mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1)),
+                             _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1)));
+  __m256 abcd = _mm256_hadd_ps(ab, cd);  // lanes: a0+a1, b.., c.., d.. per 128-bit half
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// One activation row (a decode step's) against weight rows [n0, n1), four weight rows at a time:
+// the activation's codes are loaded once per four rows, each block's scale d * dx is formed in
+// registers (no staging through memory), the offsets m * dx * sum(qx) accumulate in the same
+// vectors, and the four rows' sums are reduced together. Rows past a multiple of four take
+// dot_rows<1>. Same products and sums as dot_rows<1>, in another order.
+void dot_rows_one(int64_t n0, int64_t n1, int64_t K, const uint8_t* codes, const at::Half* d, const at::Half* m,
+                  const int8_t* qx, const float* dx, const float* xs, float* y) {
+  constexpr int T = 4;
+  const int64_t nb = K / kBlock, quads = nb / 4, row_bytes = K / 2;
+  const __m512i low512 = _mm512_set1_epi8(0x0F);
+  const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i second_pair = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  const auto* d16 = reinterpret_cast<const uint16_t*>(d);
+  const auto* m16 = reinterpret_cast<const uint16_t*>(m);
+  int64_t n = n0;
+  for (; n + T <= n1; n += T) {
+    __m512 acc[T], acc2[T];
+    for (int j = 0; j < T; ++j) {  // the offsets first: sum over blocks of m * dx * sum(qx)
+      __m512 macc = _mm512_setzero_ps();
+      const uint16_t* mj = m16 + (n + j) * nb;
+      for (int64_t b = 0; b < nb; b += 16) {
+        const __mmask16 k = nb - b >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nb - b)) - 1);
+        macc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mj + b)), _mm512_maskz_loadu_ps(k, xs + b), macc);
+      }
+      acc[j] = macc;
+      acc2[j] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < quads; ++g) {
+      const __m512i a0 = _mm512_loadu_si512(qx + g * 128);
+      const __m512i a1 = _mm512_loadu_si512(qx + g * 128 + 64);
+      const __m128 dx4 = _mm_loadu_ps(dx + 4 * g);
+      for (int j = 0; j < T; ++j) {
+        const __m512i v = _mm512_loadu_si512(codes + (n + j) * row_bytes + g * 64);
+        const __m512i lo = _mm512_and_si512(v, low512);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low512);
+        const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a0);
+        const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, a1);
+        const __m128i d4 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(d16 + (n + j) * nb + 4 * g));
+        const __m512 sc = _mm512_castps128_ps512(_mm_mul_ps(_mm_cvtph_ps(d4), dx4));
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(first_pair, sc), acc[j]);
+        acc2[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(second_pair, sc), acc2[j]);
+      }
+    }
+    if (nb % 4 >= 2) {  // a remaining pair of blocks: 32 bytes per row unpack into 64 codes
+      const int64_t b = quads * 4;
+      const __m512i a = _mm512_loadu_si512(qx + b * kBlock);
+      const __m256i low = _mm256_set1_epi8(0x0F);
+      for (int j = 0; j < T; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (n + j) * row_bytes + b * 16));
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                                             _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+        const float s0 = _cvtsh_ss(d16[(n + j) * nb + b]) * dx[b];
+        const float s1 = _cvtsh_ss(d16[(n + j) * nb + b + 1]) * dx[b + 1];
+        const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
+      }
+    }
+    if (nb % 2) {  // the odd last block: 16 bytes per row, codes i and 16 + i in byte i
+      const int64_t b = nb - 1;
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock));
+      for (int j = 0; j < T; ++j) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (n + j) * row_bytes + b * 16));
+        const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+        const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+        const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
+        const float sc = _cvtsh_ss(d16[(n + j) * nb + b]) * dx[b];
+        // Zero-extended: the upper lanes add nothing.
+        acc[j] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(s)), _mm512_set1_ps(sc), acc[j]);
+      }
+    }
+    _mm_storeu_ps(y + n, reduce4(_mm512_add_ps(acc[0], acc2[0]), _mm512_add_ps(acc[1], acc2[1]),
+                                 _mm512_add_ps(acc[2], acc2[2]), _mm512_add_ps(acc[3], acc2[3])));
+  }
+  if (n < n1) dot_rows<1>(n, n1, K, codes, d, m, qx, dx, xs, y, 0);
+}
+
 void dot_rows_any(int R, int64_t n0, int64_t n1, int64_t K, const uint8_t* codes, const at::Half* d,
                   const at::Half* m, const int8_t* qx, const float* dx, const float* xs, float* y, int64_t ys) {
   switch (R) {
@@ -159,6 +248,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   // Within a share, a tile of weight rows is read from memory once and reused from L1 by every
   // group of activation rows (prefill-sized products stay compute-bound, not memory-bound).
   at::parallel_for(0, N, kTile, [&](int64_t n0, int64_t n1) {
+    if (M == 1) {  // a decode step's product: four weight rows at a time
+      dot_rows_one(n0, n1, K, c, dp, mp, qx.data(), dx.data(), xs.data(), yp);
+      return;
+    }
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t t1 = std::min(t0 + kTile, n1);
       for (int64_t r = 0; r < M; r += kMaxRows) {

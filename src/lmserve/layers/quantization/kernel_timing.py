@@ -13,9 +13,9 @@ What is timed: products of an [n, k] weight at a few row counts, each pass cycli
 distinct copies of the weight that together hold `STREAM_BYTES`, so that, as in a model's forward,
 every product reads its weight from beyond the core's L2 (with 4 copies, as until 2026-12-05, the
 weights stayed in a 2-4 MiB L2: the VNNI kernel won the per-shape timing on SmolLM2's products yet
-lost 1.45x to torch's over the model's 120 distinct weights). A candidate's time is its best pass
-over `SWEEPS` sweeps (a neighbour's interference only ever adds time), with torch's current thread
-count. About a second, once per process.
+lost 1.45x to torch's over the model's 120 distinct weights). A candidate's time is its best of
+`PASSES` passes, taken in turns with the other candidates (a neighbour's interference only ever
+adds time), with torch's current thread count. About a second, once per process.
 `LMSERVE_INT4_KERNEL=vnni|torch` skips the kernel measurement (benchmarks, A/B runs).
 """
 
@@ -37,8 +37,7 @@ SHAPE = (2048, 1024)  # n, k of the synthetic weight: a mid-sized projection
 STREAM_BYTES = 32 << 20  # weight bytes each pass reads: well past an L2
 MAX_COPIES = 128
 ROWS = (1, 2, 4, 8, 16)
-REPEATS = 2
-SWEEPS = 2
+PASSES = 5
 KERNELS = ("vnni", "torch")
 ENV = "LMSERVE_INT4_KERNEL"
 
@@ -75,16 +74,12 @@ def _copies(weight_bytes: int) -> int:
     return max(2, min(MAX_COPIES, STREAM_BYTES // max(weight_bytes, 1)))
 
 
-def _best_time(products: list, x: torch.Tensor) -> float:
-    """Seconds per product in the fastest of REPEATS passes over every copy: a pass that loses its
-    core to a neighbour for a scheduler slice is simply not the fastest."""
-    best = float("inf")
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        for product in products:
-            product(x)
-        best = min(best, (time.perf_counter() - started) / len(products))
-    return best
+def _pass_time(products: list, x: torch.Tensor) -> float:
+    """Seconds per product over one pass through every copy."""
+    started = time.perf_counter()
+    for product in products:
+        product(x)
+    return (time.perf_counter() - started) / len(products)
 
 
 def _synthetic_grid(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,16 +119,18 @@ def _candidates(forced: str | None) -> dict[str, list]:
 
 
 def _sweep(candidates: dict[str, list], inputs: list[torch.Tensor]) -> dict[str, tuple[float, ...]]:
-    """Each candidate's fastest call per input, the best of `SWEEPS` sweeps: a process's first
-    products include one-time set-up (oneDNN's kernel generation: ~12 ms for the first bf16 call
-    on an AMX Xeon), which the first sweep absorbs."""
-    seconds: dict[str, tuple[float, ...]] = {}
+    """Each candidate's best pass per input over `PASSES` rounds, the candidates' passes taking
+    turns: this box's speed drifts by a third from one second to the next (a neighbour, the
+    host), and passes back to back would hand a slow spell to one candidate alone. The first
+    round absorbs one-time set-up (oneDNN's kernel generation: ~12 ms for the first bf16 call on
+    an AMX Xeon)."""
+    best = {name: [float("inf")] * len(inputs) for name in candidates}
     with torch.no_grad():
-        for _ in range(SWEEPS):
-            for name, products in candidates.items():
-                times = [_best_time(products, x) for x in inputs]
-                seconds[name] = tuple(map(min, zip(times, seconds.get(name, times))))
-    return seconds
+        for _ in range(PASSES):
+            for i, x in enumerate(inputs):
+                for name, products in candidates.items():
+                    best[name][i] = min(best[name][i], _pass_time(products, x))
+    return {name: tuple(times) for name, times in best.items()}
 
 
 def _packed_bf16(packed: torch.Tensor):
