@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lmserve.cpu_extensions import CpuExtension
+from lmserve.cpu_extensions import CpuExtension, cpu_flags
 
 DTYPES = (torch.bfloat16, torch.float16)
 _ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
@@ -42,12 +42,16 @@ def _register_fakes() -> None:  # shapes for torch.compile's tracing
         x.shape, dtype=torch.promote_types(x.dtype, c.dtype)))
 
 
+# Built with AVX512 where the CPU has it (the bf16 silu runs 16 lanes at a time), under a name of its
+# own, so that a build cached on an AVX512 machine is never loaded on one without.
+_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
 _KERNELS = CpuExtension(
-    "lmserve_cpu_fused_ops", Path(__file__).with_name("cpu_fused_ops.cpp"), "CPU fused norm/rotary/activation ops",
+    "lmserve_cpu_fused_ops" + ("_avx512" if _AVX512 else ""), Path(__file__).with_name("cpu_fused_ops.cpp"),
+    "CPU fused norm/rotary/activation ops", needs=(),
     # No fused multiply-add contraction: PyTorch rounds each product before the sum (float32 outputs
     # of a float32 rope table would differ in the last bit otherwise).
-    needs=(), isa_flags=("-ffp-contract=off",), env="LMSERVE_FUSED_OPS_CPU",
-    fallback="norms, rotary and activations run as PyTorch ops",
+    isa_flags=("-ffp-contract=off", *(("-mavx512f", "-mavx512bw", "-mavx512vl") if _AVX512 else ())),
+    env="LMSERVE_FUSED_OPS_CPU", fallback="norms, rotary and activations run as PyTorch ops",
     on_load=_register_fakes)
 
 
