@@ -137,80 +137,111 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 // One activation row (a decode step's) against weight rows [n0, n1), four weight rows at a time:
 // the activation's codes are loaded once per four rows, each block's scale d * dx is formed in
-// registers (no staging through memory), the offsets m * dx * sum(qx) accumulate in the same
-// vectors, and the four rows' sums are reduced together. Rows past a multiple of four take
-// dot_rows<1>. Same products and sums as dot_rows<1>, in another order.
+// registers (no staging through memory), the offsets accumulate in the same vectors, and the four
+// rows' sums are reduced together.
+//
+// kQ8 = false: Q4_1 rows (dot_rows's layout); rows past a multiple of four take dot_rows<1>, the
+// same products and sums in another order. kQ8 = true: Q8_0 rows stored as u = q + 128 (uint8, K
+// per row, blocks in order), so that vpdpbusd's unsigned operand is the weight: d * dx * sum(q * qx)
+// = d * dx * sum(u * qx) - 128 * d * dx * sum(qx), the second term an offset like Q4_1's m term;
+// any rows past a multiple of four run one at a time through the same loop.
+template <bool kQ8>
 void dot_rows_one(int64_t n0, int64_t n1, int64_t K, const uint8_t* codes, const at::Half* d, const at::Half* m,
                   const int8_t* qx, const float* dx, const float* xs, float* y) {
   constexpr int T = 4;
-  const int64_t nb = K / kBlock, quads = nb / 4, row_bytes = K / 2;
+  const int64_t nb = K / kBlock, quads = nb / 4, row_bytes = kQ8 ? K : K / 2;
   const __m512i low512 = _mm512_set1_epi8(0x0F);
   const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i second_pair = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
   const auto* d16 = reinterpret_cast<const uint16_t*>(d);
-  const auto* m16 = reinterpret_cast<const uint16_t*>(m);
+  // The offset's per-block factor: m (Q4_1), or d times -128 (Q8_0 as u - 128).
+  const auto* off16 = reinterpret_cast<const uint16_t*>(kQ8 ? d : m);
+  const __m512 off_scale = _mm512_set1_ps(kQ8 ? -128.0f : 1.0f);
   int64_t n = n0;
-  for (; n + T <= n1; n += T) {
+  for (; n < n1; n += T) {
+    const int rows = static_cast<int>(std::min<int64_t>(T, n1 - n));
+    if (rows < T && !kQ8) break;
     __m512 acc[T], acc2[T];
-    for (int j = 0; j < T; ++j) {  // the offsets first: sum over blocks of m * dx * sum(qx)
+    for (int j = 0; j < T; ++j) {  // the offsets first: sum over blocks of (m or -128 d) * dx * sum(qx)
       __m512 macc = _mm512_setzero_ps();
-      const uint16_t* mj = m16 + (n + j) * nb;
+      const uint16_t* oj = off16 + (n + std::min(j, rows - 1)) * nb;
       for (int64_t b = 0; b < nb; b += 16) {
         const __mmask16 k = nb - b >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nb - b)) - 1);
-        macc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mj + b)), _mm512_maskz_loadu_ps(k, xs + b), macc);
+        macc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, oj + b)), _mm512_maskz_loadu_ps(k, xs + b), macc);
       }
-      acc[j] = macc;
+      acc[j] = _mm512_mul_ps(macc, off_scale);
       acc2[j] = _mm512_setzero_ps();
     }
+    // Rows past the last whole four (Q8 only) repeat the last row: computed, never stored.
+    auto row_of = [&](int j) { return n + std::min(j, rows - 1); };
     for (int64_t g = 0; g < quads; ++g) {
       const __m512i a0 = _mm512_loadu_si512(qx + g * 128);
       const __m512i a1 = _mm512_loadu_si512(qx + g * 128 + 64);
       const __m128 dx4 = _mm_loadu_ps(dx + 4 * g);
       for (int j = 0; j < T; ++j) {
-        const __m512i v = _mm512_loadu_si512(codes + (n + j) * row_bytes + g * 64);
-        const __m512i lo = _mm512_and_si512(v, low512);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low512);
-        const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a0);
-        const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, a1);
-        const __m128i d4 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(d16 + (n + j) * nb + 4 * g));
+        __m512i w0, w1;
+        if constexpr (kQ8) {
+          w0 = _mm512_loadu_si512(codes + row_of(j) * row_bytes + g * 128);
+          w1 = _mm512_loadu_si512(codes + row_of(j) * row_bytes + g * 128 + 64);
+        } else {
+          const __m512i v = _mm512_loadu_si512(codes + row_of(j) * row_bytes + g * 64);
+          w0 = _mm512_and_si512(v, low512);
+          w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low512);
+        }
+        const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, a0);
+        const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, a1);
+        const __m128i d4 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(d16 + row_of(j) * nb + 4 * g));
         const __m512 sc = _mm512_castps128_ps512(_mm_mul_ps(_mm_cvtph_ps(d4), dx4));
         acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(first_pair, sc), acc[j]);
         acc2[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(second_pair, sc), acc2[j]);
       }
     }
-    if (nb % 4 >= 2) {  // a remaining pair of blocks: 32 bytes per row unpack into 64 codes
+    if (nb % 4 >= 2) {  // a remaining pair of blocks: 64 codes per row
       const int64_t b = quads * 4;
       const __m512i a = _mm512_loadu_si512(qx + b * kBlock);
       const __m256i low = _mm256_set1_epi8(0x0F);
       for (int j = 0; j < T; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (n + j) * row_bytes + b * 16));
-        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
-                                             _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+        __m512i w;
+        if constexpr (kQ8) {
+          w = _mm512_loadu_si512(codes + row_of(j) * row_bytes + b * kBlock);
+        } else {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + row_of(j) * row_bytes + b * 16));
+          w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                                 _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+        }
         const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-        const float s0 = _cvtsh_ss(d16[(n + j) * nb + b]) * dx[b];
-        const float s1 = _cvtsh_ss(d16[(n + j) * nb + b + 1]) * dx[b + 1];
+        const float s0 = _cvtsh_ss(d16[row_of(j) * nb + b]) * dx[b];
+        const float s1 = _cvtsh_ss(d16[row_of(j) * nb + b + 1]) * dx[b + 1];
         const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
         acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
       }
     }
-    if (nb % 2) {  // the odd last block: 16 bytes per row, codes i and 16 + i in byte i
+    if (nb % 2) {  // the odd last block: 32 codes per row
       const int64_t b = nb - 1;
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock));
       for (int j = 0; j < T; ++j) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (n + j) * row_bytes + b * 16));
-        const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
-        const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+        __m256i w;
+        if constexpr (kQ8) {
+          w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + row_of(j) * row_bytes + b * kBlock));
+        } else {  // codes i and 16 + i in byte i
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + row_of(j) * row_bytes + b * 16));
+          w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, _mm_set1_epi8(0x0F))),
+                                      _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F)), 1);
+        }
         const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
-        const float sc = _cvtsh_ss(d16[(n + j) * nb + b]) * dx[b];
+        const float sc = _cvtsh_ss(d16[row_of(j) * nb + b]) * dx[b];
         // Zero-extended: the upper lanes add nothing.
         acc[j] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(s)), _mm512_set1_ps(sc), acc[j]);
       }
     }
-    _mm_storeu_ps(y + n, reduce4(_mm512_add_ps(acc[0], acc2[0]), _mm512_add_ps(acc[1], acc2[1]),
-                                 _mm512_add_ps(acc[2], acc2[2]), _mm512_add_ps(acc[3], acc2[3])));
+    float sums[T];
+    _mm_storeu_ps(sums, reduce4(_mm512_add_ps(acc[0], acc2[0]), _mm512_add_ps(acc[1], acc2[1]),
+                                _mm512_add_ps(acc[2], acc2[2]), _mm512_add_ps(acc[3], acc2[3])));
+    for (int j = 0; j < rows; ++j) y[n + j] = sums[j];
   }
-  if (n < n1) dot_rows<1>(n, n1, K, codes, d, m, qx, dx, xs, y, 0);
+  if constexpr (!kQ8) {
+    if (n < n1) dot_rows<1>(n, n1, K, codes, d, m, qx, dx, xs, y, 0);
+  }
 }
 
 void dot_rows_any(int R, int64_t n0, int64_t n1, int64_t K, const uint8_t* codes, const at::Half* d,
@@ -249,7 +280,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   // group of activation rows (prefill-sized products stay compute-bound, not memory-bound).
   at::parallel_for(0, N, kTile, [&](int64_t n0, int64_t n1) {
     if (M == 1) {  // a decode step's product: four weight rows at a time
-      dot_rows_one(n0, n1, K, c, dp, mp, qx.data(), dx.data(), xs.data(), yp);
+      dot_rows_one<false>(n0, n1, K, c, dp, mp, qx.data(), dx.data(), xs.data(), yp);
       return;
     }
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
@@ -264,12 +295,41 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// Q8_0 weights (llama.cpp's 8-bit blocks, w = d * q per block of 32) stored as u = q + 128:
+// codes_u8 [N, K] uint8, d [N, K / 32] float16. Each activation row runs the one-row kernel (the
+// LM head of a decode step: one row per sequence).
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d) {
+  TORCH_CHECK(x.dim() == 2, "x must be [rows, K]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && d.scalar_type() == at::kHalf, "codes uint8 (q + 128), d float16");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(K % kBlock == 0 && K / kBlock <= kMaxBlocks && codes.size(1) == K && d.dim() == 2 && d.size(0) == N &&
+              d.size(1) == K / kBlock, "shapes do not match: x ", x.sizes(), ", codes ", codes.sizes(), ", d ", d.sizes());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t nb = K / kBlock;
+  std::vector<int8_t> qx(M * K);
+  std::vector<float> dx(M * nb), xs(M * nb);
+  for (int64_t r = 0; r < M; ++r)
+    quantize_row(xf.data_ptr<float>() + r * K, K, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const uint8_t* c = codes.contiguous().data_ptr<uint8_t>();
+  const at::Tensor dc = d.contiguous();
+  const at::Half* dp = dc.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kTile, [&](int64_t n0, int64_t n1) {
+    for (int64_t r = 0; r < M; ++r)
+      dot_rows_one<true>(n0, n1, K, c, dp, dp, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb, yp + r * N);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmserve_q4, lib) {
   lib.def("linear(Tensor x, Tensor codes, Tensor scales_mins) -> Tensor");
+  lib.def("linear_q8(Tensor x, Tensor codes, Tensor d) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmserve_q4, CPU, lib) {
   lib.impl("linear", &q4_linear);
+  lib.impl("linear_q8", &q8_linear);
 }

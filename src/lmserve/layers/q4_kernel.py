@@ -32,9 +32,10 @@ BLOCK = 32
 
 def _register_fakes() -> None:
     torch.library.register_fake("lmserve_q4::linear")(_fake_linear)
+    torch.library.register_fake("lmserve_q4::linear_q8")(_fake_linear)
 
 
-def _fake_linear(x, codes, scales_mins):  # shapes for torch.compile's tracing
+def _fake_linear(x, codes, scales):  # shapes for torch.compile's tracing
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -101,6 +102,26 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tens
 
 
 _TORCH_INT4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
+def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense [n, k] weight as Q8_0 blocks for `q8_linear`: d = amax / 127 per block of 32 (fp16,
+    as llama.cpp's), q = round(w / d) in [-127, 127], stored as q + 128 (uint8). A weight that was
+    itself dequantized from Q8_0 in float32 gets its own codes and scales back exactly."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"Q8_0 needs input sizes divisible by {BLOCK}, got {k}")
+    blocks = w.float().reshape(n, k // BLOCK, BLOCK)
+    d = (blocks.abs().amax(dim=-1) / 127.0).to(torch.float16)
+    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
+    q = torch.round(blocks * inv[..., None]).clamp_(-127, 127)
+    return (q + 128).to(torch.uint8).reshape(n, k), d
+
+
+def q8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x [rows, k] times a `pack_q8` weight: [rows, n] in x's dtype, activations rounded to int8 per
+    block of 32 as for int4 (llama.cpp's Q8_0 x Q8_1 product)."""
+    return torch.ops.lmserve_q4.linear_q8.default(x, codes, d)
 
 
 def dequantize_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, k: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ from lmserve.layers.linear import (
 from lmserve.layers.quantization import QuantizationError, assign_linear_methods
 from lmserve.layers.quantization.base import process_experts
 from lmserve.layers.quantization.gguf import GGUFInt4Config
+from lmserve.layers.quantization.q8_head import use_q8_heads
 from lmserve.models.config import ModelConfig
 from lmserve.models.gguf import GGUFFile
 from lmserve.models.registry import UnsupportedArchitecture, get_model_class, resolve_architecture
@@ -164,6 +165,7 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
     try:
         process_weights_after_loading(model)
         process_experts(model)
+        use_q8_heads(model, quantization)
     except QuantizationError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
     _return_freed_memory()
