@@ -107,14 +107,19 @@ def _decode_step(backend_q, kv_cache, tables, dtype, layer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_step_with_the_kernel_disabled_gives_the_same_output(dtype, monkeypatch):
+    """The kernel's step (the new keys and values written by paged_decode_write, then attended) against
+    write_kv_cache's index_copy_ and the gather path: the same output and the same caches after."""
     q, kv_cache, tables = _case(9, 3, 64, dtype, seed=2)
     layer = Attention(9, 3, 64, 64 ** -0.5)
-    fast = _decode_step(q, tuple(c.clone() for c in kv_cache), tables, dtype, layer)
+    fast_cache, slow_cache = (tuple(c.clone() for c in kv_cache) for _ in range(2))
+    fast = _decode_step(q, fast_cache, tables, dtype, layer)
     # what LMSERVE_CPU_ATTENTION=torch does
     monkeypatch.setattr(cpu_decode_kernel._KERNEL, "_reason", "disabled by the test")
     assert not cpu_decode_kernel.covers(q, kv_cache[0])
-    slow = _decode_step(q, tuple(c.clone() for c in kv_cache), tables, dtype, layer)
+    slow = _decode_step(q, slow_cache, tables, dtype, layer)
     torch.testing.assert_close(fast.float(), slow.float(), **TOL[dtype])
+    assert all(torch.equal(a, b) for a, b in zip(fast_cache, slow_cache))
+    assert not all(torch.equal(a, b) for a, b in zip(fast_cache, kv_cache)), "the step wrote its keys and values"
 
 
 def test_switch_and_layers_the_kernel_leaves_to_the_gather_path(monkeypatch):
@@ -138,3 +143,9 @@ def test_bad_inputs_are_refused_with_the_reason():
         _kernel(q, kv_cache, tables, [20, 40], 0.125)
     with pytest.raises(RuntimeError, match="share one dtype"):
         _kernel(q.bfloat16(), kv_cache, tables, [20, 5], 0.125)
+    k, v = torch.zeros(2, 2, 64), torch.zeros(2, 2, 64)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    with pytest.raises(RuntimeError, match="slot 100000 is outside the cache"):
+        cpu_decode_kernel.paged_decode_write(q, k, v, *kv_cache, torch.tensor([3, 100_000]), padded,
+                                             torch.tensor([20, 5]), None, 0.125, None)

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <numeric>
@@ -282,13 +283,51 @@ at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const
   return out;
 }
 
+// The step's new keys and values written to their slots first (k_new, v_new: [B, kv_heads, D], one
+// token per sequence, unit stride along D; slots [B], flat indices into [blocks * block_size]), then
+// paged_decode: one call where write_kv_cache took two index_copy_ and their views, per layer.
+at::Tensor paged_decode_write(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                              const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots_in,
+                              const at::Tensor& tables, const at::Tensor& seq_lens, int64_t window, double scale,
+                              double softcap) {
+  const int64_t B = q.size(0);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+              v_cache.is_contiguous(), "paged_decode_write: caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
+  const int64_t rows = k_cache.size(0) * k_cache.size(1), kvh = k_cache.size(2), D = k_cache.size(3);
+  for (const at::Tensor* t : {&k_new, &v_new})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == B && t->size(1) == kvh && t->size(2) == D && t->stride(2) == 1 &&
+                t->scalar_type() == k_cache.scalar_type(),
+                "paged_decode_write: new keys and values must be [batch, kv_heads, head_dim] in the cache's dtype, got ",
+                t->sizes());
+  TORCH_CHECK(slots_in.dim() == 1 && slots_in.size(0) == B, "paged_decode_write: slots must be [batch]");
+  const at::Tensor slots = slots_in.to(at::kLong).contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t esize = k_cache.element_size();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k_new.data_ptr());
+  const char* vp = static_cast<const char*>(v_new.data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < rows, "paged_decode_write: slot ", sp[b], " is outside the cache's ", rows);
+    for (int64_t h = 0; h < kvh; ++h) {
+      const int64_t dst = (sp[b] * kvh + h) * D * esize;
+      std::memcpy(kc + dst, kp + (b * k_new.stride(0) + h * k_new.stride(1)) * esize, D * esize);
+      std::memcpy(vc + dst, vp + (b * v_new.stride(0) + h * v_new.stride(1)) * esize, D * esize);
+    }
+  }
+  return paged_decode(q, k_cache, v_cache, tables, seq_lens, window, scale, softcap);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmserve_attn, lib) {
   lib.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
           "int window, float scale, float softcap) -> Tensor");
+  lib.def("paged_decode_write(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+          "Tensor slots, Tensor block_tables, Tensor seq_lens, int window, float scale, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmserve_attn, CPU, lib) {
   lib.impl("paged_decode", &paged_decode);
+  lib.impl("paged_decode_write", &paged_decode_write);
 }

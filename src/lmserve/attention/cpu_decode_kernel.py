@@ -38,6 +38,8 @@ _enabled = True  # set_enabled: one engine, both paths (benchmarks/bench_engine.
 
 def _register_fakes() -> None:
     torch.library.register_fake("lmserve_attn::paged_decode")(_fake_paged_decode)
+    torch.library.register_fake("lmserve_attn::paged_decode_write")(
+        lambda q, k, v, kc, vc, slots, tables, lens, window, scale, softcap: q.new_empty(q.shape))
 
 
 def _fake_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, window, scale, softcap):  # torch.compile's tracing
@@ -77,3 +79,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     Returns [B, Hq, D] in q's dtype."""
     return torch.ops.lmserve_attn.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, window or 0, scale,
                                                softcap or 0.0)
+
+
+def paged_decode_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, window: int | None,
+                       scale: float, softcap: float | None) -> torch.Tensor:
+    """`paged_decode` after writing the step's keys and values k, v [B, Hkv, D] (unit stride along D)
+    to their `slots` [B] in the caches: one call for a decode-only step's whole attention (the
+    write's two index_copy_ and their views were ~9 us of a ~31 us layer's attention)."""
+    return torch.ops.lmserve_attn.paged_decode_write.default(q, k, v, k_cache, v_cache, slots, block_tables, seq_lens,
+                                                             window or 0, scale, softcap or 0.0)

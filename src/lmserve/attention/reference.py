@@ -149,12 +149,17 @@ class ReferenceBackend(AttentionBackend):
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ReferenceMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
+        window, scale, softcap = layer.sliding_window, layer.scale, layer.softcap
+        if 0 < meta.num_decode == q.shape[0] and cpu_decode_kernel.covers(q, kv_cache[0]):
+            # A decode-only step: the new keys and values written and attended in one call.
+            tables, seq_lens = meta.decode_table()
+            return cpu_decode_kernel.paged_decode_write(q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, tables,
+                                                        seq_lens, window, scale, softcap)
         write_kv_cache(k, v, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale)
         t, hq, d = q.shape
         hkv = k.shape[1]
         group = hq // hkv
         nd = meta.num_decode
-        window, scale, softcap = layer.sliding_window, layer.scale, layer.softcap
         out = q.new_empty(q.shape) if nd < t else None
         if nd:
             if cpu_decode_kernel.covers(q, kv_cache[0]):
