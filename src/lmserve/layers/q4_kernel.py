@@ -101,7 +101,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tens
     return _TORCH_INT4(x.to(torch.bfloat16), qweight, group, scales_zeros).to(x.dtype)
 
 
-_TORCH_INT4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_TORCH_INT4 = torch._weight_int4pack_mm_for_cpu  # the plain binding: ~1.5 us less per call than torch.ops
 
 
 def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
