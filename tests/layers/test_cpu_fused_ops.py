@@ -83,8 +83,10 @@ def test_gated_activation_over_3d_rows(act):
     ref = get_activation(act)(gate_up[..., :96]) * gate_up[..., 96:]
     got = cpu_fused_ops.gated_act(gate_up, 96, act)
     assert got.shape == ref.shape
+    # gelu's erf/tanh come from libm here and PyTorch's own vector code there: a rounding of
+    # act(gate) may land one way or the other (two ulps after the product), as for Triton's.
     apart = ulps_apart(ref, got)
-    assert apart.max() <= 1 and (apart > 0).float().mean() <= 0.01
+    assert apart.max() <= (1 if act == "silu" else 2) and (apart > 0).float().mean() <= 0.01
 
 
 def test_silu_over_the_whole_range():
