@@ -104,18 +104,25 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tens
 _TORCH_INT4 = torch._weight_int4pack_mm_for_cpu  # the plain binding: ~1.5 us less per call than torch.ops
 
 
-def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_q8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """A dense [n, k] weight as Q8_0 blocks for `q8_linear`: d = amax / 127 per block of 32 (fp16,
     as llama.cpp's), q = round(w / d) in [-127, 127], stored as q + 128 (uint8). A weight that was
-    itself dequantized from Q8_0 in float32 gets its own codes and scales back exactly."""
+    itself dequantized from Q8_0 in float32 gets its own codes and scales back exactly. Packed
+    `chunk_rows` at a time: a vocabulary-sized head in float32 would otherwise add several times
+    its size to the load's peak memory."""
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"Q8_0 needs input sizes divisible by {BLOCK}, got {k}")
-    blocks = w.float().reshape(n, k // BLOCK, BLOCK)
-    d = (blocks.abs().amax(dim=-1) / 127.0).to(torch.float16)
-    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
-    q = torch.round(blocks * inv[..., None]).clamp_(-127, 127)
-    return (q + 128).to(torch.uint8).reshape(n, k), d
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    for start in range(0, n, chunk_rows):
+        blocks = w[start:start + chunk_rows].float().reshape(-1, k // BLOCK, BLOCK)
+        d = (blocks.abs().amax(dim=-1) / 127.0).to(torch.float16)
+        inv = torch.where(d.float() > 0, 1.0 / d.float(), 0.0)
+        q = torch.round(blocks * inv[..., None]).clamp_(-127, 127)
+        codes[start:start + chunk_rows] = (q + 128).to(torch.uint8).reshape(-1, k)
+        scales[start:start + chunk_rows] = d
+    return codes, scales
 
 
 def q8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
