@@ -254,6 +254,21 @@ void dot_rows_any(int R, int64_t n0, int64_t n1, int64_t K, const uint8_t* codes
   }
 }
 
+// The activation rows [M, K] of one call, each rounded to int8 per block of 32 (quantize_row).
+struct QuantizedRows {
+  std::vector<int8_t> qx;
+  std::vector<float> dx, xs;
+  explicit QuantizedRows(const at::Tensor& x) {
+    const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock;
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    qx.resize(M * K);
+    dx.resize(M * nb);
+    xs.resize(M * nb);
+    for (int64_t r = 0; r < M; ++r)
+      quantize_row(xf.data_ptr<float>() + r * K, K, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb);
+  }
+};
+
 // scales_mins: [2, N, K / 32] float16, the blocks' d then m (one tensor: a call from Python indexes nothing).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_mins) {
   TORCH_CHECK(x.dim() == 2, "x must be [rows, K]");
@@ -263,12 +278,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   TORCH_CHECK(K % kBlock == 0 && K / kBlock <= kMaxBlocks && codes.size(1) == K / 2 && scales_mins.dim() == 3 &&
               scales_mins.size(0) == 2 && scales_mins.size(1) == N && scales_mins.size(2) == K / kBlock,
               "shapes do not match: x ", x.sizes(), ", codes ", codes.sizes(), ", scales_mins ", scales_mins.sizes());
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t nb = K / kBlock;
-  std::vector<int8_t> qx(M * K);
-  std::vector<float> dx(M * nb), xs(M * nb);
-  for (int64_t r = 0; r < M; ++r)
-    quantize_row(xf.data_ptr<float>() + r * K, K, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb);
+  const QuantizedRows a(x);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* c = codes.contiguous().data_ptr<uint8_t>();
   const at::Tensor sm = scales_mins.contiguous();
@@ -280,14 +291,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   // group of activation rows (prefill-sized products stay compute-bound, not memory-bound).
   at::parallel_for(0, N, kTile, [&](int64_t n0, int64_t n1) {
     if (M == 1) {  // a decode step's product: four weight rows at a time
-      dot_rows_one<false>(n0, n1, K, c, dp, mp, qx.data(), dx.data(), xs.data(), yp);
+      dot_rows_one<false>(n0, n1, K, c, dp, mp, a.qx.data(), a.dx.data(), a.xs.data(), yp);
       return;
     }
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t t1 = std::min(t0 + kTile, n1);
       for (int64_t r = 0; r < M; r += kMaxRows) {
         const int R = static_cast<int>(std::min<int64_t>(kMaxRows, M - r));
-        dot_rows_any(R, t0, t1, K, c, dp, mp, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb,
+        dot_rows_any(R, t0, t1, K, c, dp, mp, a.qx.data() + r * K, a.dx.data() + r * nb, a.xs.data() + r * nb,
                      yp + r * N, N);
       }
     }
@@ -304,12 +315,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
   TORCH_CHECK(K % kBlock == 0 && K / kBlock <= kMaxBlocks && codes.size(1) == K && d.dim() == 2 && d.size(0) == N &&
               d.size(1) == K / kBlock, "shapes do not match: x ", x.sizes(), ", codes ", codes.sizes(), ", d ", d.sizes());
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t nb = K / kBlock;
-  std::vector<int8_t> qx(M * K);
-  std::vector<float> dx(M * nb), xs(M * nb);
-  for (int64_t r = 0; r < M; ++r)
-    quantize_row(xf.data_ptr<float>() + r * K, K, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb);
+  const QuantizedRows a(x);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* c = codes.contiguous().data_ptr<uint8_t>();
   const at::Tensor dc = d.contiguous();
@@ -317,7 +324,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, kTile, [&](int64_t n0, int64_t n1) {
     for (int64_t r = 0; r < M; ++r)
-      dot_rows_one<true>(n0, n1, K, c, dp, dp, qx.data() + r * K, dx.data() + r * nb, xs.data() + r * nb, yp + r * N);
+      dot_rows_one<true>(n0, n1, K, c, dp, dp, a.qx.data() + r * K, a.dx.data() + r * nb, a.xs.data() + r * nb,
+                         yp + r * N);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
