@@ -2,7 +2,8 @@
 
 Tensor-parallel like Megatron's: gate/up column-parallel, down row-parallel (one all-reduce).
 
-On CUDA, act(gate) * up is one fused Triton kernel with PyTorch's roundings (layers/fused.py).
+On CUDA, act(gate) * up is one fused Triton kernel with PyTorch's roundings, on the CPU (bf16/fp16)
+one C++ call (layers/fused.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """RMSNorm in the two numerics the catalog uses.
 
 Both follow transformers bit for bit, since the families are proven against it token for token.
-On CUDA each is one fused Triton kernel with the same roundings (layers/fused.py).
+On CUDA each is one fused Triton kernel with the same roundings, on the CPU (bf16/fp16) one C++ call
+(layers/fused.py).
 """
 
 from __future__ import annotations

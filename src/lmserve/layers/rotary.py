@@ -8,7 +8,7 @@ catalog (linear, Llama-3.1, dynamic NTK, YaRN).
 Every layer shares one table per model: `lookup` runs once per step, `apply` once per layer.
 Numerics follow transformers: frequencies in fp32, cos/sin (times YaRN's attention factor) cast
 to the activation dtype before use. On CUDA `apply` is one fused Triton kernel with the same
-roundings (layers/fused.py).
+roundings, on the CPU (bf16/fp16) one C++ call (layers/fused.py).
 """
 
 from __future__ import annotations
