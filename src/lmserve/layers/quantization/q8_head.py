@@ -16,6 +16,10 @@ product llama.cpp computes for a Q8_0 head. Heads stayed dense until now because
 tests/data/perplexity_text.txt at 0.998x the dense head's perplexity and pick the same top token
 at 96% of positions, the others near-ties (tests/layers/test_q8_head.py holds both).
 
+One consequence: with speculative decoding on, a verification step's rows (several per sequence)
+take the dense head and a plain decode step's single row the blocks, so a near-tie may resolve
+differently than without speculation (as batch shape moves roundings in any engine).
+
 `LMSERVE_LM_HEAD=dense` keeps every head dense (A/B runs).
 """
 
