@@ -247,6 +247,29 @@ torch::Tensor gated_act(const torch::Tensor& gate_up, int64_t intermediate, int6
 // (any token stride) in C -> a new contiguous [T, H, D] in O = promote(T, C): pairs (first, second)
 // rotated as x1 * cos - x2 * sin, x2 * cos + x1 * sin with each product and each sum rounded to O
 // (PyTorch's separate ops); channels past rotary_dim copied.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512 bf16_round_trip(__m512 v) {  // v rounded to bf16 and widened back: a PyTorch bf16 tensor's value
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+
+// The neox (half-split) rotation of one bf16 head with a bf16 table, 16 pairs at a time, with the
+// scalar loop's roundings (each product and each sum to bf16). Returns the pairs done (a multiple of
+// 16); the caller finishes the rest.
+int64_t rotate_half_bf16(const at::BFloat16* x, const at::BFloat16* c, const at::BFloat16* s, at::BFloat16* o,
+                         int64_t half) {
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const __m512 x1 = load_bf16(x + i), x2 = load_bf16(x + half + i);
+    const __m512 cv = load_bf16(c + i), sv = load_bf16(s + i);
+    const __m512 first = _mm512_sub_ps(bf16_round_trip(_mm512_mul_ps(x1, cv)), bf16_round_trip(_mm512_mul_ps(x2, sv)));
+    const __m512 second = _mm512_add_ps(bf16_round_trip(_mm512_mul_ps(x2, cv)), bf16_round_trip(_mm512_mul_ps(x1, sv)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), to_bf16(first));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + i), to_bf16(second));
+  }
+  return i;
+}
+#endif
+
 template <typename T, typename C, typename O>
 void rotary_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t rotary_dim,
                  bool interleaved, torch::Tensor& out) {
@@ -263,7 +286,13 @@ void rotary_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::
       for (int64_t h = 0; h < heads; ++h) {
         const T* xr = xp + t * st + h * sh;
         O* o = op + (t * heads + h) * d;
-        for (int64_t i = 0; i < half; ++i) {
+        int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, at::BFloat16>) {
+          if (!interleaved) i = rotate_half_bf16(xr, ct, snt, o, half);  // 16 pairs at a time
+        }
+#endif
+        for (; i < half; ++i) {
           const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
           const float x1 = static_cast<float>(xr[a]), x2 = static_cast<float>(xr[b]);
           const float c = static_cast<float>(ct[i]), s = static_cast<float>(snt[i]);
