@@ -52,7 +52,6 @@ void rms_norm_rows(const torch::Tensor& x, const torch::Tensor* delta, const tor
   T* tp = total ? total->data_ptr<T>() : nullptr;
   const int64_t sx = x.stride(0), sd = delta ? delta->stride(0) : 0, st = total ? total->stride(0) : 0;
   const float feps = static_cast<float>(eps);
-  const bool gemma_out = gemma;
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     std::vector<float> row(n);
     for (int64_t r = begin; r < end; ++r) {
@@ -77,7 +76,7 @@ void rms_norm_rows(const torch::Tensor& x, const torch::Tensor* delta, const tor
       float sum = 0.f;
       for (int j = 0; j < 16; ++j) sum += partial[j];
       const float inv = 1.0f / std::sqrt(sum / static_cast<float>(n) + feps);
-      if (gemma_out) {
+      if (gemma) {
         T* o = out.data_ptr<T>() + r * out.stride(0);
         for (int64_t k = 0; k < n; ++k)
           o[k] = static_cast<T>(row[k] * inv * (1.0f + static_cast<float>(wp[k])));
@@ -181,20 +180,21 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-inline float bf16_rounded(float v) { return static_cast<float>(static_cast<at::BFloat16>(v)); }
+inline __m512 bf16_round_trip(__m512 v) {  // v rounded to bf16 and widened back: a PyTorch bf16 tensor's value
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
 
-void silu_mul_bf16(const at::BFloat16* g, const at::BFloat16* u, at::BFloat16* o, int64_t n) {
+// silu(gate) * up over a bf16 row, 16 elements at a time; returns the elements done (a multiple of
+// 16), the caller's scalar loop finishes the rest.
+int64_t silu_mul_bf16(const at::BFloat16* g, const at::BFloat16* u, at::BFloat16* o, int64_t n) {
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     const __m512 x = load_bf16(g + c);
     const __m512 act = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-    const __m512 act_rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(act)), 16));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), to_bf16(_mm512_mul_ps(act_rounded, load_bf16(u + c))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
+                        to_bf16(_mm512_mul_ps(bf16_round_trip(act), load_bf16(u + c))));
   }
-  for (; c < n; ++c) {
-    const float x = static_cast<float>(g[c]);
-    o[c] = static_cast<at::BFloat16>(bf16_rounded(x / (1.0f + std::exp(-x))) * static_cast<float>(u[c]));
-  }
+  return c;
 }
 #endif
 
@@ -209,15 +209,13 @@ void gated_rows(const torch::Tensor& gate_up, int64_t inter, torch::Tensor& out)
       const T* g = gp + r * sg;
       const T* u = g + inter;
       T* o = op + r * inter;
+      int64_t c = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (Act == silu) {
-          silu_mul_bf16(g, u, o, inter);
-          continue;
-        }
+        if (Act == silu) c = silu_mul_bf16(g, u, o, inter);
       }
 #endif
-      for (int64_t c = 0; c < inter; ++c)  // act(gate) is a tensor of its own in PyTorch: rounded first
+      for (; c < inter; ++c)  // act(gate) is a tensor of its own in PyTorch: rounded first
         o[c] = static_cast<T>(round_to<T>(Act(static_cast<float>(g[c]))) * static_cast<float>(u[c]));
     }
   });
@@ -248,10 +246,6 @@ torch::Tensor gated_act(const torch::Tensor& gate_up, int64_t intermediate, int6
 // rotated as x1 * cos - x2 * sin, x2 * cos + x1 * sin with each product and each sum rounded to O
 // (PyTorch's separate ops); channels past rotary_dim copied.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-inline __m512 bf16_round_trip(__m512 v) {  // v rounded to bf16 and widened back: a PyTorch bf16 tensor's value
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-}
-
 // The neox (half-split) rotation of one bf16 head with a bf16 table, 16 pairs at a time, with the
 // scalar loop's roundings (each product and each sum to bf16). Returns the pairs done (a multiple of
 // 16); the caller finishes the rest.

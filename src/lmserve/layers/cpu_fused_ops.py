@@ -26,9 +26,7 @@ from pathlib import Path
 import torch
 
 from lmserve.cpu_extensions import CpuExtension, cpu_flags
-
-DTYPES = (torch.bfloat16, torch.float16)
-_ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+from lmserve.layers.fused import ACT_CODES, as_rows
 
 
 def _register_fakes() -> None:  # shapes for torch.compile's tracing
@@ -59,26 +57,20 @@ def available() -> bool:
     return _KERNELS.available()
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, last dim] with unit stride along the row."""
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
              delta: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """As triton_ops.rms_norm: the norm of x, or with `delta` (x + delta, the norm of it)."""
-    x2 = _rows(x)
+    x2 = as_rows(x)
     if delta is None:
         out = torch.ops.lmserve_fused.rms_norm(x2, weight, eps, gemma)
         return out if x.dim() == 2 else out.view(x.shape)
-    total, out = torch.ops.lmserve_fused.add_rms_norm(x2, _rows(delta), weight, eps, gemma)
+    total, out = torch.ops.lmserve_fused.add_rms_norm(x2, as_rows(delta), weight, eps, gemma)
     return (total, out) if x.dim() == 2 else (total.view(x.shape), out.view(x.shape))
 
 
 def gated_act(gate_up: torch.Tensor, intermediate: int, activation: str) -> torch.Tensor:
     """As triton_ops.gated_act: act(gate) * up for gate_up [..., 2 * intermediate], gate first."""
-    out = torch.ops.lmserve_fused.gated_act(_rows(gate_up), intermediate, _ACT_CODES[activation])
+    out = torch.ops.lmserve_fused.gated_act(as_rows(gate_up), intermediate, ACT_CODES[activation])
     return out if gate_up.dim() == 2 else out.view(*gate_up.shape[:-1], intermediate)
 
 

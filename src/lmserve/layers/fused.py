@@ -26,6 +26,14 @@ import torch
 log = logging.getLogger(__name__)
 
 _CPU_DTYPES = (torch.bfloat16, torch.float16)
+# The activation codes both kernel modules take for act(gate) * up.
+ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along the row (what both kernel modules read)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 @functools.cache

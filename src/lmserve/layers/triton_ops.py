@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Activation codes for the gated kernel (constexpr: one compiled variant each).
-_ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+from lmserve.layers.fused import ACT_CODES, as_rows  # ACT_CODES: ACTIVATION constexpr, one variant each
 
 
 @triton.jit
@@ -54,12 +53,6 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, delta_ptr, sum_ptr, stride_x, stride
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, last dim] with unit stride along the row."""
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
              delta: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, as layers/norm.py's RMSNorm (gemma=False: `weight *
@@ -68,11 +61,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
     With `delta`: the residual add first, in the same launch: returns (x + delta, the norm of it)."""
     shape = x.shape
     n = shape[-1]
-    x2 = _rows(x)
+    x2 = as_rows(x)
     out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     if delta is not None:
-        d2 = _rows(delta)
+        d2 = as_rows(delta)
         total = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
     else:
         d2 = total = x2  # unused
@@ -114,11 +107,11 @@ def _gated_act_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, n_cols,
 def gated_act(gate_up: torch.Tensor, intermediate: int, activation: str) -> torch.Tensor:
     """act(gate) * up for gate_up [..., 2 * intermediate] (gate first) -> [..., intermediate].
     activation: "silu", "gelu_tanh" (F.gelu(approximate="tanh")) or "gelu" (erf)."""
-    code = _ACT_CODES[activation]
+    code = ACT_CODES[activation]
     lead = gate_up.shape[:-1]
     if gate_up.shape[-1] != 2 * intermediate:
         raise ValueError(f"gate_up's last dim {gate_up.shape[-1]} is not 2 x {intermediate}")
-    x2 = _rows(gate_up)
+    x2 = as_rows(gate_up)
     out = torch.empty((x2.shape[0], intermediate), dtype=gate_up.dtype, device=gate_up.device)
     if x2.shape[0] == 0:
         return out.view(*lead, intermediate)
