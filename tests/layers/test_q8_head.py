@@ -95,3 +95,22 @@ def test_dense_when_turned_off_or_not_quantized(monkeypatch):
     assert type(LLM(quantization="int4", num_kv_blocks=16).engine.model.lm_head.quant_method) is DenseLinearMethod
     monkeypatch.delenv("LMSERVE_LM_HEAD")
     assert type(LLM(quantization="none", num_kv_blocks=16).engine.model.lm_head.quant_method) is DenseLinearMethod
+
+
+@needs_kernel
+def test_untied_head_packed_once_as_its_tensor_arrives(tmp_path):
+    """An untied head is finished by the loader as soon as its tensor is in (a tied one at the end):
+    the method is chosen before loading, so either way its blocks are built, once."""
+    from lmserve import LLM, SamplingParams
+    from tests.support.family_checkpoints import build_llama
+
+    build_llama(tmp_path)
+    llm = LLM(str(tmp_path), dtype="bfloat16", quantization="int4", num_kv_blocks=16)
+    head = llm.engine.model.lm_head
+    assert isinstance(head.quant_method, Q8HeadMethod) and head.weight is not llm.engine.model.embed_tokens.weight
+    codes, scales = q4_kernel.pack_q8(head.weight.detach())
+    assert torch.equal(head.q8[0], codes) and torch.equal(head.q8[1], scales)
+    x = torch.randn(1, head.input_size).to(torch.bfloat16)
+    assert torch.equal(head.quant_method.apply(head, x), q4_kernel.q8_linear(x, codes, scales))
+    out = llm.generate([[1, 5, 9]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 4

@@ -152,6 +152,9 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
             if config.quantization_config:
                 raise CheckpointError(f"{ckpt.path}: {e}") from None
             raise
+    # Before loading: a head is packed once, when its weights are in (an untied one as soon as its
+    # tensor arrives, a tied one at the end).
+    use_q8_heads(model, quantization)
     if load_format == "dummy":
         fill_dummy_weights(model, device)
     else:
@@ -165,7 +168,6 @@ def load_model(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device
     try:
         process_weights_after_loading(model)
         process_experts(model)
-        use_q8_heads(model, quantization)
     except QuantizationError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
     _return_freed_memory()

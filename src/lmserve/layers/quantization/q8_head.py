@@ -5,7 +5,7 @@ Why: a batch-1 decode step streams every weight once, and the head is the larges
 head is 56 MiB in bf16 against 60 MiB for all its int4 layers together. In llama.cpp's Q8_0 blocks
 (an int8 per weight and an fp16 scale per 32, the type SmolLM2's GGUF stores it in) it is 30 MiB,
 and the kernel's one-row product over it measured 1.9x faster than oneDNN's bf16 one
-(docs/benchmarks.md, "The LM head in Q8_0"). Products of more rows (prefill's last tokens, decode
+(docs/benchmarks.md, "Round three"). Products of more rows (prefill's last tokens, decode
 batches) keep the dense weight: each row would stream the blocks again.
 
 Numerics: the blocks are taken from the dense weight (d = amax / 127 per 32, as llama.cpp
@@ -59,21 +59,22 @@ class Q8HeadMethod(DenseLinearMethod):
 
 
 def use_q8_heads(model: nn.Module, quantization: str | None) -> int:
-    """Give the model's LM heads (ParallelLMHead) the Q8_0 copy where it applies: a weight-only
+    """Give the model's LM heads (ParallelLMHead) the Q8_0 method where it applies: a weight-only
     quantized model (`quantization` int4 or int8), bf16/fp16 weights on the CPU, input widths in
-    whole blocks of 32, the VNNI kernel built, and not turned off by LMSERVE_LM_HEAD=dense.
-    Returns how many heads took it."""
+    whole blocks of 32, the VNNI kernel built, and not turned off by LMSERVE_LM_HEAD=dense. Call
+    before the weights are loaded (the method takes the dense method's parameters): the head is
+    then packed once, blocks included, when its weights are in. Returns how many heads took it."""
     from lmserve.layers.vocab_parallel import ParallelLMHead
 
     if quantization not in ("int4", "int8") or os.environ.get(ENV) == "dense":
         return 0
     heads = [m for m in model.modules() if isinstance(m, ParallelLMHead) and type(m.quant_method) is DenseLinearMethod
+             and not m.processed
              and m.weight is not None and m.weight.device.type == "cpu"
              and m.weight.dtype in (torch.bfloat16, torch.float16) and m.input_size % q4_kernel.BLOCK == 0]
     if not heads or not q4_kernel.available():
         return 0
     for head in heads:
         head.quant_method = Q8HeadMethod()
-        head.process_weights()
     log.info("LM head: Q8_0 blocks for one-row products (%s=dense keeps it dense)", ENV)
     return len(heads)
