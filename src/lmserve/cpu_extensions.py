@@ -1,4 +1,5 @@
-"""Our C++ CPU kernels (layers/q4_kernel.cpp, attention/cpu_decode_kernel.cpp), built and loaded.
+"""Our C++ CPU code (layers/q4_kernel.cpp, attention/cpu_decode_kernel.cpp, engine/cpu_graph_replay.cpp and
+kin), built and loaded.
 
 Each is compiled once per machine at first use by torch's extension builder (g++ and ninja, which
 `.ci/compiler.sh` installs; the compiled decode path needs them too) and cached under
@@ -43,8 +44,10 @@ class CpuExtension:
     that ask meanwhile wait for the answer)."""
 
     def __init__(self, name: str, source: Path, what: str, needs: tuple[str, ...], isa_flags: tuple[str, ...],
-                 env: str, fallback: str, on_load: Callable[[], None] | None = None):
+                 env: str, fallback: str, on_load: Callable[[], None] | None = None, python_module: bool = False):
         self.name, self.source, self.what = name, source, what
+        self.python_module = python_module  # a pybind11 module (`module` once loaded), else operators only
+        self.module = None
         self.needs, self.isa_flags = needs, isa_flags  # /proc/cpuinfo flags; extra compiler flags (-m...)
         self.env, self.fallback, self.on_load = env, fallback, on_load
         self._lock = threading.Lock()
@@ -68,8 +71,8 @@ class CpuExtension:
             from torch.utils.cpp_extension import load
 
             log.info("loading the %s (built once per machine: tens of seconds the first time)", self.what)
-            load(name=self.name, sources=[str(self.source)], extra_cflags=[*BASE_FLAGS, *self.isa_flags],
-                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=[*BASE_FLAGS, *self.isa_flags],
+                               extra_ldflags=["-fopenmp"], is_python_module=self.python_module, verbose=False)
         except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: PyTorch's path instead
             return f"building {self.source.name} failed: {type(e).__name__}: {str(e).strip()[-300:]}"
         if self.on_load is not None:

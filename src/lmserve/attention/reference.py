@@ -75,7 +75,8 @@ class ReferenceMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     dtype: torch.dtype
     num_decode: int = 0
-    decode_tables: list[list[int]] = field(default_factory=list)  # each decoding sequence's block table
+    # Each decoding sequence's block table; None in static metadata (`static_decode_metadata`).
+    decode_tables: list[list[int]] | None = field(default_factory=list)
     decode_positions: torch.Tensor | None = None  # [num_decode] position of each decode token
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
@@ -86,6 +87,9 @@ class ReferenceMetadata:
     def decode_groups(self) -> list[DecodeGroup]:
         """The gather path's groups (built on first use in a step: layers the kernel serves never need them)."""
         if self._decode_groups is None:
+            if self.decode_tables is None:
+                raise NotImplementedError("static decode metadata serves the paged kernel only: the gather "
+                                          "path builds its groups from the block tables on the host")
             self._decode_groups = _decode_groups(self.decode_tables, self.decode_positions, self.dtype,
                                                  self.backend.block_size) if self.num_decode else []
         return self._decode_groups
@@ -137,6 +141,16 @@ class ReferenceBackend(AttentionBackend):
             meta.prefills.append(PrefillChunk(start=row, length=n, context_len=start, positions=pos, block_table=table))
             row += n
         meta.slot_mapping = torch.cat(slot_parts)
+        return meta
+
+    def static_decode_metadata(self, slots: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+                               seq_lens: torch.Tensor, dtype: torch.dtype) -> ReferenceMetadata:
+        """A decode-only batch's metadata over fixed buffers (engine/cpu_graphs.py records a forward
+        over them once and replays it): slots [B], positions [B], block tables [B, W], tokens to
+        attend [B]. It serves the paged decode kernel; the gather path refuses it."""
+        meta = ReferenceMetadata(backend=self, slot_mapping=slots, dtype=dtype, num_decode=slots.shape[0],
+                                 decode_tables=None, decode_positions=positions)
+        meta._decode_table = (tables, seq_lens)
         return meta
 
     @staticmethod

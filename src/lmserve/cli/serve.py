@@ -114,6 +114,8 @@ def register(sub) -> None:
                              "after start (kernels cached in the data directory); default off")
     engine.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="on a GPU: replay decode steps from CUDA graphs captured at start; default on")
+    engine.add_argument("--cpu-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="on a CPU: replay small decode batches' recorded operator calls from C++; default on")
     def kv_cache_dtype(text: str) -> str:
         if text == "fp8_e5m2":  # vLLM's other fp8: refused by name, not as a typo
             from lmserve.attention.kv_cache_dtype import FP8_E5M2_REFUSED  # here: it imports torch
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
             quantized_max_rows=args.quantized_max_rows, compile=args.compile,
             gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
-            attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
+            cpu_graphs=args.cpu_graphs, attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
             tensor_parallel_size=args.tensor_parallel_size,
             enable_expert_parallel=args.enable_expert_parallel, distributed_backend=args.distributed_backend,
             nnodes=args.nnodes, dist_init_addr=args.dist_init_addr, speculative_config=args.speculative_config,

@@ -34,7 +34,7 @@ def build_executor(cfg: EngineConfig, checkpoint, model_config, dtype: torch.dty
                    max_model_len: int) -> LocalExecutor | MultiprocExecutor:
     """The model on this process (one rank), or split over tensor-parallel ranks."""
     runner_options = dict(compile_decode=cfg.compile, attention_backend=cfg.attention_backend,
-                          use_cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs,
+                          use_cuda_graphs=cfg.cuda_graphs, use_cpu_graphs=cfg.cpu_graphs, max_num_seqs=cfg.max_num_seqs,
                           max_model_len=max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)
     tp = cfg.tensor_parallel_size
     # An explicit backend at one rank still goes through the multi-process executor (a device
@@ -46,7 +46,8 @@ def build_executor(cfg: EngineConfig, checkpoint, model_config, dtype: torch.dty
     if device.type == "cuda" and (cfg.cuda_graphs or cfg.compile):
         # Graph capture and compiled decode would have to capture the collectives too.
         log.warning("CUDA graphs and compiled decode are off under tensor parallelism; decode runs eager")
-    runner_options.update(use_cuda_graphs=False, compile_decode=False)
+    # CPU graphs would record the collectives too.
+    runner_options.update(use_cuda_graphs=False, use_cpu_graphs=False, compile_decode=False)
     backend = cfg.distributed_backend or default_backend(device)
     check_parallel_options(tp, cfg.nnodes, cfg.dist_init_addr, backend, device)
     threads = max(torch.get_num_threads() // tp, 1) if device.type == "cpu" else None

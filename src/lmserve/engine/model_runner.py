@@ -4,8 +4,9 @@ The cache is allocated from the KV specs the model's attention layers declare (o
 tensors per layer, shaped by that layer's spec). Per step it builds the flattened token ids and
 positions (copied to the device in one transfer), lets the device's attention backend build its
 metadata once for all layers, and sends only the rows that need a next token through the LM head.
-Decode-only steps may instead replay a CUDA graph (engine/cuda_graphs.py, on CUDA) or run a
-torch.compile'd forward (engine/compiled_decode.py, the CPU option).
+Decode-only steps may instead replay a CUDA graph (engine/cuda_graphs.py, on CUDA), replay their
+recorded operator calls from C++ (engine/cpu_graphs.py, small batches on the CPU) or run a
+torch.compile'd forward (engine/compiled_decode.py, a CPU option).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 
 from lmserve.attention import KVSpec, get_attention_backend
 from lmserve.attention.kv_cache_dtype import kv_cache_torch_dtype
+from lmserve.attention.reference import ReferenceBackend
 from lmserve.attention.spec import kv_bytes_per_block
-from lmserve.engine import cuda_graphs
+from lmserve.engine import cpu_graphs, cuda_graphs
 from lmserve.engine.compiled_decode import CompiledDecode, unsupported_reason
 from lmserve.engine.prompt_logprobs import PromptScores, score_rows
 from lmserve.model_input import ModelInput
@@ -31,7 +33,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, compile_decode: bool = False,
                  attention_backend: str = "auto", use_cuda_graphs: bool = False, max_num_seqs: int = 256,
-                 max_model_len: int | None = None, kv_cache_dtype: str = "auto"):
+                 max_model_len: int | None = None, kv_cache_dtype: str = "auto", use_cpu_graphs: bool = False):
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -42,6 +44,7 @@ class ModelRunner:
         self.attention_backend = get_attention_backend(device, self.kv_specs, attention_backend)
         self.compiled: CompiledDecode | None = None
         self.graphs: cuda_graphs.DecodeGraphs | None = None
+        self.cpu_graphs: cpu_graphs.CpuDecodeGraphs | None = None
         graphs_reason = self._graphs_unavailable(use_cuda_graphs)
         if use_cuda_graphs and graphs_reason is not None and device.type == "cuda":
             log.warning("CUDA graphs: not for this model (%s); decode stays eager", graphs_reason)
@@ -57,8 +60,8 @@ class ModelRunner:
         extra = 1 if use_cuda_graphs or (compile_decode and reason is None) else 0
         self.kv_caches = [spec.allocate(num_blocks + extra, block_size, self.kv_dtype, device)
                           for spec in self.kv_specs]
+        max_len = max_model_len or config.context_length
         if use_cuda_graphs:
-            max_len = max_model_len or config.context_length
             self.graphs = cuda_graphs.DecodeGraphs(
                 model, self.kv_caches, self.attention_backend, block_size, max_num_seqs,
                 max_blocks_per_seq=-(-max_len // block_size), scratch_block=num_blocks, device=device,
@@ -67,6 +70,13 @@ class ModelRunner:
         elif extra:
             self.compiled = CompiledDecode(model, self.kv_caches, block_size, scratch_block=num_blocks)
             self.compiled.start()
+        elif use_cpu_graphs and device.type == "cpu" and isinstance(self.attention_backend, ReferenceBackend):
+            reason = cpu_graphs.unsupported_reason(model)
+            if reason is None:
+                self.cpu_graphs = cpu_graphs.CpuDecodeGraphs(model, self.kv_caches, self.attention_backend, block_size,
+                                                             -(-max_len // block_size), dtype)
+            else:
+                log.info("CPU graphs: not for this model (%s); decode runs eager", reason)
 
     def _graphs_unavailable(self, wanted: bool) -> str | None:
         """Why decode cannot run from CUDA graphs here (None: it can). Graphs need the Triton
@@ -101,6 +111,10 @@ class ModelRunner:
                 return logits
         if self.graphs is not None:
             logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
+        if self.cpu_graphs is not None:
+            logits = self.cpu_graphs.run(batch)
             if logits is not None:
                 return logits
         return self._logits(batch, *self._forward(batch))

@@ -79,6 +79,9 @@ class EngineConfig(BaseModel):
     # CUDA: decode steps replay graphs captured at start for a ladder of batch sizes
     # (engine/cuda_graphs.py); off: every step eager.
     cuda_graphs: bool = True
+    # CPU: small decode batches replay their recorded operator calls from C++, without the Python
+    # between them (engine/cpu_graphs.py); off: every step eager.
+    cpu_graphs: bool = True
     # Tensor parallelism (docs/tensor_parallel.md): the model's layers split over this many ranks
     # (processes), rank 0 in this process (distributed/executor.py). Expert parallelism gives MoE
     # layers whole experts per rank instead of a slice of each. Backend: nccl on CUDA, gloo on CPU

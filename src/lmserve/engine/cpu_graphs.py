@@ -1,0 +1,223 @@
+"""Small decode batches on the CPU, replayed from C++ (engine option `cpu_graphs`, on by default on CPU).
+
+Why: a CPU decode step of a small batch is bound by the interpreter, not the arithmetic. The
+bundled model's batch-1 step is ~540 operator calls, and the Python around each (modules, quant
+methods, argument parsing) cost ~3.5 ms of a 10.7 ms step on the 2-core box, more than all its
+norms, rotaries and attention together. A CUDA graph removes launch overhead on a GPU; this removes
+the interpreter on a CPU, the same way: record a step's operator calls once, replay them.
+
+How:
+- A decode-only batch of n sequences (n <= MAX_ROWS) runs over static input buffers: token ids,
+  positions, cache slots, tokens to attend, and block tables as wide as max_model_len needs (the
+  paged kernel reads only each sequence's own blocks, so stale columns are never read).
+- `OpRecorder` (a TorchDispatchMode) records the forward plus the LM head over those buffers: every
+  operator reaching the dispatcher, its arguments, and which of them are results of earlier calls.
+  Everything else (weights, the KV cache, the buffers, sizes) is a constant of the recording.
+- cpu_graph_replay.cpp replays it: one boxed dispatcher call per operator, with the same
+  operators and arguments, so the same results bit for bit, and intermediates freed after their
+  last use as eagerly as they are. The interpreter lock is released for the whole step.
+- Per batch size, lazily: the first step of that size runs eager (it makes the choices taken on
+  first use: kernel timings, extension loads), the second is recorded, the third runs both ways
+  and must agree bit for bit (a value read on the host and baked into the recording would differ
+  at the next position), and only then does the size replay. A size that fails any of this stays
+  eager, with the reason in the log.
+- Not recorded: prefill and mixed steps (their shapes change every step); MoE layers (they read
+  expert counts on the host); layers whose decode attention is not the paged kernel (the gather
+  path builds its groups from host lists: the static metadata refuses it, and the size stays eager);
+  tensor parallelism (the collectives); the compiled decode (one fast path at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmserve.cpu_extensions import CpuExtension
+from lmserve.model_input import ModelInput
+
+log = logging.getLogger("lmserve.engine")
+
+# Batches of more rows spend proportionally less of a step in the interpreter (~3% at 64 rows on
+# the 2-core box), while each size costs a recorded and a validated step the first time it appears.
+MAX_ROWS = 16
+
+_REPLAY = CpuExtension(
+    "lmserve_cpu_graph_replay", Path(__file__).with_name("cpu_graph_replay.cpp"), "CPU decode replay",
+    needs=(), isa_flags=(), env="LMSERVE_CPU_GRAPHS", fallback="decode steps run eager", python_module=True)
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why this model's decode cannot be recorded (None: it can)."""
+    from lmserve.layers.moe import FusedExperts
+
+    if any(isinstance(m, FusedExperts) for m in model.modules()):
+        return "MoE layers read expert counts on the host"
+    return None
+
+
+class NotRecordable(RuntimeError):
+    """The forward did something a replay cannot repeat (a value read on the host)."""
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every operator call reaching the dispatcher while active (the forward's own calls:
+    calls made inside an operator are not seen). A tensor argument produced by an earlier recorded
+    call is a use of that value; any other tensor is a constant of the recording."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []  # (op, args, kwargs, uses, results)
+        self.values: dict[int, int] = {}  # id(tensor) -> value index
+        self._alive: list[torch.Tensor] = []  # keeps ids unique while recording
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        schema = func._schema
+        position = {a.name: i for i, a in enumerate(schema.arguments)}
+        uses = []
+        inputs = []
+        for index, arg in [*enumerate(args), *((position[k], v) for k, v in kwargs.items())]:
+            if isinstance(arg, torch.Tensor):
+                inputs.append(arg)
+                if id(arg) in self.values:
+                    uses.append((index, -1, self.values[id(arg)]))
+            elif isinstance(arg, (list, tuple)):
+                uses += [(index, j, self.values[id(e)]) for j, e in enumerate(arg)
+                         if isinstance(e, torch.Tensor) and id(e) in self.values]
+        if len(schema.returns) == 1 and isinstance(out, (list, tuple)):  # one Tensor[] return
+            returned = [((0, j), o) for j, o in enumerate(out)]
+        else:
+            returned = [((i, -1), o) for i, o in enumerate(out if len(schema.returns) > 1 else (out,))]
+        results = []
+        for (index, element), o in returned:
+            if o is None:
+                continue
+            if not isinstance(o, torch.Tensor):
+                raise NotRecordable(f"{func} returned {type(o).__name__} to Python (a value read on the host)")
+            if any(o is t for t in inputs):  # an in-place op hands back its argument
+                if id(o) in self.values:
+                    results.append((index, element, self.values[id(o)]))
+                continue
+            self.values[id(o)] = len(self.values)
+            self._alive.append(o)
+            results.append((index, element, self.values[id(o)]))
+        self._alive += inputs
+        self.calls.append((func, args, kwargs, uses, results))
+        return out
+
+    def program(self, output: torch.Tensor):
+        """The replayable program of the recorded calls, returning `output`."""
+        if id(output) not in self.values:
+            raise NotRecordable("the output was not computed by a recorded call")
+        out = self.values[id(output)]
+        last_use: dict[int, int] = {}
+        for step, (_, _, _, uses, results) in enumerate(self.calls):
+            for _, _, value in [*uses, *results]:
+                last_use[value] = step
+        releases: list[list[int]] = [[] for _ in self.calls]
+        for value, step in last_use.items():
+            if value != out:
+                releases[step].append(value)
+        program = _REPLAY.module.Program(len(self.values))
+        for (func, args, kwargs, uses, results), release in zip(self.calls, releases):
+            program.add(func._schema.name, func._schema.overload_name, tuple(args), dict(kwargs), uses, results,
+                        release)
+        return program, out
+
+
+class CpuDecodeGraphs:
+    """The recorded decode steps of one engine on the CPU: `run` returns the logits of a decode-only
+    batch it serves, or None (the caller runs the step eager)."""
+
+    WARM, RECORD, VALIDATE, REPLAY, EAGER = range(5)
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list, backend, block_size: int, max_blocks_per_seq: int,
+                 dtype: torch.dtype):
+        self.model, self.kv_caches, self.backend, self.block_size = model, kv_caches, backend, block_size
+        self.dtype = dtype
+        i64 = dict(dtype=torch.int64)
+        # Rows: token ids, positions, cache slots, tokens to attend (position + 1).
+        self.inputs = torch.zeros(4, MAX_ROWS, **i64)
+        self.block_tables = torch.zeros(MAX_ROWS, max_blocks_per_seq, **i64)
+        self.state: dict[int, int] = {}  # batch size -> phase
+        self.programs: dict[int, tuple] = {}  # batch size -> (program, output value, its views)
+        self.steps = 0  # decode steps served by replay
+        self.enabled = True  # False: every step eager (tests and benchmarks compare the two)
+
+    def _views(self, n: int) -> tuple[torch.Tensor, ...]:
+        ids, positions, slots, lens = self.inputs[:, :n]
+        return ids, positions, slots, lens, self.block_tables[:n]
+
+    def _forward(self, views: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        ids, positions, slots, lens, tables = views
+        meta = self.backend.static_decode_metadata(slots, positions, tables, lens, self.dtype)
+        return self.model.compute_logits(self.model(ids, positions, self.kv_caches, meta))
+
+    def run(self, batch: ModelInput) -> torch.Tensor | None:
+        n = len(batch.query_lens)
+        if not self.enabled or n > MAX_ROWS or batch.num_decodes != n or batch.logit_rows != list(range(n)):
+            return None
+        width = max(len(t) for t in batch.block_tables)
+        if width > self.block_tables.shape[1]:
+            return None
+        phase = self.state.get(n, self.WARM)
+        if phase == self.EAGER:
+            return None
+        if phase == self.WARM:
+            self.state[n] = self.RECORD
+            return None
+        self._stage(batch, n, width)
+        try:
+            if phase == self.RECORD:
+                return self._record(n)
+            if phase == self.VALIDATE:
+                return self._validate(n)
+            program, out, _ = self.programs[n]
+            logits = program.run(out)
+            self.steps += 1
+            return logits
+        except Exception as e:  # noqa: BLE001 - any failure leaves the (always correct) eager path
+            self._give_up(n, f"{type(e).__name__}: {str(e).strip()[:300]}")
+            return None  # the step again, eager (the keys and values it wrote are the same ones)
+
+    def _stage(self, batch: ModelInput, n: int, width: int) -> None:
+        """This step's inputs into the first n rows of the buffers (one copy each)."""
+        bs = self.block_size
+        positions = list(batch.context_lens)  # a decode token sits right after its cached context
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.block_tables, positions)]
+        self.inputs[:, :n].copy_(torch.tensor([list(batch.token_ids), positions, slots, [p + 1 for p in positions]]))
+        tables = [t + [t[-1]] * (width - len(t)) for t in batch.block_tables]  # past a length: never read
+        self.block_tables[:n, :width].copy_(torch.tensor(tables))
+
+    def _record(self, n: int) -> torch.Tensor:
+        if not _REPLAY.available():  # built at the first recording (tens of seconds, once per machine)
+            self.enabled = False
+            raise NotRecordable(f"the replay is unavailable: {_REPLAY.unavailable_reason()}")
+        views = self._views(n)
+        recorder = OpRecorder()
+        with recorder:
+            logits = self._forward(views)
+        program, out = recorder.program(logits)
+        self.programs[n] = (program, out, views)  # the views are constants of the program: keep them
+        self.state[n] = self.VALIDATE
+        return logits
+
+    def _validate(self, n: int) -> torch.Tensor:
+        program, out, views = self.programs[n]
+        eager = self._forward(views)
+        replayed = program.run(out)  # writes the same keys and values to the same slots again
+        if not torch.equal(eager, replayed):
+            self._give_up(n, "the replay differs from the eager forward at a new position")
+            return eager
+        self.state[n] = self.REPLAY
+        log.info("CPU graphs: decode batches of %d replay %d recorded operator calls", n, len(program))
+        return replayed
+
+    def _give_up(self, n: int, reason: str) -> None:
+        self.state[n] = self.EAGER
+        self.programs.pop(n, None)
+        log.warning("CPU graphs: decode batches of %d run eager (%s)", n, reason)
