@@ -7,7 +7,7 @@ norms, rotaries and attention together. A CUDA graph removes launch overhead on 
 the interpreter on a CPU, the same way: record a step's operator calls once, replay them.
 
 How:
-- A decode-only batch of n sequences (n <= MAX_ROWS) runs over static input buffers: token ids,
+- A decode-only batch of n sequences (n <= max_num_seqs) runs over static input buffers: token ids,
   positions, cache slots, tokens to attend, and block tables as wide as max_model_len needs (the
   paged kernel reads only each sequence's own blocks, so stale columns are never read).
 - `OpRecorder` (a TorchDispatchMode) records the forward plus the LM head over those buffers: every
@@ -16,11 +16,11 @@ How:
 - cpu_graph_replay.cpp replays it: one boxed dispatcher call per operator, with the same
   operators and arguments, so the same results bit for bit, and intermediates freed after their
   last use as eagerly as they are. The interpreter lock is released for the whole step.
-- Per batch size, lazily: the first step of that size runs eager (it makes the choices taken on
-  first use: kernel timings, extension loads), the second is recorded, the third runs both ways
-  and must agree bit for bit (a value read on the host and baked into the recording would differ
-  at the next position), and only then does the size replay. A size that fails any of this stays
-  eager, with the reason in the log.
+- Per batch size, lazily: the first WARM_STEPS steps of that size run eager (the first makes the
+  choices taken on first use: kernel timings, extension loads), the next is recorded, the next runs
+  both ways and must agree bit for bit (a value read on the host and baked into the recording would
+  differ at the next position), and only then does the size replay. A size that fails any of this
+  stays eager, with the reason in the log.
 - Not recorded: prefill and mixed steps (their shapes change every step); MoE layers (they read
   expert counts on the host); layers whose decode attention is not the paged kernel (the gather
   path builds its groups from host lists: the static metadata refuses it, and the size stays eager);
@@ -40,9 +40,9 @@ from lmserve.model_input import ModelInput
 
 log = logging.getLogger("lmserve.engine")
 
-# Batches of more rows spend proportionally less of a step in the interpreter (~3% at 64 rows on
-# the 2-core box), while each size costs a recorded and a validated step the first time it appears.
-MAX_ROWS = 16
+# Eager steps of a batch size before it is recorded: recording and validating cost about two steps,
+# and the sizes a batch passes through while requests arrive or finish may never come back.
+WARM_STEPS = 3
 
 _REPLAY = CpuExtension(
     "lmserve_cpu_graph_replay", Path(__file__).with_name("cpu_graph_replay.cpp"), "CPU decode replay",
@@ -133,17 +133,18 @@ class CpuDecodeGraphs:
     """The recorded decode steps of one engine on the CPU: `run` returns the logits of a decode-only
     batch it serves, or None (the caller runs the step eager)."""
 
-    WARM, RECORD, VALIDATE, REPLAY, EAGER = range(5)
+    RECORD, VALIDATE, REPLAY, EAGER = range(4)
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list, backend, block_size: int, max_blocks_per_seq: int,
-                 dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, kv_caches: list, backend, block_size: int, max_rows: int,
+                 max_blocks_per_seq: int, dtype: torch.dtype):
         self.model, self.kv_caches, self.backend, self.block_size = model, kv_caches, backend, block_size
         self.dtype = dtype
         i64 = dict(dtype=torch.int64)
         # Rows: token ids, positions, cache slots, tokens to attend (position + 1).
-        self.inputs = torch.zeros(4, MAX_ROWS, **i64)
-        self.block_tables = torch.zeros(MAX_ROWS, max_blocks_per_seq, **i64)
-        self.state: dict[int, int] = {}  # batch size -> phase
+        self.inputs = torch.zeros(4, max_rows, **i64)
+        self.block_tables = torch.zeros(max_rows, max_blocks_per_seq, **i64)
+        self.seen: dict[int, int] = {}  # batch size -> eager steps so far
+        self.state: dict[int, int] = {}  # batch size -> phase, once warm
         self.programs: dict[int, tuple] = {}  # batch size -> (program, output value, its views)
         self.steps = 0  # decode steps served by replay
         self.enabled = True  # False: every step eager (tests and benchmarks compare the two)
@@ -159,16 +160,19 @@ class CpuDecodeGraphs:
 
     def run(self, batch: ModelInput) -> torch.Tensor | None:
         n = len(batch.query_lens)
-        if not self.enabled or n > MAX_ROWS or batch.num_decodes != n or batch.logit_rows != list(range(n)):
+        if (not self.enabled or n > self.inputs.shape[1] or batch.num_decodes != n
+                or batch.logit_rows != list(range(n))):
             return None
         width = max(len(t) for t in batch.block_tables)
         if width > self.block_tables.shape[1]:
             return None
-        phase = self.state.get(n, self.WARM)
+        phase = self.state.get(n)
+        if phase is None:
+            self.seen[n] = self.seen.get(n, 0) + 1
+            if self.seen[n] <= WARM_STEPS:
+                return None
+            phase = self.state[n] = self.RECORD
         if phase == self.EAGER:
-            return None
-        if phase == self.WARM:
-            self.state[n] = self.RECORD
             return None
         self._stage(batch, n, width)
         try:

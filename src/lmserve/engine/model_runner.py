@@ -74,7 +74,7 @@ class ModelRunner:
             reason = cpu_graphs.unsupported_reason(model)
             if reason is None:
                 self.cpu_graphs = cpu_graphs.CpuDecodeGraphs(model, self.kv_caches, self.attention_backend, block_size,
-                                                             -(-max_len // block_size), dtype)
+                                                             max_num_seqs, -(-max_len // block_size), dtype)
             else:
                 log.info("CPU graphs: not for this model (%s); decode runs eager", reason)
 
