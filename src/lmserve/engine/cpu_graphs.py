@@ -50,12 +50,13 @@ _REPLAY = CpuExtension(
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
-    """Why this model's decode cannot be recorded (None: it can)."""
+    """Why this model's decode cannot be recorded (None: it can). Loads the replay, built once per
+    machine: at start, not in the middle of a request (loading even a cached build takes ~1 s)."""
     from lmserve.layers.moe import FusedExperts
 
     if any(isinstance(m, FusedExperts) for m in model.modules()):
         return "MoE layers read expert counts on the host"
-    return None
+    return _REPLAY.unavailable_reason()
 
 
 class NotRecordable(RuntimeError):
@@ -113,6 +114,8 @@ class OpRecorder(TorchDispatchMode):
         """The replayable program of the recorded calls, returning `output`."""
         if id(output) not in self.values:
             raise NotRecordable("the output was not computed by a recorded call")
+        if not _REPLAY.available():
+            raise NotRecordable(f"the replay is unavailable: {_REPLAY.unavailable_reason()}")
         out = self.values[id(output)]
         last_use: dict[int, int] = {}
         for step, (_, _, _, uses, results) in enumerate(self.calls):
@@ -148,6 +151,9 @@ class CpuDecodeGraphs:
         self.programs: dict[int, tuple] = {}  # batch size -> (program, output value, its views)
         self.steps = 0  # decode steps served by replay
         self.enabled = True  # False: every step eager (tests and benchmarks compare the two)
+        # A dispatch mode's first use in a process imports ~1 s of torch: at start, not mid-request.
+        with torch.inference_mode(), OpRecorder():
+            torch.zeros(1).add_(1)
 
     def _views(self, n: int) -> tuple[torch.Tensor, ...]:
         ids, positions, slots, lens = self.inputs[:, :n]
@@ -198,9 +204,6 @@ class CpuDecodeGraphs:
         self.block_tables[:n, :width].copy_(torch.tensor(tables))
 
     def _record(self, n: int) -> torch.Tensor:
-        if not _REPLAY.available():  # built at the first recording (tens of seconds, once per machine)
-            self.enabled = False
-            raise NotRecordable(f"the replay is unavailable: {_REPLAY.unavailable_reason()}")
         views = self._views(n)
         recorder = OpRecorder()
         with recorder:
