@@ -81,7 +81,13 @@ class Program {
       TORCH_CHECK(value >= 0 && value < (int64_t)values_.size(), "value out of range");
       step.uses.push_back({position, element, value});
       // The recording's own tensor must not stay alive in the program: only the patched one runs.
-      if (element < 0) step.arguments[position] = c10::IValue();
+      if (element < 0) {
+        step.arguments[position] = c10::IValue();
+      } else {  // one element of a list argument: a copy of the list without it
+        auto list = step.arguments[position].toList().copy();
+        list.set(element, c10::IValue(at::Tensor()));
+        step.arguments[position] = std::move(list);
+      }
     }
     for (const auto& [position, element, value] : results) {
       TORCH_CHECK(value >= 0 && value < (int64_t)values_.size(), "value out of range");
