@@ -134,3 +134,14 @@ def test_bundled_model_same_tokens_with_and_without(monkeypatch):
     monkeypatch.setattr(fused, "use_fused", lambda x: False)
     reference = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert fused_tokens == reference
+
+
+def test_dynamo_traces_past_the_cpu_kernels():
+    """Under torch.compile the layers keep PyTorch's ops (Inductor fuses them itself): the check
+    must not trace into the extension's loader, whose lock once stopped the compiled decode of every
+    bf16 model ("Unsupported context manager")."""
+    from lmserve.layers import fused
+
+    x = torch.ones(2, 8, dtype=torch.bfloat16)
+    compiled = torch.compile(lambda t: t * 2 if fused.use_fused(t) else t + 1, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), x + 1)

@@ -66,9 +66,10 @@ def use_fused(x: torch.Tensor) -> bool:
     """True when `x`'s op should run as a fused kernel: Triton's on CUDA, ours on the CPU for half types."""
     if x.is_cuda:
         return use_triton(x)
-    # Cheapest tests first: this runs ~4 times per layer per step.
-    return (x.dtype in _CPU_DTYPES and x.is_cpu and _cpu_ops() is not None
-            and not torch.compiler.is_dynamo_compiling())
+    # Cheapest tests first: this runs ~4 times per layer per step. Dynamo's test before _cpu_ops():
+    # tracing into the extension's loader (a lock) stopped the compiled decode of bf16 models.
+    return (x.dtype in _CPU_DTYPES and x.is_cpu and not torch.compiler.is_dynamo_compiling()
+            and _cpu_ops() is not None)
 
 
 def ops(x: torch.Tensor) -> ModuleType:
