@@ -83,6 +83,25 @@ def test_a_value_baked_into_the_recording_keeps_that_size_eager(make_llm, caplog
     assert replayed == eager_baked != eager
 
 
+def test_a_recording_that_reads_the_host_turns_the_graphs_off(make_llm, caplog):
+    """A forward that reads a Python number from a tensor cannot be recorded: the graphs go off for
+    every size, with the reason logged, and the tokens are the eager ones."""
+    llm = make_llm(num_kv_blocks=64)
+    model = llm.engine.runner.model
+    honest = model.compute_logits
+    model.compute_logits = lambda hidden: honest(hidden) * (1.0 if float(hidden.abs().sum()) > 0 else 2.0)
+    try:
+        eager = _generate(llm, False, PROMPTS[:1], 8)
+        with caplog.at_level("WARNING", logger="lmserve.engine"):
+            replayed = _generate(llm, True, PROMPTS[:1], 8)
+    finally:
+        del model.compute_logits
+    graphs = llm.engine.runner.cpu_graphs
+    assert "value read on the host" in graphs.failed and "CPU graphs: off" in caplog.text
+    assert replayed == eager and graphs.steps == 0
+    assert _generate(llm, True, PROMPTS[1:], 8) and graphs.steps == 0  # other sizes stay eager too
+
+
 def test_moe_models_decode_eager(tmp_path):
     """MoE layers read their expert counts on the host: no graphs for them."""
     from lmserve.engine.llm_engine import LLMEngine

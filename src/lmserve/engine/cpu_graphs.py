@@ -151,6 +151,7 @@ class CpuDecodeGraphs:
         self.programs: dict[int, tuple] = {}  # batch size -> (program, output value, its views)
         self.steps = 0  # decode steps served by replay
         self.enabled = True  # False: every step eager (tests and benchmarks compare the two)
+        self.failed: str | None = None  # why a recording failed: every step eager from then on
         # A dispatch mode's first use in a process imports ~1 s of torch: at start, not mid-request.
         with torch.inference_mode(), OpRecorder():
             torch.zeros(1).add_(1)
@@ -166,7 +167,7 @@ class CpuDecodeGraphs:
 
     def run(self, batch: ModelInput) -> torch.Tensor | None:
         n = len(batch.query_lens)
-        if (not self.enabled or n > self.inputs.shape[1] or batch.num_decodes != n
+        if (not self.enabled or self.failed or n > self.inputs.shape[1] or batch.num_decodes != n
                 or batch.logit_rows != list(range(n))):
             return None
         width = max(len(t) for t in batch.block_tables)
@@ -191,7 +192,8 @@ class CpuDecodeGraphs:
             self.steps += 1
             return logits
         except Exception as e:  # noqa: BLE001 - any failure leaves the (always correct) eager path
-            self._give_up(n, f"{type(e).__name__}: {str(e).strip()[:300]}")
+            # What stops one recording (a host read, the gather attention path) stops every size.
+            self._give_up(n, f"{type(e).__name__}: {str(e).strip()[:300]}", every_size=phase == self.RECORD)
             return None  # the step again, eager (the keys and values it wrote are the same ones)
 
     def _stage(self, batch: ModelInput, n: int, width: int) -> None:
@@ -224,7 +226,11 @@ class CpuDecodeGraphs:
         log.info("CPU graphs: decode batches of %d replay %d recorded operator calls", n, len(program))
         return replayed
 
-    def _give_up(self, n: int, reason: str) -> None:
+    def _give_up(self, n: int, reason: str, every_size: bool = False) -> None:
         self.state[n] = self.EAGER
         self.programs.pop(n, None)
-        log.warning("CPU graphs: decode batches of %d run eager (%s)", n, reason)
+        if every_size:
+            self.failed = reason
+            log.warning("CPU graphs: off, decode runs eager (%s)", reason)
+        else:
+            log.warning("CPU graphs: decode batches of %d run eager (%s)", n, reason)

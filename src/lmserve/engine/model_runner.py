@@ -72,6 +72,8 @@ class ModelRunner:
             self.compiled.start()
         elif use_cpu_graphs and device.type == "cpu" and isinstance(self.attention_backend, ReferenceBackend):
             reason = cpu_graphs.unsupported_reason(model)
+            if reason is None and self.kv_dtype != dtype:
+                reason = "an fp8 KV cache decodes through the gather path"
             if reason is None:
                 self.cpu_graphs = cpu_graphs.CpuDecodeGraphs(model, self.kv_caches, self.attention_backend, block_size,
                                                              max_num_seqs, -(-max_len // block_size), dtype)
