@@ -59,43 +59,39 @@ def test_replayed_decode_equals_eager_on_the_bundled_model(make_llm, quantizatio
     assert graphs.state[1] == CpuDecodeGraphs.REPLAY
 
 
+def _eager_and_replayed_with(llm, wrap, prompts, caplog):
+    """Tokens with the graphs off, then on, while the LM head is `wrap(the model's own)`."""
+    model = llm.engine.runner.model
+    model.compute_logits = wrap(model.compute_logits)
+    try:
+        eager = _generate(llm, False, prompts, 8)
+        with caplog.at_level("WARNING", logger="lmserve.engine"):
+            replayed = _generate(llm, True, prompts, 8)
+    finally:
+        del model.compute_logits
+    return eager, replayed
+
+
 def test_a_value_baked_into_the_recording_keeps_that_size_eager(make_llm, caplog):
     """A forward that reads a value on the host and feeds it back as a constant records fine but
     replays stale: the validating step sees the difference, and the size stays eager."""
     llm = make_llm(num_kv_blocks=64)
-    model = llm.engine.runner.model
-    eager = _generate(llm, False, PROMPTS[:2], 8)
-    honest = model.compute_logits
-
-    def baked(hidden):  # a host read (tolist) turned back into a tensor: frozen by a recording
-        return honest(hidden) + torch.tensor(hidden[:, 0].tolist()).unsqueeze(1) * 0.5
-
-    model.compute_logits = baked
-    try:
-        eager_baked = _generate(llm, False, PROMPTS[:2], 8)
-        with caplog.at_level("WARNING", logger="lmserve.engine"):
-            replayed = _generate(llm, True, PROMPTS[:2], 8)
-    finally:
-        del model.compute_logits
+    honest = _generate(llm, False, PROMPTS[:2], 8)
+    # A host read (tolist) turned back into a tensor: frozen by a recording.
+    eager, replayed = _eager_and_replayed_with(
+        llm, lambda head: lambda h: head(h) + torch.tensor(h[:, 0].tolist()).unsqueeze(1) * 0.5, PROMPTS[:2], caplog)
     graphs = llm.engine.runner.cpu_graphs
     assert graphs.state[2] == CpuDecodeGraphs.EAGER and graphs.steps == 0
     assert "differs from the eager forward" in caplog.text
-    assert replayed == eager_baked != eager
+    assert replayed == eager != honest
 
 
 def test_a_recording_that_reads_the_host_turns_the_graphs_off(make_llm, caplog):
     """A forward that reads a Python number from a tensor cannot be recorded: the graphs go off for
     every size, with the reason logged, and the tokens are the eager ones."""
     llm = make_llm(num_kv_blocks=64)
-    model = llm.engine.runner.model
-    honest = model.compute_logits
-    model.compute_logits = lambda hidden: honest(hidden) * (1.0 if float(hidden.abs().sum()) > 0 else 2.0)
-    try:
-        eager = _generate(llm, False, PROMPTS[:1], 8)
-        with caplog.at_level("WARNING", logger="lmserve.engine"):
-            replayed = _generate(llm, True, PROMPTS[:1], 8)
-    finally:
-        del model.compute_logits
+    eager, replayed = _eager_and_replayed_with(
+        llm, lambda head: lambda h: head(h) * (1.0 if float(h.abs().sum()) > 0 else 2.0), PROMPTS[:1], caplog)
     graphs = llm.engine.runner.cpu_graphs
     assert "value read on the host" in graphs.failed and "CPU graphs: off" in caplog.text
     assert replayed == eager and graphs.steps == 0
