@@ -61,6 +61,7 @@ def test_a_draft_equal_to_the_target_or_random_gives_plain_greedy(family):
     assert _serve(same, steps, check_hashes=True) == reference
     stats = same.spec_decode_stats
     assert stats.proposed > 20 and stats.accepted == stats.proposed, "the target as its own draft: all accepted"
+    assert same.draft.runner.cpu_graphs.steps > 0, "the draft's proposal steps were replayed from CPU graphs"
     assert same.block_manager.prefix_hits >= 16, "the second wave should hit the prefix cache"
     _check_draft_free(same)
     noise = always_speculate(LLMEngine(str(target), num_kv_blocks=96, speculative_config=_draft(random_draft),

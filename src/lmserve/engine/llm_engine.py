@@ -70,7 +70,7 @@ class LLMEngine:
             started = time.perf_counter()
             self.executor.init_cache(num_blocks, cfg.block_size)
             if self.draft is not None:  # as many blocks as the target's: it can mirror every token
-                self.draft.init_cache(num_blocks, cfg.block_size, cfg.attention_backend)
+                self.draft.init_cache(num_blocks, cfg.block_size, cfg.attention_backend, cfg.cpu_graphs)
         except BaseException:
             self.executor.shutdown()
             raise

@@ -118,9 +118,11 @@ class DraftModel:
     def kv_bytes_per_block(self, block_size: int) -> int:
         return ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
 
-    def init_cache(self, num_blocks: int, block_size: int, attention_backend: str = "auto") -> None:
+    def init_cache(self, num_blocks: int, block_size: int, attention_backend: str = "auto",
+                   cpu_graphs: bool = False) -> None:
+        # The draft's one-token proposal steps are decode steps: CPU graphs replay them as the target's.
         self.runner = ModelRunner(self.model, self.config, num_blocks, block_size, self.dtype, self.device,
-                                  attention_backend=attention_backend)
+                                  attention_backend=attention_backend, use_cpu_graphs=cpu_graphs)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
 
     def release(self, seq) -> None:
