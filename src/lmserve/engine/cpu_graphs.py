@@ -1,4 +1,4 @@
-"""Small decode batches on the CPU, replayed from C++ (engine option `cpu_graphs`, on by default on CPU).
+"""Decode steps on the CPU, replayed from C++ (engine option `cpu_graphs`, on by default on CPU).
 
 Why: a CPU decode step of a small batch is bound by the interpreter, not the arithmetic. The
 bundled model's batch-1 step is ~540 operator calls, and the Python around each (modules, quant
@@ -21,11 +21,11 @@ How:
 - Per batch size, lazily: the first WARM_STEPS steps of that size run eager (the first makes the
   choices taken on first use: kernel timings, extension loads), the next is recorded, the next runs
   both ways and must agree bit for bit (a value read on the host and baked into the recording would
-  differ at the next position), and only then does the size replay. A size that fails any of this
-  stays eager, with the reason in the log.
+  differ at the next position), and only then does the size replay. A size whose replay differs
+  stays eager; a recording that fails turns the graphs off. Either way the reason is in the log.
 - Not recorded: prefill and mixed steps (their shapes change every step); MoE layers (they read
-  expert counts on the host); layers whose decode attention is not the paged kernel (the gather
-  path builds its groups from host lists: the static metadata refuses it, and the size stays eager);
+  expert counts on the host); an fp8 KV cache and any layer whose decode attention is not the paged
+  kernel (the gather path builds its groups from host lists: the static metadata refuses it);
   tensor parallelism (the collectives); the compiled decode (one fast path at a time).
 """
 
