@@ -5,7 +5,7 @@ tensors per layer, shaped by that layer's spec). Per step it builds the flattene
 positions (copied to the device in one transfer), lets the device's attention backend build its
 metadata once for all layers, and sends only the rows that need a next token through the LM head.
 Decode-only steps may instead replay a CUDA graph (engine/cuda_graphs.py, on CUDA), replay their
-recorded operator calls from C++ (engine/cpu_graphs.py, small batches on the CPU) or run a
+recorded operator calls from C++ (engine/cpu_graphs.py, on the CPU) or run a
 torch.compile'd forward (engine/compiled_decode.py, a CPU option).
 """
 
