@@ -27,6 +27,10 @@ How:
   expert counts on the host); an fp8 KV cache and any layer whose decode attention is not the paged
   kernel (the gather path builds its groups from host lists: the static metadata refuses it);
   tensor parallelism (the collectives); the compiled decode (one fast path at a time).
+- A recording holds what the step read then: a weight edited in place afterwards (nothing in the
+  engine does; the eager path's packed-copy version check would notice) is not seen by the replay,
+  and neither is a process-wide kernel switch flipped later (cpu_decode_kernel.set_enabled). Code
+  that does either should run its engine with `cpu_graphs=False`.
 """
 
 from __future__ import annotations
