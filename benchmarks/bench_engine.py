@@ -99,7 +99,8 @@ def main() -> None:
 def compare_cpu_attention(args) -> None:
     from lmserve.attention import cpu_decode_kernel
 
-    llm = LLM(DEFAULT_MODEL_ID, dtype=args.dtype)
+    # Eager steps: a CPU graph would keep the attention path it recorded whatever the switch says.
+    llm = LLM(DEFAULT_MODEL_ID, dtype=args.dtype, cpu_graphs=False)
     bench_lmserve(llm, make_prompts(llm.tokenizer, 2, args.prompt_len), 8)
     print(f"# {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"dtype {args.dtype}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, ignore_eos")
