@@ -31,3 +31,10 @@ class ModelInput:
     @property
     def positions(self) -> list[int]:
         return [p for c, q in zip(self.context_lens, self.query_lens) for p in range(c, c + q)]
+
+    def decode_slots(self, block_size: int) -> list[int]:
+        """The cache slot of each decoding sequence's new token (it sits right after its cached
+        context: position context_len, in that position's block of the sequence's table)."""
+        bs = block_size
+        return [t[p // bs] * bs + p % bs
+                for t, p in zip(self.block_tables[:self.num_decodes], self.context_lens[:self.num_decodes])]

@@ -151,7 +151,7 @@ class CompiledDecode:
         token_ids = list(batch.token_ids)
         positions = list(batch.context_lens)  # a decode token sits right after its cached context
         tables = [t + [0] * (width - len(t)) for t in batch.block_tables]  # padding is masked out
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+        slots = batch.decode_slots(bs)
         for _ in range(n, MIN_BATCH):  # a dummy row that writes and reads only the scratch block
             token_ids.append(0)
             positions.append(0)

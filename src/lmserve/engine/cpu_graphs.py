@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmserve.cpu_extensions import CpuExtension
 from lmserve.model_input import ModelInput
+from lmserve.staging import padded_rows
 
 log = logging.getLogger("lmserve.engine")
 
@@ -78,7 +79,7 @@ class OpRecorder(TorchDispatchMode):
         super().__init__()
         self.calls: list[tuple] = []  # (op, args, kwargs, uses, results)
         self.values: dict[int, int] = {}  # id(tensor) -> value index
-        self._alive: list[torch.Tensor] = []  # keeps ids unique while recording
+        self._alive: list[torch.Tensor] = []  # keeps results' ids unique while recording (`calls` holds args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -112,7 +113,6 @@ class OpRecorder(TorchDispatchMode):
             self.values[id(o)] = len(self.values)
             self._alive.append(o)
             results.append((index, element, self.values[id(o)]))
-        self._alive += inputs
         self.calls.append((func, args, kwargs, uses, results))
         return out
 
@@ -204,12 +204,11 @@ class CpuDecodeGraphs:
 
     def _stage(self, batch: ModelInput, n: int, width: int) -> None:
         """This step's inputs into the first n rows of the buffers (one copy each)."""
-        bs = self.block_size
-        positions = list(batch.context_lens)  # a decode token sits right after its cached context
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.block_tables, positions)]
-        self.inputs[:, :n].copy_(torch.tensor([list(batch.token_ids), positions, slots, [p + 1 for p in positions]]))
-        tables = [t + [t[-1]] * (width - len(t)) for t in batch.block_tables]  # past a length: never read
-        self.block_tables[:n, :width].copy_(torch.tensor(tables))
+        positions = batch.context_lens  # a decode token sits right after its cached context
+        self.inputs[:, :n].copy_(torch.tensor([batch.token_ids, positions, batch.decode_slots(self.block_size),
+                                               [p + 1 for p in positions]]))
+        # Padding past a sequence's length is never read.
+        self.block_tables[:n, :width].copy_(torch.from_numpy(padded_rows(batch.block_tables, width, 0)))
 
     def _record(self, n: int) -> torch.Tensor:
         views = self._views(n)

@@ -160,7 +160,7 @@ class DecodeGraphs:
         scratch_slot = self.scratch_block * bs
         pad = size - n
         positions = list(batch.context_lens)  # a decode token sits right after its cached context
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.block_tables, positions)]
+        slots = batch.decode_slots(bs)
         tables = padded_rows(batch.block_tables + [[]] * pad, width, self.scratch_block)
         ids, positions, slots, lens, tables = ints_to_device(
             self.device, list(batch.token_ids) + [0] * pad, positions + [0] * pad, slots + [scratch_slot] * pad,
