@@ -67,6 +67,8 @@ def check_invariants(bm: BlockManager, live: list[Sequence], shadow: ShadowCache
             assert h == parent
     for b in bm.hash_to_block.values():  # a cached block's content is what its hash says
         assert None not in shadow.slots[b]
+    for key, b in bm.partial_to_block.items():  # and every start of it it is indexed by
+        assert bm.block_hash[b] is not None and key in bm.partial_keys[b]
 
 
 def _seq(seq_id: int, tokens: list[int], n: int = 1) -> Sequence:
@@ -98,7 +100,7 @@ def test_block_manager_random_workload_keeps_every_sequence_reading_its_own_kv(o
             seq = _seq(next_id, op[1])
             next_id += 1
             cached = bm.allocate_cached_prefix(seq)
-            assert cached % BS == 0 and cached < seq.num_tokens
+            assert cached < seq.num_tokens
             # A cached prefix is content some sequence computed: it must read back as this prompt.
             assert shadow.read(seq) == seq.token_ids[:cached]
             n = seq.num_tokens - cached
@@ -177,6 +179,31 @@ def test_copy_on_write_copies_a_shared_partial_block_once():
     assert bm.append_slots(child, 1) == [], "the last holder writes in place"
     assert child.block_table[1] == shared
     assert child.block_table[0] == parent.block_table[0] and bm.ref_counts[parent.block_table[0]] == 2
+
+
+def test_a_cached_block_lends_its_first_tokens_and_is_copied_before_it_is_written():
+    bm = BlockManager(8, BS)
+    first = _seq(0, [1, 2, 3, 4, 5, 6, 7, 8, 9])  # two full blocks (cached) and a partial one
+    bm.append_slots(first, first.num_tokens)
+    first.num_computed_tokens = first.num_tokens
+    bm.cache_full_blocks(first)
+    full = first.block_table[:2]
+    bm.free(first)
+    # A prompt that parts from it two tokens into the second block gets those two as well.
+    second = _seq(1, [1, 2, 3, 4, 5, 6, 0, 0])
+    assert bm.allocate_cached_prefix(second) == 6 and second.block_table == full
+    assert bm.blocks_needed(second, 2) == 1, "the lent block is copied, not written"
+    assert bm.append_slots(second, 2) == [(full[1], second.block_table[1])] and second.block_table[1] != full[1]
+    assert bm.block_hash[full[1]] is not None and full[1] in bm.evictable, "the lender stays cached, as it was"
+    # A repeated prompt computes only its last token (its logits are needed).
+    again = _seq(2, [1, 2, 3, 4, 5, 6, 7])
+    assert bm.allocate_cached_prefix(again) == 6 and again.block_table == full
+    # Eviction drops a block's partial keys with it.
+    bm.free(second)
+    bm.free(again)
+    bm.reset_prefix_cache()
+    assert not bm.partial_to_block and not bm.partial_keys
+    assert bm.allocate_cached_prefix(_seq(3, [1, 2, 3, 4, 5, 6, 7])) == 0
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -325,3 +325,19 @@ def test_inverse_cdf_target_past_the_end_takes_the_last_possible_token_on_both_p
     assert torch.searchsorted(probs[:1].cumsum(-1), torch.tensor([[1.0]]), right=True)[0, 0] == 4
     assert sample_inverse_cdf(probs, uniforms).tolist() == [1, 0, 3]
     assert sample_inverse_cdf(probs, uniforms, no_sync=True).tolist() == [1, 0, 3]
+
+
+def test_plain_greedy_on_bf16_logits_equals_the_float32_path():
+    """All-greedy batches without logprobs take the argmax of bf16 logits as they are (no float32
+    copy): the same tokens as the float32 path, ties (first wins) and NaN (the maximum) included."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 49152, generator=g).to(torch.bfloat16)
+    logits[1, 100] = logits[1, 30000] = 50.0  # a tie across chunks: the first
+    logits[2, 7] = float("nan")
+    logits[3] = 0.0
+    plain = _seqs([[]] * 6, SamplingParams(temperature=0.0))
+    reported = _seqs([[]] * 6, SamplingParams(temperature=0.0, logprobs=True))  # the float32 path
+    fast = Sampler()(logits, plain)
+    assert fast.logprobs == [None] * 6
+    assert fast.token_ids == Sampler()(logits, reported).token_ids == logits.float().argmax(-1).tolist()
+    assert fast.token_ids[1:4] == [100, 7, 0]

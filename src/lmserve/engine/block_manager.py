@@ -6,6 +6,12 @@ hash of the block before it, so equal hashes mean equal whole prefixes: a later 
 the same prefix (a shared system prompt, another turn of the chat, a recomputed preempted
 sequence) takes the cached block instead of recomputing it. Blocks nobody references but whose
 content is still valid stay in an LRU pool and are evicted only when free blocks run out.
+
+Matching is token-granular, as SGLang's radix cache is, not whole blocks only (vLLM's): where the
+whole blocks end, a cached block that starts with the prompt's next tokens lends them too (each
+cached block is also indexed by its first 1..block_size-1 tokens). The prompt then writes into
+that block, so it gets a copy first (copy-on-write, as for a block shared by forked choices). A
+repeated prompt, or a chat's next turn, then recomputes its last token instead of up to a block.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
+        # hash_block(parent, first j tokens), 0 < j < block_size, of each cached block -> the block;
+        # and each cached block's keys there, to drop them when it is evicted.
+        self.partial_to_block: dict[int, int] = {}
+        self.partial_keys: dict[int, list[int]] = {}
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
         # Prefix cache statistics, in tokens.
@@ -78,6 +88,14 @@ class BlockManager:
             parent = h
             hits += 1
         cached = hits * self.block_size
+        rest = tokens[cached:len(tokens) - 1][:self.block_size - 1]
+        for j in range(len(rest), 0, -1):  # the longest cached start of the next block
+            block = self.partial_to_block.get(hash_block(parent, rest[:j]))
+            if block is not None:
+                self._take(block)
+                seq.block_table.append(block)  # not its hash: this prompt's block differs past j
+                cached += j
+                break
         seq.num_computed_tokens = cached
         return cached
 
@@ -141,6 +159,11 @@ class BlockManager:
             if h not in self.hash_to_block and self.block_hash[block] is None:
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
+                tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
+                keys = [hash_block(parent, tokens[:j]) for j in range(1, self.block_size)]
+                for key in keys:
+                    self.partial_to_block.setdefault(key, block)
+                self.partial_keys[block] = keys
 
     def reset_prefix_cache(self) -> None:
         for block in list(self.evictable):
@@ -150,11 +173,13 @@ class BlockManager:
     # ---- internals ------------------------------------------------------------------------
 
     def _needs_copy_on_write(self, seq: Sequence, num_new_tokens: int) -> bool:
-        # The next token lands in the last block (it is partial) and someone else holds it too.
-        return (num_new_tokens > 0 and bool(seq.block_table)
-                and seq.num_computed_tokens % self.block_size != 0
-                and seq.num_computed_tokens < len(seq.block_table) * self.block_size
-                and self.ref_counts[seq.block_table[-1]] > 1)
+        # The next token lands in the last block (it is partial) and someone else holds it too, or
+        # it is a cached block lent in part (its content must stay what its hash says).
+        if not (num_new_tokens > 0 and seq.block_table and seq.num_computed_tokens % self.block_size != 0
+                and seq.num_computed_tokens < len(seq.block_table) * self.block_size):
+            return False
+        last = seq.block_table[-1]
+        return self.ref_counts[last] > 1 or self.block_hash[last] is not None
 
     def _take(self, block: int) -> None:
         self.evictable.pop(block, None)  # present only while unreferenced
@@ -176,6 +201,9 @@ class BlockManager:
         h = self.block_hash[block]
         if h is not None and self.hash_to_block.get(h) == block:
             del self.hash_to_block[h]
+        for key in self.partial_keys.pop(block, ()):
+            if self.partial_to_block.get(key) == block:
+                del self.partial_to_block[key]
         self.block_hash[block] = None
 
     def _release(self, block: int) -> None:

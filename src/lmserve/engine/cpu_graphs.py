@@ -18,7 +18,13 @@ How:
 - cpu_graph_replay.cpp replays it: one boxed dispatcher call per operator, with the same
   operators and arguments, so the same results bit for bit, and intermediates freed after their
   last use as eagerly as they are. The interpreter lock is released for the whole step.
-- Per batch size, lazily: the first WARM_STEPS steps of that size run eager (the first makes the
+- Batch sizes are padded up the CUDA graphs' ladder (1, 2, 4, then multiples of 8): padding rows
+  attend one token of their own in a scratch block past the block manager's, so they never touch a
+  live sequence. Without it every size a batch passes through while requests finish and arrive (11,
+  then 5, then 16) ran eager, slowed further by the server's Python at those very moments: with 16
+  streams, those steps took 50-70 ms where a replayed one takes 25, and they set the time to first
+  token of the next requests.
+- Per padded size, lazily: the first WARM_STEPS steps of that size run eager (the first makes the
   choices taken on first use: kernel timings, extension loads), the next is recorded, the next runs
   both ways and must agree bit for bit (a value read on the host and baked into the recording would
   differ at the next position), and only then does the size replay. A size whose replay differs
@@ -42,14 +48,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmserve.cpu_extensions import CpuExtension
+from lmserve.engine.cuda_graphs import graph_batch_sizes, padded_size
 from lmserve.model_input import ModelInput
 from lmserve.staging import padded_rows
 
 log = logging.getLogger("lmserve.engine")
 
-# Eager steps of a batch size before it is recorded: recording and validating cost about two steps,
-# and the sizes a batch passes through while requests arrive or finish may never come back.
-WARM_STEPS = 3
+# Eager steps of a padded batch size before it is recorded (recording and validating cost about two
+# steps). One: the ladder has few sizes and they come back, and a size left eager is slowest exactly
+# when it occurs, while requests finish and arrive and the server's Python holds the interpreter lock.
+WARM_STEPS = 1
 
 _REPLAY = CpuExtension(
     "lmserve_cpu_graph_replay", Path(__file__).with_name("cpu_graph_replay.cpp"), "CPU decode replay",
@@ -145,16 +153,18 @@ class CpuDecodeGraphs:
     RECORD, VALIDATE, REPLAY, EAGER = range(4)
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, backend, block_size: int, max_rows: int,
-                 max_blocks_per_seq: int, dtype: torch.dtype):
+                 max_blocks_per_seq: int, dtype: torch.dtype, scratch_block: int):
         self.model, self.kv_caches, self.backend, self.block_size = model, kv_caches, backend, block_size
         self.dtype = dtype
+        self.sizes = graph_batch_sizes(max_rows)
+        self.scratch_block = scratch_block
         i64 = dict(dtype=torch.int64)
         # Rows: token ids, positions, cache slots, tokens to attend (position + 1).
-        self.inputs = torch.zeros(4, max_rows, **i64)
-        self.block_tables = torch.zeros(max_rows, max_blocks_per_seq, **i64)
-        self.seen: dict[int, int] = {}  # batch size -> eager steps so far
-        self.state: dict[int, int] = {}  # batch size -> phase, once warm
-        self.programs: dict[int, tuple] = {}  # batch size -> (program, output value, its views)
+        self.inputs = torch.zeros(4, self.sizes[-1], **i64)
+        self.block_tables = torch.zeros(self.sizes[-1], max_blocks_per_seq, **i64)
+        self.seen: dict[int, int] = {}  # padded batch size -> eager steps so far
+        self.state: dict[int, int] = {}  # padded batch size -> phase, once warm
+        self.programs: dict[int, tuple] = {}  # padded batch size -> (program, output value, its views)
         self.steps = 0  # decode steps served by replay
         self.enabled = True  # False: every step eager (tests and benchmarks compare the two)
         self.failed: str | None = None  # why a recording failed: every step eager from then on
@@ -173,42 +183,50 @@ class CpuDecodeGraphs:
 
     def run(self, batch: ModelInput) -> torch.Tensor | None:
         n = len(batch.query_lens)
-        if (not self.enabled or self.failed or n > self.inputs.shape[1] or batch.num_decodes != n
+        size = padded_size(n, self.sizes)
+        if (not self.enabled or self.failed or size is None or batch.num_decodes != n
                 or batch.logit_rows != list(range(n))):
             return None
         width = max(len(t) for t in batch.block_tables)
         if width > self.block_tables.shape[1]:
             return None
-        phase = self.state.get(n)
+        phase = self.state.get(size)
         if phase is None:
-            self.seen[n] = self.seen.get(n, 0) + 1
-            if self.seen[n] <= WARM_STEPS:
+            self.seen[size] = self.seen.get(size, 0) + 1
+            if self.seen[size] <= WARM_STEPS:
                 return None
-            phase = self.state[n] = self.RECORD
+            phase = self.state[size] = self.RECORD
         if phase == self.EAGER:
             return None
-        self._stage(batch, n, width)
+        self._stage(batch, n, size, width)
         try:
             if phase == self.RECORD:
-                return self._record(n)
-            if phase == self.VALIDATE:
-                return self._validate(n)
-            program, out, _ = self.programs[n]
-            logits = program.run(out)
-            self.steps += 1
-            return logits
+                logits = self._record(size)
+            elif phase == self.VALIDATE:
+                logits = self._validate(size)
+            else:
+                program, out, _ = self.programs[size]
+                logits = program.run(out)
+                self.steps += 1
+            return logits[:n]
         except Exception as e:  # noqa: BLE001 - any failure leaves the (always correct) eager path
             # What stops one recording (a host read, the gather attention path) stops every size.
-            self._give_up(n, f"{type(e).__name__}: {str(e).strip()[:300]}", every_size=phase == self.RECORD)
+            self._give_up(size, f"{type(e).__name__}: {str(e).strip()[:300]}", every_size=phase == self.RECORD)
             return None  # the step again, eager (the keys and values it wrote are the same ones)
 
-    def _stage(self, batch: ModelInput, n: int, width: int) -> None:
-        """This step's inputs into the first n rows of the buffers (one copy each)."""
+    def _stage(self, batch: ModelInput, n: int, size: int, width: int) -> None:
+        """This step's inputs into the first n rows of the buffers (one copy each), then size - n
+        padding rows: token 0 at position 0 in the scratch block, attending only itself."""
+        pad = size - n
         positions = batch.context_lens  # a decode token sits right after its cached context
-        self.inputs[:, :n].copy_(torch.tensor([batch.token_ids, positions, batch.decode_slots(self.block_size),
-                                               [p + 1 for p in positions]]))
+        scratch = self.scratch_block
+        self.inputs[:, :size].copy_(torch.tensor([
+            list(batch.token_ids) + [0] * pad, list(positions) + [0] * pad,
+            batch.decode_slots(self.block_size) + [scratch * self.block_size] * pad,
+            [p + 1 for p in positions] + [1] * pad]))
         # Padding past a sequence's length is never read.
-        self.block_tables[:n, :width].copy_(torch.from_numpy(padded_rows(batch.block_tables, width, 0)))
+        self.block_tables[:size, :width].copy_(torch.from_numpy(
+            padded_rows(batch.block_tables + [[scratch]] * pad, width, scratch)))
 
     def _record(self, n: int) -> torch.Tensor:
         views = self._views(n)

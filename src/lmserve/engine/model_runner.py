@@ -55,9 +55,19 @@ class ModelRunner:
             reason = "the compiled decode reads a KV cache in the compute dtype, not fp8"
         if reason is not None:
             log.warning("compile: not for this model (%s); decode stays eager", reason)
+        compiled = compile_decode and reason is None
+        use_cpu_graphs = (use_cpu_graphs and not use_cuda_graphs and not compiled and device.type == "cpu"
+                          and isinstance(self.attention_backend, ReferenceBackend))
+        if use_cpu_graphs:
+            reason = cpu_graphs.unsupported_reason(model)
+            if reason is None and self.kv_dtype != dtype:
+                reason = "an fp8 KV cache decodes through the gather path"
+            if reason is not None:
+                log.info("CPU graphs: not for this model (%s); decode runs eager", reason)
+                use_cpu_graphs = False
         # The compiled path's warm-up and the graphs' padding rows write to one scratch block past
         # the block manager's.
-        extra = 1 if use_cuda_graphs or (compile_decode and reason is None) else 0
+        extra = self.scratch_blocks = 1 if use_cuda_graphs or compiled or use_cpu_graphs else 0
         self.kv_caches = [spec.allocate(num_blocks + extra, block_size, self.kv_dtype, device)
                           for spec in self.kv_specs]
         max_len = max_model_len or config.context_length
@@ -67,18 +77,13 @@ class ModelRunner:
                 max_blocks_per_seq=-(-max_len // block_size), scratch_block=num_blocks, device=device,
                 capture=device.type == "cuda")
             self.graphs.capture_all()
-        elif extra:
+        elif compiled:
             self.compiled = CompiledDecode(model, self.kv_caches, block_size, scratch_block=num_blocks)
             self.compiled.start()
-        elif use_cpu_graphs and device.type == "cpu" and isinstance(self.attention_backend, ReferenceBackend):
-            reason = cpu_graphs.unsupported_reason(model)
-            if reason is None and self.kv_dtype != dtype:
-                reason = "an fp8 KV cache decodes through the gather path"
-            if reason is None:
-                self.cpu_graphs = cpu_graphs.CpuDecodeGraphs(model, self.kv_caches, self.attention_backend, block_size,
-                                                             max_num_seqs, -(-max_len // block_size), dtype)
-            else:
-                log.info("CPU graphs: not for this model (%s); decode runs eager", reason)
+        elif use_cpu_graphs:
+            self.cpu_graphs = cpu_graphs.CpuDecodeGraphs(model, self.kv_caches, self.attention_backend, block_size,
+                                                         max_num_seqs, -(-max_len // block_size), dtype,
+                                                         scratch_block=num_blocks)
 
     def _graphs_unavailable(self, wanted: bool) -> str | None:
         """Why decode cannot run from CUDA graphs here (None: it can). Graphs need the Triton

@@ -104,6 +104,14 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return best * c + chunks[torch.arange(b, device=x.device), best].argmax(dim=-1)
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing that edits the logits (penalties, held end tokens, a grammar) or reads
+    them (logprobs)."""
+    p = seq.params
+    return (p.greedy and not p.logprobs and not p.has_penalties and seq.grammar is None
+            and seq.num_output_tokens >= p.min_tokens)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -122,6 +130,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V], row i belongs to seqs[i] (a sequence may appear more than once when
         its n choices are sampled from one prefill)."""
+        if logits.dtype != torch.float32 and all(_plain_greedy(s) for s in seqs):
+            # Nothing edits or reports the logits: bf16/fp16 -> float32 is exact and keeps their order,
+            # so the argmax of the logits as they are, without a float32 copy of [B, vocab].
+            return SamplerOutput(argmax_rows(logits).tolist(), [None] * len(seqs))
         owned = logits.dtype != torch.float32  # .float() below makes a copy this call may edit
         logits = logits.float()
         b, vocab = logits.shape
