@@ -10,8 +10,10 @@ does not cover: an fp8 cache, CUDA, the kernel unbuilt or switched off; tests co
 
 A step's tokens arrive flattened: decode tokens (one per sequence) first, then prefill chunks.
 The metadata is built once per step and shared by every layer, so per-layer work is pure tensor
-ops with no Python loop over the decode batch. Masks are built per sliding-window size on first
-use in a step (Gemma-2's layers alternate two) and reused by every later layer.
+ops with no Python loop over the decode batch; prefill chunks of similar size share one SDPA call
+(PrefillGroup), so a burst of short prompts is not a loop of small calls either. Masks are built
+per sliding-window size on first use in a step (Gemma-2's layers alternate two) and reused by every
+later layer.
 """
 
 from __future__ import annotations
