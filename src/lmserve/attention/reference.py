@@ -43,6 +43,17 @@ class PrefillChunk:
     block_table: torch.Tensor  # [blocks]
 
 
+def _additive_mask(keys: int, positions: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """0 where a query at `positions` (any shape, last dim 1) attends key 0..keys-1, -inf where the
+    key lies after it or outside its window: [..., keys] in the compute dtype (which SDPA would
+    otherwise convert a boolean mask to in every layer)."""
+    span = torch.arange(keys, device=positions.device)
+    hidden = span > positions
+    if window is not None:
+        hidden |= span <= positions - window
+    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, float("-inf"))
+
+
 @dataclass
 class DecodeGroup:
     """Decoding sequences whose block tables are padded to one width. Sequences are grouped by
@@ -61,13 +72,9 @@ class DecodeGroup:
         """Additive [G, 1, 1, width * block_size] mask (0 / -inf in the compute dtype, which SDPA
         would otherwise convert a boolean mask to in every layer), built once per step."""
         if window not in self._masks:
-            tables, pos = self.block_tables, self.positions
-            span = torch.arange(tables.shape[1] * self.block_size, device=tables.device).unsqueeze(0)
-            hidden = span > pos.unsqueeze(1)
-            if window is not None:
-                hidden |= span <= (pos - window).unsqueeze(1)
-            self._masks[window] = torch.zeros(hidden.shape, dtype=self.dtype, device=tables.device).masked_fill_(
-                hidden, float("-inf")).view(len(pos), 1, 1, -1)
+            self._masks[window] = _additive_mask(self.block_tables.shape[1] * self.block_size,
+                                                 self.positions.unsqueeze(1), window, self.dtype).view(
+                len(self.positions), 1, 1, -1)
         return self._masks[window]
 
 
@@ -96,13 +103,8 @@ class PrefillGroup:
     def mask(self, window: int | None) -> torch.Tensor:
         """Additive [N, 1, L, W * block_size] causal (and windowed) mask, built once per step."""
         if window not in self._masks:
-            q = self.positions.unsqueeze(-1)
-            keys = torch.arange(self.block_tables.shape[1] * self.block_size, device=q.device)
-            hidden = keys > q
-            if window is not None:
-                hidden |= keys <= q - window
-            self._masks[window] = torch.zeros(hidden.shape, dtype=self.dtype, device=q.device).masked_fill_(
-                hidden, float("-inf")).unsqueeze(1)
+            self._masks[window] = _additive_mask(self.block_tables.shape[1] * self.block_size,
+                                                 self.positions.unsqueeze(-1), window, self.dtype).unsqueeze(1)
         return self._masks[window]
 
 
@@ -157,11 +159,10 @@ class ReferenceMetadata:
         bs = self.backend.block_size
         dev = chunks[0].block_table.device
         longest = max(c.length for c in chunks)
-        width = max(-(-(c.context_len + c.length) // bs) for c in chunks)
-        tables = torch.zeros(len(chunks), width, dtype=torch.int64, device=dev)
-        for row, c in enumerate(chunks):
-            used = -(-(c.context_len + c.length) // bs)
-            tables[row, :used] = c.block_table[:used]
+        used = [-(-(c.context_len + c.length) // bs) for c in chunks]  # blocks each chunk attends
+        tables = torch.zeros(len(chunks), max(used), dtype=torch.int64, device=dev)
+        for row, (c, blocks) in enumerate(zip(chunks, used)):
+            tables[row, :blocks] = c.block_table[:blocks]
         offset = torch.arange(longest, device=dev)
         lengths = torch.tensor([c.length for c in chunks], device=dev).unsqueeze(1)
         starts = torch.tensor([c.start for c in chunks], device=dev).unsqueeze(1)

@@ -48,9 +48,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmserve.cpu_extensions import CpuExtension
-from lmserve.engine.cuda_graphs import graph_batch_sizes, padded_size
+from lmserve.engine.cuda_graphs import graph_batch_sizes, padded_decode_inputs, padded_size
 from lmserve.model_input import ModelInput
-from lmserve.staging import padded_rows
 
 log = logging.getLogger("lmserve.engine")
 
@@ -198,7 +197,7 @@ class CpuDecodeGraphs:
             phase = self.state[size] = self.RECORD
         if phase == self.EAGER:
             return None
-        self._stage(batch, n, size, width)
+        self._stage(batch, size, width)
         try:
             if phase == self.RECORD:
                 logits = self._record(size)
@@ -214,19 +213,13 @@ class CpuDecodeGraphs:
             self._give_up(size, f"{type(e).__name__}: {str(e).strip()[:300]}", every_size=phase == self.RECORD)
             return None  # the step again, eager (the keys and values it wrote are the same ones)
 
-    def _stage(self, batch: ModelInput, n: int, size: int, width: int) -> None:
-        """This step's inputs into the first n rows of the buffers (one copy each), then size - n
-        padding rows: token 0 at position 0 in the scratch block, attending only itself."""
-        pad = size - n
-        positions = batch.context_lens  # a decode token sits right after its cached context
-        scratch = self.scratch_block
-        self.inputs[:, :size].copy_(torch.tensor([
-            list(batch.token_ids) + [0] * pad, list(positions) + [0] * pad,
-            batch.decode_slots(self.block_size) + [scratch * self.block_size] * pad,
-            [p + 1 for p in positions] + [1] * pad]))
-        # Padding past a sequence's length is never read.
-        self.block_tables[:size, :width].copy_(torch.from_numpy(
-            padded_rows(batch.block_tables + [[scratch]] * pad, width, scratch)))
+    def _stage(self, batch: ModelInput, size: int, width: int) -> None:
+        """This step's inputs into the first `size` rows of the buffers (one copy each): the batch's,
+        then padding rows that attend only the token they write in the scratch block (the paged
+        kernel needs one)."""
+        *rows, tables = padded_decode_inputs(batch, size, width, self.block_size, self.scratch_block, padding_len=1)
+        self.inputs[:, :size].copy_(torch.tensor(rows))
+        self.block_tables[:size, :width].copy_(torch.from_numpy(tables))
 
     def _record(self, n: int) -> torch.Tensor:
         views = self._views(n)

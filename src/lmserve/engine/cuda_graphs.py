@@ -29,6 +29,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from lmserve.model_input import ModelInput
@@ -51,6 +52,20 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 def padded_size(n: int, sizes: list[int]) -> int | None:
     """The smallest ladder size that holds n rows (None: bigger than the ladder)."""
     return next((s for s in sizes if s >= n), None)
+
+
+def padded_decode_inputs(batch: ModelInput, size: int, width: int, block_size: int, scratch_block: int,
+                         padding_len: int) -> tuple[list[int], list[int], list[int], list[int], np.ndarray]:
+    """A decode-only batch's host inputs, padded to `size` rows: token ids, positions, cache slots,
+    tokens each row attends, and block tables [size, width]. Padding rows are token 0 at position 0,
+    writing slot 0 of the scratch block (never a live sequence's) and attending `padding_len` tokens
+    there; table columns past a sequence's own blocks hold the scratch block and are never read."""
+    pad = size - len(batch.query_lens)
+    positions = list(batch.context_lens)  # a decode token sits right after its cached context
+    return (list(batch.token_ids) + [0] * pad, positions + [0] * pad,
+            batch.decode_slots(block_size) + [scratch_block * block_size] * pad,
+            [p + 1 for p in positions] + [padding_len] * pad,
+            padded_rows(batch.block_tables + [[]] * pad, width, scratch_block))
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -157,14 +172,9 @@ class DecodeGraphs:
         bs, width = self.block_size, max(len(t) for t in batch.block_tables)
         if width > self.block_tables.shape[1]:
             return None
-        scratch_slot = self.scratch_block * bs
-        pad = size - n
-        positions = list(batch.context_lens)  # a decode token sits right after its cached context
-        slots = batch.decode_slots(bs)
-        tables = padded_rows(batch.block_tables + [[]] * pad, width, self.scratch_block)
+        # Padding rows attend nothing: the Triton kernels give them zeros.
         ids, positions, slots, lens, tables = ints_to_device(
-            self.device, list(batch.token_ids) + [0] * pad, positions + [0] * pad, slots + [scratch_slot] * pad,
-            [p + 1 for p in batch.context_lens] + [0] * pad, tables)
+            self.device, *padded_decode_inputs(batch, size, width, bs, self.scratch_block, padding_len=0))
         self.ids[:size].copy_(ids)
         self.positions[:size].copy_(positions)
         self.slots[:size].copy_(slots)
