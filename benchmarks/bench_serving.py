@@ -84,6 +84,9 @@ class Server:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         if src:  # another checkout's code (e.g. main before a change) as this server
             env["PYTHONPATH"] = str(Path(src) / "src")
+            # with its own builds of our C++ kernels: one cache for two versions of a kernel's
+            # source would rebuild it at every start (and race when both build at once)
+            env["TORCH_EXTENSIONS_DIR"] = str(Path(src) / ".torch_extensions")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 300

@@ -33,18 +33,17 @@ def _reference(x: torch.Tensor, codes, d, m) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("k", [32 * 4, 32 * 5, 32 * 6, 32 * 7, 576])  # every mix of 4-, 2- and 1-block chunks
-@pytest.mark.parametrize("n", [48, 50])  # one activation row takes weight rows four at a time, then the rest
+@pytest.mark.parametrize("k", [32, 32 * 5, 576])
+@pytest.mark.parametrize("n", [16, 48])  # one tile of 16 output rows, several
 def test_packing_keeps_the_grid_and_products_match_an_independent_reference(k, n):
     codes, scale, zero = _grid(n, k)
     qweight, sz = q4_kernel.pack_int4(codes, scale, zero)
-    assert qweight.shape == (n, k // 2) and sz.dtype == torch.float16
-    d, m = sz.float()
-    assert torch.equal(d, scale.half().float())
+    assert qweight.shape == (n // 16, k // 2 * 16) and sz.dtype == torch.float16 and sz.numel() == 2 * n * k // 32
+    d, m = scale.half().float(), (zero - 8 * scale).half().float()
     expected_w = (codes.float() - 8).reshape(n, -1, 32) * d[..., None] + (m + 8 * d)[..., None]
     torch.testing.assert_close(q4_kernel.dequantize_int4(qweight, sz, k), expected_w.reshape(n, k), atol=1e-6,
                                rtol=1e-5)
-    for rows in (1, 2, 3, 4, 5, 9):  # 1-4 rows per pass over a weight tile, and more than one pass
+    for rows in (1, 2, 3, 8, 9, 19):  # 1-8 rows per pass over a weight tile, and more than one pass
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         ref = _reference(x, codes, d, m)
         got = q4_kernel.int4_linear(x, qweight, sz)
@@ -54,6 +53,12 @@ def test_packing_keeps_the_grid_and_products_match_an_independent_reference(k, n
         assert got_bf16.dtype == torch.bfloat16
         torch.testing.assert_close(got_bf16.double(), _reference(x.bfloat16().float(), codes, d, m), atol=2e-2,
                                    rtol=1e-2)
+
+
+def test_the_vnni_layout_takes_whole_tiles_only():
+    codes, scale, zero = _grid(40, 64)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        q4_kernel.pack_int4(codes, scale, zero, vnni=True)
 
 
 @needs_kernel

@@ -20,23 +20,24 @@ TEXT = Path(__file__).parents[1] / "data" / "perplexity_text.txt"
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,k", [(48, 576), (50, 160), (51, 224)])  # 4-, 2- and 1-block tails; rows past fours
+@pytest.mark.parametrize("n,k", [(48, 576), (50, 160), (7, 32)])  # whole tiles of 16 rows, a part tile, less than one
 def test_q8_product_matches_an_independent_reference(n, k):
     g = torch.Generator().manual_seed(n)
     w = 0.05 * torch.randn(n, k, generator=g)
-    codes, d = q4_kernel.pack_q8(w)
-    assert codes.dtype == torch.uint8 and d.dtype == torch.float16
+    packed = q4_kernel.pack_q8(w, chunk_rows=32)
+    codes, d = q4_kernel.q8_blocks(*packed, n)
+    assert codes.dtype == torch.uint8 and d.dtype == torch.float16 and codes.shape == (n, k)
     blocks = w.reshape(n, -1, 32)
     assert torch.equal(d, (blocks.abs().amax(-1) / 127).half())
     wq = (codes.float() - 128).reshape(n, -1, 32) * d.float()[..., None]
     assert (wq - blocks).abs().amax(-1).le(d.float() / 2 + 1e-7).all(), "every weight within half a step"
-    for rows in (1, 3):
+    for rows in (1, 3, 9):
         x = torch.randn(rows, k, generator=g)
         xb = x.reshape(rows, -1, 32)
         amax = xb.abs().amax(-1)
         qx = torch.round(xb * torch.where(amax > 0, 127 / amax, 0)[..., None]).clamp(-127, 127)
         ref = torch.einsum("rbi,nbi->rn", (qx * (amax / 127)[..., None]).double(), wq.double())
-        torch.testing.assert_close(q4_kernel.q8_linear(x, codes, d).double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q4_kernel.q8_linear(x, *packed, n).double(), ref, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel
@@ -46,7 +47,7 @@ def test_q8_blocks_of_a_dequantized_q8_weight_are_its_own():
     q = torch.randint(-127, 128, (64, 6, 32), generator=g)
     q[:, :, 0] = 127  # a block's largest magnitude is 127 steps, as llama.cpp quantizes
     w = (q.float() * d.float()[..., None]).reshape(64, 192)
-    codes, scales = q4_kernel.pack_q8(w)
+    codes, scales = q4_kernel.q8_blocks(*q4_kernel.pack_q8(w), 64)
     assert torch.equal(scales, d) and torch.equal(codes.long() - 128, q.reshape(64, 192))
 
 
@@ -111,6 +112,6 @@ def test_untied_head_packed_once_as_its_tensor_arrives(tmp_path):
     codes, scales = q4_kernel.pack_q8(head.weight.detach())
     assert torch.equal(head.q8[0], codes) and torch.equal(head.q8[1], scales)
     x = torch.randn(1, head.input_size).to(torch.bfloat16)
-    assert torch.equal(head.quant_method.apply(head, x), q4_kernel.q8_linear(x, codes, scales))
+    assert torch.equal(head.quant_method.apply(head, x), q4_kernel.q8_linear(x, codes, scales, head.weight.shape[0]))
     out = llm.generate([[1, 5, 9]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0].outputs[0]
     assert len(out.token_ids) == 4

@@ -9,6 +9,15 @@ multiply-add instruction (vpdpbusd) does 64 weight x activation products; the fl
 applied once per block. That is what q4_kernel.cpp does, threaded over output rows with torch's
 own intra-op threads (at::parallel_for: no second OpenMP pool).
 
+The weights are laid out in tiles of 16 output rows, so that a vector's 16 lanes are 16 output
+columns: a block's product for one activation row is 8 vpdpbusd with the row's codes broadcast,
+no horizontal sums, and each weight is unpacked once for up to 8 activation rows. Until
+2026-12-05 the layout was row by row (one weight row against 1-4 activation rows, a horizontal
+sum per pair): it lost to bf16 from 8 rows on, so decode batches of 8-16 streamed bf16 weights
+(4x the bytes). Tiled, the four products of SmolLM2's 30 layers measured 9.0 ms at 16 rows
+against bf16's 13.4 and the row layout's 24.0, and 2.4 ms at one row against 3.4-3.7
+(benchmarks/bench_int4_kernels.py, docs/benchmarks.md "Round six").
+
 The weights keep the checkpoint's grid: w = d * q + m per block of 32 (a GGUF Q4_1 tensor's own
 fp16 d and m, bit for bit). The activations are rounded to int8 per block (llama.cpp's Q8_1), the
 only new rounding; perplexity on tests/data/perplexity_text.txt bounds its effect
@@ -28,6 +37,7 @@ import torch
 from lmserve.cpu_extensions import CpuExtension
 
 BLOCK = 32
+TILE = 16  # output rows per tile of the VNNI layouts (q4_kernel.cpp)
 
 
 def _register_fakes() -> None:
@@ -35,8 +45,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("lmserve_q4::linear_q8")(_fake_linear)
 
 
-def _fake_linear(x, codes, scales):  # shapes for torch.compile's tracing
-    return x.new_empty(x.shape[0], codes.shape[0])
+def _fake_linear(x, codes, scales, n=None):  # shapes for torch.compile's tracing
+    return x.new_empty(x.shape[0], codes.shape[0] * TILE if n is None else n)
 
 
 _KERNEL = CpuExtension(
@@ -53,8 +63,9 @@ def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     """(qweight, scales_zeros) of an int4 grid w = (codes - 8) * scale + zero (layers/quantization.py's
     Int4Grid: codes uint8 [n, k] in 0..15, scale and zero float [n, k/32]), in the layout of the
     kernel `int4_linear` will run here:
-    - VNNI kernel: codes packed in chunks of blocks (q4_kernel.cpp) [n, k/2] uint8; d = scale and
-      m = zero - 8 * scale as float16 [2, n, k/32] (a GGUF Q4_1 tensor's own fp16 d and m).
+    - VNNI kernel: tiles of 16 output rows (q4_kernel.cpp): codes [n/16, k/32 * 256] uint8; d = scale
+      and m = zero - 8 * scale as float16 [n/16, k/32 * 32] (a GGUF Q4_1 tensor's own fp16 d and m).
+      n must be a multiple of 16 (int4_kernel.kernel_refusal says so first).
     - torch's kernel: its int4pack layout, and scale and zero as bf16 [k/32, n, 2].
     Both hold the same bytes (4 bits per weight, 2 x 16 bits per block of 32). `vnni` forces a
     layout (tests); by default the VNNI one wherever the kernel is available."""
@@ -64,25 +75,16 @@ def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     if not (available() if vnni is None else vnni):
         qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         return qweight, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    codes = codes.to(torch.uint8)
-    parts = []
-    for start, blocks, size in _chunks(k // BLOCK):
-        chunk = codes[:, start * BLOCK:(start + blocks) * BLOCK].reshape(n, -1, 2, size * 16)
-        parts.append((chunk[:, :, 0] | (chunk[:, :, 1] << 4)).reshape(n, -1))
+    if n % TILE:
+        raise ValueError(f"the int4 VNNI layout needs output sizes divisible by {TILE}, got {n}")
+    tiles, nb = n // TILE, k // BLOCK
+    # [tile, column, block, half, load, i]: input 16 * half + 4 * load + i of the block
+    c = codes.to(torch.uint8).reshape(tiles, TILE, nb, 2, 4, 4)
+    packed = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [tile, block, load, column, i]
     scale = scale.float()
-    return torch.cat(parts, dim=1).contiguous(), torch.stack([scale, zero.float() - 8 * scale]).to(torch.float16)
-
-
-def _chunks(nb: int) -> list[tuple[int, int, int]]:
-    """(first block, blocks, blocks per chunk) of the packing chunks of a row of nb blocks: chunks
-    of 4 blocks, then one of 2 and one of 1 for what remains (q4_kernel.cpp)."""
-    quads = nb // 4
-    out = [(0, 4 * quads, 4)] if quads else []
-    if nb % 4 >= 2:
-        out.append((4 * quads, 2, 2))
-    if nb % 2:
-        out.append((nb - 1, 1, 1))
-    return out
+    d_m = torch.stack([scale, zero.float() - 8 * scale]).to(torch.float16)  # [2, n, nb]
+    return (packed.reshape(tiles, -1).contiguous(),
+            d_m.reshape(2, tiles, TILE, nb).permute(1, 3, 0, 2).reshape(tiles, -1).contiguous())
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
@@ -105,30 +107,47 @@ _TORCH_INT4 = torch._weight_int4pack_mm_for_cpu  # the plain binding: ~1.5 us le
 
 
 def pack_q8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dense [n, k] weight as Q8_0 blocks for `q8_linear`: d = amax / 127 per block of 32 (fp16,
-    as llama.cpp's), q = round(w / d) in [-127, 127], stored as q + 128 (uint8). A weight that was
-    itself dequantized from Q8_0 in float32 gets its own codes and scales back exactly. Packed
-    `chunk_rows` at a time: a vocabulary-sized head in float32 would otherwise add several times
-    its size to the load's peak memory."""
+    """A dense [n, k] weight as Q8_0 blocks for `q8_linear`, tiled as q4_kernel.cpp reads them:
+    d = amax / 127 per block of 32 (fp16, as llama.cpp's), q = round(w / d) in [-127, 127],
+    stored as u = q + 128 (uint8); codes [ceil(n/16), k/32 * 512], d [ceil(n/16), k/32 * 16], the
+    rows past n zero. A weight that was itself dequantized from Q8_0 in float32 gets its own codes
+    and scales back exactly (`q8_blocks` unpacks them). Packed `chunk_rows` (a multiple of 16) at a
+    time: a vocabulary-sized head in float32 would otherwise add several times its size to the
+    load's peak memory."""
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"Q8_0 needs input sizes divisible by {BLOCK}, got {k}")
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    tiles, nb = -(-n // TILE), k // BLOCK
+    codes = torch.full((tiles, nb * BLOCK * TILE), 128, dtype=torch.uint8)
+    scales = torch.zeros(tiles, nb * TILE, dtype=torch.float16)
     for start in range(0, n, chunk_rows):
-        blocks = w[start:start + chunk_rows].float().reshape(-1, k // BLOCK, BLOCK)
+        blocks = w[start:start + chunk_rows].float().reshape(-1, nb, BLOCK)
+        rows = blocks.shape[0]
         d = (blocks.abs().amax(dim=-1) / 127.0).to(torch.float16)
         inv = torch.where(d.float() > 0, 1.0 / d.float(), 0.0)
-        q = torch.round(blocks * inv[..., None]).clamp_(-127, 127)
-        codes[start:start + chunk_rows] = (q + 128).to(torch.uint8).reshape(-1, k)
-        scales[start:start + chunk_rows] = d
+        u = (torch.round(blocks * inv[..., None]).clamp_(-127, 127) + 128).to(torch.uint8)
+        pad = -rows % TILE
+        if pad:  # the last tile's missing rows: zero weights
+            u = torch.cat([u, u.new_full((pad, nb, BLOCK), 128)])
+            d = torch.cat([d, d.new_zeros(pad, nb)])
+        t0, t1 = start // TILE, start // TILE + (rows + pad) // TILE
+        # [tile, column, block, load, i] -> [tile, block, load, column, i]: input 4 * load + i
+        codes[t0:t1] = u.reshape(-1, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(t1 - t0, -1)
+        scales[t0:t1] = d.reshape(-1, TILE, nb).transpose(1, 2).reshape(t1 - t0, -1)
     return codes, scales
 
 
-def q8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """x [rows, k] times a `pack_q8` weight: [rows, n] in x's dtype, activations rounded to int8 per
-    block of 32 as for int4 (llama.cpp's Q8_0 x Q8_1 product)."""
-    return torch.ops.lmserve_q4.linear_q8.default(x, codes, d)
+def q8_blocks(codes: torch.Tensor, d: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-major Q8_0 blocks of a `pack_q8` pair: u = q + 128 [n, k] uint8 and d [n, k/32] float16."""
+    tiles, nb = d.shape[0], d.shape[1] // TILE
+    u = codes.reshape(tiles, nb, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles * TILE, nb * BLOCK)
+    return u[:n], d.reshape(tiles, nb, TILE).transpose(1, 2).reshape(tiles * TILE, nb)[:n]
+
+
+def q8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n: int) -> torch.Tensor:
+    """x [rows, k] times a `pack_q8` weight of n output rows: [rows, n] in x's dtype, activations
+    rounded to int8 per block of 32 as for int4 (llama.cpp's Q8_0 x Q8_1 product)."""
+    return torch.ops.lmserve_q4.linear_q8.default(x, codes, d, n)
 
 
 def dequantize_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, k: int) -> torch.Tensor:
@@ -137,11 +156,9 @@ def dequantize_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor, k: int) -
         # (float32 in and out: its exact reference path, not the bf16 kernel)
         eye = torch.eye(k)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, qweight, BLOCK, scales_zeros.float()).T.contiguous()
-    n, nb = qweight.shape[0], k // BLOCK
-    parts = []
-    for start, blocks, size in _chunks(nb):
-        chunk = qweight[:, start * 16:(start + blocks) * 16].reshape(n, -1, 1, size * 16)
-        parts.append(torch.cat([chunk & 0x0F, chunk >> 4], dim=2).reshape(n, -1))
-    codes = torch.cat(parts, dim=1).float().reshape(n, nb, BLOCK)
-    d, m = scales_zeros.float()
-    return (codes * d[..., None] + m[..., None]).reshape(n, k)
+    tiles, nb = qweight.shape[0], k // BLOCK
+    packed = qweight.reshape(tiles, nb, 4, TILE, 4)  # [tile, block, load, column, i]
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [tile, block, half, load, column, i]
+    codes = codes.permute(0, 4, 1, 2, 3, 5).reshape(tiles * TILE, nb, BLOCK).float()
+    d, m = scales_zeros.reshape(tiles, nb, 2, TILE).permute(2, 0, 3, 1).reshape(2, tiles * TILE, nb).float()
+    return (codes * d[..., None] + m[..., None]).reshape(-1, k)

@@ -107,15 +107,16 @@ def as_computed(grid: Int4Grid, packed: PackedInt4) -> Int4Grid:
 
 def pack_experts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> list[PackedInt4]:
     """A MoE layer's stacked grids ([E, n, k] codes, [E, n, k / g] scales and zeros), one packed
-    grid per expert. The VNNI layout is row by row, so the whole stack packs in one call and each
-    expert keeps its rows (measured ~10x faster than a call per expert for 32 experts of
+    grid per expert. The VNNI layout is tiles of 16 rows, so the whole stack packs in one call and
+    each expert keeps its tiles (measured ~10x faster than a call per expert for 32 experts of
     1024 x 512); torch's layout is packed per expert."""
     e, n, k = codes.shape
     grid = Int4Grid(codes.reshape(e * n, k), scale.reshape(e * n, -1), zero.reshape(e * n, -1))
     if grid.group % q4_kernel.BLOCK or not kernel_timing.use_vnni(n, k):  # torch's layout is not row-sliceable
         return [pack(Int4Grid(codes[i], scale[i], zero[i])) for i in range(e)]
     stacked = pack(grid)
-    return [PackedInt4(stacked.qweight[i * n:(i + 1) * n], stacked.scales_zeros[:, i * n:(i + 1) * n].contiguous(),
+    tiles = n // q4_kernel.TILE
+    return [PackedInt4(stacked.qweight[i * tiles:(i + 1) * tiles], stacked.scales_zeros[i * tiles:(i + 1) * tiles],
                        stacked.group) for i in range(e)]
 
 

@@ -7,7 +7,9 @@ day to day), and from shape to shape. On a 2-core Xeon with AMX, quiet, torch's 
 1.2x faster than ours on SmolLM2's 576-wide products and ours 1.6x faster on 2048 x 1024; int4
 beat bf16 up to 4 rows there (2 under load), as on a 2-core Zen 4 (docs/benchmarks.md, "Threads
 and kernels by measurement"). A constant chosen on one machine is wrong on another, so the
-serving default and the int4 packing ask this module instead.
+serving default and the int4 packing ask this module instead. (Those were the row-by-row VNNI
+kernel's numbers; the tiled one of 2026-12-05 beat both others on the AMX Xeon at every row count
+up to 16, and bf16 there from 32 rows on.)
 
 What is timed: products of an [n, k] weight at a few row counts, each pass cycling through
 distinct copies of the weight that together hold `STREAM_BYTES`, so that, as in a model's forward,
@@ -36,7 +38,7 @@ log = logging.getLogger("lmserve.engine")
 SHAPE = (2048, 1024)  # n, k of the synthetic weight: a mid-sized projection
 STREAM_BYTES = 32 << 20  # weight bytes each pass reads: well past an L2
 MAX_COPIES = 128
-ROWS = (1, 2, 4, 8, 16)
+ROWS = (1, 2, 4, 8, 16, 32)  # decode batches: where the tiled VNNI kernel can beat bf16
 PASSES = 5
 KERNELS = ("vnni", "torch")
 ENV = "LMSERVE_INT4_KERNEL"
@@ -172,8 +174,6 @@ def use_vnni(n: int, k: int) -> bool:
 def _faster_kernel(n: int, k: int, threads: int) -> str:
     """The faster int4 kernel at one row for an [n, k] weight, timed on synthetic codes (each
     distinct layer shape of a model once: a few ms each)."""
-    if n % 16:
-        return "vnni"  # torch's layout needs rows in multiples of 16
     products = _int4_products(*_synthetic_grid(n, k), KERNELS)
     seconds = {kernel: times[0] for kernel, times in _sweep(products, [torch.randn(1, k).to(torch.bfloat16)]).items()}
     faster = min(seconds, key=seconds.__getitem__)
