@@ -25,6 +25,8 @@ def test_q8_product_matches_an_independent_reference(n, k):
     g = torch.Generator().manual_seed(n)
     w = 0.05 * torch.randn(n, k, generator=g)
     packed = q4_kernel.pack_q8(w, chunk_rows=32)
+    with pytest.raises(ValueError, match="multiple of 16"):  # a chunk must fill whole tiles
+        q4_kernel.pack_q8(w, chunk_rows=24)
     codes, d = q4_kernel.q8_blocks(*packed, n)
     assert codes.dtype == torch.uint8 and d.dtype == torch.float16 and codes.shape == (n, k)
     blocks = w.reshape(n, -1, 32)

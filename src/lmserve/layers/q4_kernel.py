@@ -117,6 +117,8 @@ def pack_q8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torc
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"Q8_0 needs input sizes divisible by {BLOCK}, got {k}")
+    if chunk_rows % TILE:  # each chunk fills whole tiles
+        raise ValueError(f"chunk_rows must be a multiple of {TILE}, got {chunk_rows}")
     tiles, nb = -(-n // TILE), k // BLOCK
     codes = torch.full((tiles, nb * BLOCK * TILE), 128, dtype=torch.uint8)
     scales = torch.zeros(tiles, nb * TILE, dtype=torch.float16)

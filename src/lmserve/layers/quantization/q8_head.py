@@ -45,14 +45,14 @@ class Q8HeadMethod(DenseLinearMethod):
     def process_weights_after_loading(self, layer: Linear) -> None:
         super().process_weights_after_loading(layer)
         w = layer.weight
-        layer.q8 = (*q4_kernel.pack_q8(w.detach()), w.shape[0], w, w._version)
+        layer.q8 = (*q4_kernel.pack_q8(w.detach()), w, w._version)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         q8 = layer.q8
         if q8 is not None and x.dim() == 2 and x.shape[0] == 1 and not torch.compiler.is_dynamo_compiling():
-            codes, scales, n, source, version = q8
+            codes, scales, source, version = q8
             if source is layer.weight and source._version == version:  # blocks of the current weight
-                y = q4_kernel.q8_linear(x, codes, scales, n)
+                y = q4_kernel.q8_linear(x, codes, scales, source.shape[0])
                 return y if layer.bias is None else y + layer.bias
             layer.q8 = None
         return super().apply(layer, x)
